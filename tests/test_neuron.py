@@ -1,0 +1,161 @@
+import pytest
+import torch
+from tiny import CONFIGS, VOCAB, tiny_model
+
+from megedit.arch import ARCHITECTURES, mlp_path
+from megedit.errors import ConfigError, UnsupportedArchitectureError
+from megedit.neuron import VARIANTS, NeuronMLP, attach_neuron, neuron_spec
+
+ARCHS = sorted(ARCHITECTURES)
+
+
+def test_every_table_entry_has_a_tiny_model():
+    assert sorted(CONFIGS) == ARCHS
+
+
+def _ids(seed=0, rows=2, length=7):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (rows, length), generator=g)
+
+
+def _logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, **kw).logits
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_zero_weights_are_bitwise_noop_and_detach_restores(model_type):
+    model = tiny_model(model_type)
+    ids = _ids()
+    base = _logits(model, ids)
+    original = model.get_submodule(mlp_path(model, 1))
+
+    neuron = attach_neuron(model, layer=1)
+    assert isinstance(model.get_submodule(mlp_path(model, 1)), NeuronMLP)
+    assert torch.equal(_logits(model, ids), base)  # attached, no weights
+
+    neuron.set_weights(torch.zeros(2, neuron.spec.size))
+    assert torch.equal(_logits(model, ids), base)  # w = 0 is exact
+
+    neuron.set_weights(torch.randn(2, neuron.spec.size))
+    changed = _logits(model, ids)
+    assert (changed - base).abs().max() > 1e-3
+
+    neuron.enabled = False
+    assert torch.equal(_logits(model, ids), base)  # switched off is exact
+    neuron.enabled = True
+
+    assert neuron.detach() is original
+    assert model.get_submodule(mlp_path(model, 1)) is original
+    assert torch.equal(_logits(model, ids), base)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_vector_lengths_follow_the_documented_layout(variant):
+    model = tiny_model("llama")
+    spec = neuron_spec(model, 0, variant)
+    assert spec.size == {"linear": 64, "activated": 65, "gated": 96}[variant]
+
+
+def test_default_variant_is_linear_for_gated_and_activated_for_plain_mlps():
+    assert neuron_spec(tiny_model("llama"), 0).variant == "linear"
+    assert neuron_spec(tiny_model("gpt2"), 0).variant == "activated"
+    assert neuron_spec(tiny_model("phi"), 0).size == 2 * 32 + 1
+
+
+def test_linear_neuron_adds_exactly_u_times_a_dot_x():
+    model = tiny_model("llama")
+    mlp = model.get_submodule(mlp_path(model, 0))
+    x = torch.randn(2, 5, 32)
+    neuron = attach_neuron(model, 0, "linear")
+    w = torch.randn(2, 64)
+    neuron.set_weights(w)
+    with torch.no_grad():
+        got = model.get_submodule(mlp_path(model, 0))(x)
+        expected = mlp(x) + (x @ w[:, :32].unsqueeze(-1)) * w[:, None, 32:]
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "phi", "gemma3_text", "gpt_neox"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_per_row_weights_match_single_runs_with_left_padding(model_type, variant):
+    model = tiny_model(model_type)
+    neuron = attach_neuron(model, 1, variant)
+    torch.manual_seed(1)
+    ws = torch.randn(3, neuron.spec.size)
+    prompts = [_ids(s, 1, n)[0] for s, n in ((1, 4), (2, 7), (3, 5))]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
+
+    neuron.set_weights(ws)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # absolute-position models need these
+    batch_logits = _logits(model, ids, attention_mask=mask, position_ids=positions)
+    with torch.no_grad():
+        batch_gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                   pad_token_id=0, eos_token_id=None)[:, width:]
+    for i, p in enumerate(prompts):
+        neuron.set_weights(ws[i])
+        alone = _logits(model, p[None])
+        torch.testing.assert_close(batch_logits[i, width - len(p) :], alone[0], atol=2e-4, rtol=1e-4)
+        with torch.no_grad():
+            gen = model.generate(input_ids=p[None], max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                 eos_token_id=None)[0, len(p) :]
+        assert torch.equal(batch_gen[i], gen)
+    # the rows really differ from each other, so the check above is not vacuous
+    assert not torch.equal(batch_gen[0], batch_gen[1]) or not torch.equal(batch_gen[1], batch_gen[2])
+
+
+def test_gradients_reach_only_the_neuron_weights():
+    model = tiny_model("llama")
+    model.requires_grad_(False)
+    neuron = attach_neuron(model, 1)
+    w = (0.1 * torch.randn(2, neuron.spec.size)).requires_grad_()
+    neuron.set_weights(w)
+    loss = model(input_ids=_ids()).logits.logsumexp(-1).mean()
+    loss.backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_weights_broadcast_over_generate_expansion():
+    model = tiny_model("llama")
+    neuron = attach_neuron(model, 1)
+    neuron.set_weights(torch.randn(1, neuron.spec.size))
+    with torch.no_grad():
+        out = model.generate(input_ids=_ids(0, 1, 4), max_new_tokens=3, num_beams=2, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)
+    assert out.shape == (1, 7)
+
+
+def test_applied_restores_previous_weights():
+    model = tiny_model("llama")
+    neuron = attach_neuron(model, 1)
+    w = torch.randn(1, neuron.spec.size)
+    neuron.set_weights(w)
+    with neuron.applied(None):
+        assert neuron.weights is None
+    assert neuron.weights is w
+
+
+def test_clear_errors_for_bad_use():
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError, match=r"layer must be an integer in \[0, 2\]"):
+        attach_neuron(model, 3)
+    neuron = attach_neuron(model, 0)
+    with pytest.raises(ConfigError, match="already has a neuron"):
+        attach_neuron(model, 0)
+    with pytest.raises(ConfigError, match=r"shape \(rows, 64\), found \(2, 10\)"):
+        neuron.set_weights(torch.zeros(2, 10))
+    with pytest.raises(ConfigError, match="variant must be one of"):
+        attach_neuron(model, 1, "quadratic")
+
+
+def test_unknown_architecture_lists_the_supported_ones():
+    model = tiny_model("llama")
+    model.config.model_type = "bert"
+    with pytest.raises(UnsupportedArchitectureError, match=r"'bert' is not supported; supported: gemma, .*llama"):
+        attach_neuron(model, 0)

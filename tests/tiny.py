@@ -1,0 +1,34 @@
+"""Tiny random causal LMs of every architecture in the table, built in-process (no files)."""
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+VOCAB = 96
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+               num_attention_heads=4, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+               pad_token_id=0)
+
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(num_key_value_heads=2, **_COMMON),
+    "mistral": lambda: transformers.MistralConfig(num_key_value_heads=2, **_COMMON),
+    "qwen2": lambda: transformers.Qwen2Config(num_key_value_heads=2, **_COMMON),
+    "qwen3": lambda: transformers.Qwen3Config(num_key_value_heads=2, head_dim=8, **_COMMON),
+    "olmo": lambda: transformers.OlmoConfig(num_key_value_heads=2, **_COMMON),
+    "gemma": lambda: transformers.GemmaConfig(num_key_value_heads=2, head_dim=8, **_COMMON),
+    "gemma2": lambda: transformers.Gemma2Config(num_key_value_heads=2, head_dim=8, **_COMMON),
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(num_key_value_heads=2, head_dim=8, **_COMMON),
+    "phi3": lambda: transformers.Phi3Config(num_key_value_heads=2, **_COMMON),
+    "phi": lambda: transformers.PhiConfig(**_COMMON),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(**_COMMON),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=128,
+                                            bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "gptj": lambda: transformers.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=128,
+                                            rotary_dim=4, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+}
+
+
+def tiny_model(model_type: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIGS[model_type]())
+    return model.eval()
