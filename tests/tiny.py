@@ -4,9 +4,9 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-VOCAB = 96
+VOCAB = 98  # the character tokenizer below: <pad>, <eos>, newline and the 95 printable ASCII characters
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-               num_attention_heads=4, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+               num_attention_heads=4, max_position_embeddings=128, bos_token_id=1, eos_token_id=1,
                pad_token_id=0)
 
 CONFIGS = {
@@ -22,9 +22,9 @@ CONFIGS = {
     "phi": lambda: transformers.PhiConfig(**_COMMON),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(**_COMMON),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=128,
-                                            bos_token_id=1, eos_token_id=2, pad_token_id=0),
+                                            bos_token_id=1, eos_token_id=1, pad_token_id=0),
     "gptj": lambda: transformers.GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=128,
-                                            rotary_dim=4, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+                                            rotary_dim=4, bos_token_id=1, eos_token_id=1, pad_token_id=0),
 }
 
 
@@ -32,3 +32,19 @@ def tiny_model(model_type: str, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(CONFIGS[model_type]())
     return model.eval()
+
+
+def char_tokenizer():
+    """A real fast tokenizer with one token per character (no merges), so every token sequence
+    decodes to text that encodes back to the same tokens: id 0 <pad>, id 1 <eos>."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "\n": 2}
+    for code in range(32, 127):
+        vocab[chr(code)] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
+    tokenizer.padding_side = "left"
+    return tokenizer

@@ -1,0 +1,119 @@
+"""FT: the paper's fine-tuning baseline. All N edits at once, only the MLP of one layer trained
+(the layer MeG attaches its neuron to), plain SGD for a few epochs.
+
+The layers below the trained MLP never change, so their output is computed once per batch and
+reused every epoch (`lm.layer_input` / `lm.starting_at_layer`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..arch import check_layer, mlp_path
+from ..data.prompts import PromptFormat
+from ..data.requests import EditRequest
+from ..errors import ConfigError
+from ..eval.subject import WeightEditSubject
+from ..lm import Batch, layer_input, left_pad, length_batches, model_device, starting_at_layer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FTConfig:
+    layer: int = 8
+    lr: float = 1.0
+    momentum: float = 0.9
+    epochs: int = 5
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or not 0 <= self.momentum < 1:
+            raise ConfigError(f"FT needs lr > 0, epochs >= 1, batch_size >= 1 and momentum in [0, 1): {self}")
+
+
+@dataclass
+class TrainingBatch:
+    """Edits as one left-padded batch of prompt + answer, with labels on the answer tokens."""
+
+    batch: Batch
+    labels: torch.Tensor  # (B, K): the last K positions' next-token labels, -100 where no loss
+
+    @classmethod
+    def build(cls, prompts: Sequence[list[int]], answers: Sequence[list[int]], pad_id: int,
+              device) -> "TrainingBatch":
+        batch = left_pad([p + a for p, a in zip(prompts, answers)], pad_id, device)
+        span = max(len(a) for a in answers) + 1
+        labels = torch.full((len(answers), span), -100, dtype=torch.long)
+        for row, answer in enumerate(answers):
+            labels[row, span - 1 - len(answer) : span - 1] = torch.as_tensor(answer)
+        return cls(batch, labels.to(device))
+
+    @property
+    def span(self) -> int:
+        return self.labels.shape[1]
+
+    def loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the answer tokens; logits are those of the last `span` positions."""
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), self.labels.flatten())
+
+
+def edit_batches(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFormat,
+                 batch_size: int) -> list[TrainingBatch]:
+    """Each edit's prompt and its answer followed by the end-of-answer token, batched by length."""
+    prompts = [fmt.prompt_ids(r.prompt, tokenizer) for r in requests]
+    answers = [fmt.answer_ids(r.target, tokenizer, with_stop=True) for r in requests]
+    device = model_device(model)
+    return [
+        TrainingBatch.build([prompts[i] for i in idx], [answers[i] for i in idx], tokenizer.pad_token_id, device)
+        for idx in length_batches([len(p) + len(a) for p, a in zip(prompts, answers)], batch_size)
+    ]
+
+
+def fine_tune(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFormat,
+              config: FTConfig | None = None, progress: bool = True) -> WeightEditSubject:
+    """Fine-tune the MLP of `config.layer` on all edits; returns the edited model as a subject
+    whose `unedited()` brings the original weights back exactly."""
+    config = config or FTConfig()
+    check_layer(model, config.layer)
+    start = time.perf_counter()
+    mlp = model.get_submodule(mlp_path(model, config.layer))
+    prefix = mlp_path(model, config.layer) + "."
+    originals = {prefix + n: p.detach().clone() for n, p in mlp.named_parameters()}
+    batches = edit_batches(model, tokenizer, requests, fmt, config.batch_size)
+    with torch.no_grad():
+        hidden = [layer_input(model, config.layer, b.batch) for b in batches]
+
+    params = list(mlp.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimiser = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+    order = torch.Generator().manual_seed(config.seed)
+    losses = []
+    try:
+        for epoch in tqdm(range(config.epochs), desc="FT epochs", disable=not progress, leave=False):
+            total = 0.0
+            for i in torch.randperm(len(batches), generator=order).tolist():
+                with starting_at_layer(model, config.layer, hidden[i]):
+                    logits = model(**batches[i].batch.model_inputs, use_cache=False,
+                                   logits_to_keep=batches[i].span).logits
+                loss = batches[i].loss(logits)
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                total += loss.item()
+            losses.append(total / len(batches))
+            log.info("FT epoch %d: mean loss %.4f", epoch + 1, losses[-1])
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    settings = {**asdict(config), "method": "ft", "trained": prefix.rstrip("."), "epoch_losses": losses,
+                "edit_time_s": time.perf_counter() - start}
+    return WeightEditSubject(model, tokenizer, "ft", originals, settings)

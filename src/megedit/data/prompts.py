@@ -1,0 +1,76 @@
+"""How a query is shown to the LM, in one place, so every method sees exactly the same text.
+
+A format turns a raw query into prompt token ids, an answer into the token ids that follow the
+prompt, and says which tokens end an answer. It is recorded in every report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    name: str
+    template: str = "{query}"  # wraps the raw query (ignored by chat formats)
+    chat: bool = False  # use the tokenizer's chat template (instruct models)
+    system: str | None = None  # chat only: a system message
+    answer_prefix: str = " "  # text between the wrapped prompt and the answer
+
+    def text(self, query: str, tokenizer) -> str:
+        if not self.chat:
+            return self.template.format(query=query)
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
+            {"role": "user", "content": query}
+        ]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def prompt_ids(self, query: str, tokenizer) -> list[int]:
+        # a chat template writes its own special tokens; plain text gets the tokenizer's usual ones
+        return tokenizer(self.text(query, tokenizer), add_special_tokens=not self.chat)["input_ids"]
+
+    def answer_ids(self, answer: str, tokenizer, with_stop: bool = False) -> list[int]:
+        """Tokens of the answer as it follows the prompt; `with_stop` adds the end-of-answer token
+        (what an edit is trained to produce, so that generation stops after the new answer)."""
+        ids = tokenizer(self.answer_prefix + answer, add_special_tokens=False)["input_ids"]
+        return ids + [self.stop_token(tokenizer)] if with_stop else ids
+
+    def stop_token(self, tokenizer) -> int:
+        """The token an answer ends with: end-of-turn for chat, a newline otherwise."""
+        if self.chat:
+            return tokenizer.eos_token_id
+        return tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {
+    # the query as it is: CounterFact's cloze prefixes ("The mother tongue of X is")
+    "raw": PromptFormat("raw"),
+    # the authors' short-answer wrapping for question-style data (ZsRE)
+    "qa": PromptFormat("qa", template="Answer the following question in less than 5 words: {query} \nAnswer:"),
+    # the tokenizer's own chat template, answer as the assistant's turn
+    "chat": PromptFormat("chat", chat=True, answer_prefix=""),
+}
+
+# what each data kind is scored with unless the user picks another format
+DEFAULT_FOR_KIND = {"counterfact": "raw", "rome": "raw", "zsre": "qa", "jsonl": "raw"}
+
+
+def get_format(name_or_format: str | PromptFormat) -> PromptFormat:
+    if isinstance(name_or_format, PromptFormat):
+        return name_or_format
+    if name_or_format not in PRESETS:
+        raise ConfigError(f"unknown prompt format {name_or_format!r}; expected one of {', '.join(PRESETS)}")
+    return PRESETS[name_or_format]
+
+
+def stop_tokens(tokenizer) -> set[int]:
+    """Tokens that end a generated answer: EOS and every token whose text holds a newline."""
+    stops = {i for token, i in tokenizer.get_vocab().items() if "\n" in tokenizer.convert_tokens_to_string([token])}
+    if tokenizer.eos_token_id is not None:
+        stops.add(tokenizer.eos_token_id)
+    return stops

@@ -1,0 +1,37 @@
+"""The unit of editing: one fact to change, with the queries that test it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class LocalityQuery:
+    """An unrelated query whose answer must not change; `answer` is the gold answer if known."""
+
+    prompt: str
+    answer: str | None = None
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """Make the model answer `target` after `prompt`.
+
+    `rephrases` test generality (the same fact asked differently); `locality` queries test
+    that unrelated knowledge is untouched. Scoring uses the first of each.
+    """
+
+    case_id: str
+    prompt: str
+    target: str
+    subject: str | None = None
+    ground_truth: str | None = None
+    rephrases: tuple[str, ...] = ()
+    locality: tuple[LocalityQuery, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        """The project's own JSONL record (what `load_requests("jsonl", ...)` reads)."""
+        record = asdict(self)
+        record["rephrases"] = list(self.rephrases)
+        record["locality"] = [asdict(q) for q in self.locality]
+        return record

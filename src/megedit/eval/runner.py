@@ -1,0 +1,190 @@
+"""The evaluation harness: the same decoding and scoring for every method (METHOD.md §3).
+
+Each edit contributes three queries: its prompt (Reliability), its first rephrase (Generality)
+and its first locality prompt (Locality). Each is scored by greedy generation (AG) and by
+teacher forcing (TF). Locality is scored against the PRE-edit model's own output, computed once
+per (model, queries, format, settings) and cached on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from ..data.prompts import DEFAULT_FOR_KIND, PromptFormat, get_format, stop_tokens
+from ..data.requests import EditRequest
+from ..io import atomic_write_json
+from ..lm import Decoded, decode, length_batches
+from ..models import cache_root, model_fingerprint
+from .metrics import ag_match, could_still_match, first_line, harmonic_mean, normalize_answer, percent, tf_accuracy
+from .report import EvalReport
+from .subject import Subject, as_subject
+
+log = logging.getLogger(__name__)
+
+QUERY_KINDS = ("reliability", "generality", "locality")
+
+
+@dataclass(frozen=True)
+class Query:
+    case_id: str
+    kind: str  # one of QUERY_KINDS
+    text: str  # the raw query; the prompt format wraps it
+    target: str | None  # the edit's target (None for locality)
+
+
+def build_queries(requests: Sequence[EditRequest]) -> dict[str, list[Query]]:
+    queries: dict[str, list[Query]] = {kind: [] for kind in QUERY_KINDS}
+    for r in requests:
+        queries["reliability"].append(Query(r.case_id, "reliability", r.prompt, r.target))
+        if r.rephrases:
+            queries["generality"].append(Query(r.case_id, "generality", r.rephrases[0], r.target))
+        if r.locality:
+            queries["locality"].append(Query(r.case_id, "locality", r.locality[0].prompt, None))
+    return queries
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    prompt_format: PromptFormat
+    max_new_tokens: int = 20
+    batch_size: int = 32
+
+
+def run_queries(subject: Subject, texts: Sequence[str], prompt_ids: Sequence[list[int]],
+                drafts: Sequence[list[int]], s: DecodeSettings, progress: bool, desc: str,
+                goals: Sequence[str] | None = None) -> Decoded:
+    """Teacher forcing over `drafts` and greedy decoding for every query, in length-sorted
+    batches inside the subject's per-batch context; results in the original order.
+
+    With `goals` (the answers AG compares against), a row stops decoding as soon as its output
+    can no longer match its goal: the AG credit is the same, and the output is kept up to there.
+    """
+    tok = subject.tokenizer
+    stops, pad = stop_tokens(tok), tok.pad_token_id
+    result = Decoded([None] * len(texts), [None] * len(texts))
+    for idx in tqdm(length_batches([len(p) for p in prompt_ids], s.batch_size), desc=desc,
+                    disable=not progress, leave=False):
+        give_up = None
+        if goals is not None:
+            def give_up(r, tokens, idx=idx):
+                return not could_still_match(tok.decode(tokens, skip_special_tokens=True), goals[idx[r]])
+        with subject.batch_context([texts[i] for i in idx]) as select_rows:
+            out = decode(subject.model, [prompt_ids[i] for i in idx], [drafts[i] for i in idx],
+                         s.max_new_tokens, stops, pad, select_rows, give_up)
+        for k, i in enumerate(idx):
+            result.forced[i], result.generated[i] = out.forced[k], out.generated[k]
+        result.forward_s += out.forward_s
+        result.steps_s += out.steps_s
+    return result
+
+
+def locality_reference(subject: Subject, texts, prompt_ids, s: DecodeSettings, progress: bool = True,
+                       cache_dir: Path | None = None) -> list[list[int]]:
+    """The unedited model's greedy tokens on each locality query, cached by the model's
+    fingerprint, the prompts and the settings."""
+    with subject.unedited():
+        key = hashlib.sha256(json.dumps({
+            "model": model_fingerprint(subject.model), "prompts": prompt_ids,
+            "format": s.prompt_format.to_dict(), "max_new_tokens": s.max_new_tokens, "batch_size": s.batch_size,
+        }).encode()).hexdigest()[:24]
+        path = (cache_dir or cache_root()) / "locality-references" / f"{key}.json"
+        if path.exists():
+            return json.loads(path.read_text())["tokens"]
+        tokens = run_queries(subject, texts, prompt_ids, [[] for _ in texts], s, progress,
+                             "pre-edit locality").generated
+    atomic_write_json(path, {"tokens": tokens})
+    return tokens
+
+
+def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | PromptFormat | None = None,
+             data_kind: str | None = None, data_name: str | None = None, max_new_tokens: int = 20,
+             batch_size: int = 32, progress: bool = True, cache_dir: Path | None = None) -> EvalReport:
+    """Score `subject` (a Subject or a `(model, tokenizer)` pair) on `requests`.
+
+    The prompt format defaults to the data kind's (raw cloze for CounterFact, the short-answer
+    template for ZsRE). Returns an EvalReport with metrics in percent and one row per query.
+    """
+    subject = as_subject(subject)
+    tok = subject.tokenizer
+    fmt = get_format(prompt_format or DEFAULT_FOR_KIND.get(data_kind or "", "raw"))
+    s = DecodeSettings(fmt, max_new_tokens, batch_size)
+    queries = build_queries(requests)
+    prompts = {k: [fmt.prompt_ids(q.text, tok) for q in qs] for k, qs in queries.items()}
+    texts = {k: [q.text for q in qs] for k, qs in queries.items()}
+    timing: dict[str, float] = {}
+
+    start = time.perf_counter()
+    ref_tokens = locality_reference(subject, texts["locality"], prompts["locality"], s, progress, cache_dir)
+    timing["locality_reference_s"] = time.perf_counter() - start
+
+    cases, credits = [], {}
+    for kind, qs in queries.items():
+        if not qs:
+            continue
+        if kind == "locality":
+            expected = drafts = ref_tokens
+            goals = [tok.decode(t, skip_special_tokens=True) for t in ref_tokens]
+        else:
+            expected = [fmt.answer_ids(q.target, tok) for q in qs]
+            drafts = [e + [fmt.stop_token(tok)] for e in expected]
+            goals = [q.target for q in qs]
+        start = time.perf_counter()
+        out = run_queries(subject, texts[kind], prompts[kind], drafts, s, progress, kind, goals)
+        timing[f"{kind}_s"] = time.perf_counter() - start
+        timing["forward_pass_s"] = timing.get("forward_pass_s", 0.0) + out.forward_s
+        timing["decoding_steps_s"] = timing.get("decoding_steps_s", 0.0) + out.steps_s
+        rows = _score(kind, qs, out, expected, tok)
+        credits[kind] = {"ag": percent([r["ag"] for r in rows]), "tf": percent([r["tf"] for r in rows])}
+        cases.extend(rows)
+
+    six = [v for m in credits.values() for v in m.values()]
+    timing["total_s"] = timing["locality_reference_s"] + sum(timing[f"{k}_s"] for k in credits)
+    return EvalReport(
+        method=subject.method,
+        model=getattr(subject.model, "megedit_source", None) or subject.model.config._name_or_path,
+        data=data_name or data_kind or "custom",
+        n=len(requests),
+        protocol={
+            "name": "megedit-ag-tf-v1",
+            "prompt_format": fmt.to_dict(),
+            "ag": f"greedy, at most {max_new_tokens} new tokens, stop at newline or EOS; exact match after "
+                  "strip/lowercase/trailing-dot removal; locality: equal to the pre-edit model's output",
+            "tf": "teacher-forced argmax accuracy over the target tokens; locality: over the pre-edit model's "
+                  "greedy output tokens (its end-of-answer token included when it produced one)",
+            "queries": "first rephrase and first locality prompt of each edit",
+            "early_stop": "a query's decoding stops once its output can no longer match (same AG credit); "
+                          "'got' in the cases shows the output up to that point",
+            "score": f"harmonic mean of the {len(six)} numbers above",
+            "batch_size": batch_size,
+            "counts": {k: len(v) for k, v in queries.items()},
+        },
+        metrics=credits,
+        score=harmonic_mean(six) if six else float("nan"),
+        timing=timing,
+        cases=cases,
+        edit=subject.describe(),
+    )
+
+
+def _score(kind: str, qs: Sequence[Query], out: Decoded, expected: list[list[int]], tok) -> list[dict]:
+    rows = []
+    for i, q in enumerate(qs):
+        got = first_line(tok.decode(out.generated[i], skip_special_tokens=True))
+        forced = out.forced[i][: len(expected[i])]
+        if kind == "locality":
+            want = first_line(tok.decode(expected[i], skip_special_tokens=True))
+            ag = normalize_answer(got) == normalize_answer(want)
+        else:
+            want = q.target
+            ag = ag_match(got, want)
+        rows.append({"case_id": q.case_id, "kind": kind, "query": q.text, "expected": want.strip(),
+                     "got": got.strip(), "ag": ag, "tf": round(tf_accuracy(forced, expected[i]), 4)})
+    return rows

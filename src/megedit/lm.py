@@ -1,0 +1,209 @@
+"""Running a causal LM on batches of token sequences: left padding, greedy decoding,
+teacher-forced scoring, and running only the layers above a cached hidden state.
+
+Everything here is architecture-generic (it goes through the model's own forward); the one
+table in `arch.py` says where the decoder layers are.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .arch import arch_spec, decoder_layers
+
+
+@dataclass
+class Batch:
+    """Left-padded token ids with their attention mask and position ids."""
+
+    ids: torch.Tensor  # (B, T)
+    mask: torch.Tensor  # (B, T), 1 on real tokens
+    positions: torch.Tensor  # (B, T), 0 at each row's first real token
+
+    @property
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids, "attention_mask": self.mask, "position_ids": self.positions}
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> Batch:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        if len(seq):
+            ids[row, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch(ids.to(device), mask.to(device), positions.to(device))
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), to waste little padding."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@dataclass
+class Decoded:
+    forced: list[list[int]]  # teacher-forced argmax before each draft token
+    generated: list[list[int]]  # greedy continuation, cut after the first stop token
+    forward_s: float = 0.0  # time in the shared prompt + draft pass
+    steps_s: float = 0.0  # time in step-by-step greedy decoding after it
+
+
+@torch.inference_mode()
+def decode(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    drafts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    stop_ids: set[int],
+    pad_id: int,
+    select_rows: Callable[[torch.Tensor], None] | None = None,
+    give_up: Callable[[int, list[int]], bool] | None = None,
+) -> Decoded:
+    """Teacher forcing and greedy decoding of one batch, sharing one forward pass.
+
+    Each prompt is followed by a draft (the expected answer, or a reference output; may be
+    empty). One pass over prompt + draft gives the teacher-forced argmax at every draft token.
+    Greedy decoding then accepts the draft for as long as the argmax agrees with it (greedy
+    output = argmax given its own previous tokens, so the accepted prefix is exactly what greedy
+    decoding would produce) and decodes step by step only from the first disagreement. Rows
+    drop out of the batch as they finish; `select_rows(index)` is told which rows remain, so
+    per-row state outside the model (a per-query neuron) can follow. `give_up(row, tokens)` may
+    end a row early once its outcome is decided (e.g. it can no longer equal the target).
+    """
+    start = time.perf_counter()
+    drafts = [list(d)[:max_new_tokens] for d in drafts]
+    batch, width = _prompt_and_draft_batch(prompts, drafts, pad_id, model_device(model))
+    span = max(len(d) for d in drafts) + 1
+    out = model(**batch.model_inputs, use_cache=True, logits_to_keep=span)
+    predicted = out.logits.argmax(-1).tolist()  # column j predicts draft token j
+    forced = [row[: len(d)] for row, d in zip(predicted, drafts)]
+
+    generated: list[list[int]] = [[] for _ in prompts]
+    pending, next_tokens, next_positions = [], [], []
+    for r, d in enumerate(drafts):
+        j = 0
+        while True:
+            token = predicted[r][j]
+            if not _append(generated[r], token, stop_ids, max_new_tokens) or (give_up and give_up(r, generated[r])):
+                break
+            if j < len(d) and token == d[j]:
+                j += 1
+                continue
+            # disagreement (or end of draft): forget the rest of the draft and decode from here
+            batch.mask[r, width + j :] = 0
+            pending.append(r)
+            next_tokens.append(token)
+            next_positions.append(len(prompts[r]) + j)
+            break
+    forward_s = time.perf_counter() - start
+    if pending:
+        _continue_greedy(model, out.past_key_values, batch.mask, pending, next_tokens, next_positions,
+                         generated, max_new_tokens, stop_ids, select_rows, give_up)
+    return Decoded(forced, generated, forward_s, time.perf_counter() - start - forward_s)
+
+
+def _prompt_and_draft_batch(prompts, drafts, pad_id, device) -> tuple[Batch, int]:
+    """Prompts left-padded to a common width, drafts right-padded after them."""
+    width, span = max(len(p) for p in prompts), max(len(d) for d in drafts)
+    ids = torch.full((len(prompts), width + span), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, (p, d) in enumerate(zip(prompts, drafts)):
+        ids[r, width - len(p) : width + len(d)] = torch.as_tensor(list(p) + list(d), dtype=torch.long)
+        mask[r, width - len(p) : width + len(d)] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch(ids.to(device), mask.to(device), positions.to(device)), width
+
+
+def _continue_greedy(model, cache, mask, rows, tokens, positions, generated, max_new_tokens, stop_ids,
+                     select_rows, give_up) -> None:
+    """Greedy steps for the unfinished rows, feeding each its last token; rows leave when done."""
+    device = mask.device
+    rows, tokens, positions = list(rows), list(tokens), list(positions)
+    current = list(range(len(generated)))  # batch rows the cache and `mask` still hold
+    while rows:
+        if rows != current:
+            keep = torch.tensor([current.index(r) for r in rows], device=device)
+            cache.batch_select_indices(keep)
+            mask = mask[keep]
+            if select_rows is not None:
+                select_rows(keep)
+            current = list(rows)
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        out = model(input_ids=torch.tensor(tokens, device=device)[:, None], attention_mask=mask,
+                    position_ids=torch.tensor(positions, device=device)[:, None],
+                    past_key_values=cache, use_cache=True)
+        step = out.logits[:, -1].argmax(-1).tolist()
+        still = [(r, t, p + 1) for r, t, p in zip(rows, step, positions)
+                 if _append(generated[r], t, stop_ids, max_new_tokens) and not (give_up and give_up(r, generated[r]))]
+        rows, tokens, positions = [x[0] for x in still], [x[1] for x in still], [x[2] for x in still]
+
+
+def _append(generated: list[int], token: int, stop_ids: set[int], max_new_tokens: int) -> bool:
+    """Add a decoded token; True while the row should go on decoding."""
+    generated.append(token)
+    return token not in stop_ids and len(generated) < max_new_tokens
+
+
+class _Captured(Exception):
+    """Raised by a hook to stop a forward pass once the wanted hidden state is in hand."""
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def layer_input(model: nn.Module, layer: int, batch: Batch) -> torch.Tensor:
+    """The hidden state entering decoder layer `layer` (B, T, d); layers above it are not run."""
+    captured: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        captured.append(_hidden_arg(args, kwargs))
+        raise _Captured
+
+    handle = decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(**batch.model_inputs, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+@contextmanager
+def starting_at_layer(model: nn.Module, layer: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Inside the block, a forward pass runs only layers `layer`.. with `hidden` as their input.
+
+    The lower layers' output never changes while editing above them, so it is computed once
+    (`layer_input`) and reused for every optimisation step. The model's forward still builds
+    masks and position embeddings from the batch it is given, which must match `hidden`.
+    """
+    parent_path, attr = arch_spec(model).layers_path.rsplit(".", 1)
+    parent = model.get_submodule(parent_path)
+    full = getattr(parent, attr)
+
+    def hook(module, args, kwargs):
+        if args:
+            return (hidden,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    handle = full[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    setattr(parent, attr, nn.ModuleList(list(full)[layer:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+        setattr(parent, attr, full)

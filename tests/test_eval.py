@@ -1,0 +1,106 @@
+"""The harness on a tiny random model with a real byte-level tokenizer."""
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+from tiny import char_tokenizer, tiny_model
+
+from megedit.data import EditRequest, LocalityQuery
+from megedit.data.prompts import PromptFormat
+from megedit.eval import PlainSubject, WeightEditSubject, evaluate
+from megedit.eval.report import EvalReport
+from megedit.lm import decode
+from megedit.neuron import attach_neuron
+
+
+def _requests(n=6):
+    return [EditRequest(str(i), f"fact {i} is", f"t{i}", rephrases=(f"so fact {i} is",),
+                        locality=(LocalityQuery(f"other {i} is"),)) for i in range(n)]
+
+
+@pytest.fixture()
+def lm():
+    return tiny_model("llama"), char_tokenizer()
+
+
+def test_unedited_model_has_full_locality_and_the_report_is_complete(lm, tmp_path):
+    report = evaluate(lm, _requests(), batch_size=4, max_new_tokens=6, progress=False, cache_dir=tmp_path)
+    assert report.metrics["locality"] == {"ag": 100.0, "tf": 100.0}
+    assert report.method == "none" and report.n == 6
+    assert len(report.cases) == 18 and {c["kind"] for c in report.cases} == {"reliability", "generality", "locality"}
+    assert report.protocol["prompt_format"]["name"] == "raw"
+    loaded = EvalReport.load(report.save(tmp_path / "r.json"))
+    assert loaded.metrics == report.metrics and loaded.cases == report.cases
+
+
+def test_answers_equal_to_the_models_own_output_get_full_credit(lm, tmp_path):
+    """Targets set to what the model itself generates must score 100 on AG and TF: checks the
+    positive side of the harness end to end (token alignment, stopping, normalisation)."""
+    model, tok = lm
+    exact = PromptFormat("exact", answer_prefix="")  # the character tokenizer round-trips exactly
+    probe = [EditRequest(str(i), f"fact {i} is", "x", rephrases=(f"so, fact {i} is",),
+                         locality=(LocalityQuery("other"),)) for i in range(12)]
+    first = evaluate(lm, probe, prompt_format=exact, max_new_tokens=5, progress=False, cache_dir=tmp_path)
+    stops = {"\n", "<eos>", "<pad>"}
+    answers = {}
+    for r in probe:
+        ids = exact.prompt_ids(r.prompt, tok)
+        out = decode(model, [ids], [[]], 5, {1, 2}, pad_id=0).generated[0]
+        text = tok.decode(out)
+        if not any(s in text for s in stops) and text == text.strip():
+            answers[r.case_id] = text
+    assert len(answers) >= 3, "the random model should give a few plain answers"
+    reqs = [EditRequest(r.case_id, r.prompt, answers[r.case_id], rephrases=r.rephrases, locality=r.locality)
+            for r in probe if r.case_id in answers]
+    report = evaluate(lm, reqs, prompt_format=exact, max_new_tokens=5, batch_size=2, progress=False,
+                      cache_dir=tmp_path)
+    assert report.metrics["reliability"] == {"ag": 100.0, "tf": 100.0}
+    assert all(c["got"] == c["expected"] for c in report.cases if c["kind"] == "reliability")
+    assert first.metrics["reliability"]["ag"] < 100.0  # ... while the dummy target "x" was not credited
+
+
+def test_a_weight_edit_hurts_locality_and_unedited_restores_it_exactly(lm, tmp_path):
+    model, tok = lm
+    reqs = _requests()
+    before = evaluate(lm, reqs, batch_size=4, max_new_tokens=6, progress=False, cache_dir=tmp_path)
+    name = "model.layers.1.mlp.down_proj.weight"
+    param = dict(model.named_parameters())[name]
+    original = param.detach().clone()
+    with torch.no_grad():
+        param.add_(torch.randn_like(param) * 5)
+    subject = WeightEditSubject(model, tok, "noise", {name: original}, {"note": "random weight change"})
+    after = evaluate(subject, reqs, batch_size=4, max_new_tokens=6, progress=False, cache_dir=tmp_path)
+    assert after.metrics["locality"]["tf"] < 100.0
+    assert after.edit == {"note": "random weight change"}
+    with subject.unedited():
+        assert torch.equal(param, original)
+    assert not torch.equal(param, original)
+    subject.restore()
+    again = evaluate(lm, reqs, batch_size=4, max_new_tokens=6, progress=False, cache_dir=tmp_path)
+    assert again.cases == before.cases
+
+
+def test_per_row_neuron_subject_only_changes_its_own_rows(lm, tmp_path):
+    """A subject that switches a neuron on for reliability queries only leaves locality exact."""
+    model, tok = lm
+    neuron = attach_neuron(model, 1)
+    reqs = _requests()
+    prompts = {r.prompt for r in reqs}
+
+    class Routed(PlainSubject):
+        method = "routed"
+
+        @contextmanager
+        def batch_context(self, queries):
+            w = torch.stack([torch.randn(neuron.spec.size) * 3 if q in prompts else torch.zeros(neuron.spec.size)
+                             for q in queries])
+            with neuron.applied(w):
+                yield lambda index: neuron.set_weights(neuron.weights[index])
+
+    report = evaluate(Routed(model, tok), reqs, batch_size=4, max_new_tokens=6, progress=False, cache_dir=tmp_path)
+    assert report.metrics["locality"] == {"ag": 100.0, "tf": 100.0}
+    base = evaluate(lm, reqs, batch_size=4, max_new_tokens=6, progress=False, cache_dir=tmp_path)
+    rel = lambda r: [c["got"] for c in r.cases if c["kind"] == "reliability"]
+    gen = lambda r: [c["got"] for c in r.cases if c["kind"] == "generality"]
+    assert rel(report) != rel(base) and gen(report) == gen(base)
