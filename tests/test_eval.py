@@ -93,7 +93,7 @@ def test_per_row_neuron_subject_only_changes_its_own_rows(lm, tmp_path):
 
         @contextmanager
         def batch_context(self, queries):
-            w = torch.stack([torch.randn(neuron.spec.size) * 3 if q in prompts else torch.zeros(neuron.spec.size)
+            w = torch.stack([torch.randn(neuron.spec.size) * 3 if q.text in prompts else torch.zeros(neuron.spec.size)
                              for q in queries])
             with neuron.applied(w):
                 yield lambda index: neuron.set_weights(neuron.weights[index])

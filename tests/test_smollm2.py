@@ -59,3 +59,14 @@ def test_a_static_neuron_learns_a_counterfactual_capital(smollm2):
         assert "Paris" in tokenizer.decode(out[0, n_prompt:])
     finally:
         neuron.detach()
+
+
+def test_unedited_model_on_counterfact_keeps_locality_and_misses_the_new_targets(smollm2, shared_data, tmp_path):
+    from megedit import evaluate, load_requests
+
+    requests = load_requests("counterfact", shared_data / "counterfact/counterfact-edit.json", limit=16)
+    report = evaluate(smollm2, requests, data_kind="counterfact", progress=False, cache_dir=tmp_path)
+    assert report.metrics["locality"] == {"ag": 100.0, "tf": 100.0}
+    assert report.metrics["reliability"]["ag"] == 0.0 and report.score == 0.0
+    first = report.cases[0]
+    assert first["query"] == "The mother tongue of Danielle Darrieux is" and first["got"] == "French"

@@ -28,9 +28,14 @@ CONFIGS = {
 }
 
 
-def tiny_model(model_type: str, seed: int = 0):
+def tiny_model(model_type: str, seed: int = 0, init_range: float | None = None):
+    """A random model; a larger `init_range` gives peaked logits, so a few optimisation steps
+    can change its answers (the default 0.02 keeps every logit near zero)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[model_type]())
+    config = CONFIGS[model_type]()
+    if init_range is not None:
+        config.initializer_range = init_range
+    model = AutoModelForCausalLM.from_config(config)
     return model.eval()
 
 

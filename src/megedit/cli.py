@@ -21,15 +21,7 @@ def _add_eval(sub) -> None:
         "Writes the eval JSON (metrics, protocol, timing, one row per query) with --json.",
     )
     p.add_argument("--method", choices=METHODS, default="none", help="none: the unedited model; ft: fine-tuning")
-    p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local folder or a hub id")
-    p.add_argument("--data", required=True, metavar="KIND:PATH",
-                   help="edit data, e.g. counterfact:../shared/data/counterfact/counterfact-edit.json")
-    p.add_argument("--limit", type=int, default=None, help="edit the first N records")
-    p.add_argument("--offset", type=int, default=0, help="skip this many records first")
-    p.add_argument("--skip-invalid", action="store_true",
-                   help="leave out malformed records (with a warning) instead of stopping")
-    p.add_argument("--format", dest="prompt_format", choices=("raw", "qa", "chat"), default=None,
-                   help="prompt wrapping (default: raw for CounterFact, qa for ZsRE)")
+    _add_data_args(p, "edit the first N records")
     p.add_argument("--layer", type=int, default=8, help="layer whose MLP the method edits (ft)")
     p.add_argument("--lr", type=float, default=None, help="ft learning rate")
     p.add_argument("--epochs", type=int, default=None, help="ft epochs")
@@ -41,14 +33,10 @@ def _add_eval(sub) -> None:
 
 
 def _run_eval(args) -> int:
-    from .data import load_requests, parse_data_arg
-    from .data.prompts import DEFAULT_FOR_KIND, get_format
     from .eval import PlainSubject, evaluate
     from .models import load_model
 
-    kind, path = parse_data_arg(args.data)
-    requests = load_requests(kind, path, limit=args.limit, offset=args.offset, skip_invalid=args.skip_invalid)
-    fmt = get_format(args.prompt_format or DEFAULT_FOR_KIND[kind])
+    kind, path, requests, fmt = _load_data(args)
     model, tokenizer = load_model(args.model)
     subject = PlainSubject(model, tokenizer)
     if args.method == "ft":
@@ -70,6 +58,117 @@ def _run_eval(args) -> int:
     return 0
 
 
+def _add_data_args(p, limit_help: str = "use the first N records") -> None:
+    p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local folder or a hub id")
+    p.add_argument("--data", required=True, metavar="KIND:PATH",
+                   help="edit data, e.g. counterfact:../shared/data/counterfact/counterfact-edit.json")
+    p.add_argument("--limit", type=int, default=None, help=limit_help)
+    p.add_argument("--offset", type=int, default=0, help="skip this many records first")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="leave out malformed records (with a warning) instead of stopping")
+    p.add_argument("--format", dest="prompt_format", choices=("raw", "qa", "chat"), default=None,
+                   help="prompt wrapping (default: raw for CounterFact, qa for ZsRE)")
+
+
+def _load_data(args):
+    from .data import load_requests, parse_data_arg
+    from .data.prompts import DEFAULT_FOR_KIND, get_format
+
+    kind, path = parse_data_arg(args.data)
+    requests = load_requests(kind, path, limit=args.limit, offset=args.offset, skip_invalid=args.skip_invalid)
+    return kind, path, requests, get_format(args.prompt_format or DEFAULT_FOR_KIND[kind])
+
+
+def _add_fit_args(p) -> None:
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=64, help="edits fitted side by side")
+    p.add_argument("--margin", type=float, default=1.0, help="logit margin the success test asks for")
+    p.add_argument("--variant", choices=("linear", "activated", "gated"), default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the common initial vector")
+
+
+def _fit_config(args, layer: int):
+    from .stages.fit_neurons import FitConfig
+
+    return FitConfig(layer=layer, variant=args.variant, optimizer=args.optimizer, lr=args.lr,
+                     max_steps=args.max_steps, batch_size=args.batch_size, margin=args.margin, init_seed=args.seed)
+
+
+def _add_fit_neurons(sub) -> None:
+    p = sub.add_parser(
+        "fit-neurons", help="stage A alone: fit one neuron vector per edit",
+        description="Fit one neuron vector per edit (frozen LM, batched, resumable with --work-dir). "
+        "With --eval, score the fitted vectors applied to their own edits' queries.",
+    )
+    _add_data_args(p)
+    p.add_argument("--layer", type=int, default=8)
+    _add_fit_args(p)
+    p.add_argument("--out", type=Path, required=True, help="where to write the vectors (.safetensors + .json)")
+    p.add_argument("--work-dir", type=Path, default=None, help="shards for resuming a killed run")
+    p.add_argument("--eval", action="store_true", help="also score the fitted vectors (upper bound of MeG)")
+    p.set_defaults(run=_run_fit_neurons)
+
+
+def _run_fit_neurons(args) -> int:
+    from .models import load_model
+    from .stages.fit_neurons import fit_neurons, fitted_subject
+
+    kind, path, requests, fmt = _load_data(args)
+    model, tokenizer = load_model(args.model)
+    result = fit_neurons(model, tokenizer, requests, fmt, _fit_config(args, args.layer), progress=args.progress,
+                         work_dir=args.work_dir)
+    result.save(args.out)
+    s = result.summary()
+    print(f"fitted {s['n']} edits at layer {args.layer}: success {s['success_rate']:.1f}%, median steps "
+          f"{s['median_steps']}, {result.timing['total_s']:.0f} s ({s['n'] / result.timing['total_s']:.2f} edits/s)"
+          f" -> {args.out}")
+    if args.eval:
+        from .eval import evaluate
+
+        report = evaluate(fitted_subject(model, tokenizer, result), requests, prompt_format=fmt, data_kind=kind,
+                          data_name=f"{kind}:{path.name}", progress=args.progress)
+        report.save(args.out.with_suffix(".eval.json"))
+        print(report.table())
+    return 0
+
+
+def _add_sweep_layers(sub) -> None:
+    p = sub.add_parser(
+        "sweep-layers", help="fit a sample of edits at each layer and compare",
+        description="Fit the same edits at each candidate layer; report success rate, steps, time and the "
+        "fitted vectors' Reliability / Generality / Locality.",
+    )
+    _add_data_args(p, "edits to fit per layer (default 64)")
+    p.add_argument("--layers", default="2,4,6,8,10,12,14,16,18,20,22,24,26",
+                   help="comma-separated 0-based layers")
+    _add_fit_args(p)
+    p.add_argument("--json", type=Path, default=None)
+    p.set_defaults(run=_run_sweep_layers, limit=64)
+
+
+def _run_sweep_layers(args) -> int:
+    from .eval.report import markdown_table
+    from .io import atomic_write_json
+    from .models import load_model
+    from .stages.fit_neurons import sweep_layers
+
+    kind, path, requests, fmt = _load_data(args)
+    model, tokenizer = load_model(args.model)
+    layers = [int(x) for x in args.layers.split(",")]
+    rows = sweep_layers(model, tokenizer, requests, fmt, layers, _fit_config(args, layers[0]), args.progress)
+    table = [[str(r["layer"]), f"{r['success_rate']:.1f}", f"{r['median_steps']}", f"{r['fit_s']:.0f}"]
+             + [f"{r['metrics'][k][s]:.1f}" for k in ("reliability", "generality", "locality") for s in ("ag", "tf")]
+             for r in rows]
+    print(markdown_table(["layer", "success %", "median steps", "fit s", "RelAG", "RelTF", "GenAG", "GenTF",
+                          "LocAG", "LocTF"], table))
+    if args.json:
+        atomic_write_json(args.json, {"data": f"{kind}:{path.name}", "n": len(requests), "format": fmt.to_dict(),
+                                      "config": vars(args) | {"run": None, "json": str(args.json)}, "rows": rows})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megedit",
@@ -79,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     _add_eval(sub)
+    _add_fit_neurons(sub)
+    _add_sweep_layers(sub)
     return parser
 
 
@@ -112,6 +213,9 @@ def _quiet_transformers() -> None:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
     except ImportError:
         pass
 

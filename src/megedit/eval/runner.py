@@ -25,19 +25,11 @@ from ..lm import Decoded, decode, length_batches
 from ..models import cache_root, model_fingerprint
 from .metrics import ag_match, could_still_match, first_line, harmonic_mean, normalize_answer, percent, tf_accuracy
 from .report import EvalReport
-from .subject import Subject, as_subject
+from .subject import Query, Subject, as_subject
 
 log = logging.getLogger(__name__)
 
 QUERY_KINDS = ("reliability", "generality", "locality")
-
-
-@dataclass(frozen=True)
-class Query:
-    case_id: str
-    kind: str  # one of QUERY_KINDS
-    text: str  # the raw query; the prompt format wraps it
-    target: str | None  # the edit's target (None for locality)
 
 
 def build_queries(requests: Sequence[EditRequest]) -> dict[str, list[Query]]:
@@ -58,7 +50,7 @@ class DecodeSettings:
     batch_size: int = 32
 
 
-def run_queries(subject: Subject, texts: Sequence[str], prompt_ids: Sequence[list[int]],
+def run_queries(subject: Subject, queries: Sequence[Query], prompt_ids: Sequence[list[int]],
                 drafts: Sequence[list[int]], s: DecodeSettings, progress: bool, desc: str,
                 goals: Sequence[str] | None = None) -> Decoded:
     """Teacher forcing over `drafts` and greedy decoding for every query, in length-sorted
@@ -69,14 +61,14 @@ def run_queries(subject: Subject, texts: Sequence[str], prompt_ids: Sequence[lis
     """
     tok = subject.tokenizer
     stops, pad = stop_tokens(tok), tok.pad_token_id
-    result = Decoded([None] * len(texts), [None] * len(texts))
+    result = Decoded([None] * len(queries), [None] * len(queries))
     for idx in tqdm(length_batches([len(p) for p in prompt_ids], s.batch_size), desc=desc,
                     disable=not progress, leave=False):
         give_up = None
         if goals is not None:
             def give_up(r, tokens, idx=idx):
                 return not could_still_match(tok.decode(tokens, skip_special_tokens=True), goals[idx[r]])
-        with subject.batch_context([texts[i] for i in idx]) as select_rows:
+        with subject.batch_context([queries[i] for i in idx]) as select_rows:
             out = decode(subject.model, [prompt_ids[i] for i in idx], [drafts[i] for i in idx],
                          s.max_new_tokens, stops, pad, select_rows, give_up)
         for k, i in enumerate(idx):
@@ -86,7 +78,7 @@ def run_queries(subject: Subject, texts: Sequence[str], prompt_ids: Sequence[lis
     return result
 
 
-def locality_reference(subject: Subject, texts, prompt_ids, s: DecodeSettings, progress: bool = True,
+def locality_reference(subject: Subject, queries: Sequence[Query], prompt_ids, s: DecodeSettings, progress: bool = True,
                        cache_dir: Path | None = None) -> list[list[int]]:
     """The unedited model's greedy tokens on each locality query, cached by the model's
     fingerprint, the prompts and the settings."""
@@ -98,7 +90,7 @@ def locality_reference(subject: Subject, texts, prompt_ids, s: DecodeSettings, p
         path = (cache_dir or cache_root()) / "locality-references" / f"{key}.json"
         if path.exists():
             return json.loads(path.read_text())["tokens"]
-        tokens = run_queries(subject, texts, prompt_ids, [[] for _ in texts], s, progress,
+        tokens = run_queries(subject, queries, prompt_ids, [[] for _ in queries], s, progress,
                              "pre-edit locality").generated
     atomic_write_json(path, {"tokens": tokens})
     return tokens
@@ -118,11 +110,10 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
     s = DecodeSettings(fmt, max_new_tokens, batch_size)
     queries = build_queries(requests)
     prompts = {k: [fmt.prompt_ids(q.text, tok) for q in qs] for k, qs in queries.items()}
-    texts = {k: [q.text for q in qs] for k, qs in queries.items()}
     timing: dict[str, float] = {}
 
     start = time.perf_counter()
-    ref_tokens = locality_reference(subject, texts["locality"], prompts["locality"], s, progress, cache_dir)
+    ref_tokens = locality_reference(subject, queries["locality"], prompts["locality"], s, progress, cache_dir)
     timing["locality_reference_s"] = time.perf_counter() - start
 
     cases, credits = [], {}
@@ -137,7 +128,7 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
             drafts = [e + [fmt.stop_token(tok)] for e in expected]
             goals = [q.target for q in qs]
         start = time.perf_counter()
-        out = run_queries(subject, texts[kind], prompts[kind], drafts, s, progress, kind, goals)
+        out = run_queries(subject, qs, prompts[kind], drafts, s, progress, kind, goals)
         timing[f"{kind}_s"] = time.perf_counter() - start
         timing["forward_pass_s"] = timing.get("forward_pass_s", 0.0) + out.forward_s
         timing["decoding_steps_s"] = timing.get("decoding_steps_s", 0.0) + out.steps_s

@@ -2,17 +2,29 @@
 
 A subject is the base model plus whatever a method adds. The harness decodes and scores every
 subject with the same code; a subject only says what to switch on for a batch of queries
-(`batch_context`, e.g. MeG's per-query neuron) and how to get the unedited model back
+(`batch_context`, given the batch's queries; it may yield a `select_rows(index)` callback for
+rows leaving the batch, e.g. MeG's per-query neuron) and how to get the unedited model back
 (`unedited`, for the pre-edit locality references).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import ContextManager, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Query:
+    """One scored query: which edit it belongs to, what it tests, and its raw text."""
+
+    case_id: str
+    kind: str  # "reliability", "generality" or "locality"
+    text: str  # the raw query; the prompt format wraps it
+    target: str | None  # the edit's target (None for locality)
 
 
 @runtime_checkable
@@ -21,7 +33,7 @@ class Subject(Protocol):
     tokenizer: object
     method: str
 
-    def batch_context(self, queries: Sequence[str]) -> ContextManager: ...
+    def batch_context(self, queries: Sequence[Query]) -> ContextManager: ...
 
     def unedited(self) -> ContextManager: ...
 
@@ -36,7 +48,7 @@ class PlainSubject:
     def __init__(self, model: nn.Module, tokenizer) -> None:
         self.model, self.tokenizer = model, tokenizer
 
-    def batch_context(self, queries: Sequence[str]) -> ContextManager:
+    def batch_context(self, queries: Sequence[Query]) -> ContextManager:
         return nullcontext()
 
     def unedited(self) -> ContextManager:
@@ -84,3 +96,30 @@ def as_subject(obj) -> Subject:
     if isinstance(obj, tuple) and len(obj) == 2:
         return PlainSubject(*obj)
     raise TypeError(f"expected a Subject or a (model, tokenizer) pair, found {type(obj).__name__}")
+
+
+class NeuronSubject(PlainSubject):
+    """A model with a dynamic neuron whose per-row vectors come from `vectors(queries)`
+    ((B, size) tensor; zero rows leave a query untouched). With the neuron switched off,
+    the model is exactly the base model, which is what `unedited()` does."""
+
+    def __init__(self, model: nn.Module, tokenizer, neuron, vectors, method: str, settings: dict | None = None):
+        super().__init__(model, tokenizer)
+        self.neuron, self.vectors, self.method, self.settings = neuron, vectors, method, settings or {}
+
+    @contextmanager
+    def batch_context(self, queries: Sequence[Query]) -> Iterator:
+        with self.neuron.applied(self.vectors(queries)):
+            yield lambda index: self.neuron.set_weights(self.neuron.weights[index.to(self.neuron.weights.device)])
+
+    @contextmanager
+    def unedited(self) -> Iterator[None]:
+        previous = self.neuron.enabled
+        self.neuron.enabled = False
+        try:
+            yield
+        finally:
+            self.neuron.enabled = previous
+
+    def describe(self) -> dict:
+        return dict(self.settings)

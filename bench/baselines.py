@@ -1,0 +1,90 @@
+"""Score the unedited model and the FT baseline on edit data, through the shared harness.
+
+    .venv/bin/python bench/baselines.py --data counterfact --limit 1024
+    .venv/bin/python bench/baselines.py --data zsre
+
+Each (data, N, method) result goes to bench/results/ as a summary JSON (metrics, protocol,
+timing; the per-query cases go to bench/results/cases/, not tracked). A finished result is
+not recomputed unless --force, so a killed run resumes with what is missing. Run
+bench/update_readme.py afterwards to refresh the README's tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+DATA = {
+    "counterfact": ("counterfact", HERE.parents[1] / "shared/data/counterfact/counterfact-edit.json"),
+    "zsre": ("zsre", HERE.parents[1] / "shared/data/zsre/zsre_mend_train-1k.json"),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", choices=DATA, default="counterfact")
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--methods", default="none,ft")
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--layer", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("megedit").setLevel(logging.INFO)
+
+    from megedit import evaluate, load_model, load_requests
+    from megedit.baselines.ft import FTConfig, fine_tune
+    from megedit.data.prompts import DEFAULT_FOR_KIND, get_format
+    from megedit.eval import PlainSubject
+
+    kind, path = DATA[args.data]
+    requests = load_requests(kind, path, limit=args.limit, skip_invalid=True)
+    fmt = get_format(DEFAULT_FOR_KIND[kind])
+    model, tokenizer = load_model(args.model, device="cpu")
+    for method in args.methods.split(","):
+        name = f"baseline-{args.data}-{len(requests)}-{method}"
+        target = args.out / f"{name}.json"
+        if target.exists() and not args.force:
+            print(f"{name}: done already ({target})")
+            continue
+        torch.manual_seed(args.seed)
+        start = time.perf_counter()
+        if method == "none":
+            subject = PlainSubject(model, tokenizer)
+        elif method == "ft":
+            subject = fine_tune(model, tokenizer, requests, fmt, FTConfig(layer=args.layer, seed=args.seed))
+        else:
+            raise SystemExit(f"unknown method {method!r}")
+        edit_s = time.perf_counter() - start
+        report = evaluate(subject, requests, prompt_format=fmt, data_kind=kind, data_name=f"{kind}:{path.name}",
+                          batch_size=64)
+        if hasattr(subject, "restore"):
+            subject.restore()
+        summary = report.to_dict()
+        cases = summary.pop("cases")
+        summary["edit_time_s"] = edit_s
+        summary["seed"] = args.seed
+        summary["machine"] = {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+                              "python": platform.python_version()}
+        (args.out / "cases").mkdir(parents=True, exist_ok=True)
+        (args.out / "cases" / f"{name}.json").write_text(json.dumps(cases, indent=0))
+        from megedit.io import atomic_write_json
+
+        atomic_write_json(target, summary)
+        print(report.table())
+        print(f"{name}: edit {edit_s:.0f} s, eval {report.timing['total_s']:.0f} s -> {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

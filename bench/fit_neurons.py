@@ -1,0 +1,145 @@
+"""Stage A benchmarks on SmolLM2 + CounterFact.
+
+    .venv/bin/python bench/fit_neurons.py speedup --limit 64      # naive loop vs batched fitter, side by side
+    .venv/bin/python bench/fit_neurons.py scale --limit 1024      # the batched fitter at scale + fitted-vector eval
+    .venv/bin/python bench/fit_neurons.py sweep --limit 64        # success / generality per layer
+
+The naive loop is the straightforward implementation: one edit at a time, a full forward pass
+(all layers, LM head on every position) per step, torch's Adam on one vector; it uses the same
+initial vector, learning rate, step cap and success test as the batched fitter, so only the
+speed differs. Results go to bench/results/fit_neurons-*.json; bench/update_readme.py shows them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+CF = HERE.parents[1] / "shared/data/counterfact/counterfact-edit.json"
+
+
+def naive_fit(model, tokenizer, requests, fmt, config):
+    """One edit at a time, full forward each step. Returns (success flags, steps)."""
+    from megedit.neuron import attach_neuron
+    from megedit.stages.fit_neurons import _row_loss_and_success
+
+    neuron = attach_neuron(model, config.layer, config.variant)
+    success, steps = [], []
+    try:
+        for r in requests:
+            prompt = fmt.prompt_ids(r.prompt, tokenizer)
+            answer = fmt.answer_ids(r.target, tokenizer, with_stop=True)
+            ids = torch.tensor([prompt + answer])
+            labels = torch.tensor([answer + [-100]])
+            w = neuron.spec.initial_vector(config.init_seed).unsqueeze(0).requires_grad_(True)
+            neuron.set_weights(w)
+            optimiser = torch.optim.Adam([w], lr=config.lr)
+            ok = False
+            for step in range(config.max_steps + 1):
+                logits = model(input_ids=ids).logits[:, -len(answer) - 1 :]
+                loss, passed = _row_loss_and_success(logits, labels, config.margin)
+                if bool(passed[0]) or step == config.max_steps:
+                    ok = bool(passed[0])
+                    break
+                optimiser.zero_grad()
+                loss.sum().backward()
+                optimiser.step()
+            success.append(ok)
+            steps.append(step)
+    finally:
+        neuron.detach()
+    return success, steps
+
+
+def speedup(args, model, tokenizer, requests, fmt, config) -> dict:
+    from megedit.stages.fit_neurons import fit_neurons
+
+    start = time.perf_counter()
+    batched = fit_neurons(model, tokenizer, requests, fmt, config, progress=False)
+    batched_s = time.perf_counter() - start
+    start = time.perf_counter()
+    naive_success, naive_steps = naive_fit(model, tokenizer, requests, fmt, config)
+    naive_s = time.perf_counter() - start
+    out = {
+        "n": len(requests), "config": asdict(config),
+        "naive": {"seconds": naive_s, "success_rate": 100 * sum(naive_success) / len(requests),
+                  "mean_steps": sum(naive_steps) / len(naive_steps)},
+        "batched": {"seconds": batched_s, "success_rate": batched.success_rate,
+                    "mean_steps": float(batched.steps.float().mean())},
+        "speedup": naive_s / batched_s,
+    }
+    print(f"naive {naive_s:.0f} s ({out['naive']['success_rate']:.1f}% success) vs batched {batched_s:.0f} s "
+          f"({batched.success_rate:.1f}%): {out['speedup']:.1f}x")
+    return out
+
+
+def scale(args, model, tokenizer, requests, fmt, config) -> dict:
+    from megedit.eval import evaluate
+    from megedit.stages.fit_neurons import fit_neurons, fitted_subject
+
+    work = HERE / "results" / "cases" / f"fit-work-{len(requests)}"
+    result = fit_neurons(model, tokenizer, requests, fmt, config, progress=True, work_dir=work)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    seconds = result.timing["total_s"]
+    subject = fitted_subject(model, tokenizer, result)
+    report = evaluate(subject, requests, prompt_format=fmt, data_kind="counterfact", batch_size=64)
+    subject.neuron.detach()
+    summary = result.summary()
+    out = {
+        "n": len(requests), "config": asdict(config), "success_rate": summary["success_rate"],
+        "median_steps": summary["median_steps"], "mean_steps": summary["mean_steps"], "failed": summary["failed"],
+        "fit_s": seconds, "edits_per_s": len(requests) / seconds, "projected_10k_s": seconds * 10_000 / len(requests),
+        "peak_rss_mb": peak_mb, "timing": result.timing, "fitted_vector_eval": {
+            "metrics": report.metrics, "score": report.score, "protocol": report.protocol},
+    }
+    print(f"{len(requests)} edits: {summary['success_rate']:.1f}% in {seconds:.0f} s "
+          f"({out['edits_per_s']:.2f} edits/s, peak RSS {peak_mb:.0f} MB)")
+    print(report.table())
+    return out
+
+
+def sweep(args, model, tokenizer, requests, fmt, config) -> dict:
+    from megedit.stages.fit_neurons import sweep_layers
+
+    layers = [int(x) for x in args.layers.split(",")]
+    return {"n": len(requests), "config": asdict(config),
+            "rows": sweep_layers(model, tokenizer, requests, fmt, layers, config, progress=False)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("job", choices=("speedup", "scale", "sweep"))
+    parser.add_argument("--limit", type=int, default=64)
+    parser.add_argument("--layer", type=int, default=8)
+    parser.add_argument("--layers", default="4,6,8,10,12,14,16,18,20")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("megedit").setLevel(logging.INFO)
+
+    from megedit import load_model, load_requests
+    from megedit.data.prompts import get_format
+    from megedit.io import atomic_write_json
+    from megedit.stages.fit_neurons import FitConfig
+
+    model, tokenizer = load_model("smollm2", device="cpu")
+    requests = load_requests("counterfact", CF, limit=args.limit)
+    config = FitConfig(layer=args.layer)
+    result = {"speedup": speedup, "scale": scale, "sweep": sweep}[args.job](
+        args, model, tokenizer, requests, get_format("raw"), config)
+    result.update(model="smollm2", data=f"counterfact:{CF.name}", format="raw", seed=config.init_seed,
+                  threads=torch.get_num_threads())
+    path = atomic_write_json(HERE / "results" / f"fit_neurons-{args.job}-{args.limit}.json", result)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""Stage A, knowledge-weight collection: fit one neuron vector per edit (METHOD.md §2.2).
+
+The LM is frozen; for each edit only its neuron vector w is optimised so that the model
+produces the target (and then the end-of-answer token) after the prompt. Edits are fitted many
+at a time: each row of a batch is one edit with its own w (rows never interact), the hidden
+state entering the neuron's layer is computed once per edit and reused for every step, and the
+LM head runs only on the answer positions. A row leaves the batch as soon as its edit passes
+the success test and the next edit takes its place, so the batch stays full.
+
+Success test: at every answer position (the end-of-answer token included) the target token is
+the argmax, ahead of the runner-up by at least `margin` logits. Teacher-forced argmax over the
+target followed by the stop token is exactly the condition for greedy decoding to produce the
+target and stop; the margin keeps it true under the small numeric differences of other batch
+layouts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.prompts import PromptFormat
+from ..data.requests import EditRequest
+from ..errors import ConfigError, MeGError
+from ..io import atomic_write_json
+from ..lm import Batch, layer_input, left_pad, length_batches, model_device, starting_at_layer
+from ..neuron import NeuronSpec, attach_neuron
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass
+class FitConfig:
+    layer: int = 8
+    variant: str | None = None  # None: the architecture's default (linear for gated MLPs)
+    optimizer: str = "adam"  # "sgd" is the authors' setting (lr 0.01-0.07)
+    lr: float = 0.1
+    max_steps: int = 100
+    batch_size: int = 64
+    margin: float = 1.0
+    init_seed: int = 0  # seeds the one initial vector every edit starts from
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, found {self.optimizer!r}")
+        if self.lr <= 0 or self.max_steps < 1 or self.batch_size < 1 or self.margin < 0:
+            raise ConfigError(f"fit needs lr > 0, max_steps >= 1, batch_size >= 1, margin >= 0: {self}")
+
+
+@dataclass
+class FitResult:
+    """One fitted vector per edit, in the order of the requests."""
+
+    case_ids: list[str]
+    vectors: torch.Tensor  # (N, size)
+    success: torch.Tensor  # (N,) bool
+    steps: torch.Tensor  # (N,) int: optimisation steps taken
+    loss: torch.Tensor  # (N,) float: answer cross-entropy of the returned vector
+    spec: NeuronSpec
+    config: FitConfig
+    timing: dict = field(default_factory=dict)
+
+    @property
+    def success_rate(self) -> float:
+        return 100.0 * float(self.success.float().mean())
+
+    def save(self, path: str | Path) -> Path:
+        """Vectors and per-edit outcomes as safetensors, the rest as JSON beside it."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({"vectors": self.vectors.contiguous(), "success": self.success.to(torch.uint8),
+                   "steps": self.steps, "loss": self.loss}, str(tmp))
+        os.replace(tmp, path)
+        atomic_write_json(path.with_suffix(".json"), {**self.summary(), "case_ids": self.case_ids})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FitResult":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        try:
+            t = load_file(str(path))
+            meta = json.loads(path.with_suffix(".json").read_text())
+        except (OSError, ValueError) as error:
+            raise MeGError(f"{path}: not a readable fit result ({error})") from None
+        return cls(meta["case_ids"], t["vectors"], t["success"].bool(), t["steps"], t["loss"],
+                   NeuronSpec(**meta["spec"]), FitConfig(**meta["config"]), meta.get("timing", {}))
+
+    def summary(self) -> dict:
+        done = self.steps[self.success].float()
+        return {
+            "n": len(self.case_ids), "success_rate": self.success_rate,
+            "median_steps": float(done.median()) if len(done) else None,
+            "mean_steps": float(done.mean()) if len(done) else None,
+            "failed": [c for c, ok in zip(self.case_ids, self.success.tolist()) if not ok],
+            "spec": self.spec.to_dict(), "config": asdict(self.config), "timing": self.timing,
+        }
+
+
+class _RowOptimizer:
+    """Adam or SGD where every row is its own problem: a row's state restarts when a new edit
+    takes its slot (torch's Adam keeps one step count for the whole tensor)."""
+
+    def __init__(self, kind: str, lr: float, rows: int, size: int, device) -> None:
+        self.kind, self.lr = kind, lr
+        self.m = torch.zeros(rows, size, device=device)
+        self.v = torch.zeros(rows, size, device=device)
+        self.t = torch.zeros(rows, 1, device=device)
+
+    def reset(self, row: int) -> None:
+        self.m[row], self.v[row], self.t[row] = 0.0, 0.0, 0.0
+
+    @torch.no_grad()
+    def step(self, w: torch.Tensor, grad: torch.Tensor, active: torch.Tensor) -> None:
+        if self.kind == "sgd":
+            w.sub_(self.lr * grad * active)
+            return
+        b1, b2, eps = 0.9, 0.999, 1e-8
+        self.t += active
+        self.m.mul_(torch.where(active > 0, b1, 1.0)).add_((1 - b1) * grad * active)
+        self.v.mul_(torch.where(active > 0, b2, 1.0)).add_((1 - b2) * grad.square() * active)
+        t = self.t.clamp(min=1)
+        update = (self.m / (1 - b1**t)) / ((self.v / (1 - b2**t)).sqrt() + eps)
+        w.sub_(self.lr * update * active)
+
+
+def _encode(requests, tokenizer, fmt):
+    prompts = [fmt.prompt_ids(r.prompt, tokenizer) for r in requests]
+    answers = [fmt.answer_ids(r.target, tokenizer, with_stop=True) for r in requests]
+    return prompts, answers
+
+
+@torch.no_grad()
+def _cache_hidden(model, layer, seqs, pad_id, batch_size) -> list[torch.Tensor]:
+    """The hidden state entering `layer` for each sequence (its real tokens only)."""
+    hidden: list = [None] * len(seqs)
+    for idx in length_batches([len(s) for s in seqs], batch_size):
+        batch = left_pad([seqs[i] for i in idx], pad_id, model_device(model))
+        h = layer_input(model, layer, batch)
+        for row, i in enumerate(idx):
+            hidden[i] = h[row, h.shape[1] - len(seqs[i]) :].clone()
+    return hidden
+
+
+def _slot_batch(seqs, answers, hidden, slots, pad_id, device) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+    """Left-padded batch of the edits in `slots`, their cached hidden states, and labels for the
+    last `span` positions (-100 where there is no answer token)."""
+    batch = left_pad([seqs[i] for i in slots], pad_id, device)
+    width = batch.ids.shape[1]
+    h = hidden[slots[0]].new_zeros(len(slots), width, hidden[slots[0]].shape[-1])
+    span = max(len(answers[i]) for i in slots) + 1
+    labels = torch.full((len(slots), span), -100, dtype=torch.long, device=device)
+    for row, i in enumerate(slots):
+        h[row, width - len(seqs[i]) :] = hidden[i]
+        labels[row, span - 1 - len(answers[i]) : span - 1] = torch.as_tensor(answers[i], device=device)
+    return batch, h, labels
+
+
+def _row_loss_and_success(logits, labels, margin) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row mean answer cross-entropy, and whether every answer token wins by `margin`."""
+    mask = labels >= 0
+    safe = labels.clamp(min=0)
+    logits = logits.float()
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), safe, reduction="none") * mask
+    loss = ce.sum(1) / mask.sum(1)
+    with torch.no_grad():
+        target = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+        rival = logits.scatter(-1, safe.unsqueeze(-1), float("-inf")).max(-1).values
+        ok = ((target - rival >= margin) | ~mask).all(1)
+    return loss, ok
+
+
+def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFormat,
+                config: FitConfig | None = None, progress: bool = True,
+                work_dir: str | Path | None = None) -> FitResult:
+    """Fit one neuron vector per edit. With `work_dir`, finished edits are written in shards as
+    they finish and a rerun with the same inputs continues where the last one stopped."""
+    config = config or FitConfig()
+    start = time.perf_counter()
+    neuron = attach_neuron(model, config.layer, config.variant)
+    try:
+        state = _FitState(model, tokenizer, requests, fmt, config, neuron.spec, work_dir)
+        state.run(neuron, progress)
+    finally:
+        neuron.detach()
+    result = state.result()
+    result.timing = {"total_s": time.perf_counter() - start, **state.timing}
+    log.info("fitted %d edits: %.1f%% success in %.0f s", len(requests), result.success_rate, result.timing["total_s"])
+    return result
+
+
+class _FitState:
+    """The edits, their cached hidden states, and what is known of each (done or not)."""
+
+    def __init__(self, model, tokenizer, requests, fmt, config, spec, work_dir) -> None:
+        self.model, self.config, self.spec = model, config, spec
+        self.case_ids = [r.case_id for r in requests]
+        prompts, self.answers = _encode(requests, tokenizer, fmt)
+        self.seqs = [p + a for p, a in zip(prompts, self.answers)]
+        self.pad_id = tokenizer.pad_token_id
+        n = len(requests)
+        self.vectors = torch.zeros(n, spec.size)
+        self.success = torch.zeros(n, dtype=torch.bool)
+        self.steps = torch.zeros(n, dtype=torch.long)
+        self.loss = torch.full((n,), float("nan"))
+        self.done = torch.zeros(n, dtype=torch.bool)
+        self.shards = _Shards(work_dir, self._key(fmt)) if work_dir else None
+        if self.shards:
+            self.shards.restore(self)
+        self.timing: dict = {}
+
+    def _key(self, fmt: PromptFormat) -> str:
+        from ..models import model_fingerprint
+
+        blob = json.dumps({"model": model_fingerprint(self.model), "seqs": self.seqs, "answers": self.answers,
+                           "config": asdict(self.config), "spec": self.spec.to_dict(), "format": fmt.to_dict()})
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def run(self, neuron, progress: bool) -> None:
+        todo = [i for i in range(len(self.seqs)) if not self.done[i]]
+        if not todo:
+            return
+        device = model_device(self.model)
+        start = time.perf_counter()
+        hidden: dict[int, torch.Tensor] = dict(zip(todo, _cache_hidden(
+            self.model, self.config.layer, [self.seqs[i] for i in todo], self.pad_id, self.config.batch_size)))
+        self.timing["hidden_cache_s"] = time.perf_counter() - start
+        queue = sorted(todo, key=lambda i: len(self.seqs[i]))  # similar lengths side by side
+        initial = self.spec.initial_vector(self.config.init_seed).to(device)
+        rows = min(self.config.batch_size, len(queue))
+        w = initial.repeat(rows, 1)
+        opt = _RowOptimizer(self.config.optimizer, self.config.lr, rows, self.spec.size, device)
+        slots: list[int | None] = [None] * rows
+        taken = torch.zeros(rows, dtype=torch.long)
+        bar = tqdm(total=len(todo), desc="fitting neurons", disable=not progress, leave=False)
+        step_s = time.perf_counter()
+        while True:
+            for r in range(rows):  # refill free slots
+                if slots[r] is None and queue:
+                    slots[r], taken[r] = queue.pop(0), 0
+                    w[r] = initial
+                    opt.reset(r)
+            live = [r for r in range(rows) if slots[r] is not None]
+            if not live:
+                break
+            finished = self._step(neuron, w, opt, live, slots, taken, hidden, device)
+            for r in finished:
+                slots[r] = None
+            bar.update(len(finished))
+            if finished and self.shards:
+                self.shards.flush(self)
+        bar.close()
+        self.timing["fit_s"] = time.perf_counter() - step_s
+
+    def _step(self, neuron, w, opt, live, slots, taken, hidden, device) -> list[int]:
+        edits = [slots[r] for r in live]
+        batch, h, labels = _slot_batch(self.seqs, self.answers, hidden, edits, self.pad_id, device)
+        rows_w = w[live].clone().requires_grad_(True)
+        neuron.set_weights(rows_w)
+        with starting_at_layer(self.model, self.config.layer, h):
+            logits = self.model(**batch.model_inputs, use_cache=False, logits_to_keep=labels.shape[1]).logits
+        loss, ok = _row_loss_and_success(logits, labels, self.config.margin)
+        loss.sum().backward()  # rows are independent: each row's gradient reaches only its own w
+        finished = []
+        for k, r in enumerate(live):
+            i = slots[r]
+            if ok[k] or taken[r] >= self.config.max_steps:
+                self.vectors[i], self.success[i] = rows_w[k].detach().cpu(), bool(ok[k])
+                self.steps[i], self.loss[i], self.done[i] = int(taken[r]), float(loss[k].detach()), True
+                self.shards and self.shards.pending.append(i)
+                finished.append(r)
+        active = torch.zeros(w.shape[0], 1, device=device)
+        grad = torch.zeros_like(w)
+        idx = torch.tensor(live, device=device)
+        grad[idx] = rows_w.grad
+        active[idx] = 1.0
+        active[torch.tensor(finished, dtype=torch.long, device=device)] = 0.0
+        opt.step(w, grad, active)
+        taken[[r for r in live if r not in finished]] += 1
+        return finished
+
+    def result(self) -> FitResult:
+        if not bool(self.done.all()):
+            raise MeGError("neuron fitting stopped before every edit was done")
+        return FitResult(self.case_ids, self.vectors, self.success, self.steps, self.loss, self.spec, self.config)
+
+
+class _Shards:
+    """Finished edits written to `work_dir/fit-<key>/shard-*.safetensors` as they finish."""
+
+    def __init__(self, work_dir, key: str, every: int = 64) -> None:
+        self.dir = Path(work_dir) / f"fit-{key}"
+        self.every, self.pending, self.count = every, [], 0
+
+    def restore(self, state: _FitState) -> None:
+        from safetensors.torch import load_file
+
+        for path in sorted(self.dir.glob("shard-*.safetensors")):
+            t = load_file(str(path))
+            idx = t["index"]
+            state.vectors[idx], state.success[idx] = t["vectors"], t["success"].bool()
+            state.steps[idx], state.loss[idx], state.done[idx] = t["steps"], t["loss"], True
+            self.count += 1
+        if self.count:
+            log.info("resuming: %d of %d edits already fitted", int(state.done.sum()), len(state.done))
+
+    def flush(self, state: _FitState, force: bool = False) -> None:
+        if not self.pending or (len(self.pending) < self.every and not force and not bool(state.done.all())):
+            return
+        from safetensors.torch import save_file
+
+        idx = torch.tensor(self.pending, dtype=torch.long)
+        tensors = {"index": idx, "vectors": state.vectors[idx].contiguous(), "success": state.success[idx].to(torch.uint8),
+                   "steps": state.steps[idx], "loss": state.loss[idx]}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".shard-{self.count:05d}.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, self.dir / f"shard-{self.count:05d}.safetensors")  # a shard is whole or absent
+        self.count += 1
+        self.pending = []
+        atomic_write_json(self.dir / "progress.json", {"done": int(state.done.sum()), "total": len(state.done)})
+
+
+def fitted_subject(model, tokenizer, result: FitResult):
+    """The model with each edit's fitted vector applied to every query of that edit (its prompt,
+    rephrase and locality query): the upper bound a generator can reach with a perfect router,
+    and, on locality queries, the damage a static neuron would do without one."""
+    from ..eval.subject import NeuronSubject
+
+    neuron = attach_neuron(model, result.spec.layer, result.spec.variant)
+    by_case = dict(zip(result.case_ids, result.vectors))
+
+    def vectors(queries):
+        return torch.stack([by_case.get(q.case_id, torch.zeros(result.spec.size)) for q in queries])
+
+    settings = {"method": "fitted-vectors", "spec": result.spec.to_dict(), "fit": result.summary()}
+    return NeuronSubject(model, tokenizer, neuron, vectors, "fitted", settings)
+
+
+def sweep_layers(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFormat, layers: Sequence[int],
+                 config: FitConfig | None = None, progress: bool = True) -> list[dict]:
+    """Fit the same edits at each layer; per layer: success, steps, time, and the fitted vectors'
+    Reliability / Generality / Locality through the evaluation harness."""
+    from ..eval import evaluate
+
+    rows = []
+    for layer in layers:
+        cfg = FitConfig(**{**asdict(config or FitConfig()), "layer": layer})
+        result = fit_neurons(model, tokenizer, requests, fmt, cfg, progress=progress)
+        subject = fitted_subject(model, tokenizer, result)
+        try:
+            report = evaluate(subject, requests, prompt_format=fmt, progress=progress)
+        finally:
+            subject.neuron.detach()
+        summary = result.summary()
+        rows.append({"layer": layer, "success_rate": summary["success_rate"], "median_steps": summary["median_steps"],
+                     "mean_steps": summary["mean_steps"], "fit_s": result.timing["total_s"],
+                     "metrics": report.metrics, "score": report.score})
+        log.info("layer %d: success %.1f%%, Gen AG %.1f", layer, summary["success_rate"],
+                 report.metrics["generality"]["ag"])
+    return rows

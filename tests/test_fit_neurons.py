@@ -1,0 +1,91 @@
+import pytest
+import torch
+from tiny import char_tokenizer, tiny_model
+
+from megedit.data import EditRequest
+from megedit.data.prompts import PromptFormat
+from megedit.errors import ConfigError
+from megedit.lm import decode
+from megedit.neuron import attach_neuron
+from megedit.stages import fit_neurons as stage
+from megedit.stages.fit_neurons import FitConfig, FitResult, fit_neurons
+
+FMT = PromptFormat("raw")
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model("llama", init_range=0.2), char_tokenizer()
+
+
+def _requests(n=6):
+    return [EditRequest(str(i), f"q{i}:", "ab"[i % 2]) for i in range(n)]
+
+
+def _config(**kw):
+    return FitConfig(**{"layer": 1, "batch_size": 4, "max_steps": 40, "lr": 0.1, "margin": 0.0, **kw})
+
+
+def test_batched_fitting_with_refills_equals_fitting_one_edit_at_a_time(lm):
+    model, tok = lm
+    batched = fit_neurons(model, tok, _requests(), FMT, _config(), progress=False)
+    alone = fit_neurons(model, tok, _requests(), FMT, _config(batch_size=1), progress=False)
+    assert batched.success.any(), "some tiny edits should be learnable"
+    assert torch.equal(batched.success, alone.success) and torch.equal(batched.steps, alone.steps)
+    torch.testing.assert_close(batched.vectors, alone.vectors, atol=1e-4, rtol=1e-4)
+
+
+def test_a_successful_vector_makes_greedy_decoding_produce_the_target_and_stop(lm):
+    model, tok = lm
+    result = fit_neurons(model, tok, _requests(), FMT, _config(), progress=False)
+    neuron = attach_neuron(model, 1)
+    try:
+        for i, r in enumerate(_requests()):
+            neuron.set_weights(result.vectors[i : i + 1])
+            out = decode(model, [FMT.prompt_ids(r.prompt, tok)], [[]], 5, {1, 2}, pad_id=0).generated[0]
+            assert (out == FMT.answer_ids(r.target, tok, with_stop=True)) == bool(result.success[i])
+    finally:
+        neuron.detach()
+    assert result.steps[~result.success].eq(40).all()  # failures used the whole step budget
+
+
+def test_every_edit_starts_from_the_same_seeded_vector(lm):
+    model, tok = lm
+    result = fit_neurons(model, tok, _requests(2), FMT, _config(max_steps=1, margin=1e9), progress=False)
+    assert not result.success.any()
+    start = result.vectors  # one Adam step from the common start: each coordinate moved by lr at most
+    initial = attach_neuron(model, 1)
+    spec = initial.spec
+    initial.detach()
+    assert (start - spec.initial_vector(0)).abs().max() <= 0.1 + 1e-6
+
+
+def test_killed_run_resumes_from_its_shards(lm, tmp_path, monkeypatch):
+    model, tok = lm
+    first = fit_neurons(model, tok, _requests(), FMT, _config(), progress=False, work_dir=tmp_path)
+    shards = sorted(tmp_path.glob("fit-*/shard-*.safetensors"))
+    assert shards
+    calls = []
+    original_step = stage._FitState._step
+    monkeypatch.setattr(stage._FitState, "_step", lambda self, *a: calls.append(1) or original_step(self, *a))
+    again = fit_neurons(model, tok, _requests(), FMT, _config(), progress=False, work_dir=tmp_path)
+    assert not calls  # everything came from the shards
+    assert torch.equal(again.vectors, first.vectors) and torch.equal(again.success, first.success)
+    shards[-1].unlink()  # as if killed before the last shard was written
+    partial = fit_neurons(model, tok, _requests(), FMT, _config(), progress=False, work_dir=tmp_path)
+    assert calls and torch.allclose(partial.vectors, first.vectors, atol=1e-5)
+
+
+def test_result_round_trips_through_safetensors(lm, tmp_path):
+    model, tok = lm
+    result = fit_neurons(model, tok, _requests(3), FMT, _config(optimizer="sgd", lr=0.5), progress=False)
+    loaded = FitResult.load(result.save(tmp_path / "fit.safetensors"))
+    assert loaded.case_ids == result.case_ids and loaded.spec == result.spec and loaded.config == result.config
+    assert torch.equal(loaded.vectors, result.vectors) and torch.equal(loaded.success, result.success)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ConfigError, match="optimizer must be one of"):
+        FitConfig(optimizer="lbfgs")
+    with pytest.raises(ConfigError, match="max_steps >= 1"):
+        FitConfig(max_steps=0)
