@@ -159,3 +159,28 @@ def test_unknown_architecture_lists_the_supported_ones():
     model.config.model_type = "bert"
     with pytest.raises(UnsupportedArchitectureError, match=r"'bert' is not supported; supported: gemma, .*llama"):
         attach_neuron(model, 0)
+
+
+def test_activated_and_gated_neurons_follow_their_formulas():
+    model = tiny_model("gpt2")
+    mlp = model.get_submodule(mlp_path(model, 0))
+    x = torch.randn(2, 5, 32)
+    neuron = attach_neuron(model, 0, "activated")
+    w = torch.randn(2, 65)
+    neuron.set_weights(w)
+    with torch.no_grad():
+        got = model.get_submodule(mlp_path(model, 0))(x)
+        pre = (x @ w[:, :32].unsqueeze(-1)) + w[:, None, 32:33]
+        expected = mlp(x) + mlp.act(pre) * w[:, None, 33:]
+    torch.testing.assert_close(got, expected)
+    neuron.detach()
+
+    neuron = attach_neuron(model, 0, "gated")
+    w = torch.randn(2, 96)
+    neuron.set_weights(w)
+    with torch.no_grad():
+        got = model.get_submodule(mlp_path(model, 0))(x)
+        a, g, u = w[:, :32], w[:, 32:64], w[:, 64:]
+        gate = mlp.act(x @ g.unsqueeze(-1))
+        expected = mlp(x) + gate * (x @ a.unsqueeze(-1)) * u[:, None, :]
+    torch.testing.assert_close(got, expected)

@@ -70,3 +70,42 @@ def test_unedited_model_on_counterfact_keeps_locality_and_misses_the_new_targets
     assert report.metrics["reliability"]["ag"] == 0.0 and report.score == 0.0
     first = report.cases[0]
     assert first["query"] == "The mother tongue of Danielle Darrieux is" and first["got"] == "French"
+
+
+def test_fitted_neurons_carry_their_edits_through_the_harness(smollm2, shared_data, tmp_path):
+    from megedit import evaluate, load_requests
+    from megedit.data.prompts import get_format
+    from megedit.stages.fit_neurons import FitConfig, fit_neurons, fitted_subject
+
+    model, tokenizer = smollm2
+    requests = load_requests("counterfact", shared_data / "counterfact/counterfact-edit.json", limit=8)
+    result = fit_neurons(model, tokenizer, requests, get_format("raw"), FitConfig(layer=8), progress=False)
+    assert result.success_rate == 100.0 and result.steps.max() < 50
+    subject = fitted_subject(model, tokenizer, result)
+    try:
+        report = evaluate(subject, requests, data_kind="counterfact", progress=False, cache_dir=tmp_path)
+    finally:
+        subject.neuron.detach()
+    assert report.metrics["reliability"] == {"ag": 100.0, "tf": 100.0}
+    assert report.cases[0]["got"] == "English"  # Danielle Darrieux's mother tongue, edited
+
+
+def test_ft_baseline_learns_edits_and_restores_the_exact_base(smollm2, shared_data, tmp_path):
+    from megedit import evaluate, load_requests
+    from megedit.baselines.ft import FTConfig, fine_tune
+    from megedit.data.prompts import get_format
+
+    model, tokenizer = smollm2
+    before = {n: p.clone() for n, p in model.named_parameters() if ".8.mlp." in n}
+    requests = load_requests("counterfact", shared_data / "counterfact/counterfact-edit.json", limit=8)
+    subject = fine_tune(model, tokenizer, requests, get_format("raw"), FTConfig(epochs=15, batch_size=8),
+                        progress=False)
+    try:
+        losses = subject.settings["epoch_losses"]
+        assert losses[-1] < losses[0] / 2
+        report = evaluate(subject, requests, data_kind="counterfact", progress=False, cache_dir=tmp_path)
+        assert report.metrics["reliability"]["tf"] > 50.0
+        assert report.method == "ft" and report.edit["trained"] == "model.layers.8.mlp"
+    finally:
+        subject.restore()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)

@@ -4,7 +4,7 @@ For MLP input `x` (hidden size d) at every position, the neuron adds to the MLP 
 
     linear     Δ = u (aᵀx)                 w = [a; u]        length 2d   (default for gated MLPs)
     activated  Δ = u act(aᵀx + b)          w = [a; b; u]     length 2d+1 (default for plain MLPs)
-    gated      Δ = u (act(gᵀx) · aᵀx)      w = [g; a; u]     length 3d
+    gated      Δ = u (act(gᵀx) · aᵀx)      w = [a; g; u]     length 3d
 
 where `act` is the MLP's own activation module. Row i of the batch uses `w[i]`; `w = 0` (or no
 weights, or the neuron switched off) leaves the MLP output bit-for-bit unchanged.

@@ -143,26 +143,31 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
         model=getattr(subject.model, "megedit_source", None) or subject.model.config._name_or_path,
         data=data_name or data_kind or "custom",
         n=len(requests),
-        protocol={
-            "name": "megedit-ag-tf-v1",
-            "prompt_format": fmt.to_dict(),
-            "ag": f"greedy, at most {max_new_tokens} new tokens, stop at newline or EOS; exact match after "
-                  "strip/lowercase/trailing-dot removal; locality: equal to the pre-edit model's output",
-            "tf": "teacher-forced argmax accuracy over the target tokens; locality: over the pre-edit model's "
-                  "greedy output tokens (its end-of-answer token included when it produced one)",
-            "queries": "first rephrase and first locality prompt of each edit",
-            "early_stop": "a query's decoding stops once its output can no longer match (same AG credit); "
-                          "'got' in the cases shows the output up to that point",
-            "score": f"harmonic mean of the {len(six)} numbers above",
-            "batch_size": batch_size,
-            "counts": {k: len(v) for k, v in queries.items()},
-        },
+        protocol=_protocol(fmt, s, queries, len(six)),
         metrics=credits,
         score=harmonic_mean(six) if six else float("nan"),
         timing=timing,
         cases=cases,
         edit=subject.describe(),
     )
+
+
+def _protocol(fmt: PromptFormat, s: DecodeSettings, queries: dict, n_metrics: int) -> dict:
+    """Exactly how the numbers of a report were computed."""
+    return {
+        "name": "megedit-ag-tf-v1",
+        "prompt_format": fmt.to_dict(),
+        "ag": f"greedy, at most {s.max_new_tokens} new tokens, stop at newline or EOS; exact match after "
+              "strip/lowercase/trailing-dot removal; locality: equal to the pre-edit model's output",
+        "tf": "teacher-forced argmax accuracy over the target tokens; locality: over the pre-edit model's "
+              "greedy output tokens (its end-of-answer token included when it produced one)",
+        "queries": "first rephrase and first locality prompt of each edit",
+        "early_stop": "a query's decoding stops once its output can no longer match (same AG credit); "
+                      "'got' in the cases shows the output up to that point",
+        "score": f"harmonic mean of the {n_metrics} numbers above",
+        "batch_size": s.batch_size,
+        "counts": {k: len(v) for k, v in queries.items()},
+    }
 
 
 def _score(kind: str, qs: Sequence[Query], out: Decoded, expected: list[list[int]], tok) -> list[dict]:
