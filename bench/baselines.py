@@ -34,7 +34,7 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--methods", default="none,ft")
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--layer", type=int, default=8)
+    parser.add_argument("--layer", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--force", action="store_true")

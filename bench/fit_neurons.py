@@ -14,6 +14,7 @@ generation after every step. Results go to bench/results/fit_neurons-*.json; ben
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import resource
 import sys
@@ -120,18 +121,22 @@ def scale(args, model, tokenizer, requests, fmt, config) -> dict:
 
 
 def sweep(args, model, tokenizer, requests, fmt, config) -> dict:
+    """Layers already in the results file are kept, not refitted (the sweep is resumable)."""
     from megedit.stages.fit_neurons import sweep_layers
 
-    layers = [int(x) for x in args.layers.split(",")]
-    return {"n": len(requests), "config": asdict(config),
-            "rows": sweep_layers(model, tokenizer, requests, fmt, layers, config, progress=False)}
+    path = HERE / "results" / f"fit_neurons-sweep-{args.limit}.json"
+    rows = {r["layer"]: r for r in (json.loads(path.read_text())["rows"] if path.exists() else [])}
+    todo = [int(x) for x in args.layers.split(",") if int(x) not in rows]
+    for row in sweep_layers(model, tokenizer, requests, fmt, todo, config, progress=False):
+        rows[row["layer"]] = row
+    return {"n": len(requests), "config": asdict(config), "rows": [rows[k] for k in sorted(rows)]}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("job", choices=("speedup", "scale", "sweep"))
     parser.add_argument("--limit", type=int, default=64)
-    parser.add_argument("--layer", type=int, default=8)
+    parser.add_argument("--layer", type=int, default=24)
     parser.add_argument("--layers", default="4,8,12,16,20")
     parser.add_argument("--naive-checks", default="tf,generate",
                         help="success tests of the naive loop to time: tf (the batched one), generate (authors')")

@@ -30,11 +30,11 @@ def baselines_table() -> str:
     rows = []
     for r in _load("baseline-*.json"):
         fmt = r["protocol"]["prompt_format"]["name"]
-        cells = [r["data"].split(":")[0], str(r["n"]), r["method"]]
+        cells = [r["data"].split(":")[0], str(r["n"]), r["method"], str(r["edit"].get("layer", "—"))]
         cells += [f"{r['metrics'][k][s]:.2f}" for k, s in METRICS] + [f"{r['score']:.2f}"]
         cells += [f"{r['edit_time_s']:.0f}", f"{r['timing']['total_s']:.0f}", fmt, str(r["seed"])]
         rows.append(cells)
-    return _table(["data", "N", "method", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG", "LocTF", "Score",
+    return _table(["data", "N", "method", "layer", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG", "LocTF", "Score",
                    "edit s", "eval s", "format", "seed"], rows)
 
 

@@ -79,7 +79,8 @@ def test_fitted_neurons_carry_their_edits_through_the_harness(smollm2, shared_da
 
     model, tokenizer = smollm2
     requests = load_requests("counterfact", shared_data / "counterfact/counterfact-edit.json", limit=8)
-    result = fit_neurons(model, tokenizer, requests, get_format("raw"), FitConfig(layer=8), progress=False)
+    result = fit_neurons(model, tokenizer, requests, get_format("raw"), FitConfig(), progress=False)
+    assert result.spec.layer == 24
     assert result.success_rate == 100.0 and result.steps.max() < 50
     subject = fitted_subject(model, tokenizer, result)
     try:
@@ -96,7 +97,7 @@ def test_ft_baseline_learns_edits_and_restores_the_exact_base(smollm2, shared_da
     from megedit.data.prompts import get_format
 
     model, tokenizer = smollm2
-    before = {n: p.clone() for n, p in model.named_parameters() if ".8.mlp." in n}
+    before = {n: p.clone() for n, p in model.named_parameters() if ".24.mlp." in n}
     requests = load_requests("counterfact", shared_data / "counterfact/counterfact-edit.json", limit=8)
     subject = fine_tune(model, tokenizer, requests, get_format("raw"), FTConfig(epochs=15, batch_size=8),
                         progress=False)
@@ -105,7 +106,7 @@ def test_ft_baseline_learns_edits_and_restores_the_exact_base(smollm2, shared_da
         assert losses[-1] < losses[0] / 2
         report = evaluate(subject, requests, data_kind="counterfact", progress=False, cache_dir=tmp_path)
         assert report.metrics["reliability"]["tf"] > 50.0
-        assert report.method == "ft" and report.edit["trained"] == "model.layers.8.mlp"
+        assert report.method == "ft" and report.edit["trained"] == "model.layers.24.mlp"  # MeG's default layer
     finally:
         subject.restore()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)

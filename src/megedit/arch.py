@@ -63,6 +63,16 @@ def hidden_size(model: nn.Module) -> int:
     return int(model.config.hidden_size)
 
 
+def default_layer(model: nn.Module) -> int:
+    """Where the neuron goes unless told: 80% of the depth (layer 24 of SmolLM2's 30, the best
+    generality with full success in the layer sweep recorded in the README). Sweep other models."""
+    return int(0.8 * num_layers(model))
+
+
+def resolve_layer(model: nn.Module, layer: int | None) -> int:
+    return default_layer(model) if layer is None else check_layer(model, layer)
+
+
 def check_layer(model: nn.Module, layer: int) -> int:
     n = num_layers(model)
     if not isinstance(layer, int) or not 0 <= layer < n:

@@ -22,7 +22,8 @@ def _add_eval(sub) -> None:
     )
     p.add_argument("--method", choices=METHODS, default="none", help="none: the unedited model; ft: fine-tuning")
     _add_data_args(p, "edit the first N records")
-    p.add_argument("--layer", type=int, default=8, help="layer whose MLP the method edits (ft)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="layer whose MLP the method edits (ft; default: where MeG's neuron goes, 24 on SmolLM2)")
     p.add_argument("--lr", type=float, default=None, help="ft learning rate")
     p.add_argument("--epochs", type=int, default=None, help="ft epochs")
     p.add_argument("--seed", type=int, default=0)
@@ -103,7 +104,7 @@ def _add_fit_neurons(sub) -> None:
         "With --eval, score the fitted vectors applied to their own edits' queries.",
     )
     _add_data_args(p)
-    p.add_argument("--layer", type=int, default=8)
+    p.add_argument("--layer", type=int, default=None, help="0-based layer (default: 80%% of the depth, 24 on SmolLM2)")
     _add_fit_args(p)
     p.add_argument("--out", type=Path, required=True, help="where to write the vectors (.safetensors + .json)")
     p.add_argument("--work-dir", type=Path, default=None, help="shards for resuming a killed run")
@@ -121,7 +122,7 @@ def _run_fit_neurons(args) -> int:
                          work_dir=args.work_dir)
     result.save(args.out)
     s = result.summary()
-    print(f"fitted {s['n']} edits at layer {args.layer}: success {s['success_rate']:.1f}%, median steps "
+    print(f"fitted {s['n']} edits at layer {result.spec.layer}: success {s['success_rate']:.1f}%, median steps "
           f"{s['median_steps']}, {result.timing['total_s']:.0f} s ({s['n'] / result.timing['total_s']:.2f} edits/s)"
           f" -> {args.out}")
     if args.eval:

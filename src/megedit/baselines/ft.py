@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from ..arch import check_layer, mlp_path
+from ..arch import mlp_path, resolve_layer
 from ..data.prompts import PromptFormat
 from ..data.requests import EditRequest
 from ..errors import ConfigError
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FTConfig:
-    layer: int = 8
+    layer: int | None = None  # None: arch.default_layer, where MeG's neuron goes
     lr: float = 3.0  # measured on 256 CounterFact edits: lr 1 reached Rel AG 29%, lr 3 49% in 5 epochs
     momentum: float = 0.5
     epochs: int = 8
@@ -83,7 +83,7 @@ def fine_tune(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptForm
     """Fine-tune the MLP of `config.layer` on all edits; returns the edited model as a subject
     whose `unedited()` brings the original weights back exactly."""
     config = config or FTConfig()
-    check_layer(model, config.layer)
+    config = replace(config, layer=resolve_layer(model, config.layer))
     start = time.perf_counter()
     mlp = model.get_submodule(mlp_path(model, config.layer))
     prefix = mlp_path(model, config.layer) + "."

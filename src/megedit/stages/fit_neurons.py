@@ -21,13 +21,14 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from ..arch import resolve_layer
 from ..data.prompts import PromptFormat
 from ..data.requests import EditRequest
 from ..errors import ConfigError, MeGError
@@ -42,7 +43,7 @@ OPTIMIZERS = ("adam", "sgd")
 
 @dataclass
 class FitConfig:
-    layer: int = 8
+    layer: int | None = None  # None: arch.default_layer (24 on SmolLM2)
     variant: str | None = None  # None: the architecture's default (linear for gated MLPs)
     optimizer: str = "adam"  # "sgd" is the authors' setting (lr 0.01-0.07)
     lr: float = 0.1
@@ -191,6 +192,7 @@ def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFo
     """Fit one neuron vector per edit. With `work_dir`, finished edits are written in shards as
     they finish and a rerun with the same inputs continues where the last one stopped."""
     config = config or FitConfig()
+    config = replace(config, layer=resolve_layer(model, config.layer))
     start = time.perf_counter()
     neuron = attach_neuron(model, config.layer, config.variant)
     try:
