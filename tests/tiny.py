@@ -53,3 +53,15 @@ def char_tokenizer():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def tiny_encoder(seed: int = 0, layers: int = 2):
+    """A random BERT sentence encoder (mean pooling) over the character tokenizer, right-padded."""
+    from megedit.models import SentenceEncoder
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
+    tokenizer = char_tokenizer()
+    tokenizer.padding_side = "right"
+    return SentenceEncoder(transformers.BertModel(config).eval(), tokenizer).requires_grad_(False)

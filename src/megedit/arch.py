@@ -55,6 +55,19 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule(arch_spec(model).layers_path)
 
 
+def layer_stack_path(model: nn.Module) -> str:
+    """Dotted path to the ModuleList of transformer layers: the table's row for the LMs we edit;
+    for other models (the sentence encoder) the ModuleList holding `config.num_hidden_layers`."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type].layers_path
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return name
+    raise UnsupportedArchitectureError(f"model_type {model_type!r}: no ModuleList of {n} layers found")
+
+
 def num_layers(model: nn.Module) -> int:
     return len(decoder_layers(model))
 

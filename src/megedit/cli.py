@@ -44,7 +44,9 @@ def _run_eval(args) -> int:
         from .baselines.ft import FTConfig, fine_tune
 
         overrides = {k: v for k, v in (("lr", args.lr), ("epochs", args.epochs)) if v is not None}
-        config = FTConfig(layer=args.layer, seed=args.seed, **overrides)
+        from .arch import resolve_layer
+
+        config = FTConfig(layer=resolve_layer(model, args.layer), seed=args.seed, **overrides)
         log.info("fine-tuning layer %d on %d edits", config.layer, len(requests))
         subject = fine_tune(model, tokenizer, requests, fmt, config, progress=args.progress)
     start = time.perf_counter()
@@ -59,16 +61,18 @@ def _run_eval(args) -> int:
     return 0
 
 
-def _add_data_args(p, limit_help: str = "use the first N records") -> None:
-    p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local folder or a hub id")
+def _add_data_args(p, limit_help: str = "use the first N records", lm: bool = True) -> None:
+    if lm:
+        p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local folder or a hub id")
     p.add_argument("--data", required=True, metavar="KIND:PATH",
                    help="edit data, e.g. counterfact:../shared/data/counterfact/counterfact-edit.json")
     p.add_argument("--limit", type=int, default=None, help=limit_help)
     p.add_argument("--offset", type=int, default=0, help="skip this many records first")
     p.add_argument("--skip-invalid", action="store_true",
                    help="leave out malformed records (with a warning) instead of stopping")
-    p.add_argument("--format", dest="prompt_format", choices=("raw", "qa", "chat"), default=None,
-                   help="prompt wrapping (default: raw for CounterFact, qa for ZsRE)")
+    if lm:
+        p.add_argument("--format", dest="prompt_format", choices=("raw", "qa", "chat"), default=None,
+                       help="prompt wrapping (default: raw for CounterFact, qa for ZsRE)")
 
 
 def _load_data(args):
@@ -77,7 +81,23 @@ def _load_data(args):
 
     kind, path = parse_data_arg(args.data)
     requests = load_requests(kind, path, limit=args.limit, offset=args.offset, skip_invalid=args.skip_invalid)
-    return kind, path, requests, get_format(args.prompt_format or DEFAULT_FOR_KIND[kind])
+    return kind, path, requests, get_format(getattr(args, "prompt_format", None) or DEFAULT_FOR_KIND[kind])
+
+
+def _load_pool(args, kind: str, path: Path):
+    """The pseudo-edit pool: --pseudo, else the records of --data after the edited ones."""
+    from .data import load_requests, parse_data_arg
+
+    if args.pseudo:
+        pool_kind, pool_path = parse_data_arg(args.pseudo)
+        return f"{pool_kind}:{pool_path.name}", load_requests(pool_kind, pool_path, skip_invalid=args.skip_invalid)
+    if args.limit is None:
+        from .errors import ConfigError
+
+        raise ConfigError("no pseudo-edit pool: give --pseudo KIND:PATH, or --limit so the records after the "
+                          "edited ones form the pool")
+    start = args.offset + args.limit
+    return f"{kind}:{path.name} records {start}..", load_requests(kind, path, offset=start, skip_invalid=args.skip_invalid)
 
 
 def _add_fit_args(p) -> None:
@@ -170,6 +190,62 @@ def _run_sweep_layers(args) -> int:
     return 0
 
 
+def _add_fit_router(sub) -> None:
+    p = sub.add_parser(
+        "fit-router", help="stages B and C: tune the encoder, train and calibrate the router",
+        description="Tune the sentence encoder on a pseudo-edit pool (InfoNCE), train the familiarity router "
+        "on the edit prompts, choose epsilon on the pool, and report paraphrase retrieval and routing on the "
+        "edits' own queries. Writes encoder.safetensors, router.safetensors, routing.json and router-entropy.png.",
+    )
+    _add_data_args(p, "edit the first N records", lm=False)
+    p.add_argument("--pseudo", metavar="KIND:PATH", default=None,
+                   help="pseudo-edit pool (default: the records of --data after the edited ones)")
+    p.add_argument("--encoder", default="minilm", help="'minilm' (embedded), a local folder or a hub id")
+    p.add_argument("--temperature", type=float, default=None, help="InfoNCE temperature")
+    p.add_argument("--encoder-epochs", type=int, default=None)
+    p.add_argument("--epsilon", type=float, default=None, help="set the router threshold by hand (no calibration)")
+    p.add_argument("--max-false-fire", type=float, default=None,
+                   help="calibrate for the most recall with at most this false-fire percent")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.set_defaults(run=_run_fit_router)
+
+
+def _run_fit_router(args) -> int:
+    from .io import atomic_write_json
+    from .models import load_encoder
+    from .plots import entropy_histogram
+    from .stages.encoder import save_encoder_delta
+    from .stages.routing import RoutingConfig, fit_routing, routing_report
+
+    kind, path, requests, _ = _load_data(args)
+    pool_name, pool = _load_pool(args, kind, path)
+    config = RoutingConfig(seed=args.seed)
+    config.encoder.seed = config.router.seed = args.seed
+    for target, name, value in ((config.encoder, "temperature", args.temperature),
+                                (config.encoder, "epochs", args.encoder_epochs),
+                                (config.router, "epsilon", args.epsilon),
+                                (config.router, "max_false_fire", args.max_false_fire)):
+        if value is not None:
+            setattr(target, name, value)
+    base = load_encoder(args.encoder)
+    routing = fit_routing(requests, pool, base, config, progress=args.progress)
+    report = routing_report(routing, base, requests)
+    save_encoder_delta(routing.encoder, routing.encoder_training, args.encoder, args.out / "encoder.safetensors")
+    routing.router.save(args.out / "router.safetensors")
+    entropies = report.pop("entropies")
+    atomic_write_json(args.out / "routing.json", {"data": f"{kind}:{path.name}", "limit": args.limit, "pool": pool_name, **report,
+                                                  **routing.record})
+    entropy_histogram(entropies, routing.router.epsilon, config.router.classes, args.out / "router-entropy.png",
+                      title=f"{kind}:{path.name}, N={len(requests)}")
+    r, s = report["retrieval_top1"], report["routing"]
+    print(f"paraphrase retrieval top-1 among {r['n']} edit prompts: frozen {r['frozen']:.1f}%, tuned {r['tuned']:.1f}%")
+    print(f"epsilon {routing.router.epsilon:.3f}: routed familiar: prompts {s['prompt']['familiar']:.1f}%, "
+          f"rephrases {s['rephrase']['familiar']:.1f}%, locality {s['locality']['familiar']:.1f}% "
+          f"({routing.record['timing']['total_s']:.0f} s) -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megedit",
@@ -181,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_fit_neurons(sub)
     _add_sweep_layers(sub)
+    _add_fit_router(sub)
     return parser
 
 

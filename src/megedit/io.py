@@ -31,3 +31,22 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+def atomic_save_tensors(path: str | Path, tensors: dict) -> Path:
+    """A safetensors file, written atomically (tensors are made contiguous on the CPU)."""
+    from safetensors.torch import save
+
+    return atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+
+def load_tensors(path: str | Path, what: str) -> dict:
+    """The tensors of a safetensors file; a one-line MeGError naming the file if it is unreadable."""
+    from safetensors.torch import load_file
+
+    from .errors import MeGError
+
+    try:
+        return load_file(str(path))
+    except (OSError, ValueError, RuntimeError) as error:
+        raise MeGError(f"{path}: not a readable {what} ({error})") from None

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .arch import arch_spec, decoder_layers
+from .arch import layer_stack_path
 
 
 @dataclass
@@ -165,17 +165,19 @@ def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def layer_input(model: nn.Module, layer: int, batch: Batch) -> torch.Tensor:
-    """The hidden state entering decoder layer `layer` (B, T, d); layers above it are not run."""
+def layer_input(model: nn.Module, layer: int, batch: Batch | dict[str, torch.Tensor]) -> torch.Tensor:
+    """The hidden state entering transformer layer `layer` (B, T, d); layers above it are not run.
+    `batch`: an LM batch, or the keyword inputs of any transformer (a sentence encoder's)."""
     captured: list[torch.Tensor] = []
 
     def hook(module, args, kwargs):
         captured.append(_hidden_arg(args, kwargs))
         raise _Captured
 
-    handle = decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    handle = model.get_submodule(layer_stack_path(model))[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    inputs = batch.model_inputs if isinstance(batch, Batch) else batch
     try:
-        model(**batch.model_inputs, use_cache=False)
+        model(**inputs, use_cache=False)
     except _Captured:
         pass
     finally:
@@ -191,7 +193,7 @@ def starting_at_layer(model: nn.Module, layer: int, hidden: torch.Tensor) -> Ite
     (`layer_input`) and reused for every optimisation step. The model's forward still builds
     masks and position embeddings from the batch it is given, which must match `hidden`.
     """
-    parent_path, attr = arch_spec(model).layers_path.rsplit(".", 1)
+    parent_path, attr = layer_stack_path(model).rsplit(".", 1)
     parent = model.get_submodule(parent_path)
     full = getattr(parent, attr)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,7 +31,7 @@ from ..arch import resolve_layer
 from ..data.prompts import PromptFormat
 from ..data.requests import EditRequest
 from ..errors import ConfigError, MeGError
-from ..io import atomic_write_json
+from ..io import atomic_save_tensors, atomic_write_json, load_tensors
 from ..lm import Batch, layer_input, left_pad, length_batches, model_device, starting_at_layer
 from ..neuron import NeuronSpec, attach_neuron
 
@@ -78,27 +77,20 @@ class FitResult:
 
     def save(self, path: str | Path) -> Path:
         """Vectors and per-edit outcomes as safetensors, the rest as JSON beside it."""
-        from safetensors.torch import save_file
-
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"vectors": self.vectors.contiguous(), "success": self.success.to(torch.uint8),
-                   "steps": self.steps, "loss": self.loss}, str(tmp))
-        os.replace(tmp, path)
+        atomic_save_tensors(path, {"vectors": self.vectors, "success": self.success.to(torch.uint8),
+                                   "steps": self.steps, "loss": self.loss})
         atomic_write_json(path.with_suffix(".json"), {**self.summary(), "case_ids": self.case_ids})
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "FitResult":
-        from safetensors.torch import load_file
-
         path = Path(path)
+        t = load_tensors(path, "fit result")
         try:
-            t = load_file(str(path))
             meta = json.loads(path.with_suffix(".json").read_text())
         except (OSError, ValueError) as error:
-            raise MeGError(f"{path}: not a readable fit result ({error})") from None
+            raise MeGError(f"{path.with_suffix('.json')}: not a readable fit result ({error})") from None
         return cls(meta["case_ids"], t["vectors"], t["success"].bool(), t["steps"], t["loss"],
                    NeuronSpec(**meta["spec"]), FitConfig(**meta["config"]), meta.get("timing", {}))
 
@@ -310,10 +302,8 @@ class _Shards:
         self.every, self.pending, self.count = every, [], 0
 
     def restore(self, state: _FitState) -> None:
-        from safetensors.torch import load_file
-
         for path in sorted(self.dir.glob("shard-*.safetensors")):
-            t = load_file(str(path))
+            t = load_tensors(path, "fit shard")
             idx = t["index"]
             state.vectors[idx], state.success[idx] = t["vectors"], t["success"].bool()
             state.steps[idx], state.loss[idx], state.done[idx] = t["steps"], t["loss"], True
@@ -324,15 +314,10 @@ class _Shards:
     def flush(self, state: _FitState, force: bool = False) -> None:
         if not self.pending or (len(self.pending) < self.every and not force and not bool(state.done.all())):
             return
-        from safetensors.torch import save_file
-
         idx = torch.tensor(self.pending, dtype=torch.long)
-        tensors = {"index": idx, "vectors": state.vectors[idx].contiguous(), "success": state.success[idx].to(torch.uint8),
+        tensors = {"index": idx, "vectors": state.vectors[idx], "success": state.success[idx].to(torch.uint8),
                    "steps": state.steps[idx], "loss": state.loss[idx]}
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".shard-{self.count:05d}.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.dir / f"shard-{self.count:05d}.safetensors")  # a shard is whole or absent
+        atomic_save_tensors(self.dir / f"shard-{self.count:05d}.safetensors", tensors)  # whole or absent
         self.count += 1
         self.pending = []
         atomic_write_json(self.dir / "progress.json", {"done": int(state.done.sum()), "total": len(state.done)})

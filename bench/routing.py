@@ -1,0 +1,52 @@
+"""Stages B and C (encoder and familiarity router) on the benchmark edit sets, via `megedit fit-router`.
+
+    .venv/bin/python bench/routing.py counterfact            # first 1,024 CounterFact edits, pool counterfact-train
+    .venv/bin/python bench/routing.py zsre-split             # ZsRE: edit the first 800, pool = the last 200
+    .venv/bin/python bench/routing.py zsre-cross             # ZsRE: edit all 1,000, pool = counterfact-train
+    .venv/bin/python bench/routing.py counterfact --tag tau1 -- --temperature 1.0   # a variant
+
+Each run records paraphrase retrieval top-1 among the edit prompts (frozen vs tuned MiniLM), the
+epsilon chosen on the pool, the share of edit prompts / rephrases / locality prompts routed
+familiar, the curve over epsilon, training times, and the entropy histogram:
+bench/results/routing-<setting>[-tag].json and .png (bench/update_readme.py shows them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parents[1] / "shared/data"
+CF_EDIT, CF_POOL = SHARED / "counterfact/counterfact-edit.json", SHARED / "counterfact/counterfact-train.json"
+ZSRE = SHARED / "zsre/zsre_mend_train-1k.json"
+
+SETTINGS = {
+    "counterfact": ["--data", f"counterfact:{CF_EDIT}", "--limit", "1024", "--pseudo", f"counterfact:{CF_POOL}"],
+    "zsre-split": ["--data", f"zsre:{ZSRE}", "--limit", "800", "--skip-invalid"],  # pool: records 800..999
+    "zsre-cross": ["--data", f"zsre:{ZSRE}", "--skip-invalid", "--pseudo", f"counterfact:{CF_POOL}"],
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("setting", choices=sorted(SETTINGS))
+    parser.add_argument("--tag", default="", help="suffix for the result files of a variant")
+    parser.add_argument("extra", nargs="*", help="more fit-router options, after --")
+    args = parser.parse_args()
+
+    from megedit.cli import main as megedit
+
+    name = f"routing-{args.setting}" + (f"-{args.tag}" if args.tag else "")
+    work = HERE / "results" / "cases" / name
+    code = megedit(["fit-router", *SETTINGS[args.setting], "--out", str(work), *args.extra])
+    if code == 0:
+        shutil.copyfile(work / "routing.json", HERE / "results" / f"{name}.json")
+        shutil.copyfile(work / "router-entropy.png", HERE / "results" / f"{name}.png")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

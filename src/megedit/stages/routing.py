@@ -1,0 +1,107 @@
+"""Stages B and C together: tune the encoder on the pseudo-edit pool, then train and calibrate
+the router on the edits, and measure both (paraphrase retrieval, routing of each query kind).
+
+The pool is split once (seeded): a calibration slice the encoder never trains on, so that its
+paraphrases are as new to the encoder as the edits' paraphrases will be, and the rest for the
+encoder's InfoNCE training.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+
+from ..data.requests import EditRequest
+from ..errors import ConfigError
+from ..models import SentenceEncoder
+from .encoder import EncoderConfig, EncoderTraining, paraphrase_pairs, retrieval_top1, train_encoder
+from .router import Router, RouterConfig, epsilon_curve, route_stats, train_router
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoutingConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    calibration_size: int = 512  # pool records held out of encoder training for the epsilon calibration
+    seed: int = 0  # the pool split
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RoutingConfig":
+        return cls(EncoderConfig(**d.get("encoder", {})), RouterConfig(**d.get("router", {})),
+                   **{k: v for k, v in d.items() if k not in ("encoder", "router")})
+
+
+def split_pool(pool: Sequence[EditRequest], calibration_size: int, seed: int) -> tuple[list, list]:
+    """(encoder-training records, calibration records); only records with a rephrase are used.
+    The calibration slice is a seeded sample of at most a quarter of the usable pool."""
+    usable = [r for r in pool if r.rephrases]
+    if len(usable) < 8:
+        raise ConfigError(f"pseudo-edit pool: need at least 8 records with a rephrase, found {len(usable)}")
+    k = min(calibration_size, len(usable) // 4)
+    picked = set(torch.randperm(len(usable), generator=torch.Generator().manual_seed(seed))[:k].tolist())
+    return ([r for i, r in enumerate(usable) if i not in picked], [r for i, r in enumerate(usable) if i in picked])
+
+
+def _unrelated(calibration: Sequence[EditRequest], train_pool: Sequence[EditRequest]) -> list[str]:
+    """The calibration records' own locality queries; a pool without them offers the prompts of
+    encoder-training records instead (unrelated to the edits and to the calibration slice)."""
+    texts = [q.prompt for r in calibration for q in r.locality[:1]]
+    return texts or [r.prompt for r in train_pool[: len(calibration)]]
+
+
+@dataclass
+class Routing:
+    """The tuned encoder, the router, and the record of how both were made."""
+
+    encoder: SentenceEncoder
+    router: Router
+    encoder_training: EncoderTraining
+    record: dict
+
+
+def fit_routing(edits: Sequence[EditRequest], pool: Sequence[EditRequest], encoder: SentenceEncoder,
+                config: RoutingConfig | None = None, progress: bool = True) -> Routing:
+    """Stage B (encoder on the pool) then stage C (router on the edits, epsilon from the pool)."""
+    config = config or RoutingConfig()
+    edit_ids = {r.case_id for r in edits}
+    edit_prompts = {r.prompt for r in edits}
+    pool = [r for r in pool if r.case_id not in edit_ids and r.prompt not in edit_prompts]
+    train_pool, calibration = split_pool(pool, config.calibration_size, config.seed)
+    start = time.perf_counter()
+    tuned, training = train_encoder(encoder, *paraphrase_pairs(train_pool), config.encoder, progress)
+    encoder_s = time.perf_counter() - start
+    calib = (tuned.encode([r.prompt for r in calibration]), tuned.encode([r.rephrases[0] for r in calibration]),
+             tuned.encode(_unrelated(calibration, train_pool)))
+    router = train_router(tuned.encode([r.prompt for r in edits]), config.router, calibration=calib,
+                          progress=progress)
+    record = {"config": {**asdict(config)}, "n_edits": len(edits), "n_pool": len(pool),
+              "n_encoder_pool": len(train_pool), "n_calibration": len(calibration),
+              "timing": {"encoder_s": encoder_s, "router_s": time.perf_counter() - start - encoder_s,
+                         "total_s": time.perf_counter() - start}}
+    return Routing(tuned, router, training, record)
+
+
+def routing_report(routing: Routing, base_encoder: SentenceEncoder, edits: Sequence[EditRequest]) -> dict:
+    """How well stages B and C do on these edits' own queries (evaluation only; nothing here
+    feeds back into training or calibration): paraphrase retrieval among the edit prompts with
+    the frozen and the tuned encoder, and the share of each query kind routed familiar."""
+    scored = [r for r in edits if r.rephrases]
+    prompts, rephrases = [r.prompt for r in scored], [r.rephrases[0] for r in scored]
+    locality = [q.prompt for r in edits for q in r.locality[:1]]
+    groups = {"prompt": routing.encoder.encode([r.prompt for r in edits]),
+              "rephrase": routing.encoder.encode(rephrases), "locality": routing.encoder.encode(locality)}
+    return {
+        "retrieval_top1": {"frozen": retrieval_top1(base_encoder, prompts, rephrases),
+                           "tuned": retrieval_top1(routing.encoder, prompts, rephrases), "n": len(scored)},
+        "epsilon": routing.router.epsilon,
+        "routing": route_stats(routing.router, groups),
+        "curve": epsilon_curve(routing.router.entropy(groups["rephrase"]), routing.router.entropy(groups["locality"]),
+                               routing.router.config.classes),
+        "entropies": {name: routing.router.entropy(emb).cpu().tolist() for name, emb in groups.items()},
+    }

@@ -1,0 +1,85 @@
+import math
+
+import pytest
+import torch
+
+from megedit.errors import ConfigError
+from megedit.plots import entropy_histogram
+from megedit.stages.router import (FamiliarityNet, Router, RouterConfig, choose_epsilon, epsilon_curve,
+                                   route_stats, train_familiarity_net, train_router)
+
+
+def _unit(n: int, dim: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+FAST = dict(max_epochs=300, batch_size=64, fit_entropy=0.02)  # 64-d random points: memorised in ~130 epochs
+
+
+def test_net_shape_and_entropy_bounds():
+    config = RouterConfig(classes=10, blocks=5)
+    net = FamiliarityNet(64, config)
+    assert len(net.blocks) == 5 and net.head.out_features == 10 and net.blocks[0][0].out_features == 256
+    h = net.entropy(_unit(7))
+    assert h.shape == (7,) and bool((h >= 0).all()) and bool((h <= math.log(10) + 1e-5).all())
+    torch.nn.init.zeros_(net.head.weight), torch.nn.init.zeros_(net.head.bias)
+    assert torch.allclose(net.entropy(_unit(3)), torch.full((3,), math.log(10)))  # uniform: ln K
+
+
+def test_the_net_memorises_random_labels_and_is_unsure_elsewhere():
+    edits = _unit(200)
+    net, record = train_familiarity_net(edits, RouterConfig(**FAST), progress=False)
+    assert record["train_accuracy"] == 100.0 and record["train_mean_entropy"] < 0.02
+    near = torch.nn.functional.normalize(edits + 0.05 * _unit(200, seed=1), dim=-1)
+    assert float(net.entropy(near).median()) < 0.1
+    assert float(net.entropy(_unit(200, seed=2)).median()) > float(net.entropy(near).median()) * 5
+    again, _ = train_familiarity_net(edits, RouterConfig(**FAST), progress=False)
+    assert torch.equal(again.entropy(edits), net.entropy(edits))  # seeded: the same net
+
+
+def test_epsilon_curve_and_choice():
+    familiar, unrelated = torch.tensor([0.01, 0.02, 0.3, 1.5]), torch.tensor([0.2, 1.0, 2.0, 2.2])
+    curve = epsilon_curve(familiar, unrelated, classes=10, points=230)
+    at = min(curve, key=lambda r: abs(r["epsilon"] - 0.1))
+    assert at["recall"] == 50.0 and at["false_fire"] == 0.0
+    best = choose_epsilon(curve)  # recall - false fire is 50 from eps 0.03 to 0.2, and 75 - 25 = 50 after: first wins
+    assert best["recall"] - best["false_fire"] == 50.0 and best["epsilon"] <= 0.21
+    capped = choose_epsilon(curve, max_false_fire=25.0)
+    assert capped["recall"] == 75.0 and capped["false_fire"] == 25.0
+    assert choose_epsilon(curve, max_false_fire=-1) == curve[0]
+
+
+def test_train_router_calibrates_on_the_pool_and_round_trips(tmp_path):
+    edits, pool = _unit(150, seed=3), _unit(60, seed=4)
+    paraphrases = torch.nn.functional.normalize(pool + 0.05 * _unit(60, seed=5), dim=-1)
+    router = train_router(edits, RouterConfig(**FAST), calibration=(pool, paraphrases, _unit(100, seed=6)),
+                          progress=False)
+    calibration = router.record["calibration"]
+    chosen = calibration["chosen"]
+    assert router.epsilon == chosen["epsilon"]
+    assert chosen["recall"] - chosen["false_fire"] == max(r["recall"] - r["false_fire"] for r in calibration["curve"])
+    # Random 64-d points are no real embedding space: a random-label classifier is confident on
+    # about half of them too (measured: recall 95%, false fire 50%). What must hold is that the
+    # rates chosen on the pool carry over to fresh draws of the same kinds of query.
+    near_edits = torch.nn.functional.normalize(edits + 0.05 * _unit(150, seed=7), dim=-1)
+    stats = route_stats(router, {"near": near_edits, "far": _unit(150, seed=8)})
+    assert chosen["recall"] >= 80 and stats["near"]["familiar"] >= 80
+    assert abs(stats["near"]["familiar"] - chosen["recall"]) <= 10
+    assert abs(stats["far"]["familiar"] - chosen["false_fire"]) <= 15
+    assert stats["far"]["entropy_median"] > 10 * stats["near"]["entropy_median"]
+    path = router.save(tmp_path / "router.safetensors")
+    loaded = Router.load(path)
+    assert torch.equal(loaded.entropy(near_edits), router.entropy(near_edits)) and loaded.epsilon == router.epsilon
+    png = entropy_histogram({"near": router.entropy(near_edits).tolist()}, router.epsilon, 10, tmp_path / "h.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_manual_epsilon_and_config_errors():
+    router = train_router(_unit(20), RouterConfig(epsilon=0.5, max_epochs=5), progress=False)
+    assert router.epsilon == 0.5 and router.record["calibration"]["manual"]
+    with pytest.raises(ConfigError, match="calibration set"):
+        train_router(_unit(20), RouterConfig(max_epochs=5), progress=False)
+    with pytest.raises(ConfigError, match="epsilon must be in"):
+        RouterConfig(epsilon=3.0).validate()
+    with pytest.raises(ConfigError, match="classes >= 2"):
+        RouterConfig(classes=1).validate()
