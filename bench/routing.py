@@ -3,11 +3,11 @@
     .venv/bin/python bench/routing.py counterfact            # first 1,024 CounterFact edits, pool counterfact-train
     .venv/bin/python bench/routing.py zsre-split             # ZsRE: edit the first 800, pool = the last 200
     .venv/bin/python bench/routing.py zsre-cross             # ZsRE: edit all 1,000, pool = counterfact-train
-    .venv/bin/python bench/routing.py counterfact --tag tau1 -- --temperature 1.0   # a variant
+    .venv/bin/python bench/routing.py counterfact --tag entropy -- --router entropy   # a variant
 
 Each run records paraphrase retrieval top-1 among the edit prompts (frozen vs tuned MiniLM), the
 epsilon chosen on the pool, the share of edit prompts / rephrases / locality prompts routed
-familiar, the curve over epsilon, training times, and the entropy histogram:
+familiar, the curve over epsilon, training times, and the router-distance histogram:
 bench/results/routing-<setting>[-tag].json and .png (bench/update_readme.py shows them).
 """
 
@@ -44,7 +44,7 @@ def main() -> int:
     code = megedit(["fit-router", *SETTINGS[args.setting], "--out", str(work), *args.extra])
     if code == 0:
         shutil.copyfile(work / "routing.json", HERE / "results" / f"{name}.json")
-        shutil.copyfile(work / "router-entropy.png", HERE / "results" / f"{name}.png")
+        shutil.copyfile(work / "router-distance.png", HERE / "results" / f"{name}.png")
     return code
 
 

@@ -87,8 +87,72 @@ def layer_sweep_table() -> str:
                    "LocAG", "LocTF"], rows)
 
 
+def routing_table() -> str:
+    rows = []
+    for path in sorted(RESULTS.glob("routing-*.json")):
+        r = json.loads(path.read_text())
+        c, s, t = r["config"], r["routing"], r["timing"]
+        chosen = r["router_record"]["calibration"].get("chosen", {})
+        png = path.with_suffix(".png").name
+        rows.append([f"[{path.stem.removeprefix('routing-')}](bench/results/{png})", r["data"].split(":")[0],
+                     str(r["n_edits"]), r["pool"].split(":")[0] if r["pool"] else "—", str(r["n_encoder_pool"]),
+                     c["router"]["kind"],
+                     f"{r['retrieval_top1']['frozen']:.1f}", f"{r['retrieval_top1']['tuned']:.1f}",
+                     f"{r['epsilon']:.3f}", f"{chosen.get('recall', float('nan')):.1f} / "
+                     f"{chosen.get('false_fire', float('nan')):.1f}",
+                     f"{s['prompt']['familiar']:.1f}", f"{s['rephrase']['familiar']:.1f}",
+                     f"{s['locality']['familiar']:.1f}", f"{t['encoder_s']:.0f}", f"{t['router_s']:.0f}",
+                     str(c["seed"])])
+    return _table(["setting (histogram)", "data", "N edits", "pool", "encoder pairs", "router",
+                   "retrieval top-1 frozen %", "tuned %", "epsilon", "pool recall / false fire %",
+                   "prompts fire %", "rephrases fire % (recall)", "locality fire % (false fire)",
+                   "encoder s", "router s", "seed"], rows)
+
+
+def router_kinds_table() -> str:
+    rows = []
+    for r in _load("router_kinds-*.json"):
+        for row in r["rows"]:
+            c = row["calibration"]
+            rows.append([r["setting"], str(r["n_edits"]), row["kind"], str(row["epochs"] or "—"), f"{row['auroc']:.3f}",
+                         f"{row['epsilon']:.3f}", f"{c['recall']:.1f} / {c['false_fire']:.1f}", f"{row['recall']:.1f}",
+                         f"{row['false_fire']:.1f}", f"{row['seconds']:.0f}"])
+    return _table(["setting", "N edits", "router", "epochs", "AUROC rephrase vs locality", "epsilon",
+                   "pool recall / false fire %", "recall %", "false fire %", "build + calibrate s"], rows)
+
+
+def generator_table() -> str:
+    rows = []
+    for r in _load("fit_neurons-scale-*.json"):
+        m = r["fitted_vector_eval"]["metrics"]
+        rows.append(["fitted vectors (stage A, upper bound)", str(r["n"]), "—", "—", "—", "—", "—"]
+                    + [f"{m[k][s]:.1f}" for k, s in METRICS[:4]] + ["—"])
+    for r in _load("generator-*.json"):
+        for row in r["rows"]:
+            t, e, best = row["training"], row["eval"], row["training"]["best"]
+            m = e["metrics"]
+            rows.append([row["kind"] + (f" ({row['config']['preset']})" if row["kind"] == "dit" else ""), str(r["n"]),
+                         f"{t['parameters'] / 1e6:.2f}M", str(t["steps"]), f"{t['seconds']:.0f}",
+                         f"{best['rel_l2']:.3f}", f"{best.get('rel_ag', float('nan')):.1f}"]
+                        + [f"{m[k][s]:.1f}" for k, s in METRICS[:4]] + [f"{e['generate_ms_per_query']:.2f}"])
+    return _table(["vectors from", "N", "params", "train steps", "train s", "val rel. L2", "val RelAG",
+                   "RelAG", "RelTF", "GenAG", "GenTF", "ms/query"], rows)
+
+
+def sampling_steps_table() -> str:
+    rows = []
+    for r in _load("generator-*.json"):
+        for row in r["rows"]:
+            for g in row.get("steps_grid", []):
+                m = g["metrics"]
+                rows.append([row["kind"], str(g["n"]), str(g["steps"]), f"{g['generate_ms_per_query']:.2f}"]
+                            + [f"{m[k][s]:.1f}" for k, s in METRICS[:4]])
+    return _table(["generator", "N", "sampling steps", "ms/query", "RelAG", "RelTF", "GenAG", "GenTF"], rows)
+
+
 TABLES = {"baselines": baselines_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
-          "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table}
+          "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table,
+          "routing": routing_table, "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table}
 
 
 def main() -> int:

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from megedit.errors import ConfigError
-from megedit.plots import entropy_histogram
+from megedit.errors import ConfigError, MeGError
+from megedit.plots import router_histogram
 from megedit.stages.router import (FamiliarityNet, Router, RouterConfig, choose_epsilon, epsilon_curve,
                                    route_stats, train_familiarity_net, train_router)
 
@@ -13,7 +13,7 @@ def _unit(n: int, dim: int = 64, seed: int = 0) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
-FAST = dict(max_epochs=300, batch_size=64, fit_entropy=0.02)  # 64-d random points: memorised in ~130 epochs
+FAST = dict(kind="entropy", max_epochs=300, batch_size=64, fit_entropy=0.02)  # 64-d random points: memorised in ~130 epochs
 
 
 def test_net_shape_and_entropy_bounds():
@@ -39,7 +39,7 @@ def test_the_net_memorises_random_labels_and_is_unsure_elsewhere():
 
 def test_epsilon_curve_and_choice():
     familiar, unrelated = torch.tensor([0.01, 0.02, 0.3, 1.5]), torch.tensor([0.2, 1.0, 2.0, 2.2])
-    curve = epsilon_curve(familiar, unrelated, classes=10, points=230)
+    curve = epsilon_curve(familiar, unrelated, max_distance=math.log(10), points=230)
     at = min(curve, key=lambda r: abs(r["epsilon"] - 0.1))
     assert at["recall"] == 50.0 and at["false_fire"] == 0.0
     best = choose_epsilon(curve)  # recall - false fire is 50 from eps 0.03 to 0.2, and 75 - 25 = 50 after: first wins
@@ -66,20 +66,59 @@ def test_train_router_calibrates_on_the_pool_and_round_trips(tmp_path):
     assert chosen["recall"] >= 80 and stats["near"]["familiar"] >= 80
     assert abs(stats["near"]["familiar"] - chosen["recall"]) <= 10
     assert abs(stats["far"]["familiar"] - chosen["false_fire"]) <= 15
-    assert stats["far"]["entropy_median"] > 10 * stats["near"]["entropy_median"]
+    assert stats["far"]["distance_median"] > 10 * stats["near"]["distance_median"]
     path = router.save(tmp_path / "router.safetensors")
     loaded = Router.load(path)
-    assert torch.equal(loaded.entropy(near_edits), router.entropy(near_edits)) and loaded.epsilon == router.epsilon
-    png = entropy_histogram({"near": router.entropy(near_edits).tolist()}, router.epsilon, 10, tmp_path / "h.png")
+    assert torch.equal(loaded.distance(near_edits), router.distance(near_edits)) and loaded.epsilon == router.epsilon
+    png = router_histogram({"near": router.distance(near_edits).tolist()}, router.epsilon, math.log(10), "entropy",
+                           tmp_path / "h.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_manual_epsilon_and_config_errors():
-    router = train_router(_unit(20), RouterConfig(epsilon=0.5, max_epochs=5), progress=False)
+    router = train_router(_unit(20), RouterConfig(kind="entropy", epsilon=0.5, max_epochs=5), progress=False)
     assert router.epsilon == 0.5 and router.record["calibration"]["manual"]
     with pytest.raises(ConfigError, match="calibration set"):
         train_router(_unit(20), RouterConfig(max_epochs=5), progress=False)
     with pytest.raises(ConfigError, match="epsilon must be in"):
-        RouterConfig(epsilon=3.0).validate()
+        RouterConfig(kind="entropy", epsilon=3.0).validate()
+    with pytest.raises(ConfigError, match="kind must be one of"):
+        RouterConfig(kind="knn").validate()
     with pytest.raises(ConfigError, match="classes >= 2"):
         RouterConfig(classes=1).validate()
+
+
+def test_nearest_router_is_cosine_distance_and_calibrates(tmp_path):
+    edits = _unit(100, seed=10)
+    pool = _unit(40, seed=11)
+    paraphrase = lambda x, seed: torch.nn.functional.normalize(x + 0.3 * _unit(len(x), seed=seed), dim=-1)
+    router = train_router(edits, RouterConfig(), calibration=(pool, paraphrase(pool, 12), _unit(200, seed=13)),
+                          progress=False)
+    assert router.config.kind == "nearest" and router.net is None
+    queries = paraphrase(edits[:5], 14)
+    expected = 1 - (queries @ edits.T).max(dim=1).values
+    assert torch.allclose(router.distance(3 * queries), expected, atol=1e-6)  # scale-free: cosine
+    assert torch.allclose(router.distance(edits), torch.zeros(100), atol=1e-6)
+    # 64-d: a paraphrase (noise 0.3) is at distance ~0.04, a random point at ~0.6
+    chosen = router.record["calibration"]["chosen"]
+    assert chosen["recall"] == 100.0 and chosen["false_fire"] == 0.0 and 0.04 < router.epsilon < 0.6
+    stats = route_stats(router, {"near": paraphrase(edits, 15), "far": _unit(300, seed=16)})
+    assert stats["near"]["familiar"] == 100.0 and stats["far"]["familiar"] == 0.0
+    loaded = Router.load(router.save(tmp_path / "nearest.safetensors"))
+    assert torch.equal(loaded.bank, router.bank) and loaded.epsilon == router.epsilon and loaded.net is None
+
+
+def test_a_corrupt_router_file_is_one_clear_error(tmp_path):
+    router = train_router(_unit(10), RouterConfig(epsilon=0.2), progress=False)
+    path = router.save(tmp_path / "r.safetensors")
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(MeGError, match="r.safetensors"):
+        Router.load(path)
+
+
+def test_separation_auroc():
+    from megedit.stages.router import separation_auroc
+
+    assert separation_auroc(torch.tensor([0.1, 0.2]), torch.tensor([0.3, 0.4])) == 1.0
+    assert separation_auroc(torch.tensor([0.5, 0.6]), torch.tensor([0.3, 0.4])) == 0.0
+    assert separation_auroc(torch.tensor([0.1, 0.5]), torch.tensor([0.3, 0.5])) == 0.625  # (1 + 1 + 0 + 0.5) / 4

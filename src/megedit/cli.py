@@ -195,7 +195,7 @@ def _add_fit_router(sub) -> None:
         "fit-router", help="stages B and C: tune the encoder, train and calibrate the router",
         description="Tune the sentence encoder on a pseudo-edit pool (InfoNCE), train the familiarity router "
         "on the edit prompts, choose epsilon on the pool, and report paraphrase retrieval and routing on the "
-        "edits' own queries. Writes encoder.safetensors, router.safetensors, routing.json and router-entropy.png.",
+        "edits' own queries. Writes encoder.safetensors, router.safetensors, routing.json and router-distance.png.",
     )
     _add_data_args(p, "edit the first N records", lm=False)
     p.add_argument("--pseudo", metavar="KIND:PATH", default=None,
@@ -203,6 +203,9 @@ def _add_fit_router(sub) -> None:
     p.add_argument("--encoder", default="minilm", help="'minilm' (embedded), a local folder or a hub id")
     p.add_argument("--temperature", type=float, default=None, help="InfoNCE temperature")
     p.add_argument("--encoder-epochs", type=int, default=None)
+    p.add_argument("--router", choices=["nearest", "entropy"], default=None,
+                   help="router kind: cosine distance to the nearest edit prompt (default) or the paper's entropy net")
+    p.add_argument("--router-epochs", type=int, default=None, help="entropy router: at most this many epochs")
     p.add_argument("--epsilon", type=float, default=None, help="set the router threshold by hand (no calibration)")
     p.add_argument("--max-false-fire", type=float, default=None,
                    help="calibrate for the most recall with at most this false-fire percent")
@@ -214,7 +217,7 @@ def _add_fit_router(sub) -> None:
 def _run_fit_router(args) -> int:
     from .io import atomic_write_json
     from .models import load_encoder
-    from .plots import entropy_histogram
+    from .plots import router_histogram
     from .stages.encoder import save_encoder_delta
     from .stages.routing import RoutingConfig, fit_routing, routing_report
 
@@ -224,6 +227,8 @@ def _run_fit_router(args) -> int:
     config.encoder.seed = config.router.seed = args.seed
     for target, name, value in ((config.encoder, "temperature", args.temperature),
                                 (config.encoder, "epochs", args.encoder_epochs),
+                                (config.router, "kind", args.router),
+                                (config.router, "max_epochs", args.router_epochs),
                                 (config.router, "epsilon", args.epsilon),
                                 (config.router, "max_false_fire", args.max_false_fire)):
         if value is not None:
@@ -233,11 +238,13 @@ def _run_fit_router(args) -> int:
     report = routing_report(routing, base, requests)
     save_encoder_delta(routing.encoder, routing.encoder_training, args.encoder, args.out / "encoder.safetensors")
     routing.router.save(args.out / "router.safetensors")
-    entropies = report.pop("entropies")
+    distances = report.pop("distances")
     atomic_write_json(args.out / "routing.json", {"data": f"{kind}:{path.name}", "limit": args.limit, "pool": pool_name, **report,
                                                   **routing.record})
-    entropy_histogram(entropies, routing.router.epsilon, config.router.classes, args.out / "router-entropy.png",
-                      title=f"{kind}:{path.name}, N={len(requests)}")
+    xlabel = (f"router entropy (nats; max ln {config.router.classes})" if config.router.kind == "entropy"
+              else "1 - cosine to the nearest edit prompt")
+    router_histogram(distances, routing.router.epsilon, config.router.max_distance, xlabel,
+                     args.out / "router-distance.png", title=f"{kind}:{path.name}, N={len(requests)}, {config.router.kind} router")
     r, s = report["retrieval_top1"], report["routing"]
     print(f"paraphrase retrieval top-1 among {r['n']} edit prompts: frozen {r['frozen']:.1f}%, tuned {r['tuned']:.1f}%")
     print(f"epsilon {routing.router.epsilon:.3f}: routed familiar: prompts {s['prompt']['familiar']:.1f}%, "

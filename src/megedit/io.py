@@ -42,11 +42,12 @@ def atomic_save_tensors(path: str | Path, tensors: dict) -> Path:
 
 def load_tensors(path: str | Path, what: str) -> dict:
     """The tensors of a safetensors file; a one-line MeGError naming the file if it is unreadable."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from .errors import MeGError
 
     try:
         return load_file(str(path))
-    except (OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         raise MeGError(f"{path}: not a readable {what} ({error})") from None

@@ -1,14 +1,17 @@
 """Stage C: the familiarity router, which lets the neuron fire only for queries near an edit.
 
-A small residual MLP learns to give every edit query a RANDOM label out of K. It can only do that
-by memorising the edit queries, so near one of them (a paraphrase) its prediction is confident
-(low entropy) and elsewhere it is not. `H < epsilon` means familiar: generate the neuron.
+Two kinds, both giving each query a distance (small = familiar; `distance < epsilon` fires):
+- "entropy", the paper's: a small residual MLP learns a RANDOM label out of K for every edit
+  prompt. It can only do that by memorising them, so near one of them (a paraphrase) it is
+  confident; the distance is the entropy of its prediction (0 .. ln K).
+- "nearest": 1 - cosine similarity to the nearest edit prompt (0 .. 2). No training; measured
+  here to separate paraphrases from unrelated queries better (bench/routing.py).
 
-Epsilon is calibrated without the test queries: a mirror router is trained on the edit prompts
-plus a held-out slice of the pseudo-edit pool; the entropy of that slice's paraphrases (which
-the mirror never saw) stands for the edits' paraphrases, and the entropy of the slice's
-unrelated (locality) queries for unrelated traffic. The threshold that best separates the two
-(or the most recall under a false-fire cap) is used for the real router, trained on the edits alone.
+Epsilon is calibrated without the test queries: a mirror router is built on the edit prompts plus
+a held-out slice of the pseudo-edit pool; the distances of that slice's paraphrases (which the
+mirror never saw) stand for the edits' paraphrases, those of the slice's unrelated (locality)
+queries for unrelated traffic. The threshold that best separates the two (or the most recall under
+a false-fire cap) is used for the real router, built on the edits alone.
 """
 
 from __future__ import annotations
@@ -31,8 +34,12 @@ from ..io import atomic_save_tensors, atomic_write_json, load_tensors
 log = logging.getLogger(__name__)
 
 
+ROUTER_KINDS = ("entropy", "nearest")
+
+
 @dataclass
 class RouterConfig:
+    kind: str = "nearest"  # or "entropy" (the paper's); see the module docstring and bench/routing.py
     classes: int = 10  # K, far below the number of edits
     blocks: int = 5
     expansion: int = 4
@@ -46,13 +53,19 @@ class RouterConfig:
     epsilon: float | None = None  # None: calibrate on the pseudo-edit pool
     max_false_fire: float | None = None  # calibration: most recall with false fire <= this (percent); None: best recall - false fire
 
+    @property
+    def max_distance(self) -> float:
+        return math.log(self.classes) if self.kind == "entropy" else 2.0
+
     def validate(self) -> "RouterConfig":
+        if self.kind not in ROUTER_KINDS:
+            raise ConfigError(f"router config: kind must be one of {', '.join(ROUTER_KINDS)}, got {self.kind!r}")
         if self.classes < 2 or self.blocks < 0 or self.expansion < 1 or self.max_epochs < 1:
             raise ConfigError(f"router config: need classes >= 2, blocks >= 0, expansion >= 1, max_epochs >= 1, "
                               f"got {asdict(self)}")
-        if self.epsilon is not None and not 0 < self.epsilon <= math.log(self.classes):
-            raise ConfigError(f"router config: epsilon must be in (0, ln K = {math.log(self.classes):.3f}], "
-                              f"got {self.epsilon}")
+        if self.epsilon is not None and not 0 < self.epsilon <= self.max_distance:
+            raise ConfigError(f"router config: epsilon must be in (0, {self.max_distance:.3f}] for the {self.kind} "
+                              f"router, got {self.epsilon}")
         return self
 
 
@@ -129,14 +142,24 @@ def _memorise(net: FamiliarityNet, x: torch.Tensor, labels: torch.Tensor, config
     return epoch, mean_h
 
 
-def epsilon_curve(familiar: torch.Tensor, unrelated: torch.Tensor, classes: int, points: int = 200) -> list[dict]:
-    """Recall (familiar entropies below epsilon) and false fire (unrelated ones below it), in
-    percent, over a grid of epsilon from 0 to ln K."""
+def epsilon_curve(familiar: torch.Tensor, unrelated: torch.Tensor, max_distance: float, points: int = 400) -> list[dict]:
+    """Recall (familiar distances below epsilon) and false fire (unrelated ones below it), in
+    percent, over a grid of epsilon from 0 to the largest possible distance."""
     rows = []
-    for eps in torch.linspace(0, math.log(classes), points + 1)[1:].tolist():
+    for eps in torch.linspace(0, max_distance, points + 1)[1:].tolist():
         rows.append({"epsilon": eps, "recall": 100.0 * float((familiar < eps).float().mean()),
                      "false_fire": 100.0 * float((unrelated < eps).float().mean())})
     return rows
+
+
+def separation_auroc(familiar: torch.Tensor, unrelated: torch.Tensor) -> float:
+    """Chance that a random familiar query is nearer than a random unrelated one (ties count half):
+    1 separates perfectly at some epsilon, 0.5 is no better than a coin."""
+    f, u = familiar.flatten().cpu().double(), unrelated.flatten().cpu().double()
+    if not len(f) or not len(u):
+        return float("nan")
+    below = sum(float((fc[:, None] < u[None]).sum() + 0.5 * (fc[:, None] == u[None]).sum()) for fc in f.split(1024))
+    return below / (len(f) * len(u))
 
 
 def choose_epsilon(curve: list[dict], max_false_fire: float | None = None) -> dict:
@@ -152,26 +175,45 @@ def choose_epsilon(curve: list[dict], max_false_fire: float | None = None) -> di
 
 @dataclass
 class Router:
-    """The trained net, its threshold, and how the threshold was chosen."""
+    """A familiarity router: the entropy net or the bank of edit-prompt embeddings, its threshold,
+    and how the threshold was chosen."""
 
-    net: FamiliarityNet
-    epsilon: float
     config: RouterConfig
+    epsilon: float
+    net: FamiliarityNet | None = None  # kind "entropy"
+    bank: torch.Tensor | None = None  # kind "nearest": the edit prompts' normalised embeddings, (N, dim)
     record: dict = field(default_factory=dict)  # training record and the calibration (curve, choice)
 
-    def entropy(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.net.entropy(embeddings.to(next(self.net.parameters()).device))
+    @classmethod
+    def build(cls, edit_embeddings: torch.Tensor, config: RouterConfig, epsilon: float, progress: bool = True,
+              desc: str = "training router") -> "Router":
+        """A router of `config.kind` over these edit prompts (training the net for "entropy")."""
+        if config.kind == "nearest":
+            bank = nn.functional.normalize(edit_embeddings.detach().float(), dim=-1)
+            return cls(config, epsilon, bank=bank, record={"training": {"n": len(bank), "seconds": 0.0}})
+        net, record = train_familiarity_net(edit_embeddings, config, progress, desc)
+        return cls(config, epsilon, net=net, record={"training": record})
+
+    @torch.no_grad()
+    def distance(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B,) distance of each query from the edits: entropy, or 1 - cosine to the nearest edit prompt."""
+        if self.net is not None:
+            return self.net.entropy(embeddings.to(next(self.net.parameters()).device))
+        queries = nn.functional.normalize(embeddings.to(self.bank.device, self.bank.dtype), dim=-1)
+        nearest = torch.cat([(chunk @ self.bank.T).amax(dim=1) for chunk in queries.split(1024)]) if len(queries) \
+            else queries.new_zeros(0)
+        return 1.0 - nearest
 
     def familiar(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Bool (B,): which queries should get a generated neuron."""
-        return self.entropy(embeddings) < self.epsilon
+        return self.distance(embeddings) < self.epsilon
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        atomic_save_tensors(path, self.net.state_dict())
+        atomic_save_tensors(path, self.net.state_dict() if self.net is not None else {"bank": self.bank})
+        dim = self.net.head.in_features if self.net is not None else self.bank.shape[1]
         atomic_write_json(path.with_suffix(".json"), {
-            "epsilon": self.epsilon, "dim": self.net.head.in_features, "config": asdict(self.config),
-            "record": self.record})
+            "epsilon": self.epsilon, "dim": dim, "config": asdict(self.config), "record": self.record})
         return path
 
     @classmethod
@@ -179,12 +221,21 @@ class Router:
         path = Path(path)
         try:
             meta = json.loads(path.with_suffix(".json").read_text())
-        except (OSError, ValueError) as error:
+            config = RouterConfig(**meta["config"]).validate()
+            epsilon, dim = float(meta["epsilon"]), int(meta["dim"])
+        except (OSError, ValueError, TypeError, KeyError, ConfigError) as error:
             raise MeGError(f"{path.with_suffix('.json')}: not a readable router record ({error})") from None
-        config = RouterConfig(**meta["config"])
-        net = FamiliarityNet(meta["dim"], config)
-        net.load_state_dict(load_tensors(path, "router"))
-        return cls(net.eval().requires_grad_(False), float(meta["epsilon"]), config, meta.get("record", {}))
+        tensors = load_tensors(path, "router")
+        if config.kind == "nearest":
+            if set(tensors) != {"bank"} or tensors["bank"].ndim != 2 or tensors["bank"].shape[1] != dim:
+                raise MeGError(f"{path}: expected one (N, {dim}) tensor 'bank' for a nearest router")
+            return cls(config, epsilon, bank=tensors["bank"], record=meta.get("record", {}))
+        net = FamiliarityNet(dim, config)
+        try:
+            net.load_state_dict(tensors)
+        except RuntimeError as error:
+            raise MeGError(f"{path}: router weights do not match its record ({str(error).splitlines()[0]})") from None
+        return cls(config, epsilon, net=net.eval().requires_grad_(False), record=meta.get("record", {}))
 
 
 def train_router(edit_embeddings: torch.Tensor, config: RouterConfig | None = None, *,
@@ -196,31 +247,32 @@ def train_router(edit_embeddings: torch.Tensor, config: RouterConfig | None = No
     pseudo-edit pool, used to choose epsilon unless `config.epsilon` is set.
     """
     config = (config or RouterConfig()).validate()
-    net, record = train_familiarity_net(edit_embeddings, config, progress)
-    if config.epsilon is not None:
-        return Router(net, config.epsilon, config, {"training": record, "calibration": {"manual": True}})
-    if calibration is None:
+    if config.epsilon is None and calibration is None:
         raise ConfigError("router: give a calibration set from the pseudo-edit pool, or set epsilon by hand")
+    router = Router.build(edit_embeddings, config, config.epsilon or 0.0, progress)
+    if config.epsilon is not None:
+        router.record["calibration"] = {"manual": True}
+        return router
     pool_queries, pool_paraphrases, unrelated = calibration
-    mirror, mirror_record = train_familiarity_net(torch.cat([edit_embeddings, pool_queries]), config, progress,
-                                                  desc="training calibration mirror")
-    curve = epsilon_curve(mirror.entropy(pool_paraphrases), mirror.entropy(unrelated), config.classes)
+    mirror = Router.build(torch.cat([edit_embeddings, pool_queries]), config, 0.0, progress,
+                          desc="training calibration mirror")
+    curve = epsilon_curve(mirror.distance(pool_paraphrases), mirror.distance(unrelated), config.max_distance)
     chosen = choose_epsilon(curve, config.max_false_fire)
-    log.info("router: epsilon %.3f (calibration recall %.1f%%, false fire %.1f%%)",
-             chosen["epsilon"], chosen["recall"], chosen["false_fire"])
-    calibration_record = {"manual": False, "chosen": chosen, "curve": curve, "mirror": mirror_record,
-                          "n_pool_queries": len(pool_queries), "n_unrelated": len(unrelated),
-                          "max_false_fire": config.max_false_fire}
-    return Router(net, chosen["epsilon"], config, {"training": record, "calibration": calibration_record})
+    log.info("%s router: epsilon %.3f (calibration recall %.1f%%, false fire %.1f%%)",
+             config.kind, chosen["epsilon"], chosen["recall"], chosen["false_fire"])
+    router.epsilon = chosen["epsilon"]
+    router.record["calibration"] = {"manual": False, "chosen": chosen, "curve": curve,
+                                    "mirror": mirror.record["training"], "n_pool_queries": len(pool_queries),
+                                    "n_unrelated": len(unrelated), "max_false_fire": config.max_false_fire}
+    return router
 
 
 def route_stats(router: Router, groups: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """Per group of query embeddings: share routed familiar (percent) and entropy quantiles."""
+    """Per group of query embeddings: share routed familiar (percent) and distance quantiles."""
     out = {}
     for name, emb in groups.items():
-        h = router.entropy(emb).cpu()
-        q = torch.quantile(h, torch.tensor([0.1, 0.5, 0.9])).tolist() if len(h) else [float("nan")] * 3
-        out[name] = {"n": len(h), "familiar": 100.0 * float((h < router.epsilon).float().mean()) if len(h) else 0.0,
-                     "entropy_p10": q[0], "entropy_median": q[1], "entropy_p90": q[2]}
+        d = router.distance(emb).cpu()
+        q = torch.quantile(d, torch.tensor([0.1, 0.5, 0.9])).tolist() if len(d) else [float("nan")] * 3
+        out[name] = {"n": len(d), "familiar": 100.0 * float((d < router.epsilon).float().mean()) if len(d) else 0.0,
+                     "distance_p10": q[0], "distance_median": q[1], "distance_p90": q[2]}
     return out
-

@@ -19,7 +19,7 @@ from ..data.requests import EditRequest
 from ..errors import ConfigError
 from ..models import SentenceEncoder
 from .encoder import EncoderConfig, EncoderTraining, paraphrase_pairs, retrieval_top1, train_encoder
-from .router import Router, RouterConfig, epsilon_curve, route_stats, train_router
+from .router import Router, RouterConfig, epsilon_curve, route_stats, separation_auroc, train_router
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,23 @@ def split_pool(pool: Sequence[EditRequest], calibration_size: int, seed: int) ->
     return ([r for i, r in enumerate(usable) if i not in picked], [r for i, r in enumerate(usable) if i in picked])
 
 
-def _unrelated(calibration: Sequence[EditRequest], train_pool: Sequence[EditRequest]) -> list[str]:
-    """The calibration records' own locality queries; a pool without them offers the prompts of
-    encoder-training records instead (unrelated to the edits and to the calibration slice)."""
-    texts = [q.prompt for r in calibration for q in r.locality[:1]]
-    return texts or [r.prompt for r in train_pool[: len(calibration)]]
+def split_for_edits(edits: Sequence[EditRequest], pool: Sequence[EditRequest],
+                    config: RoutingConfig) -> tuple[list, list]:
+    """(encoder-training records, calibration records) of the pool, leaving out every record that
+    shares an id or a prompt with an edit."""
+    edit_ids, edit_prompts = {r.case_id for r in edits}, {r.prompt for r in edits}
+    return split_pool([r for r in pool if r.case_id not in edit_ids and r.prompt not in edit_prompts],
+                      config.calibration_size, config.seed)
+
+
+def calibration_embeddings(encoder: SentenceEncoder, calibration: Sequence[EditRequest],
+                           train_pool: Sequence[EditRequest]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompts, first rephrases, unrelated queries) of the calibration records. Unrelated: their
+    own locality queries; a pool without them offers the prompts of encoder-training records
+    instead (unrelated to the edits and to the calibration slice)."""
+    unrelated = [q.prompt for r in calibration for q in r.locality[:1]] or [r.prompt for r in train_pool[: len(calibration)]]
+    return (encoder.encode([r.prompt for r in calibration]), encoder.encode([r.rephrases[0] for r in calibration]),
+            encoder.encode(unrelated))
 
 
 @dataclass
@@ -69,19 +81,14 @@ def fit_routing(edits: Sequence[EditRequest], pool: Sequence[EditRequest], encod
                 config: RoutingConfig | None = None, progress: bool = True) -> Routing:
     """Stage B (encoder on the pool) then stage C (router on the edits, epsilon from the pool)."""
     config = config or RoutingConfig()
-    edit_ids = {r.case_id for r in edits}
-    edit_prompts = {r.prompt for r in edits}
-    pool = [r for r in pool if r.case_id not in edit_ids and r.prompt not in edit_prompts]
-    train_pool, calibration = split_pool(pool, config.calibration_size, config.seed)
+    train_pool, calibration = split_for_edits(edits, pool, config)
     start = time.perf_counter()
     tuned, training = train_encoder(encoder, *paraphrase_pairs(train_pool), config.encoder, progress)
     encoder_s = time.perf_counter() - start
-    calib = (tuned.encode([r.prompt for r in calibration]), tuned.encode([r.rephrases[0] for r in calibration]),
-             tuned.encode(_unrelated(calibration, train_pool)))
-    router = train_router(tuned.encode([r.prompt for r in edits]), config.router, calibration=calib,
-                          progress=progress)
-    record = {"config": {**asdict(config)}, "n_edits": len(edits), "n_pool": len(pool),
-              "n_encoder_pool": len(train_pool), "n_calibration": len(calibration),
+    router = train_router(tuned.encode([r.prompt for r in edits]), config.router,
+                          calibration=calibration_embeddings(tuned, calibration, train_pool), progress=progress)
+    record = {"config": asdict(config), "query_text": "raw prompts (no LM wrapping)", "n_edits": len(edits),
+              "n_pool": len(train_pool) + len(calibration), "n_encoder_pool": len(train_pool), "n_calibration": len(calibration),
               "timing": {"encoder_s": encoder_s, "router_s": time.perf_counter() - start - encoder_s,
                          "total_s": time.perf_counter() - start}}
     return Routing(tuned, router, training, record)
@@ -99,9 +106,13 @@ def routing_report(routing: Routing, base_encoder: SentenceEncoder, edits: Seque
     return {
         "retrieval_top1": {"frozen": retrieval_top1(base_encoder, prompts, rephrases),
                            "tuned": retrieval_top1(routing.encoder, prompts, rephrases), "n": len(scored)},
+        "encoder_losses": routing.encoder_training.losses,
         "epsilon": routing.router.epsilon,
+        "router_record": routing.router.record,
+        "auroc_rephrase_vs_locality": separation_auroc(routing.router.distance(groups["rephrase"]),
+                                                       routing.router.distance(groups["locality"])),
         "routing": route_stats(routing.router, groups),
-        "curve": epsilon_curve(routing.router.entropy(groups["rephrase"]), routing.router.entropy(groups["locality"]),
-                               routing.router.config.classes),
-        "entropies": {name: routing.router.entropy(emb).cpu().tolist() for name, emb in groups.items()},
+        "curve": epsilon_curve(routing.router.distance(groups["rephrase"]), routing.router.distance(groups["locality"]),
+                               routing.router.config.max_distance),
+        "distances": {name: routing.router.distance(emb).cpu().tolist() for name, emb in groups.items()},
     }

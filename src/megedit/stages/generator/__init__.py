@@ -1,0 +1,13 @@
+"""Stage D: the weight generator (query embedding -> neuron vector).
+
+diffusion.py  the schedule, v-prediction, DDIM and ancestral samplers (no network inside)
+dit.py        the Diffusion Transformer over 1-D vectors, with size presets
+mlp.py        the plain MLP alternative
+model.py      Generator: network + normalisation + sampling, save/load
+train.py      train_generator: AdamW, EMA, clipping, validation, best kept, resumable, accelerate
+"""
+
+from .model import Generator, GeneratorConfig
+from .train import train_generator
+
+__all__ = ["Generator", "GeneratorConfig", "train_generator"]

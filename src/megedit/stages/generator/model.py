@@ -1,0 +1,155 @@
+"""The generator as one object: network (DiT + diffusion, or MLP), the vector normalisation, and
+how to sample; saved as safetensors + JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...errors import ConfigError, MeGError
+from ...io import atomic_save_tensors, atomic_write_json, load_tensors
+from .diffusion import SAMPLERS, Diffusion, Schedule
+from .dit import DIT_PRESETS, DiT, DiTConfig
+from .mlp import MLPConfig, MLPGenerator
+
+GENERATOR_KINDS = ("dit", "mlp")
+NORMALIZATIONS = ("standard", "scale")
+
+
+@dataclass
+class GeneratorConfig:
+    kind: str = "dit"  # or "mlp", the reviewers' simpler alternative
+    preset: str = "cpu"  # DiT size: see DIT_PRESETS
+    dit: dict = field(default_factory=dict)  # overrides of the preset's fields
+    mlp: dict = field(default_factory=dict)  # overrides of MLPConfig
+    normalization: str = "standard"  # per-coordinate mean/std of the fitted vectors, or "scale" (x scale)
+    scale: float = 100.0  # the authors' factor, for normalization "scale"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    train_steps: int = 4000
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    validate_every: int = 500
+    validation_size: int = 64  # edits sampled at each validation (the first ones, fixed)
+    sample_steps: int = 50
+    sampler: str = "ddim"
+    zero_augment: float = 0.0  # unrelated queries paired with the zero vector, as a share of the edits
+    seed: int = 0
+
+    def validate(self) -> "GeneratorConfig":
+        problems = []
+        if self.kind not in GENERATOR_KINDS:
+            problems.append(f"kind must be one of {', '.join(GENERATOR_KINDS)}")
+        if self.preset not in DIT_PRESETS:
+            problems.append(f"preset must be one of {', '.join(DIT_PRESETS)}")
+        if self.normalization not in NORMALIZATIONS:
+            problems.append(f"normalization must be one of {', '.join(NORMALIZATIONS)}")
+        if self.sampler not in SAMPLERS:
+            problems.append(f"sampler must be one of {', '.join(SAMPLERS)}")
+        if min(self.batch_size, self.train_steps, self.validate_every, self.validation_size, self.sample_steps) < 1:
+            problems.append("batch_size, train_steps, validate_every, validation_size, sample_steps must be >= 1")
+        if not 0 <= self.ema_decay < 1 or self.zero_augment < 0:
+            problems.append("need 0 <= ema_decay < 1 and zero_augment >= 0")
+        unknown = set(self.dit) - set(asdict(DiTConfig())) | set(self.mlp) - set(asdict(MLPConfig()))
+        if unknown:
+            problems.append(f"unknown network fields {sorted(unknown)}")
+        if problems:
+            raise ConfigError("generator config: " + "; ".join(problems))
+        return self
+
+    def dit_config(self) -> DiTConfig:
+        return replace(DIT_PRESETS[self.preset], **self.dit)
+
+    def mlp_config(self) -> MLPConfig:
+        return MLPConfig(**self.mlp)
+
+
+class Generator:
+    """Query embeddings (B, cond_dim) -> neuron vectors (B, length), in the LM's units."""
+
+    def __init__(self, config: GeneratorConfig, length: int, cond_dim: int, mean: torch.Tensor, std: torch.Tensor,
+                 net: nn.Module | None = None) -> None:
+        self.config = config.validate()
+        self.length, self.cond_dim = length, cond_dim
+        self.mean, self.std = mean.float(), std.float()
+        if net is None:
+            net = (DiT(length, cond_dim, config.dit_config()) if config.kind == "dit"
+                   else MLPGenerator(length, cond_dim, config.mlp_config()))
+        self.net = net
+        self.diffusion = Diffusion(Schedule()) if config.kind == "dit" else None
+        self.record: dict = {}
+
+    @classmethod
+    def for_vectors(cls, config: GeneratorConfig, vectors: torch.Tensor, cond_dim: int) -> "Generator":
+        """A fresh generator whose normalisation comes from these fitted vectors (N, length)."""
+        vectors = vectors.detach().float().cpu()
+        if config.normalization == "standard":
+            mean, std = vectors.mean(0), vectors.std(0).clamp(min=1e-6) if len(vectors) > 1 else torch.ones(vectors.shape[1])
+        else:
+            mean, std = torch.zeros(vectors.shape[1]), torch.full((vectors.shape[1],), 1.0 / config.scale)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            return cls(config, vectors.shape[1], cond_dim, mean, std)
+
+    def normalize(self, vectors: torch.Tensor) -> torch.Tensor:
+        return (vectors - self.mean.to(vectors.device)) / self.std.to(vectors.device)
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std.to(x.device) + self.mean.to(x.device)
+
+    def loss(self, net: nn.Module, x: torch.Tensor, cond: torch.Tensor, noise: torch.Generator) -> torch.Tensor:
+        """Training loss on normalised vectors `x` with `net` (the generator's network, possibly wrapped)."""
+        if self.diffusion is None:
+            return nn.functional.mse_loss(net(cond), x)
+        return self.diffusion.training_loss(net, x, cond, noise)
+
+    @torch.no_grad()
+    def generate(self, cond: torch.Tensor, steps: int | None = None, sampler: str | None = None, seed: int = 0,
+                 net: nn.Module | None = None) -> torch.Tensor:
+        """Vectors for each query embedding; seeded, so the same call gives the same vectors."""
+        net = net or self.net
+        was_training = net.training
+        net.eval()
+        device = next(net.parameters()).device
+        cond = cond.to(device, torch.float32)
+        if self.diffusion is None:
+            x = net(cond)
+        else:
+            x = self.diffusion.sample(net, cond, (len(cond), self.length), steps or self.config.sample_steps,
+                                      sampler or self.config.sampler, torch.Generator().manual_seed(seed))
+        net.train(was_training)
+        return self.denormalize(x)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
+        atomic_save_tensors(path, {**tensors, "norm.mean": self.mean, "norm.std": self.std})
+        atomic_write_json(path.with_suffix(".json"), {"config": asdict(self.config), "length": self.length,
+                                                      "cond_dim": self.cond_dim, "record": self.record})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Generator":
+        path = Path(path)
+        try:
+            meta = json.loads(path.with_suffix(".json").read_text())
+            config = GeneratorConfig(**meta["config"])
+            length, cond_dim = int(meta["length"]), int(meta["cond_dim"])
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            raise MeGError(f"{path.with_suffix('.json')}: not a readable generator record ({error})") from None
+        tensors = load_tensors(path, "generator")
+        if "norm.mean" not in tensors or "norm.std" not in tensors:
+            raise MeGError(f"{path}: generator file has no normalisation tensors")
+        generator = cls(config, length, cond_dim, tensors["norm.mean"], tensors["norm.std"])
+        try:
+            generator.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        except RuntimeError as error:
+            raise MeGError(f"{path}: generator weights do not match its record ({str(error).splitlines()[0]})") from None
+        generator.net.eval().requires_grad_(False)
+        generator.record = meta.get("record", {})
+        return generator

@@ -1,0 +1,168 @@
+"""Training a generator on (query embedding, fitted vector) pairs.
+
+AdamW, gradient clipping, an EMA of the weights (what is sampled and kept), periodic validation
+(sample the first `validation_size` edits, distance to their fitted vectors, and an optional
+callback such as the edit success of the generated vectors), the best validation kept, and a
+resume checkpoint in `work_dir`. Runs as it is under `accelerate launch` with several processes:
+every process draws the same seeded batch order and takes its own share of each batch; the
+gradients are averaged by accelerate (data parallel).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ...errors import ConfigError
+from ...io import atomic_write_bytes
+from .model import Generator, GeneratorConfig
+
+log = logging.getLogger(__name__)
+
+Validate = Callable[[torch.Tensor], dict]  # generated vectors of the validation edits -> extra numbers
+
+
+def _training_pairs(generator: Generator, embeddings: torch.Tensor, vectors: torch.Tensor,
+                    unrelated: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    cond, x = embeddings.float().cpu(), generator.normalize(vectors.float().cpu())
+    k = round(generator.config.zero_augment * len(x))
+    if k:
+        if unrelated is None or len(unrelated) < k:
+            raise ConfigError(f"zero_augment {generator.config.zero_augment} needs {k} unrelated query embeddings, "
+                              f"got {0 if unrelated is None else len(unrelated)}")
+        cond = torch.cat([cond, unrelated[:k].float().cpu()])
+        x = torch.cat([x, generator.normalize(torch.zeros(k, x.shape[1]))])
+    return cond, x
+
+
+def validation_numbers(generator: Generator, net: torch.nn.Module, cond: torch.Tensor, vectors: torch.Tensor,
+                       seed: int) -> tuple[torch.Tensor, dict]:
+    """Generated vectors for `cond` and their distance to the fitted `vectors`: relative L2
+    (||g - f|| / ||f||, mean) and L2 in normalised units (mean, std; the authors stop at mean + std < 0.5)."""
+    generated = generator.generate(cond, seed=seed, net=net).cpu()
+    rel = (generated - vectors).norm(dim=1) / vectors.norm(dim=1).clamp(min=1e-9)
+    norm_l2 = (generator.normalize(generated) - generator.normalize(vectors)).norm(dim=1) / math.sqrt(vectors.shape[1])
+    return generated, {"rel_l2": float(rel.mean()), "l2_mean": float(norm_l2.mean()), "l2_std": float(norm_l2.std())
+                       if len(norm_l2) > 1 else 0.0}
+
+
+def _run_key(config: GeneratorConfig, cond: torch.Tensor, x: torch.Tensor) -> str:
+    """What a resumed run must share with the saved one (not its length or validation cadence)."""
+    fixed = {k: v for k, v in vars(config).items() if k not in ("train_steps", "validate_every")}
+    h = hashlib.sha256(repr(sorted(fixed.items())).encode())
+    h.update(cond.numpy().tobytes()), h.update(x.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def train_generator(embeddings: torch.Tensor, vectors: torch.Tensor, config: GeneratorConfig | None = None, *,
+                    unrelated: torch.Tensor | None = None, work_dir: str | Path | None = None,
+                    validate: Validate | None = None, progress: bool = True) -> Generator:
+    """A generator trained on the pairs (embeddings[i], vectors[i]); with the EMA weights of the
+    best validation. `unrelated` embeddings feed the zero-vector augmentation."""
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
+
+    config = (config or GeneratorConfig()).validate()
+    if len(embeddings) != len(vectors) or len(vectors) < 1:
+        raise ConfigError(f"train_generator: {len(embeddings)} embeddings for {len(vectors)} vectors")
+    start = time.perf_counter()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo data parallel when launched so
+    generator = Generator.for_vectors(config, vectors, embeddings.shape[1])
+    cond, x = _training_pairs(generator, embeddings, vectors, unrelated)
+    val_cond, val_vectors = embeddings[: config.validation_size].float(), vectors[: config.validation_size].float().cpu()
+
+    net = generator.net
+    ema = copy.deepcopy(net).requires_grad_(False)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    net, optimizer = accelerator.prepare(net, optimizer)
+    ema.to(accelerator.device)
+    noise = torch.Generator().manual_seed(config.seed * 1000 + accelerator.process_index)
+    dropout_seed = config.seed * 1000 + accelerator.process_index
+    state, best_weights, rng = {"step": 0, "best": None, "history": []}, None, None
+    checkpoint = Path(work_dir) / "generator-train.pt" if work_dir else None
+    key = _run_key(config, cond, x)
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=True)
+        if saved.get("key") == key:
+            accelerator.unwrap_model(net).load_state_dict(saved["net"])
+            ema.load_state_dict(saved["ema"])
+            optimizer.load_state_dict(saved["optimizer"])
+            noise.set_state(saved["noise"])
+            state = {"step": saved["step"], "best": saved["best"], "history": saved["history"]}
+            best_weights, rng = saved["best_weights"], saved["torch_rng"]
+            log.info("generator: resuming at step %d", state["step"])
+
+    ema_params = list(ema.parameters())
+    per_epoch = max(1, -(-len(x) // config.batch_size))
+    bar = tqdm(total=config.train_steps, initial=state["step"], desc=f"training {config.kind} generator",
+               disable=not progress or not accelerator.is_main_process)
+    with torch.random.fork_rng(devices=[]):  # dropout draws, seeded, without touching the caller's RNG
+        torch.manual_seed(dropout_seed)
+        if rng is not None:
+            torch.set_rng_state(rng)
+        while state["step"] < config.train_steps:
+            step = state["step"]
+            epoch, offset = divmod(step, per_epoch)
+            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
+            rows = order[offset * config.batch_size : (offset + 1) * config.batch_size]
+            rows = rows[accelerator.process_index :: accelerator.num_processes]
+            net.train()
+            loss = generator.loss(net, x[rows].to(accelerator.device), cond[rows].to(accelerator.device), noise)
+            optimizer.zero_grad()
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(net.parameters(), config.grad_clip)
+            optimizer.step()
+            decay = min(config.ema_decay, (1 + step) / (10 + step))  # warm-up: early weights fade fast
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, list(accelerator.unwrap_model(net).parameters()), 1 - decay)
+            state["step"] = step + 1
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if state["step"] % config.validate_every == 0 or state["step"] == config.train_steps:
+                numbers = None
+                if accelerator.is_main_process:  # validation on one process, its numbers shared with all
+                    generated, numbers = validation_numbers(generator, ema, val_cond, val_vectors, config.seed)
+                    if validate is not None:
+                        numbers |= validate(generated)
+                    numbers |= {"step": state["step"], "loss": loss.item(), "seconds": time.perf_counter() - start}
+                    log.info("generator step %d: %s", state["step"],
+                             ", ".join(f"{k} {v:.4g}" for k, v in numbers.items() if k != "step"))
+                numbers = broadcast_object_list([numbers])[0]
+                state["history"].append(numbers)
+                if state["best"] is None or numbers["rel_l2"] < state["best"]["rel_l2"]:
+                    state["best"] = numbers
+                    best_weights = {k: v.detach().cpu().clone() for k, v in ema.state_dict().items()}
+                if checkpoint is not None and accelerator.is_main_process:
+                    _save_checkpoint(checkpoint, key, state, accelerator.unwrap_model(net), ema, optimizer, noise,
+                                     best_weights)
+                accelerator.wait_for_everyone()
+    bar.close()
+    final = Generator(config, generator.length, generator.cond_dim, generator.mean, generator.std,
+                      net=copy.deepcopy(ema).cpu())
+    if best_weights is not None:
+        final.net.load_state_dict(best_weights)
+    final.net.eval().requires_grad_(False)
+    final.record = {"n_pairs": len(x), "n_edits": len(vectors), "steps": state["step"], "best": state["best"],
+                    "history": state["history"], "processes": accelerator.num_processes,
+                    "seconds": time.perf_counter() - start,
+                    "parameters": sum(p.numel() for p in final.net.parameters())}
+    return final
+
+
+def _save_checkpoint(path: Path, key: str, state: dict, net, ema, optimizer, noise: torch.Generator,
+                     best_weights: dict | None) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"key": key, "step": state["step"], "best": state["best"], "history": state["history"],
+                "net": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                "noise": noise.get_state(), "torch_rng": torch.get_rng_state(), "best_weights": best_weights}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
