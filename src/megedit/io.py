@@ -51,3 +51,15 @@ def load_tensors(path: str | Path, what: str) -> dict:
         return load_file(str(path))
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         raise MeGError(f"{path}: not a readable {what} ({error})") from None
+
+
+def read_record(path: str | Path, what: str, parse=lambda meta: meta):
+    """`parse(meta)` of the JSON record beside a safetensors file (`x.safetensors` -> `x.json`);
+    a one-line MeGError naming the record if it is unreadable or `parse` finds it malformed."""
+    from .errors import ConfigError, MeGError
+
+    record = Path(path).with_suffix(".json")
+    try:
+        return parse(json.loads(record.read_text()))
+    except (OSError, ValueError, TypeError, KeyError, ConfigError) as error:
+        raise MeGError(f"{record}: not a readable {what} record ({error})") from None

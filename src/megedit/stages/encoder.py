@@ -12,7 +12,6 @@ never the whole encoder.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import random
 import time
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 from ..arch import layer_stack_path
 from ..data.requests import EditRequest
 from ..errors import ConfigError, MeGError
-from ..io import atomic_save_tensors, atomic_write_json, load_tensors
+from ..io import atomic_save_tensors, atomic_write_json, load_tensors, read_record
 from ..lm import layer_input, starting_at_layer
 from ..models import SentenceEncoder
 
@@ -191,10 +190,7 @@ def load_encoder_delta(path: str | Path, base_encoder: SentenceEncoder | None = 
     from ..models import load_encoder
 
     path = Path(path)
-    try:
-        meta = json.loads(path.with_suffix(".json").read_text())
-    except (OSError, ValueError) as error:
-        raise MeGError(f"{path.with_suffix('.json')}: not a readable encoder record ({error})") from None
+    meta = read_record(path, "encoder")
     tensors = load_tensors(path, "encoder delta")
     encoder = copy.deepcopy(base_encoder) if base_encoder is not None else load_encoder(meta["base_encoder"])
     params = trainable_parameters(encoder, meta["config"]["trainable_layers"])

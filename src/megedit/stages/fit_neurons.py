@@ -31,7 +31,7 @@ from ..arch import resolve_layer
 from ..data.prompts import PromptFormat
 from ..data.requests import EditRequest
 from ..errors import ConfigError, MeGError
-from ..io import atomic_save_tensors, atomic_write_json, load_tensors
+from ..io import atomic_save_tensors, atomic_write_json, load_tensors, read_record
 from ..lm import Batch, layer_input, left_pad, length_batches, model_device, starting_at_layer
 from ..neuron import NeuronSpec, attach_neuron
 
@@ -87,12 +87,10 @@ class FitResult:
     def load(cls, path: str | Path) -> "FitResult":
         path = Path(path)
         t = load_tensors(path, "fit result")
-        try:
-            meta = json.loads(path.with_suffix(".json").read_text())
-        except (OSError, ValueError) as error:
-            raise MeGError(f"{path.with_suffix('.json')}: not a readable fit result ({error})") from None
-        return cls(meta["case_ids"], t["vectors"], t["success"].bool(), t["steps"], t["loss"],
-                   NeuronSpec(**meta["spec"]), FitConfig(**meta["config"]), meta.get("timing", {}))
+        meta, spec, config = read_record(path, "fit result", lambda m: (
+            m, NeuronSpec(**m["spec"]), FitConfig(**m["config"])))
+        return cls(meta["case_ids"], t["vectors"], t["success"].bool(), t["steps"], t["loss"], spec, config,
+                   meta.get("timing", {}))
 
     def summary(self) -> dict:
         done = self.steps[self.success].float()

@@ -16,20 +16,18 @@ a false-fire cap) is used for the real router, built on the edits alone.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, MeGError
-from ..io import atomic_save_tensors, atomic_write_json, load_tensors
+from ..io import atomic_save_tensors, atomic_write_json, load_tensors, read_record
 
 log = logging.getLogger(__name__)
 
@@ -219,12 +217,8 @@ class Router:
     @classmethod
     def load(cls, path: str | Path) -> "Router":
         path = Path(path)
-        try:
-            meta = json.loads(path.with_suffix(".json").read_text())
-            config = RouterConfig(**meta["config"]).validate()
-            epsilon, dim = float(meta["epsilon"]), int(meta["dim"])
-        except (OSError, ValueError, TypeError, KeyError, ConfigError) as error:
-            raise MeGError(f"{path.with_suffix('.json')}: not a readable router record ({error})") from None
+        meta, config, epsilon, dim = read_record(path, "router", lambda m: (
+            m, RouterConfig(**m["config"]).validate(), float(m["epsilon"]), int(m["dim"])))
         tensors = load_tensors(path, "router")
         if config.kind == "nearest":
             if set(tensors) != {"bank"} or tensors["bank"].ndim != 2 or tensors["bank"].shape[1] != dim:

@@ -3,7 +3,6 @@ how to sample; saved as safetensors + JSON."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError, MeGError
-from ...io import atomic_save_tensors, atomic_write_json, load_tensors
+from ...io import atomic_save_tensors, atomic_write_json, load_tensors, read_record
 from .diffusion import SAMPLERS, Diffusion, Schedule
 from .dit import DIT_PRESETS, DiT, DiTConfig
 from .mlp import MLPConfig, MLPGenerator
@@ -136,12 +135,8 @@ class Generator:
     @classmethod
     def load(cls, path: str | Path) -> "Generator":
         path = Path(path)
-        try:
-            meta = json.loads(path.with_suffix(".json").read_text())
-            config = GeneratorConfig(**meta["config"])
-            length, cond_dim = int(meta["length"]), int(meta["cond_dim"])
-        except (OSError, ValueError, TypeError, KeyError) as error:
-            raise MeGError(f"{path.with_suffix('.json')}: not a readable generator record ({error})") from None
+        meta, config, length, cond_dim = read_record(path, "generator", lambda m: (
+            m, GeneratorConfig(**m["config"]).validate(), int(m["length"]), int(m["cond_dim"])))
         tensors = load_tensors(path, "generator")
         if "norm.mean" not in tensors or "norm.std" not in tensors:
             raise MeGError(f"{path}: generator file has no normalisation tensors")
