@@ -34,12 +34,9 @@ CASES = HERE / "results" / "cases"
 
 def generated_subject(model, tokenizer, spec, vectors_by_text: dict[str, torch.Tensor], method: str):
     """The LM with the neuron set, per query, to the vector generated for that query's text."""
-    from megedit.eval.subject import NeuronSubject
-    from megedit.neuron import attach_neuron
+    from megedit.eval.subject import vector_table_subject
 
-    neuron = attach_neuron(model, spec.layer, spec.variant)
-    return NeuronSubject(model, tokenizer, neuron, lambda qs: torch.stack([vectors_by_text[q.text] for q in qs]),
-                         method)
+    return vector_table_subject(model, tokenizer, spec, vectors_by_text, lambda q: q.text, method)
 
 
 def score(model, tokenizer, spec, requests, generator, encoder, steps: int, label: str) -> dict:

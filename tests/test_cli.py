@@ -3,6 +3,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 MEGEDIT = [sys.executable, "-m", "megedit.cli"]
 
 
@@ -48,3 +50,35 @@ def test_unloadable_model_is_one_line(tmp_path):
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     assert out.stderr.startswith(f"megedit: error: could not load '{tmp_path / 'no-model-here'}'")
     assert time.perf_counter() - start < 60
+
+
+@pytest.mark.slow
+def test_demo_then_generate_eval_and_inspect_on_the_saved_pack(tmp_path):
+    """The main job end to end on SmolLM2 (a short generator run), and the pack in fresh processes."""
+    pack, work = tmp_path / "pack", tmp_path / "work"
+    out = _run("--quiet", "demo", "--work-dir", str(work), "--generator-steps", "300", "--out", str(pack), timeout=900)
+    assert out.returncode == 0, out.stderr
+    table = [line.split(" | ") for line in out.stdout.splitlines() if line.startswith("| edit | The capital of France")]
+    assert table and table[0][2:4] == ["Paris.", "Rome"]  # before, after
+    scores = [line for line in out.stdout.splitlines() if line.startswith("| meg |")][0].split(" | ")
+    assert float(scores[1]) >= 90 and float(scores[5]) == 100.0  # Reliability AG; Locality AG (routed off)
+
+    out = _run("generate", str(pack), "The capital of France is", "The number of days in a week is", timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[1].strip() == "edited: Rome" and lines[2].strip() == "base:   Paris."
+    assert lines[5].strip() == lines[6].strip().replace("base:  ", "edited:")  # unrelated: unchanged
+
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"prompt": "The capital of France is", "target": "Rome",
+                                "rephrases": ["France has its capital in the city of"],
+                                "locality": ["The chemical symbol for gold is"]}) + "\n")
+    out = _run("--quiet", "eval", str(pack), "--data", f"jsonl:{data}", "--json", str(tmp_path / "e.json"), timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["method"] == "meg" and report["metrics"]["reliability"]["ag"] == 100.0
+    assert report["edit"]["generator"] == "mlp"
+
+    out = _run("inspect", str(pack), "--data", f"jsonl:{data}", timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "12 edits on smollm2" in out.stdout and (pack / "router-distance.png").stat().st_size > 1000

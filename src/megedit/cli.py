@@ -20,6 +20,8 @@ def _add_eval(sub) -> None:
         description="Edit N facts with a method (or none) and score the result with the shared harness. "
         "Writes the eval JSON (metrics, protocol, timing, one row per query) with --json.",
     )
+    p.add_argument("pack", type=Path, nargs="?", default=None,
+                   help="an edit pack folder (MeG; the base model is the one the pack names unless --model)")
     p.add_argument("--method", choices=METHODS, default="none", help="none: the unedited model; ft: fine-tuning")
     _add_data_args(p, "edit the first N records")
     p.add_argument("--layer", type=int, default=None,
@@ -38,9 +40,15 @@ def _run_eval(args) -> int:
     from .models import load_model
 
     kind, path, requests, fmt = _load_data(args)
-    model, tokenizer = load_model(args.model)
-    subject = PlainSubject(model, tokenizer)
-    if args.method == "ft":
+    if args.pack is not None:
+        from .cli_meg import load_pack
+
+        subject = load_pack(args.pack, args.model)
+        fmt = subject.prompt_format
+    else:
+        model, tokenizer = load_model(args.model)
+        subject = PlainSubject(model, tokenizer)
+    if args.method == "ft" and args.pack is None:
         from .baselines.ft import FTConfig, fine_tune
 
         overrides = {k: v for k, v in (("lr", args.lr), ("epochs", args.epochs)) if v is not None}
@@ -63,7 +71,7 @@ def _run_eval(args) -> int:
 
 def _add_data_args(p, limit_help: str = "use the first N records", lm: bool = True) -> None:
     if lm:
-        p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), a local folder or a hub id")
+        p.add_argument("--model", default=None, help="'smollm2' (embedded, the default), a local folder or a hub id")
     p.add_argument("--data", required=True, metavar="KIND:PATH",
                    help="edit data, e.g. counterfact:../shared/data/counterfact/counterfact-edit.json")
     p.add_argument("--limit", type=int, default=None, help=limit_help)
@@ -79,6 +87,8 @@ def _load_data(args):
     from .data import load_requests, parse_data_arg
     from .data.prompts import DEFAULT_FOR_KIND, get_format
 
+    if hasattr(args, "model") and args.model is None and getattr(args, "pack", None) is None:
+        args.model = "smollm2"  # the default, unless an edit pack names its own base model
     kind, path = parse_data_arg(args.data)
     requests = load_requests(kind, path, limit=args.limit, offset=args.offset, skip_invalid=args.skip_invalid)
     return kind, path, requests, get_format(getattr(args, "prompt_format", None) or DEFAULT_FOR_KIND[kind])
@@ -265,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit_neurons(sub)
     _add_sweep_layers(sub)
     _add_fit_router(sub)
+    from .cli_meg import add_meg_verbs
+
+    add_meg_verbs(sub, _add_data_args, _load_data, _load_pool)
     return parser
 
 

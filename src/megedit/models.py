@@ -144,7 +144,16 @@ def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     config = model.config.to_dict()
     h.update(json.dumps({k: config.get(k) for k in ("model_type", "architectures")}, sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    # a dynamic neuron's wrapper (NeuronMLP holds the MLP as `.mlp`) does not change the base model
+    wrappers = [f"{name}.mlp." for name, m in model.named_modules() if type(m).__name__ == "NeuronMLP"]
+
+    def base_name(key: str) -> str:
+        for w in wrappers:
+            if key.startswith(w):
+                return w[:-4] + key[len(w):]
+        return key
+
+    for name, tensor in sorted((base_name(k), v) for k, v in model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

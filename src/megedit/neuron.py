@@ -154,6 +154,12 @@ class DynamicNeuron:
         finally:
             self.module.weights = previous
 
+    def attach(self) -> "DynamicNeuron":
+        """Put the neuron back after `detach` (weights start unset)."""
+        if not self.attached:
+            setattr(self._parent, self._attr, self.module)
+        return self
+
     def detach(self) -> nn.Module:
         """Put the original MLP object back; returns it."""
         if self.attached:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import ContextManager, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Callable, ContextManager, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
@@ -123,3 +123,15 @@ class NeuronSubject(PlainSubject):
 
     def describe(self) -> dict:
         return dict(self.settings)
+
+
+def vector_table_subject(model: nn.Module, tokenizer, spec, table: dict, key: Callable[[Query], str], method: str,
+                         settings: dict | None = None) -> NeuronSubject:
+    """The model with a neuron attached (per `spec`) and set, per query, to `table[key(query)]`;
+    queries with no entry get the zero vector (the base model). Detach with `.neuron.detach()`."""
+    from ..neuron import attach_neuron
+
+    neuron = attach_neuron(model, spec.layer, spec.variant)
+    zero = torch.zeros(spec.size)
+    return NeuronSubject(model, tokenizer, neuron, lambda qs: torch.stack([table.get(key(q), zero) for q in qs]),
+                         method, settings)

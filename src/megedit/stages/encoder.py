@@ -176,11 +176,16 @@ def train_encoder(encoder: SentenceEncoder, queries: Sequence[str], paraphrases:
 
 def save_encoder_delta(tuned: SentenceEncoder, training: EncoderTraining, base: str, path: str | Path) -> Path:
     """The trained layers as safetensors plus JSON (base encoder name, config, losses)."""
+    return write_encoder_delta(tuned, {"base_encoder": base, "config": asdict(training.config),
+                                       "n_pairs": training.n_pairs, "losses": training.losses,
+                                       "timing": training.timing}, path)
+
+
+def write_encoder_delta(tuned: SentenceEncoder, record: dict, path: str | Path) -> Path:
+    """The layers `record["config"]["trainable_layers"]` names, and the record beside them."""
     path = Path(path)
-    atomic_save_tensors(path, dict(trainable_parameters(tuned, training.config.trainable_layers)))
-    atomic_write_json(path.with_suffix(".json"), {
-        "base_encoder": base, "config": asdict(training.config), "n_pairs": training.n_pairs,
-        "losses": training.losses, "timing": training.timing})
+    atomic_save_tensors(path, dict(trainable_parameters(tuned, record["config"]["trainable_layers"])))
+    atomic_write_json(path.with_suffix(".json"), record)
     return path
 
 

@@ -325,16 +325,11 @@ def fitted_subject(model, tokenizer, result: FitResult):
     """The model with each edit's fitted vector applied to every query of that edit (its prompt,
     rephrase and locality query): the upper bound a generator can reach with a perfect router,
     and, on locality queries, the damage a static neuron would do without one."""
-    from ..eval.subject import NeuronSubject
-
-    neuron = attach_neuron(model, result.spec.layer, result.spec.variant)
-    by_case = dict(zip(result.case_ids, result.vectors))
-
-    def vectors(queries):
-        return torch.stack([by_case.get(q.case_id, torch.zeros(result.spec.size)) for q in queries])
+    from ..eval.subject import vector_table_subject
 
     settings = {"method": "fitted-vectors", "spec": result.spec.to_dict(), "fit": result.summary()}
-    return NeuronSubject(model, tokenizer, neuron, vectors, "fitted", settings)
+    return vector_table_subject(model, tokenizer, result.spec, dict(zip(result.case_ids, result.vectors)),
+                                lambda q: q.case_id, "fitted", settings)
 
 
 def sweep_layers(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFormat, layers: Sequence[int],

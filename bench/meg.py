@@ -1,0 +1,107 @@
+"""MeG end to end on the benchmark sets with SmolLM2: fit (stages A-D), evaluate with the shared
+harness, and measure the inference cost against the unedited model on the same queries.
+
+    .venv/bin/python bench/meg.py counterfact      # first 1,024 CounterFact edits, pool counterfact-train
+    .venv/bin/python bench/meg.py zsre             # the ZsRE edits (malformed records skipped), same pool
+
+Stages are cached in bench/results/cases/meg-<setting>/ (a killed run resumes). The inference
+cost: greedy answers (up to 20 tokens) for the first `--speed-n` edits' prompt, rephrase and
+locality query, with the edited model and with the base model (the neuron taken off), in
+alternating rounds in one process; queries per second of each and the share of the edited
+model's time spent routing and generating neuron vectors.
+Results: bench/results/meg-<setting>.json (bench/update_readme.py shows them beside the baselines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parents[1] / "shared/data"
+SETTINGS = {
+    "counterfact": ("counterfact", SHARED / "counterfact/counterfact-edit.json", 1024),
+    "zsre": ("zsre", SHARED / "zsre/zsre_mend_train-1k.json", None),
+}
+POOL = SHARED / "counterfact/counterfact-train.json"
+
+
+def speed(edited, requests, rounds: int) -> dict:
+    """Queries per second, edited vs unedited, on the same queries, alternating rounds."""
+    from megedit.eval import PlainSubject
+    from megedit.eval.runner import DecodeSettings, build_queries, run_queries
+
+    queries = [q for qs in build_queries(requests).values() for q in qs]
+    fmt = edited.prompt_format
+    ids = [fmt.prompt_ids(q.text, edited.tokenizer) for q in queries]
+    settings, empty = DecodeSettings(fmt, 20, 32), [[] for _ in queries]
+    base = PlainSubject(edited.model, edited.tokenizer)
+    seconds = {"edited": 0.0, "base": 0.0}
+    edited.stats = dict.fromkeys(edited.stats, 0)
+    for _ in range(rounds):
+        for name in ("base", "edited"):
+            if name == "base":
+                edited.neuron.detach()
+            start = time.perf_counter()
+            with torch.inference_mode():
+                run_queries(edited if name == "edited" else base, queries, ids, empty, settings, False, name)
+            seconds[name] += time.perf_counter() - start
+            if name == "base":
+                edited.neuron.attach()
+    qps = {k: rounds * len(queries) / v for k, v in seconds.items()}
+    return {"n_queries": len(queries), "rounds": rounds, "max_new_tokens": 20, "batch_size": 32,
+            "qps_edited": qps["edited"], "qps_base": qps["base"], "ratio": qps["edited"] / qps["base"],
+            "route_share": edited.stats["route_s"] / seconds["edited"],
+            "generate_share": edited.stats["generate_s"] / seconds["edited"],
+            "familiar_share": edited.stats["familiar"] / max(1, edited.stats["queries"])}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("setting", choices=sorted(SETTINGS))
+    parser.add_argument("--generator", default="mlp")
+    parser.add_argument("--speed-n", type=int, default=128, help="edits whose queries time the inference")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("megedit").setLevel(logging.INFO)
+
+    from megedit import MeGConfig, MeGEditor, evaluate, load_model, load_requests
+    from megedit.data.prompts import DEFAULT_FOR_KIND
+    from megedit.io import atomic_write_json
+
+    kind, path, limit = SETTINGS[args.setting]
+    requests = load_requests(kind, path, limit=limit, skip_invalid=True)
+    pool = load_requests("counterfact", POOL)
+    model, tokenizer = load_model("smollm2", device="cpu")
+    config = MeGConfig(prompt_format=DEFAULT_FOR_KIND[kind], seed=args.seed)
+    config.generator.kind = args.generator
+    name = f"meg-{args.setting}" + ("" if args.generator == "mlp" else f"-{args.generator}")
+    edited = MeGEditor(model, tokenizer, config).fit(requests, HERE / "results" / "cases" / name, pool,
+                                                     f"counterfact:{POOL.name}")
+    report = evaluate(edited, requests, prompt_format=config.prompt_format, data_kind=kind,
+                      data_name=f"{kind}:{path.name}", batch_size=64)
+    report.save(HERE / "results" / "cases" / name / "eval.json")
+    print(report.table())
+    cost = speed(edited, requests[: args.speed_n], args.rounds)
+    print(f"inference: edited {cost['qps_edited']:.1f} q/s, base {cost['qps_base']:.1f} q/s "
+          f"(ratio {cost['ratio']:.2f}); routing {100 * cost['route_share']:.1f}%, "
+          f"generator {100 * cost['generate_share']:.1f}% of the edited model's time")
+    summary = {k: v for k, v in report.to_dict().items() if k != "cases"}
+    summary |= {"setting": args.setting, "pool": f"counterfact:{POOL.name}", "seed": args.seed,
+                "config": config.to_dict(), "fit": edited.record, "inference": cost, "threads": torch.get_num_threads()}
+    summary["fit"].pop("routing", None)
+    summary["fit"]["generator"] = {k: v for k, v in summary["fit"]["generator"].items() if k != "history"}
+    atomic_write_json(HERE / "results" / f"{name}.json", summary)
+    print(f"wrote bench/results/{name}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

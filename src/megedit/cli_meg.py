@@ -1,0 +1,239 @@
+"""The verbs that make and use MeG edit packs: demo, fit, generate, inspect (and `eval DIR`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger("megedit")
+
+
+def add_meg_verbs(sub, add_data_args, load_data, load_pool) -> None:
+    _add_demo(sub)
+    _add_fit(sub, add_data_args, load_data, load_pool)
+    _add_generate(sub)
+    _add_inspect(sub, add_data_args)
+
+
+def _add_config_args(p) -> None:
+    p.add_argument("--config", type=Path, default=None, help="MeGConfig settings (YAML or JSON; any subset)")
+    p.add_argument("--layer", type=int, default=None, help="neuron layer (default: 24 on SmolLM2)")
+    p.add_argument("--generator", choices=("mlp", "dit"), default=None,
+                   help="weight generator (default mlp; dit is the paper's diffusion transformer)")
+    p.add_argument("--generator-steps", type=int, default=None, help="generator training steps")
+    p.add_argument("--router", choices=("nearest", "entropy"), default=None, help="router kind (default nearest)")
+    p.add_argument("--epsilon", type=float, default=None, help="router threshold by hand (no calibration)")
+    p.add_argument("--seed", type=int, default=None, help="the run's one seed (default 0)")
+
+
+def _config(args, prompt_format: str | None = None):
+    from .config import MeGConfig
+
+    config = MeGConfig.from_file(args.config) if args.config else MeGConfig()
+    for target, name, value in ((config, "layer", args.layer), (config.generator, "kind", args.generator),
+                                (config.generator, "train_steps", args.generator_steps),
+                                (config.routing.router, "kind", args.router),
+                                (config.routing.router, "epsilon", args.epsilon), (config, "seed", args.seed),
+                                (config, "prompt_format", prompt_format)):
+        if value is not None:
+            setattr(target, name, value)
+    return config
+
+
+# -- demo ---------------------------------------------------------------------------------------
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="the main job: edit SmolLM2 with 12 built-in counterfactual edits and show before/after",
+        description="Fit MeG on the built-in demo edits (12 counterfactual facts written for megedit) with the "
+        "embedded SmolLM2 and MiniLM, then print each edit's prompt, paraphrase and an unrelated question "
+        "before and after editing, and the scores. Stages are cached in --work-dir: a rerun is quick.",
+    )
+    p.add_argument("--model", default="smollm2")
+    _add_config_args(p)
+    p.add_argument("--work-dir", type=Path, default=None, help="stage cache (default: <megedit cache>/demo)")
+    p.add_argument("--out", type=Path, default=None, help="also save the edit pack here")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from .data.demo import DEMO_EDITS, demo_requests
+    from .editor import MeGEditor
+    from .eval import evaluate
+    from .models import cache_root, load_model
+
+    edits, pool = demo_requests()
+    model, tokenizer = load_model(args.model)
+    config = _config(args)
+    if args.generator_steps is None:
+        config.generator.train_steps = 1000  # 12 edits: the validation distance is lowest by then
+    start = time.perf_counter()
+    edited = MeGEditor(model, tokenizer, config, progress=args.progress).fit(
+        edits, args.work_dir or cache_root() / "demo", pool, pool_name="megedit demo pool")
+    fit_s = time.perf_counter() - start
+    print(_before_after(edited, edits))
+    report = evaluate(edited, edits, prompt_format=config.prompt_format, data_name=f"jsonl:{DEMO_EDITS.name}",
+                      progress=args.progress)
+    print()
+    print(report.table())
+    t = edited.record["timing"]
+    print(f"N={report.n} edits (megedit demo set), model={report.model}, format={config.prompt_format}, "
+          f"seed={config.seed}; fit {fit_s:.0f} s (A {t['A']['seconds']:.0f} s, B+C {t['BC']['seconds']:.0f} s, "
+          f"D {t['D']['seconds']:.0f} s), eval {report.timing['total_s']:.0f} s")
+    if args.out:
+        edited.save_pretrained(args.out)
+        print(f"saved the edit pack to {args.out}")
+    return 0
+
+
+def _before_after(edited, requests) -> str:
+    """One row per query: its kind, text, the base model's answer, the edited model's, the goal."""
+    from .eval.report import markdown_table
+
+    rows, texts = [], []
+    for r in requests:
+        texts += [("edit", r.prompt, r.target), ("paraphrase", r.rephrases[0], r.target) if r.rephrases else None,
+                  ("unrelated", r.locality[0].prompt, "(unchanged)") if r.locality else None]
+    texts = [t for t in texts if t]
+    with edited.unedited():
+        before = edited.generate([t[1] for t in texts], max_new_tokens=8)
+    after = edited.generate([t[1] for t in texts], max_new_tokens=8)
+    _, distance, familiar = edited.route([t[1] for t in texts])
+    for (kind, text, goal), b, a, d, f in zip(texts, before, after, distance.tolist(), familiar.tolist()):
+        rows.append([kind, text, b, a, goal, f"{'edit' if f else 'off'} ({max(d, 0.0):.2f})"])
+    return markdown_table(["query", "text", "before", "after", "goal", "router (distance)"], rows)
+
+
+# -- fit ----------------------------------------------------------------------------------------
+
+
+def _add_fit(sub, add_data_args, load_data, load_pool) -> None:
+    p = sub.add_parser(
+        "fit", help="edit a model with MeG and save the edit pack",
+        description="Run stages A-D (fit neurons, tune the encoder, train and calibrate the router, train the "
+        "generator) on the edits and write the edit pack (only the added parts) to --out. Stages are cached "
+        "under --work-dir by a hash of their inputs; a killed run resumes.",
+    )
+    add_data_args(p, "edit the first N records")
+    p.add_argument("--pseudo", metavar="KIND:PATH", default=None,
+                   help="pseudo-edit pool (default: the records of --data after the edited ones)")
+    _add_config_args(p)
+    p.add_argument("--out", type=Path, required=True, help="the edit pack folder")
+    p.add_argument("--work-dir", type=Path, default=None, help="stage cache (default: OUT.work)")
+    p.set_defaults(run=lambda args: _run_fit(args, load_data, load_pool))
+
+
+def _run_fit(args, load_data, load_pool) -> int:
+    from .editor import MeGEditor
+    from .models import load_model
+
+    kind, path, requests, fmt = load_data(args)
+    pool_name, pool = load_pool(args, kind, path)
+    model, tokenizer = load_model(args.model)
+    editor = MeGEditor(model, tokenizer, _config(args, fmt.name), progress=args.progress)
+    edited = editor.fit(requests, args.work_dir or args.out.with_name(args.out.name + ".work"), pool, pool_name)
+    edited.save_pretrained(args.out)
+    r = edited.record
+    print(f"MeG: {r['n_edits']} edits, fit success {r['fit']['success_rate']:.1f}%, epsilon {edited.router.epsilon:.3f}; "
+          + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in r["timing"].items() if isinstance(v, dict))
+          + f" -> {args.out}")
+    return 0
+
+
+# -- using a pack -------------------------------------------------------------------------------
+
+
+def load_pack(directory: Path, model_name: str | None):
+    """The EditedModel of a pack, on the base model it names (or `model_name`)."""
+    from .edited import EditedModel, read_manifest
+    from .models import load_model
+
+    manifest = read_manifest(directory)
+    model, tokenizer = load_model(model_name or manifest["base_model"]["source"])
+    return EditedModel.from_pretrained(directory, model, tokenizer)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="answer prompts with an edited model (and the base model beside it)",
+                       description="Greedy answers of the edited model for each prompt, next to the base model's, "
+                       "with the router's decision.")
+    p.add_argument("pack", type=Path, help="edit pack folder")
+    p.add_argument("prompts", nargs="+", help="raw prompts (the pack's prompt format wraps them)")
+    p.add_argument("--model", default=None, help="base model (default: the one the pack names)")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--chat", action="store_true", help="use the tokenizer's chat template")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from .data.prompts import PRESETS
+
+    edited = load_pack(args.pack, args.model)
+    fmt = PRESETS["chat"] if args.chat else None
+    after = edited.generate(args.prompts, args.max_new_tokens, prompt_format=fmt)
+    with edited.unedited():
+        before = edited.generate(args.prompts, args.max_new_tokens, prompt_format=fmt)
+    _, distance, familiar = edited.route(args.prompts)
+    for prompt, b, a, d, f in zip(args.prompts, before, after, distance.tolist(), familiar.tolist()):
+        print(f"{prompt}\n  edited: {a}\n  base:   {b}\n  router: {'edit' if f else 'off'} "
+              f"(distance {max(d, 0.0):.3f}, epsilon {edited.router.epsilon:.3f})")
+    return 0
+
+
+def _add_inspect(sub, add_data_args) -> None:
+    p = sub.add_parser("inspect", help="what an edit pack holds; router distances on edit data as a PNG",
+                       description="Print an edit pack's base model, neuron, router, generator, settings and stage "
+                       "times. With --data, route the data's prompts, rephrases and locality prompts and write a "
+                       "histogram of router distance with epsilon marked (--png).")
+    p.add_argument("pack", type=Path)
+    p.add_argument("--data", default=None, metavar="KIND:PATH")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--png", type=Path, default=None, help="histogram file (default: PACK/router-distance.png)")
+    p.set_defaults(run=_run_inspect)
+
+
+def _run_inspect(args) -> int:
+    import json
+
+    from .edited import read_manifest
+    from .stages.generator import Generator
+    from .stages.router import Router
+
+    m = read_manifest(args.pack)
+    router, generator = Router.load(args.pack / "router.safetensors"), Generator.load(args.pack / "generator.safetensors")
+    r = m.get("record", {})
+    print(f"edit pack {args.pack}: {r.get('n_edits', '?')} edits on {m['base_model']['source']} "
+          f"(fingerprint {m['base_model']['fingerprint'][:12]})")
+    print(f"neuron: layer {m['spec']['layer']}, {m['spec']['variant']}, {m['spec']['hidden']} wide; "
+          f"prompt format {m['prompt_format']['name']}")
+    print(f"router: {router.config.kind}, epsilon {router.epsilon:.3f}; generator: {generator.config.kind} "
+          f"({sum(p.numel() for p in generator.net.parameters()) / 1e6:.2f}M parameters, "
+          f"{generator.config.sample_steps} {generator.config.sampler} steps)")
+    if "timing" in r:
+        print("stage times: " + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in r["timing"].items() if isinstance(v, dict)))
+    print("versions: " + json.dumps(m.get("versions", {})))
+    if args.data:
+        _route_histogram(args)
+    return 0
+
+
+def _route_histogram(args) -> None:
+    from .data import load_requests, parse_data_arg
+    from .plots import router_histogram
+    from .stages.router import route_stats
+
+    edited = load_pack(args.pack, None)
+    kind, path = parse_data_arg(args.data)
+    requests = load_requests(kind, path, limit=args.limit, skip_invalid=True)
+    groups = {"prompt": [r.prompt for r in requests], "rephrase": [r.rephrases[0] for r in requests if r.rephrases],
+              "locality": [r.locality[0].prompt for r in requests if r.locality]}
+    embedded = {k: edited.encoder.encode(v) for k, v in groups.items()}
+    stats = route_stats(edited.router, embedded)
+    for name, s in stats.items():
+        print(f"{name}: {s['n']} queries, {s['familiar']:.1f}% routed to the edit")
+    png = args.png or args.pack / "router-distance.png"
+    router_histogram({k: edited.router.distance(v).cpu().tolist() for k, v in embedded.items()}, edited.router.epsilon,
+                     edited.router.config.max_distance, "router distance", png, title=f"{kind}:{path.name}")
+    print(f"wrote {png}")

@@ -1,0 +1,182 @@
+"""MeGEditor: runs stages A-D in dependency order and returns the EditedModel.
+
+Each stage writes its artefact under `work_dir/<stage>/<key>/`, the key a hash of everything
+the stage's output depends on (base model, edits, pool, settings, upstream keys). A rerun finds
+finished stages and skips them; an interrupted stage resumes from its own checkpoints (fitting
+shards, generator checkpoint). A and B/C are independent; D needs both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .config import MeGConfig
+from .data.requests import EditRequest
+from .edited import EditedModel
+from .errors import ConfigError
+from .io import atomic_write_json
+from .models import SentenceEncoder, load_encoder, model_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _records(requests: Sequence[EditRequest]) -> list[dict]:
+    return [r.to_dict() for r in requests]
+
+
+class MeGEditor:
+    """`MeGEditor(model, tokenizer, MeGConfig()).fit(requests, work_dir, pool)` -> EditedModel."""
+
+    def __init__(self, model, tokenizer, config: MeGConfig | None = None, *, encoder: SentenceEncoder | None = None,
+                 progress: bool = True) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.config = (config or MeGConfig()).resolved()
+        self.progress = progress
+        self._encoder = encoder
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
+
+    @property
+    def base_encoder(self) -> SentenceEncoder:
+        if self._encoder is None:
+            self._encoder = load_encoder(self.config.encoder, device=next(self.model.parameters()).device)
+        return self._encoder
+
+    def fit(self, requests: Sequence[EditRequest], work_dir: str | Path, pool: Sequence[EditRequest] | None = None,
+            pool_name: str = "pool") -> EditedModel:
+        """Edit the model with `requests`. `pool`: pseudo-edit records disjoint from the edits
+        (with rephrases; locality prompts help), for the encoder's training and epsilon's
+        calibration; edit ids and prompts are left out of it in any case."""
+        if not requests:
+            raise ConfigError("fit: no edit requests")
+        if not pool:
+            raise ConfigError("fit: a pseudo-edit pool is needed (records not being edited, with rephrases) to "
+                              "train the encoder and calibrate the router")
+        work_dir = Path(work_dir)
+        start, timing = time.perf_counter(), {}
+        fit, key_a, timing["A"] = self._stage_a(requests, work_dir)
+        routing, key_bc, timing["BC"] = self._stage_bc(requests, pool, work_dir)
+        generator, timing["D"] = self._stage_d(requests, fit, routing, f"{key_a}-{key_bc}", work_dir)
+        timing["total_s"] = time.perf_counter() - start
+        log.info("MeG fitted %d edits in %.0f s (A %.0f s, B+C %.0f s, D %.0f s)", len(requests), timing["total_s"],
+                 *(timing[k]["seconds"] for k in ("A", "BC", "D")))
+        record = {"n_edits": len(requests), "pool": pool_name, "n_pool": len(pool), "fit": fit.summary(),
+                  "routing": routing["record"], "generator": generator.record, "timing": timing}
+        record["fit"].pop("failed")
+        return EditedModel(self.model, self.tokenizer, fit.spec, routing["encoder"], routing["encoder_record"],
+                           routing["router"], generator, prompt_format=self.config.prompt_format,
+                           config=self.config.to_dict(), record=record, sample_seed=self.config.seed,
+                           fingerprint=self.fingerprint)
+
+    # -- stage A: one fitted neuron vector per edit ---------------------------------------------
+
+    def _stage_a(self, requests, work_dir: Path):
+        from .data.prompts import get_format
+        from .stages.fit_neurons import FitResult, fit_neurons
+
+        key = _digest({"model": self.fingerprint, "format": self.config.prompt_format,
+                       "fit": dataclasses.asdict(self.config.fit), "edits": _records(requests)})
+        folder = work_dir / "fit-neurons" / key
+        path = folder / "vectors.safetensors"
+        start, cached = time.perf_counter(), path.exists()
+        if cached:
+            log.info("stage A (fit neurons): done before, %s", folder)
+            result = FitResult.load(path)
+        else:
+            log.info("stage A (fit neurons): fitting %d edits", len(requests))
+            result = fit_neurons(self.model, self.tokenizer, requests, get_format(self.config.prompt_format),
+                                 self.config.fit, progress=self.progress, work_dir=folder)
+            result.save(path)
+        log.info("stage A: success %.1f%% of %d edits", result.success_rate, len(requests))
+        return result, key, {"seconds": time.perf_counter() - start, "cached": cached,
+                             "fit_s": result.timing.get("total_s")}
+
+    # -- stages B and C: tuned encoder, router and its epsilon ----------------------------------
+
+    def _stage_bc(self, requests, pool, work_dir: Path):
+        from .stages.encoder import load_encoder_delta, save_encoder_delta
+        from .stages.router import Router
+        from .stages.routing import fit_routing
+
+        key = _digest({"encoder": self.config.encoder, "routing": dataclasses.asdict(self.config.routing),
+                       "edits": [r.prompt for r in requests], "pool": _records(pool)})
+        folder = work_dir / "routing" / key
+        done = folder / "routing.json"
+        start = time.perf_counter()
+        if done.exists():
+            log.info("stages B+C (encoder, router): done before, %s", folder)
+            encoder, encoder_record = load_encoder_delta(folder / "encoder.safetensors", self.base_encoder)
+            router, record = Router.load(folder / "router.safetensors"), json.loads(done.read_text())
+        else:
+            log.info("stages B+C (encoder, router): tuning the encoder on the pool, then the router")
+            routing = fit_routing(requests, pool, self.base_encoder, self.config.routing, progress=self.progress)
+            save_encoder_delta(routing.encoder, routing.encoder_training, self.config.encoder,
+                               folder / "encoder.safetensors")
+            routing.router.save(folder / "router.safetensors")
+            atomic_write_json(done, routing.record)  # written last: marks the stage done
+            encoder, encoder_record = load_encoder_delta(folder / "encoder.safetensors", self.base_encoder)
+            router, record = routing.router, routing.record
+        log.info("stages B+C: epsilon %.3f (%s router)", router.epsilon, router.config.kind)
+        return ({"encoder": encoder, "encoder_record": encoder_record, "router": router, "record": record}, key,
+                {"seconds": time.perf_counter() - start, **record.get("timing", {})})
+
+    # -- stage D: the generator -----------------------------------------------------------------
+
+    def _stage_d(self, requests, fit, routing: dict, upstream: str, work_dir: Path):
+        from .stages.generator import Generator, train_generator
+
+        config = self.config.generator
+        key = _digest({"upstream": upstream, "generator": dataclasses.asdict(config)})
+        folder = work_dir / "generator" / key
+        path = folder / "generator.safetensors"
+        start = time.perf_counter()
+        if path.exists():
+            log.info("stage D (generator): done before, %s", folder)
+            generator = Generator.load(path)
+        else:
+            ok = fit.success.nonzero().flatten().tolist()
+            if not ok:
+                raise ConfigError("stage D: no edit was fitted successfully in stage A; nothing to train on")
+            encoder = routing["encoder"]
+            log.info("stage D (generator): training the %s generator on %d fitted edits", config.kind, len(ok))
+            generator = train_generator(encoder.encode([requests[i].prompt for i in ok]), fit.vectors[ok], config,
+                                        work_dir=folder, progress=self.progress,
+                                        validate=self._validation(fit.spec, [requests[i] for i in ok[: config.validation_size]]))
+            generator.save(path)
+        generator.net.to(next(self.model.parameters()).device)
+        return generator, {"seconds": time.perf_counter() - start, "train_s": generator.record.get("seconds")}
+
+    def _validation(self, spec, requests: list[EditRequest]):
+        """Reliability AG of the generated vectors on the validation edits' own prompts."""
+        from .eval import evaluate
+        from .eval.subject import vector_table_subject
+
+        requests = [dataclasses.replace(r, rephrases=(), locality=()) for r in requests]
+
+        def validate(generated: torch.Tensor) -> dict:
+            subject = vector_table_subject(self.model, self.tokenizer, spec, dict(zip((r.prompt for r in requests), generated)),
+                                           lambda q: q.text, "validation")
+            try:
+                report = evaluate(subject, requests, prompt_format=self.config.prompt_format, progress=False)
+            finally:
+                subject.neuron.detach()
+            return {"rel_ag": report.metrics["reliability"]["ag"]}
+
+        return validate
