@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/baselines.py --data counterfact --limit 1024
     .venv/bin/python bench/baselines.py --data zsre
+    .venv/bin/python bench/baselines.py --data counterfact --limit 1024 --methods memit,alphaedit
 
 Each (data, N, method) result goes to bench/results/ as a summary JSON (metrics, protocol,
 timing; the per-query cases go to bench/results/cases/, not tracked). A finished result is
@@ -22,6 +23,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+# memit / alphaedit: the key covariance comes from the pseudo-edit pool's text (never the edits)
+COV_SOURCE = HERE.parents[1] / "shared/data/counterfact/counterfact-train.json"
 DATA = {
     "counterfact": ("counterfact", HERE.parents[1] / "shared/data/counterfact/counterfact-edit.json"),
     "zsre": ("zsre", HERE.parents[1] / "shared/data/zsre/zsre_mend_train-1k.json"),
@@ -32,7 +35,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=DATA, default="counterfact")
     parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--methods", default="none,ft")
+    parser.add_argument("--methods", default="none,ft", help="any of none, ft, memit, alphaedit")
+    parser.add_argument("--cov-texts", type=int, default=4000, help="memit / alphaedit: key covariance texts")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--layer", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -44,6 +48,7 @@ def main() -> int:
 
     from megedit import evaluate, load_model, load_requests
     from megedit.baselines.ft import FTConfig, fine_tune
+    from megedit.baselines.memit import MemitConfig, batch_edit, pool_texts
     from megedit.data.prompts import DEFAULT_FOR_KIND, get_format
     from megedit.eval import PlainSubject
 
@@ -63,6 +68,9 @@ def main() -> int:
             subject = PlainSubject(model, tokenizer)
         elif method == "ft":
             subject = fine_tune(model, tokenizer, requests, fmt, FTConfig(layer=args.layer, seed=args.seed))
+        elif method in ("memit", "alphaedit"):
+            texts = pool_texts(load_requests("counterfact", COV_SOURCE))[: args.cov_texts]
+            subject = batch_edit(model, tokenizer, requests, fmt, texts, MemitConfig(method=method, seed=args.seed))
         else:
             raise SystemExit(f"unknown method {method!r}")
         edit_s = time.perf_counter() - start

@@ -26,16 +26,42 @@ def _load(pattern: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(RESULTS.glob(pattern))]
 
 
+def _where(edit: dict) -> str:
+    """Which layer(s) a method changed."""
+    if "spec" in edit:
+        return f"{edit['spec']['layer']} (neuron)"
+    if edit.get("layers"):
+        return f"{min(edit['layers'])}-{max(edit['layers'])}"
+    return str(edit.get("layer", "—"))
+
+
 def baselines_table() -> str:
+    """MeG and the baselines, one row per (data, N, method); the same harness for all."""
     rows = []
-    for r in _load("baseline-*.json"):
+    for r in _load("meg-*.json") + _load("baseline-*.json"):
         fmt = r["protocol"]["prompt_format"]["name"]
-        cells = [r["data"].split(":")[0], str(r["n"]), r["method"], str(r["edit"].get("layer", "—"))]
-        cells += [f"{r['metrics'][k][s]:.2f}" for k, s in METRICS] + [f"{r['score']:.2f}"]
-        cells += [f"{r['edit_time_s']:.0f}", f"{r['timing']['total_s']:.0f}", fmt, str(r["seed"])]
+        method = f"meg ({r['edit']['generator']} generator)" if r["method"] == "meg" else r["method"]
+        edit_s = r["fit"]["timing"]["total_s"] if r["method"] == "meg" else r["edit_time_s"]
+        cells = [r["data"].split(":")[0], str(r["n"]), method, _where(r["edit"])]
+        cells += [f"{r['metrics'][k][s]:.2f}" for k, s in METRICS] + [f"**{r['score']:.2f}**"]
+        cells += [f"{edit_s:.0f}", f"{r['timing']['total_s']:.0f}", fmt, str(r["seed"])]
         rows.append(cells)
     return _table(["data", "N", "method", "layer", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG", "LocTF", "Score",
                    "edit s", "eval s", "format", "seed"], rows)
+
+
+def meg_cost_table() -> str:
+    """MeG's per-stage fit times and its inference cost next to the unedited model."""
+    rows = []
+    for r in _load("meg-*.json"):
+        t, c = r["fit"]["timing"], r["inference"]
+        rows.append([r["data"].split(":")[0], str(r["n"]), f"{r['fit']['fit']['success_rate']:.1f}",
+                     f"{t['A']['seconds']:.0f}", f"{t['BC']['seconds']:.0f}", f"{t['D']['seconds']:.0f}",
+                     f"{r['edit']['epsilon']:.3f}", str(c["n_queries"]), f"{c['qps_base']:.1f}", f"{c['qps_edited']:.1f}",
+                     f"{c['ratio']:.2f}", f"{100 * c['route_share']:.1f}%", f"{100 * c['generate_share']:.1f}%",
+                     f"{100 * c['familiar_share']:.0f}%"])
+    return _table(["data", "N", "fit success %", "A s", "B+C s", "D s", "epsilon", "timed queries", "base q/s",
+                   "edited q/s", "ratio", "time routing", "time generating", "queries routed to the edit"], rows)
 
 
 def eval_cost_table() -> str:
@@ -150,7 +176,7 @@ def sampling_steps_table() -> str:
     return _table(["generator", "N", "sampling steps", "ms/query", "RelAG", "RelTF", "GenAG", "GenTF"], rows)
 
 
-TABLES = {"baselines": baselines_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
+TABLES = {"baselines": baselines_table, "meg-cost": meg_cost_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
           "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table,
           "routing": routing_table, "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table}
 

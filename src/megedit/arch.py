@@ -20,6 +20,7 @@ class ArchSpec:
     mlp_attr: str  # attribute of one decoder layer holding its feed-forward block
     act_attr: str  # attribute of the MLP holding its activation module
     gated: bool  # gated (SwiGLU/GeGLU) MLP or a plain two-matrix MLP
+    out_attr: str = "down_proj"  # attribute of the MLP holding its output projection (MEMIT edits it)
 
 
 _LLAMA_LIKE = ArchSpec("model.layers", "mlp", "act_fn", gated=True)
@@ -34,10 +35,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma2": _LLAMA_LIKE,
     "gemma3_text": _LLAMA_LIKE,
     "phi3": ArchSpec("model.layers", "mlp", "activation_fn", gated=True),
-    "phi": ArchSpec("model.layers", "mlp", "activation_fn", gated=False),
-    "gpt2": ArchSpec("transformer.h", "mlp", "act", gated=False),
-    "gptj": ArchSpec("transformer.h", "mlp", "act", gated=False),
-    "gpt_neox": ArchSpec("gpt_neox.layers", "mlp", "act", gated=False),
+    "phi": ArchSpec("model.layers", "mlp", "activation_fn", gated=False, out_attr="fc2"),
+    "gpt2": ArchSpec("transformer.h", "mlp", "act", gated=False, out_attr="c_proj"),  # a Conv1D: weight (in, out)
+    "gptj": ArchSpec("transformer.h", "mlp", "act", gated=False, out_attr="fc_out"),
+    "gpt_neox": ArchSpec("gpt_neox.layers", "mlp", "act", gated=False, out_attr="dense_4h_to_h"),
 }
 
 
@@ -97,6 +98,11 @@ def mlp_path(model: nn.Module, layer: int) -> str:
     """Dotted module path of the MLP of decoder layer `layer` (0-based)."""
     spec = arch_spec(model)
     return f"{spec.layers_path}.{check_layer(model, layer)}.{spec.mlp_attr}"
+
+
+def mlp_out_path(model: nn.Module, layer: int) -> str:
+    """Dotted module path of the output projection of layer `layer`'s MLP."""
+    return f"{mlp_path(model, layer)}.{arch_spec(model).out_attr}"
 
 
 def mlp_activation(mlp: nn.Module, spec: ArchSpec) -> nn.Module:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 log = logging.getLogger("megedit")
 
-METHODS = ("none", "ft")
+METHODS = ("none", "ft", "memit", "alphaedit")
 
 
 def _add_eval(sub) -> None:
@@ -22,12 +22,20 @@ def _add_eval(sub) -> None:
     )
     p.add_argument("pack", type=Path, nargs="?", default=None,
                    help="an edit pack folder (MeG; the base model is the one the pack names unless --model)")
-    p.add_argument("--method", choices=METHODS, default="none", help="none: the unedited model; ft: fine-tuning")
+    p.add_argument("--method", choices=METHODS, default="none",
+                   help="none: the unedited model; ft: fine-tuning; memit / alphaedit: batch weight editing")
     _add_data_args(p, "edit the first N records")
     p.add_argument("--layer", type=int, default=None,
                    help="layer whose MLP the method edits (ft; default: where MeG's neuron goes, 24 on SmolLM2)")
+    p.add_argument("--layers", default=None, help="memit / alphaedit: comma-separated layers (default 4..8 on SmolLM2)")
+    p.add_argument("--pseudo", metavar="KIND:PATH", default=None,
+                   help="memit / alphaedit: text for the key covariance (prompts, rephrases, locality prompts of "
+                   "these records; default: the records of --data after the edited ones)")
+    p.add_argument("--cov-texts", type=int, default=4000, help="memit / alphaedit: at most this many covariance texts")
     p.add_argument("--lr", type=float, default=None, help="ft learning rate")
     p.add_argument("--epochs", type=int, default=None, help="ft epochs")
+    p.add_argument("--save-edit", type=Path, default=None, help="ft / memit / alphaedit: save the weight deltas here")
+    p.add_argument("--load-edit", type=Path, default=None, help="evaluate saved weight deltas instead of editing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
     p.add_argument("--max-new-tokens", type=int, default=20)
@@ -40,6 +48,10 @@ def _run_eval(args) -> int:
     from .models import load_model
 
     kind, path, requests, fmt = _load_data(args)
+    if args.pack is not None and (args.method != "none" or args.load_edit):
+        from .errors import ConfigError
+
+        raise ConfigError("eval: give an edit pack, or --method / --load-edit, not both")
     if args.pack is not None:
         from .cli_meg import load_pack
 
@@ -48,15 +60,14 @@ def _run_eval(args) -> int:
     else:
         model, tokenizer = load_model(args.model)
         subject = PlainSubject(model, tokenizer)
-    if args.method == "ft" and args.pack is None:
-        from .baselines.ft import FTConfig, fine_tune
+    if args.load_edit is not None:
+        from .eval.subject import WeightEditSubject
 
-        overrides = {k: v for k, v in (("lr", args.lr), ("epochs", args.epochs)) if v is not None}
-        from .arch import resolve_layer
-
-        config = FTConfig(layer=resolve_layer(model, args.layer), seed=args.seed, **overrides)
-        log.info("fine-tuning layer %d on %d edits", config.layer, len(requests))
-        subject = fine_tune(model, tokenizer, requests, fmt, config, progress=args.progress)
+        subject = WeightEditSubject.load(args.load_edit, model, tokenizer)
+    elif args.method != "none" and args.pack is None:
+        subject = _weight_edit(args, model, tokenizer, requests, fmt, kind, path)
+        if args.save_edit:
+            subject.save(args.save_edit)
     start = time.perf_counter()
     report = evaluate(subject, requests, prompt_format=fmt, data_kind=kind, data_name=f"{kind}:{path.name}",
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=args.progress)
@@ -67,6 +78,26 @@ def _run_eval(args) -> int:
         report.save(args.json)
         print(f"wrote {args.json}")
     return 0
+
+
+def _weight_edit(args, model, tokenizer, requests, fmt, kind, path):
+    """Edit the model's weights with a baseline (ft, memit, alphaedit)."""
+    if args.method == "ft":
+        from .arch import resolve_layer
+        from .baselines.ft import FTConfig, fine_tune
+
+        overrides = {k: v for k, v in (("lr", args.lr), ("epochs", args.epochs)) if v is not None}
+        config = FTConfig(layer=resolve_layer(model, args.layer), seed=args.seed, **overrides)
+        log.info("fine-tuning layer %d on %d edits", config.layer, len(requests))
+        return fine_tune(model, tokenizer, requests, fmt, config, progress=args.progress)
+    from .baselines.memit import MemitConfig, batch_edit, pool_texts
+
+    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
+    pool_name, pool = _load_pool(args, kind, path)
+    texts = pool_texts(pool)[: args.cov_texts]
+    log.info("%s: %d edits, key covariance from %d texts of %s", args.method, len(requests), len(texts), pool_name)
+    return batch_edit(model, tokenizer, requests, fmt, texts, MemitConfig(method=args.method, layers=layers, seed=args.seed),
+                      progress=args.progress)
 
 
 def _add_data_args(p, limit_help: str = "use the first N records", lm: bool = True) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, ContextManager, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -87,6 +88,39 @@ class WeightEditSubject(PlainSubject):
 
     def describe(self) -> dict:
         return dict(self.settings)
+
+    def save(self, path) -> None:
+        """The weight deltas (edited - original) as safetensors, the method, its settings and the
+        base model's fingerprint as JSON beside them; never the base weights."""
+        from ..io import atomic_save_tensors, atomic_write_json
+        from ..models import model_fingerprint
+
+        params = dict(self.model.named_parameters())
+        with self.unedited():
+            fingerprint = model_fingerprint(self.model)
+        atomic_save_tensors(path, {n: params[n].detach() - o for n, o in self.originals.items()})
+        atomic_write_json(Path(path).with_suffix(".json"), {"method": self.method, "base_fingerprint": fingerprint,
+                                                            "settings": self.settings})
+
+    @classmethod
+    def load(cls, path, model: nn.Module, tokenizer) -> "WeightEditSubject":
+        """Apply saved weight deltas to `model` (the base model they were made on; checked)."""
+        from ..errors import MeGError
+        from ..io import load_tensors, read_record
+        from ..models import model_fingerprint
+
+        meta = read_record(path, "weight delta", lambda m: (m["method"], m["base_fingerprint"], m["settings"]) and m)
+        if model_fingerprint(model) != meta["base_fingerprint"]:
+            raise MeGError(f"{path}: these weight deltas were made for another base model")
+        deltas, params = load_tensors(path, "weight delta"), dict(model.named_parameters())
+        unknown = sorted(set(deltas) - set(params))
+        if unknown or any(deltas[n].shape != params[n].shape for n in deltas):
+            raise MeGError(f"{path}: the deltas do not fit this model ({unknown[:1] or 'shape mismatch'})")
+        originals = {n: params[n].detach().clone() for n in deltas}
+        with torch.no_grad():
+            for n, d in deltas.items():
+                params[n].add_(d.to(params[n].device, params[n].dtype))
+        return cls(model, tokenizer, meta["method"], originals, meta["settings"])
 
 
 def as_subject(obj) -> Subject:

@@ -1,0 +1,107 @@
+"""MEMIT and AlphaEdit: the closed-form updates, and a batch edit of a tiny model."""
+
+import pytest
+import torch
+from tiny import char_tokenizer, tiny_model
+
+from megedit.baselines.memit import (MemitConfig, alphaedit_update, batch_edit, keys_and_hidden, memit_update,
+                                     null_space_projector, subject_positions, target_values)
+from megedit.data import EditRequest
+from megedit.data.prompts import PromptFormat
+from megedit.errors import ConfigError
+
+FMT = PromptFormat("raw")
+EDITS = [EditRequest(f"e{i}", f"{s} lives in", t, subject=s)
+         for i, (s, t) in enumerate([("Ann", "Rome"), ("Bob", "Oslo"), ("Cy", "Lima")])]
+TEXTS = [f"some ordinary text number {i} about things." for i in range(40)]
+
+
+def _random(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_memit_update_solves_its_normal_equations_and_maps_keys_to_values_when_lambda_is_small():
+    keys, resid, c = _random(5, 12), _random(5, 7, seed=1), _random(40, 12, seed=2)
+    cov = c.T @ c / 40
+    update = memit_update(keys, resid, cov, 3.0)
+    assert torch.allclose(update @ (3.0 * cov + keys.T @ keys), resid.T @ keys, atol=1e-10)
+    exact = memit_update(keys, resid, cov, 1e-9)  # n < d_k: every key can hit its value exactly
+    assert torch.allclose(keys @ exact.T, resid, atol=1e-6)
+
+
+def test_alphaedit_update_is_orthogonal_to_the_preserved_keys():
+    preserved = _random(8, 12, seed=3)  # rank 8 of 12: a 4-dimensional null space
+    cov = preserved.T @ preserved / 8
+    projector = null_space_projector(cov, 1e-8)
+    assert round(float(projector.trace())) == 4
+    keys, resid = _random(3, 12, seed=4), _random(3, 6, seed=5)
+    update = alphaedit_update(keys, resid, projector, 1.0)
+    assert (update @ preserved.T).abs().max() < 1e-10 * update.abs().max()
+    assert update.abs().max() > 1e-3  # it does change something
+
+
+def test_subject_last_token_positions():
+    tok = char_tokenizer()
+    assert subject_positions(tok, FMT, EDITS) == [2, 2, 1]  # "Ann" ends at character 2; "Cy" at 1
+    assert subject_positions(tok, FMT, [EditRequest("x", "abc", "d")]) == [2]  # no subject: the last token
+
+
+def test_a_one_layer_memit_edit_writes_the_target_values_at_the_edited_layer():
+    model, tok = tiny_model("llama", init_range=0.2), char_tokenizer()
+    config = MemitConfig(layers=(1,), mom2_weight=1e-6, v_steps=30)
+    positions = subject_positions(tok, FMT, EDITS)
+    z, _ = target_values(model, tok, FMT, EDITS, positions, 1, config, progress=False)  # deterministic
+    _, before = keys_and_hidden(model, tok, FMT, EDITS, positions, 1, 1, 8)
+    subject = batch_edit(model, tok, EDITS, FMT, TEXTS, config, progress=False)
+    _, after = keys_and_hidden(model, tok, FMT, EDITS, positions, 1, 1, 8)
+    assert (z - before).norm(dim=1).min() > 1e-2  # the values asked for are new
+    assert torch.allclose(after, z, atol=1e-4 * z.abs().max())  # and the edited key now gives them
+    with subject.unedited():
+        _, restored = keys_and_hidden(model, tok, FMT, EDITS, positions, 1, 1, 8)
+    assert torch.equal(restored, before)
+    subject.restore()
+
+
+def test_alphaedit_leaves_ordinary_text_keys_mapped_as_before():
+    model, tok = tiny_model("llama", init_range=0.2), char_tokenizer()
+    few = TEXTS[:2]  # few tokens: the key covariance has a real null space
+    subject = batch_edit(model, tok, EDITS, FMT, few, MemitConfig(method="alphaedit", layers=(1,), null_threshold=1e-6),
+                         progress=False)
+    weight = model.model.layers[1].mlp.down_proj.weight
+    original = subject.originals["model.layers.1.mlp.down_proj.weight"]
+    from megedit.baselines.memit import _capture_keys
+    from megedit.lm import left_pad
+
+    batch = left_pad([tok(t)["input_ids"] for t in few], 0)
+    with torch.no_grad(), _capture_keys(model, [1]) as keys:
+        model(**batch.model_inputs, use_cache=False)
+    k = keys[1][0][batch.mask.bool()]
+    change = (weight - original) @ k.T
+    assert (weight - original).abs().max() > 1e-4
+    assert change.abs().max() < 1e-4 * (weight - original).abs().max() * k.abs().max() * k.shape[1]
+    subject.restore()
+
+
+def test_bad_settings():
+    with pytest.raises(ConfigError, match="method"):
+        MemitConfig(method="rome").validate()
+    model, tok = tiny_model("llama"), char_tokenizer()
+    with pytest.raises(ConfigError, match="below the last layer"):
+        batch_edit(model, tok, EDITS, FMT, TEXTS, MemitConfig(layers=(2,)), progress=False)
+
+
+def test_weight_deltas_save_and_load_onto_the_same_base_only(tmp_path):
+    from megedit.errors import MeGError
+    from megedit.eval.subject import WeightEditSubject
+
+    model, tok = tiny_model("llama", init_range=0.2), char_tokenizer()
+    subject = batch_edit(model, tok, EDITS, FMT, TEXTS, MemitConfig(layers=(0, 1), v_steps=5), progress=False)
+    subject.save(tmp_path / "memit.safetensors")
+    edited = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fresh = tiny_model("llama", init_range=0.2)
+    loaded = WeightEditSubject.load(tmp_path / "memit.safetensors", fresh, tok)
+    assert loaded.method == "memit" and loaded.settings["layers"] == [0, 1]
+    for n, p in fresh.named_parameters():
+        assert torch.allclose(p, edited[n], atol=1e-6)
+    with pytest.raises(MeGError, match="another base model"):
+        WeightEditSubject.load(tmp_path / "memit.safetensors", tiny_model("llama", seed=3), tok)
