@@ -41,7 +41,7 @@ def speed(edited, requests, rounds: int) -> dict:
     ids = [fmt.prompt_ids(q.text, edited.tokenizer) for q in queries]
     settings, empty = DecodeSettings(fmt, 20, 32), [[] for _ in queries]
     base = PlainSubject(edited.model, edited.tokenizer)
-    seconds = {"edited": 0.0, "base": 0.0}
+    seconds, tokens = {"edited": 0.0, "base": 0.0}, {"edited": 0, "base": 0}
     edited.stats = dict.fromkeys(edited.stats, 0)
     for _ in range(rounds):
         for name in ("base", "edited"):
@@ -49,13 +49,17 @@ def speed(edited, requests, rounds: int) -> dict:
                 edited.neuron.detach()
             start = time.perf_counter()
             with torch.inference_mode():
-                run_queries(edited if name == "edited" else base, queries, ids, empty, settings, False, name)
+                out = run_queries(edited if name == "edited" else base, queries, ids, empty, settings, False, name)
             seconds[name] += time.perf_counter() - start
+            tokens[name] += sum(len(g) for g in out.generated)
             if name == "base":
                 edited.neuron.attach()
     qps = {k: rounds * len(queries) / v for k, v in seconds.items()}
     return {"n_queries": len(queries), "rounds": rounds, "max_new_tokens": 20, "batch_size": 32,
             "qps_edited": qps["edited"], "qps_base": qps["base"], "ratio": qps["edited"] / qps["base"],
+            # edited answers are often shorter (the new target, then a newline): tokens/s compares equal work
+            "tokens_per_s_edited": tokens["edited"] / seconds["edited"], "tokens_per_s_base": tokens["base"] / seconds["base"],
+            "token_ratio": (tokens["edited"] / seconds["edited"]) / (tokens["base"] / seconds["base"]),
             "route_share": edited.stats["route_s"] / seconds["edited"],
             "generate_share": edited.stats["generate_s"] / seconds["edited"],
             "familiar_share": edited.stats["familiar"] / max(1, edited.stats["queries"])}
@@ -68,11 +72,12 @@ def main() -> int:
     parser.add_argument("--speed-n", type=int, default=128, help="edits whose queries time the inference")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse-eval", action="store_true", help="keep the saved evaluation, re-time inference")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("megedit").setLevel(logging.INFO)
 
-    from megedit import MeGConfig, MeGEditor, evaluate, load_model, load_requests
+    from megedit import EvalReport, MeGConfig, MeGEditor, evaluate, load_model, load_requests
     from megedit.data.prompts import DEFAULT_FOR_KIND
     from megedit.io import atomic_write_json
 
@@ -85,13 +90,17 @@ def main() -> int:
     name = f"meg-{args.setting}" + ("" if args.generator == "mlp" else f"-{args.generator}")
     edited = MeGEditor(model, tokenizer, config).fit(requests, HERE / "results" / "cases" / name, pool,
                                                      f"counterfact:{POOL.name}")
-    report = evaluate(edited, requests, prompt_format=config.prompt_format, data_kind=kind,
-                      data_name=f"{kind}:{path.name}", batch_size=64)
-    report.save(HERE / "results" / "cases" / name / "eval.json")
+    saved = HERE / "results" / "cases" / name / "eval.json"
+    if args.reuse_eval and saved.exists():  # re-measure only the inference cost
+        report = EvalReport.load(saved)
+    else:
+        report = evaluate(edited, requests, prompt_format=config.prompt_format, data_kind=kind,
+                          data_name=f"{kind}:{path.name}", batch_size=64)
+        report.save(saved)
     print(report.table())
     cost = speed(edited, requests[: args.speed_n], args.rounds)
     print(f"inference: edited {cost['qps_edited']:.1f} q/s, base {cost['qps_base']:.1f} q/s "
-          f"(ratio {cost['ratio']:.2f}); routing {100 * cost['route_share']:.1f}%, "
+          f"(ratio {cost['ratio']:.2f}; tokens/s ratio {cost['token_ratio']:.2f}); routing {100 * cost['route_share']:.1f}%, "
           f"generator {100 * cost['generate_share']:.1f}% of the edited model's time")
     summary = {k: v for k, v in report.to_dict().items() if k != "cases"}
     summary |= {"setting": args.setting, "pool": f"counterfact:{POOL.name}", "seed": args.seed,
