@@ -109,7 +109,7 @@ class WeightEditSubject(PlainSubject):
         from ..io import load_tensors, read_record
         from ..models import model_fingerprint
 
-        meta = read_record(path, "weight delta", lambda m: (m["method"], m["base_fingerprint"], m["settings"]) and m)
+        meta = read_record(path, "weight delta", lambda m: {k: m[k] for k in ("method", "base_fingerprint", "settings")})
         if model_fingerprint(model) != meta["base_fingerprint"]:
             raise MeGError(f"{path}: these weight deltas were made for another base model")
         deltas, params = load_tensors(path, "weight delta"), dict(model.named_parameters())
