@@ -176,7 +176,18 @@ def sampling_steps_table() -> str:
     return _table(["generator", "N", "sampling steps", "ms/query", "RelAG", "RelTF", "GenAG", "GenTF"], rows)
 
 
-TABLES = {"baselines": baselines_table, "meg-cost": meg_cost_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
+def memit_sweep_table() -> str:
+    rows = []
+    for r in _load("memit_sweep-*.json"):
+        for row in r["rows"]:
+            weight = ("lambda " if row["method"] == "memit" else "a ") + f"{row['weight']:g}"
+            rows.append([str(r["n"]), row["method"], weight, "-".join(map(str, row["settings"]["layers"][::len(row["settings"]["layers"]) - 1]))]
+                        + [f"{row['metrics'][k][s]:.1f}" for k, s in METRICS] + [f"{row['score']:.2f}", f"{row['edit_s']:.0f}"])
+    return _table(["N", "method", "weight", "layers", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG", "LocTF", "Score",
+                   "edit s"], rows)
+
+
+TABLES = {"memit-sweep": memit_sweep_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
           "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table,
           "routing": routing_table, "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table}
 
