@@ -202,7 +202,9 @@ def _run_inspect(args) -> int:
     from .stages.router import Router
 
     m = read_manifest(args.pack)
-    router, generator = Router.load(args.pack / "router.safetensors"), Generator.load(args.pack / "generator.safetensors")
+    edited = load_pack(args.pack, None) if args.data else None  # routing the data needs the whole pack
+    router, generator = ((edited.router, edited.generator) if edited else
+                         (Router.load(args.pack / "router.safetensors"), Generator.load(args.pack / "generator.safetensors")))
     r = m.get("record", {})
     print(f"edit pack {args.pack}: {r.get('n_edits', '?')} edits on {m['base_model']['source']} "
           f"(fingerprint {m['base_model']['fingerprint'][:12]})")
@@ -214,17 +216,16 @@ def _run_inspect(args) -> int:
     if "timing" in r:
         print("stage times: " + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in r["timing"].items() if isinstance(v, dict)))
     print("versions: " + json.dumps(m.get("versions", {})))
-    if args.data:
-        _route_histogram(args)
+    if edited:
+        _route_histogram(args, edited)
     return 0
 
 
-def _route_histogram(args) -> None:
+def _route_histogram(args, edited) -> None:
     from .data import load_requests, parse_data_arg
     from .plots import router_histogram
     from .stages.router import route_stats
 
-    edited = load_pack(args.pack, None)
     kind, path = parse_data_arg(args.data)
     requests = load_requests(kind, path, limit=args.limit, skip_invalid=True)
     groups = {"prompt": [r.prompt for r in requests], "rephrase": [r.rephrases[0] for r in requests if r.rephrases],

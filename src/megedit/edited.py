@@ -171,7 +171,7 @@ class EditedModel(NeuronSubject):
             raise MeGError(f"{directory / 'pack.json'}: malformed spec or prompt_format ({error})") from None
         device = next(model.parameters()).device
         return cls(model, tokenizer, spec, tuned.to(device), encoder_record,
-                   Router.load(directory / "router.safetensors"), _to(Generator.load(directory / "generator.safetensors"), device),
+                   Router.load(directory / "router.safetensors"), Generator.load(directory / "generator.safetensors").to(device),
                    prompt_format=fmt, config=manifest.get("config", {}), record=manifest.get("record", {}),
                    sample_seed=int(manifest.get("sample_seed", 0)), fingerprint=fingerprint)
 
@@ -197,11 +197,6 @@ def read_manifest(directory: Path) -> dict:
     if missing or set(manifest.get("files", {})) != set(PACK_FILES):
         raise MeGError(f"{path}: incomplete manifest (missing {missing or 'file checksums'})")
     return manifest
-
-
-def _to(generator: Generator, device) -> Generator:
-    generator.net.to(device)
-    return generator
 
 
 def _sha256(path: Path) -> str:

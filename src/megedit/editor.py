@@ -111,7 +111,7 @@ class MeGEditor:
     # -- stages B and C: tuned encoder, router and its epsilon ----------------------------------
 
     def _stage_bc(self, requests, pool, work_dir: Path):
-        from .stages.encoder import load_encoder_delta, save_encoder_delta
+        from .stages.encoder import encoder_delta_record, load_encoder_delta, write_encoder_delta
         from .stages.router import Router
         from .stages.routing import fit_routing
 
@@ -127,12 +127,11 @@ class MeGEditor:
         else:
             log.info("stages B+C (encoder, router): tuning the encoder on the pool, then the router")
             routing = fit_routing(requests, pool, self.base_encoder, self.config.routing, progress=self.progress)
-            save_encoder_delta(routing.encoder, routing.encoder_training, self.config.encoder,
-                               folder / "encoder.safetensors")
-            routing.router.save(folder / "router.safetensors")
-            atomic_write_json(done, routing.record)  # written last: marks the stage done
-            encoder, encoder_record = load_encoder_delta(folder / "encoder.safetensors", self.base_encoder)
-            router, record = routing.router, routing.record
+            encoder, router, record = routing.encoder, routing.router, routing.record
+            encoder_record = encoder_delta_record(routing.encoder_training, self.config.encoder)
+            write_encoder_delta(encoder, encoder_record, folder / "encoder.safetensors")
+            router.save(folder / "router.safetensors")
+            atomic_write_json(done, record)  # written last: marks the stage done
         log.info("stages B+C: epsilon %.3f (%s router)", router.epsilon, router.config.kind)
         return ({"encoder": encoder, "encoder_record": encoder_record, "router": router, "record": record}, key,
                 {"seconds": time.perf_counter() - start, **record.get("timing", {})})
@@ -160,7 +159,7 @@ class MeGEditor:
                                         work_dir=folder, progress=self.progress,
                                         validate=self._validation(fit.spec, [requests[i] for i in ok[: config.validation_size]]))
             generator.save(path)
-        generator.net.to(next(self.model.parameters()).device)
+        generator.to(next(self.model.parameters()).device)
         return generator, {"seconds": time.perf_counter() - start, "train_s": generator.record.get("seconds")}
 
     def _validation(self, spec, requests: list[EditRequest]):

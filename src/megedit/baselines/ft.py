@@ -67,13 +67,14 @@ class TrainingBatch:
 
 
 def edit_batches(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFormat,
-                 batch_size: int) -> list[TrainingBatch]:
-    """Each edit's prompt and its answer followed by the end-of-answer token, batched by length."""
+                 batch_size: int) -> list[tuple[list[int], TrainingBatch]]:
+    """Each edit's prompt and its answer followed by the end-of-answer token, batched by length:
+    (the requests' indices, their batch) per batch."""
     prompts = [fmt.prompt_ids(r.prompt, tokenizer) for r in requests]
     answers = [fmt.answer_ids(r.target, tokenizer, with_stop=True) for r in requests]
     device = model_device(model)
     return [
-        TrainingBatch.build([prompts[i] for i in idx], [answers[i] for i in idx], tokenizer.pad_token_id, device)
+        (idx, TrainingBatch.build([prompts[i] for i in idx], [answers[i] for i in idx], tokenizer.pad_token_id, device))
         for idx in length_batches([len(p) + len(a) for p, a in zip(prompts, answers)], batch_size)
     ]
 
@@ -88,7 +89,7 @@ def fine_tune(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptForm
     mlp = model.get_submodule(mlp_path(model, config.layer))
     prefix = mlp_path(model, config.layer) + "."
     originals = {prefix + n: p.detach().clone() for n, p in mlp.named_parameters()}
-    batches = edit_batches(model, tokenizer, requests, fmt, config.batch_size)
+    batches = [b for _, b in edit_batches(model, tokenizer, requests, fmt, config.batch_size)]
     with torch.no_grad():
         hidden = [layer_input(model, config.layer, b.batch) for b in batches]
 

@@ -38,7 +38,7 @@ from ..eval.subject import WeightEditSubject
 from ..io import atomic_save_tensors, load_tensors
 from ..lm import layer_input, left_pad, length_batches, model_device, starting_at_layer
 from ..models import cache_root, model_fingerprint
-from .ft import TrainingBatch
+from .ft import edit_batches
 
 log = logging.getLogger(__name__)
 
@@ -184,16 +184,13 @@ def target_values(model, tokenizer, fmt, requests, positions, last: int, config:
     target. The layers up to `last` run once per batch; only the layers above run per step."""
     if last + 1 >= num_layers(model):
         raise ConfigError(f"the edited span must end below the last layer ({num_layers(model) - 1}), got {last}")
-    prompts = [fmt.prompt_ids(r.prompt, tokenizer) for r in requests]
-    answers = [fmt.answer_ids(r.target, tokenizer, with_stop=True) for r in requests]
     z, losses = [None] * len(requests), []
     device = model_device(model)
-    batches = length_batches([len(p) + len(a) for p, a in zip(prompts, answers)], config.batch_size)
-    for idx in tqdm(batches, desc=f"{config.method} target values", disable=not progress, leave=False):
-        tb = TrainingBatch.build([prompts[i] for i in idx], [answers[i] for i in idx], tokenizer.pad_token_id, device)
-        width = tb.batch.ids.shape[1]
+    batches = edit_batches(model, tokenizer, requests, fmt, config.batch_size)
+    for idx, tb in tqdm(batches, desc=f"{config.method} target values", disable=not progress, leave=False):
         rows = torch.arange(len(idx), device=device)
-        pos = torch.tensor([width - len(prompts[i]) - len(answers[i]) + positions[i] for i in idx], device=device)
+        pad = (tb.batch.mask == 0).sum(dim=1)  # left padding: each row's first real token
+        pos = pad + torch.tensor([positions[i] for i in idx], device=device)
         with torch.no_grad():
             base = layer_input(model, last + 1, tb.batch)
         h = base[rows, pos].detach()

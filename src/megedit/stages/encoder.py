@@ -174,11 +174,15 @@ def train_encoder(encoder: SentenceEncoder, queries: Sequence[str], paraphrases:
     return tuned, EncoderTraining(config, len(pairs), losses, timing)
 
 
+def encoder_delta_record(training: EncoderTraining, base: str) -> dict:
+    """The JSON record of a tuned encoder: its base encoder's name and how it was trained."""
+    return {"base_encoder": base, "config": asdict(training.config), "n_pairs": training.n_pairs,
+            "losses": training.losses, "timing": training.timing}
+
+
 def save_encoder_delta(tuned: SentenceEncoder, training: EncoderTraining, base: str, path: str | Path) -> Path:
     """The trained layers as safetensors plus JSON (base encoder name, config, losses)."""
-    return write_encoder_delta(tuned, {"base_encoder": base, "config": asdict(training.config),
-                                       "n_pairs": training.n_pairs, "losses": training.losses,
-                                       "timing": training.timing}, path)
+    return write_encoder_delta(tuned, encoder_delta_record(training, base), path)
 
 
 def write_encoder_delta(tuned: SentenceEncoder, record: dict, path: str | Path) -> Path:

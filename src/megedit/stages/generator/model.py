@@ -124,6 +124,11 @@ class Generator:
         net.train(was_training)
         return self.denormalize(x)
 
+    def to(self, device) -> "Generator":
+        """Move the network (the normalisation follows the vectors it is applied to)."""
+        self.net.to(device)
+        return self
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
