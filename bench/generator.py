@@ -111,7 +111,8 @@ def main() -> int:
         name = f"generator-{kind}-{args.limit}" + (f"-{args.tag}" if args.tag else "")
         generator = train_generator(prompt_emb, fit.vectors[ok], config, work_dir=CASES / name, validate=validate)
         generator.save(CASES / name / "generator.safetensors")
-        row = {"kind": kind, "config": dataclasses.asdict(config), "training": generator.record,
+        row = {"kind": kind, "config": dataclasses.asdict(config), "network": generator.net.config.to_dict(),
+               "training": generator.record,
                "eval": score(model, tokenizer, fit.spec, requests, generator, encoder, config.sample_steps, name)}
         if kind == "dit":
             row["steps_grid"] = [score(model, tokenizer, fit.spec, requests[: args.grid_n], generator, encoder, s, name)

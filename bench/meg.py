@@ -3,13 +3,14 @@ harness, and measure the inference cost against the unedited model on the same q
 
     .venv/bin/python bench/meg.py counterfact      # first 1,024 CounterFact edits, pool counterfact-train
     .venv/bin/python bench/meg.py zsre             # the ZsRE edits (malformed records skipped), same pool
+    .venv/bin/python bench/meg.py counterfact --limit 4096 --no-speed   # a point of bench/scale_curve.py
 
 Stages are cached in bench/results/cases/meg-<setting>/ (a killed run resumes). The inference
 cost: greedy answers (up to 20 tokens) for the first `--speed-n` edits' prompt, rephrase and
 locality query, with the edited model and with the base model (the neuron taken off), in
 alternating rounds in one process; queries per second of each and the share of the edited
 model's time spent routing and generating neuron vectors.
-Results: bench/results/meg-<setting>.json (bench/update_readme.py shows them beside the baselines).
+Results: bench/results/meg-<setting>[-<N> when not the default][-<generator> when not mlp].json (bench/update_readme.py shows them beside the baselines).
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("setting", choices=sorted(SETTINGS))
     parser.add_argument("--generator", default="mlp")
+    parser.add_argument("--limit", type=int, default=None, help="first N edits (default: the setting's)")
     parser.add_argument("--speed-n", type=int, default=128, help="edits whose queries time the inference")
+    parser.add_argument("--no-speed", action="store_true", help="skip the inference timing")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse-eval", action="store_true", help="keep the saved evaluation, re-time inference")
@@ -82,12 +85,14 @@ def main() -> int:
     from megedit.io import atomic_write_json
 
     kind, path, limit = SETTINGS[args.setting]
+    suffix = "" if args.limit in (None, limit) else f"-{args.limit}"
+    limit = args.limit or limit
     requests = load_requests(kind, path, limit=limit, skip_invalid=True)
     pool = load_requests("counterfact", POOL)
     model, tokenizer = load_model("smollm2", device="cpu")
     config = MeGConfig(prompt_format=DEFAULT_FOR_KIND[kind], seed=args.seed)
     config.generator.kind = args.generator
-    name = f"meg-{args.setting}" + ("" if args.generator == "mlp" else f"-{args.generator}")
+    name = f"meg-{args.setting}{suffix}" + ("" if args.generator == "mlp" else f"-{args.generator}")
     edited = MeGEditor(model, tokenizer, config).fit(requests, HERE / "results" / "cases" / name, pool,
                                                      f"counterfact:{POOL.name}")
     saved = HERE / "results" / "cases" / name / "eval.json"
@@ -98,10 +103,11 @@ def main() -> int:
                           data_name=f"{kind}:{path.name}", batch_size=64)
         report.save(saved)
     print(report.table())
-    cost = speed(edited, requests[: args.speed_n], args.rounds)
-    print(f"inference: edited {cost['qps_edited']:.1f} q/s, base {cost['qps_base']:.1f} q/s "
-          f"(ratio {cost['ratio']:.2f}; tokens/s ratio {cost['token_ratio']:.2f}); routing {100 * cost['route_share']:.1f}%, "
-          f"generator {100 * cost['generate_share']:.1f}% of the edited model's time")
+    cost = None if args.no_speed else speed(edited, requests[: args.speed_n], args.rounds)
+    if cost:
+        print(f"inference: edited {cost['qps_edited']:.1f} q/s, base {cost['qps_base']:.1f} q/s "
+              f"(ratio {cost['ratio']:.2f}; tokens/s ratio {cost['token_ratio']:.2f}); routing "
+              f"{100 * cost['route_share']:.1f}%, generator {100 * cost['generate_share']:.1f}% of the edited model's time")
     summary = {k: v for k, v in report.to_dict().items() if k != "cases"}
     summary |= {"setting": args.setting, "pool": f"counterfact:{POOL.name}", "seed": args.seed,
                 "config": config.to_dict(), "fit": edited.record, "inference": cost, "threads": torch.get_num_threads()}

@@ -2,10 +2,12 @@
 the method works on this model, and how its weight trades reliability for locality).
 
     .venv/bin/python bench/memit_sweep.py --limit 32 --runs memit:15000,memit:1000,memit:100,alphaedit:10
+    .venv/bin/python bench/memit_sweep.py --limit 32 --runs memit:1000:1-5,memit:1000:8-12 --tag layers
 
-Each run edits the first N CounterFact edits at once (layers 4-8, covariance from 4,000 texts of
-counterfact-train.json), scores them with the shared harness, and puts the original weights back.
-Results: bench/results/memit_sweep-<N>.json (bench/update_readme.py shows them).
+Each run (METHOD:WEIGHT[:FIRST-LAST layers, default 4-8]) edits the first N CounterFact edits at
+once (covariance from 4,000 texts of counterfact-train.json), scores them with the shared
+harness, and puts the original weights back.
+Results: bench/results/memit_sweep-<N>[-<tag>].json (bench/update_readme.py shows them).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def main() -> int:
     parser.add_argument("--runs", default="memit:15000,memit:1000,memit:100,alphaedit:10",
                         help="METHOD:WEIGHT (MEMIT's lambda, AlphaEdit's ridge term)")
     parser.add_argument("--cov-texts", type=int, default=4000)
+    parser.add_argument("--tag", default="")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
@@ -40,8 +43,10 @@ def main() -> int:
     texts = pool_texts(load_requests("counterfact", POOL))[: args.cov_texts]
     rows = []
     for run in args.runs.split(","):
-        method, weight = run.split(":")
-        config = MemitConfig(method=method, **({"mom2_weight": float(weight)} if method == "memit" else {"l2": float(weight)}))
+        method, weight, *span = run.split(":")
+        layers = tuple(range(int(span[0].split("-")[0]), int(span[0].split("-")[1]) + 1)) if span else None
+        config = MemitConfig(method=method, layers=layers,
+                             **({"mom2_weight": float(weight)} if method == "memit" else {"l2": float(weight)}))
         start = time.perf_counter()
         subject = batch_edit(model, tokenizer, requests, get_format("raw"), texts, config, progress=False)
         edit_s = time.perf_counter() - start
@@ -53,7 +58,8 @@ def main() -> int:
         print(f"{run}: Rel {m['reliability']['ag']:.1f}/{m['reliability']['tf']:.1f} "
               f"Gen {m['generality']['ag']:.1f}/{m['generality']['tf']:.1f} "
               f"Loc {m['locality']['ag']:.1f}/{m['locality']['tf']:.1f} Score {report.score:.2f} ({edit_s:.0f} s)")
-    path = atomic_write_json(HERE / "results" / f"memit_sweep-{args.limit}.json",
+    path = atomic_write_json(HERE / "results" / (f"memit_sweep-{args.limit}" + (f"-{args.tag}" if args.tag else "")
+                                                 + ".json"),
                              {"n": len(requests), "data": f"counterfact:{CF.name}", "format": "raw", "seed": 0,
                               "cov_source": f"counterfact:{POOL.name}", "rows": rows})
     print(f"wrote {path}")

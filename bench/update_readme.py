@@ -11,6 +11,8 @@ import re
 import sys
 from pathlib import Path
 
+from scale_curve import edit_seconds  # noqa: E402 (bench/ is this script's own folder)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 METRICS = [("reliability", "ag"), ("reliability", "tf"), ("generality", "ag"), ("generality", "tf"),
@@ -41,7 +43,7 @@ def baselines_table() -> str:
     for r in _load("meg-*.json") + _load("baseline-*.json"):
         fmt = r["protocol"]["prompt_format"]["name"]
         method = f"meg ({r['edit']['generator']} generator)" if r["method"] == "meg" else r["method"]
-        edit_s = r["fit"]["timing"]["total_s"] if r["method"] == "meg" else r["edit_time_s"]
+        edit_s = edit_seconds(r)[0]
         cells = [r["data"].split(":")[0], str(r["n"]), method, _where(r["edit"])]
         cells += [f"{r['metrics'][k][s]:.2f}" for k, s in METRICS] + [f"**{r['score']:.2f}**"]
         cells += [f"{edit_s:.0f}", f"{r['timing']['total_s']:.0f}", fmt, str(r["seed"])]
@@ -147,21 +149,28 @@ def router_kinds_table() -> str:
                    "pool recall / false fire %", "recall %", "false fire %", "build + calibrate s"], rows)
 
 
+def _generator_label(row: dict) -> str:
+    if row["kind"] != "dit":
+        return row["kind"]
+    unit = row.get("network", {}).get("unit_condition", False)  # runs before the option existed: raw condition
+    return f"dit ({row['config']['preset']}, {'condition x sqrt(d)' if unit else 'raw condition'})"
+
+
 def generator_table() -> str:
     rows = []
     for r in _load("fit_neurons-scale-*.json"):
         m = r["fitted_vector_eval"]["metrics"]
-        rows.append(["fitted vectors (stage A, upper bound)", str(r["n"]), "—", "—", "—", "—", "—"]
+        rows.append(["fitted vectors (stage A, upper bound)", str(r["n"]), "—", "—", "—", "—", "—", "—"]
                     + [f"{m[k][s]:.1f}" for k, s in METRICS[:4]] + ["—"])
     for r in _load("generator-*.json"):
         for row in r["rows"]:
             t, e, best = row["training"], row["eval"], row["training"]["best"]
             m = e["metrics"]
-            rows.append([row["kind"] + (f" ({row['config']['preset']})" if row["kind"] == "dit" else ""), str(r["n"]),
-                         f"{t['parameters'] / 1e6:.2f}M", str(t["steps"]), f"{t['seconds']:.0f}",
+            rows.append([_generator_label(row), str(r["n"]),
+                         f"{t['parameters'] / 1e6:.2f}M", str(t["steps"]), f"{t['seconds']:.0f}", str(r.get("threads", "—")),
                          f"{best['rel_l2']:.3f}", f"{best.get('rel_ag', float('nan')):.1f}"]
                         + [f"{m[k][s]:.1f}" for k, s in METRICS[:4]] + [f"{e['generate_ms_per_query']:.2f}"])
-    return _table(["vectors from", "N", "params", "train steps", "train s", "val rel. L2", "val RelAG",
+    return _table(["vectors from", "N", "params", "train steps", "train s", "threads", "val rel. L2", "val RelAG",
                    "RelAG", "RelTF", "GenAG", "GenTF", "ms/query"], rows)
 
 
@@ -171,23 +180,39 @@ def sampling_steps_table() -> str:
         for row in r["rows"]:
             for g in row.get("steps_grid", []):
                 m = g["metrics"]
-                rows.append([row["kind"], str(g["n"]), str(g["steps"]), f"{g['generate_ms_per_query']:.2f}"]
+                rows.append([_generator_label(row), str(row["training"]["steps"]), str(r.get("threads", "—")), str(g["n"]),
+                             str(g["steps"]), f"{g['generate_ms_per_query']:.2f}"]
                             + [f"{m[k][s]:.1f}" for k, s in METRICS[:4]])
-    return _table(["generator", "N", "sampling steps", "ms/query", "RelAG", "RelTF", "GenAG", "GenTF"], rows)
+    return _table(["generator", "train steps", "threads", "N", "sampling steps", "ms/query", "RelAG", "RelTF", "GenAG", "GenTF"], rows)
+
+
+def scale_curve_table() -> str:
+    """The points of bench/scale_curve.py: every method at every N measured so far."""
+    path = RESULTS / "scale_curve.json"
+    points = json.loads(path.read_text())["points"] if path.exists() else []
+    rows = [[str(p["n"]), p["method"]] + [f"{p['metrics'][k][s]:.1f}" for k, s in METRICS]
+            + [f"**{p['score']:.2f}**", f"{p['edit_time_s']:.0f}", p["edit_time_note"] or "—",
+               f"{p['eval_time_s']:.0f}"] for p in sorted(points, key=lambda p: (p["n"], p["method"]))]
+    return _table(["N", "method", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG", "LocTF", "Score", "edit s",
+                   "edit time note", "eval s"], rows)
 
 
 def memit_sweep_table() -> str:
     rows = []
     for r in _load("memit_sweep-*.json"):
         for row in r["rows"]:
+            settings = row["settings"]
             weight = ("lambda " if row["method"] == "memit" else "a ") + f"{row['weight']:g}"
-            rows.append([str(r["n"]), row["method"], weight, "-".join(map(str, row["settings"]["layers"][::len(row["settings"]["layers"]) - 1]))]
-                        + [f"{row['metrics'][k][s]:.1f}" for k, s in METRICS] + [f"{row['score']:.2f}", f"{row['edit_s']:.0f}"])
-    return _table(["N", "method", "weight", "layers", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG", "LocTF", "Score",
-                   "edit s"], rows)
+            span = f"{min(settings['layers'])}-{max(settings['layers'])}"
+            stop = f"NLL < {settings['v_tol']:g}" if "v_tol" in settings else "all steps"  # runs before v_tol
+            edit_s = f"{row['edit_s']:.0f}" + (" (values cached)" if settings.get("values_reused_batches") else "")
+            rows.append([str(r["n"]), row["method"], weight, span, f"{settings['v_steps']}, {stop}"]
+                        + [f"{row['metrics'][k][s]:.1f}" for k, s in METRICS] + [f"{row['score']:.2f}", edit_s])
+    return _table(["N", "method", "weight", "layers", "value search steps", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG",
+                   "LocTF", "Score", "edit s"], rows)
 
 
-TABLES = {"memit-sweep": memit_sweep_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
+TABLES = {"scale-curve": scale_curve_table, "memit-sweep": memit_sweep_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
           "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table,
           "routing": routing_table, "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table}
 

@@ -1,5 +1,7 @@
 """MEMIT and AlphaEdit: the closed-form updates, and a batch edit of a tiny model."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from tiny import char_tokenizer, tiny_model
@@ -14,6 +16,12 @@ FMT = PromptFormat("raw")
 EDITS = [EditRequest(f"e{i}", f"{s} lives in", t, subject=s)
          for i, (s, t) in enumerate([("Ann", "Rome"), ("Bob", "Oslo"), ("Cy", "Lima")])]
 TEXTS = [f"some ordinary text number {i} about things." for i in range(40)]
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Key covariances and target values are cached; keep them out of the user's cache."""
+    monkeypatch.setenv("MEGEDIT_CACHE", str(tmp_path / "cache"))
 
 
 def _random(*shape, seed=0):
@@ -60,6 +68,21 @@ def test_a_one_layer_memit_edit_writes_the_target_values_at_the_edited_layer():
         _, restored = keys_and_hidden(model, tok, FMT, EDITS, positions, 1, 1, 8)
     assert torch.equal(restored, before)
     subject.restore()
+
+
+def test_the_value_search_freezes_finished_rows_and_resumes_from_its_cached_batches():
+    model, tok = tiny_model("llama", init_range=0.2), char_tokenizer()
+    positions = subject_positions(tok, FMT, EDITS)
+    # the random tiny model's NLL floor is about 4 (one hidden state, char-level answers)
+    config = MemitConfig(layers=(1,), v_steps=200, v_tol=5.0, batch_size=2)
+    z, record = target_values(model, tok, FMT, EDITS, positions, 1, config, progress=False)
+    assert record["v_converged"] == 1.0 and record["final_nll_mean"] < 5.0
+    assert record["v_steps_mean"] < 200  # every batch stopped early
+    shards = sorted(Path(record["values_cache"]).glob("batch-*.safetensors"))
+    assert len(shards) == 2  # 3 edits in batches of 2
+    shards[1].unlink()  # as if killed before the last batch
+    again, _ = target_values(model, tok, FMT, EDITS, positions, 1, config, progress=False)
+    assert torch.equal(again, z)
 
 
 def test_alphaedit_leaves_ordinary_text_keys_mapped_as_before():

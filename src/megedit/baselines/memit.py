@@ -30,13 +30,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import decoder_layers, mlp_out_path, num_layers
+from ..arch import mlp_out_path, num_layers
 from ..data.prompts import PromptFormat
 from ..data.requests import EditRequest
 from ..errors import ConfigError
 from ..eval.subject import WeightEditSubject
 from ..io import atomic_save_tensors, load_tensors
-from ..lm import layer_input, left_pad, length_batches, model_device, starting_at_layer
+from ..lm import Batch, layer_input, left_pad, length_batches, model_device, starting_at_layer
 from ..models import cache_root, model_fingerprint
 from .ft import edit_batches
 
@@ -55,6 +55,7 @@ class MemitConfig:
     v_steps: int = 25
     v_lr: float = 0.5
     v_weight_decay: float = 1e-3
+    v_tol: float = 0.05  # an edit's value search stops once its target NLL is below this
     clamp_norm: float = 4.0  # |delta| <= clamp_norm * |h|
     batch_size: int = 32
     seed: int = 0
@@ -146,72 +147,113 @@ def _prompt_batches(model, tokenizer, fmt, requests, positions, batch_size):
         yield idx, batch, torch.tensor([width - len(prompts[i]) + positions[i] for i in idx])
 
 
-@contextmanager
-def _capture_output(model: nn.Module, layer: int) -> Iterator[list]:
-    """Inside the block, every forward pass appends decoder layer `layer`'s output hidden state."""
-    out: list = []
-
-    def hook(module, args, output):
-        out.append((output[0] if isinstance(output, tuple) else output).detach())
-
-    handle = decoder_layers(model)[layer].register_forward_hook(hook)
-    try:
-        yield out
-    finally:
-        handle.remove()
-
-
 @torch.no_grad()
 def keys_and_hidden(model, tokenizer, fmt, requests, positions, layer: int, last: int,
                     batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys at `layer` (n, d_k) and the hidden state after layer `last` (n, d), at each subject."""
     keys, hidden = [None] * len(requests), [None] * len(requests)
     for idx, batch, pos in _prompt_batches(model, tokenizer, fmt, requests, positions, batch_size):
-        rows = torch.arange(len(idx))
-        with _capture_keys(model, [layer]) as k, _capture_output(model, last) as h:
-            model(**batch.model_inputs, use_cache=False, logits_to_keep=1)
+        with _capture_keys(model, [layer]) as k:
+            h = layer_input(model, last + 1, batch)  # the layers above `last` are not run
         for j, i in enumerate(idx):
-            keys[i], hidden[i] = k[layer][0][j, pos[j]], h[0][j, pos[j]]
+            keys[i], hidden[i] = k[layer][0][j, pos[j]], h[j, pos[j]]
     return torch.stack(keys).double().cpu(), torch.stack(hidden).double().cpu()
 
 
 # -- target values -------------------------------------------------------------------------------
 
 
+def _row_nll(tb, logits: torch.Tensor) -> torch.Tensor:
+    """Each row's mean cross-entropy over its answer tokens (B,)."""
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tb.labels.flatten(), reduction="none")
+    valid = (tb.labels != -100).float()
+    return (ce.view_as(valid) * valid).sum(dim=1) / valid.sum(dim=1)
+
+
+def _values_dir(model, fmt, requests, last: int, config: MemitConfig):
+    """Where target values are cached, per batch: the same for MEMIT and AlphaEdit (their value
+    search is identical), and a killed search resumes at the first missing batch."""
+    key = {"model": model_fingerprint(model), "format": asdict(fmt), "last": last,
+           "edits": hashlib.sha256(json.dumps([(r.prompt, r.subject, r.target) for r in requests]).encode()).hexdigest(),
+           **{k: getattr(config, k) for k in ("v_steps", "v_lr", "v_weight_decay", "clamp_norm", "v_tol", "batch_size")}}
+    return cache_root() / "memit-values" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _search_batch(model, tb, positions: torch.Tensor, last: int, config: MemitConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """z for one batch: Adam on a per-row delta at the subject's hidden state after layer `last`.
+    A row whose NLL is below `v_tol` is frozen and leaves the forward pass; returns (z, NLL, steps)."""
+    n = tb.labels.shape[0]
+    device = model_device(model)
+    rows = torch.arange(n, device=device)
+    pad = (tb.batch.mask == 0).sum(dim=1)  # left padding: each row's first real token
+    pos = pad + positions.to(device)
+    with torch.no_grad():
+        base = layer_input(model, last + 1, tb.batch)
+    h = base[rows, pos].detach()
+    delta = torch.zeros_like(h, requires_grad=True)
+    optimiser = torch.optim.Adam([delta], lr=config.v_lr)
+    max_norm = config.clamp_norm * h.norm(dim=-1, keepdim=True)
+    nll = torch.full((n,), float("inf"), device=device)
+    active, steps = rows, 0
+    for steps in range(1, config.v_steps + 1):
+        sub = type(tb)(Batch(tb.batch.ids[active], tb.batch.mask[active], tb.batch.positions[active]), tb.labels[active])
+        ar = torch.arange(len(active), device=device)
+        shifted = base[active].index_put((ar, pos[active]), h[active] + delta[active])
+        with starting_at_layer(model, last + 1, shifted):
+            logits = model(**sub.batch.model_inputs, use_cache=False, logits_to_keep=sub.span).logits
+        row_nll = _row_nll(sub, logits)
+        nll[active] = row_nll.detach()
+        done = row_nll.detach() < config.v_tol
+        if bool(done.all()):
+            break
+        d = delta[active]
+        decay = config.v_weight_decay * (d.norm(dim=-1) ** 2 / h[active].norm(dim=-1) ** 2)
+        loss = (row_nll + decay)[~done].sum()  # a sum: each row's gradient does not depend on the others
+        frozen = delta.detach().clone()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        with torch.no_grad():
+            keep = torch.ones(n, dtype=torch.bool, device=device)
+            keep[active[~done]] = False
+            delta[keep] = frozen[keep]  # Adam's momentum would still move finished rows
+            delta.mul_((max_norm / delta.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
+        active = active[~done]
+    return (h + delta).detach(), nll, steps
+
+
 def target_values(model, tokenizer, fmt, requests, positions, last: int, config: MemitConfig,
                   progress: bool = True) -> tuple[torch.Tensor, dict]:
     """z (n, d): the hidden state after layer `last`, at each subject, that makes the model say the
-    target. The layers up to `last` run once per batch; only the layers above run per step."""
+    target. The layers up to `last` run once per batch; only the layers above run per step, and
+    only for the rows not yet done. Batches are cached on disk as they finish."""
     if last + 1 >= num_layers(model):
         raise ConfigError(f"the edited span must end below the last layer ({num_layers(model) - 1}), got {last}")
-    z, losses = [None] * len(requests), []
-    device = model_device(model)
+    folder = _values_dir(model, fmt, requests, last, config)
+    z, nll, steps = [None] * len(requests), [None] * len(requests), []
+    reused, seconds = 0, 0.0
     batches = edit_batches(model, tokenizer, requests, fmt, config.batch_size)
-    for idx, tb in tqdm(batches, desc=f"{config.method} target values", disable=not progress, leave=False):
-        rows = torch.arange(len(idx), device=device)
-        pad = (tb.batch.mask == 0).sum(dim=1)  # left padding: each row's first real token
-        pos = pad + torch.tensor([positions[i] for i in idx], device=device)
-        with torch.no_grad():
-            base = layer_input(model, last + 1, tb.batch)
-        h = base[rows, pos].detach()
-        delta = torch.zeros_like(h, requires_grad=True)
-        optimiser = torch.optim.Adam([delta], lr=config.v_lr)
-        max_norm = config.clamp_norm * h.norm(dim=-1, keepdim=True)
-        for _ in range(config.v_steps):
-            shifted = base.index_put((rows, pos), h + delta)
-            with starting_at_layer(model, last + 1, shifted):
-                logits = model(**tb.batch.model_inputs, use_cache=False, logits_to_keep=tb.span).logits
-            nll = tb.loss(logits)
-            loss = nll + config.v_weight_decay * (delta.norm(dim=-1) ** 2 / h.norm(dim=-1) ** 2).mean()
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            with torch.no_grad():
-                delta.mul_((max_norm / delta.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
-        losses.append(nll.item())
+    for k, (idx, tb) in enumerate(tqdm(batches, desc=f"{config.method} target values", disable=not progress,
+                                       leave=False)):
+        shard = folder / f"batch-{k:05d}.safetensors"
+        if shard.exists():
+            t = load_tensors(shard, "target values")
+            reused += 1
+        else:
+            start = time.perf_counter()
+            bz, bnll, n_steps = _search_batch(model, tb, torch.tensor([positions[i] for i in idx]), last, config)
+            t = {"z": bz.cpu(), "nll": bnll.cpu(), "steps": torch.tensor(n_steps),
+                 "seconds": torch.tensor(time.perf_counter() - start, dtype=torch.float64)}
+            atomic_save_tensors(shard, t)
+        steps.append(int(t["steps"]))
+        seconds = seconds + float(t["seconds"]) if seconds is not None and "seconds" in t else None  # older shards: unknown
         for j, i in enumerate(idx):
-            z[i] = (h[j] + delta[j]).detach()
-    return torch.stack(z).double().cpu(), {"final_nll_mean": sum(losses) / len(losses)}
+            z[i], nll[i] = t["z"][j], float(t["nll"][j])
+    record = {"final_nll_mean": sum(nll) / len(nll), "v_converged": sum(x < config.v_tol for x in nll) / len(nll),
+              "v_steps_mean": sum(steps) / len(steps), "values_cache": str(folder),
+              # what the search took when it ran, also when its batches came from the cache now
+              "values_search_s": seconds, "values_reused_batches": reused}
+    return torch.stack(z).double(), record
 
 
 def pool_texts(pool: Sequence[EditRequest]) -> list[str]:

@@ -4,6 +4,11 @@ The vector is zero-padded to a multiple of the patch size and cut into patches (
 each block is conditioned on c = timestep embedding + projection of the query embedding through
 adaptive layer-norm shifts, scales and gates that start at zero (so every block starts as the
 identity). Dropout on c during training regularises the conditioning (the spec's 0.2).
+
+The query embedding is unit-norm, so each of its coordinates is about 1/sqrt(d): projected as it
+is, it is tiny next to the timestep features and the network ignores it for a long time. It is
+multiplied by sqrt(d) first (`unit_condition`): on 1,024 CounterFact vectors the DiT then reaches
+in 2,000 steps what it reached in 4,000 without (bench/results/generator-1024*.json).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ class DiTConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     cond_dropout: float = 0.2
+    unit_condition: bool = True  # scale the unit-norm query embedding to unit variance per coordinate
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,6 +100,8 @@ class DiT(nn.Module):
         batch = len(x)
         padded = nn.functional.pad(x, (0, self.tokens * self.config.patch - self.length))
         h = self.embed(padded.view(batch, self.tokens, self.config.patch)) + self.positions
+        if self.config.unit_condition:
+            cond = cond * math.sqrt(cond.shape[-1])
         c = self.cond_dropout(self.time(sincos(t, 256)) + self.cond(cond))
         for block in self.blocks:
             h = block(h, c)

@@ -98,6 +98,8 @@ def train_generator(embeddings: torch.Tensor, vectors: torch.Tensor, config: Gen
             noise.set_state(saved["noise"])
             state = {"step": saved["step"], "best": saved["best"], "history": saved["history"]}
             best_weights, rng = saved["best_weights"], saved["torch_rng"]
+            if state["history"]:  # count the time of the earlier sessions too
+                start -= state["history"][-1]["seconds"]
             log.info("generator: resuming at step %d", state["step"])
 
     ema_params = list(ema.parameters())

@@ -1,0 +1,167 @@
+"""The scale curve: MeG, FT, MEMIT and AlphaEdit on the first N CounterFact edits with SmolLM2,
+for N = 1,024 / 2,048 / 4,096 / 10,000, scored by the same harness.
+
+    .venv/bin/python bench/scale_curve.py                         # run what is missing, then draw
+    .venv/bin/python bench/scale_curve.py --sizes 1024,4096 --methods memit,alphaedit
+    .venv/bin/python bench/scale_curve.py --draw                  # only collect and draw
+
+Each point is one run of bench/baselines.py (ft, memit, alphaedit) or bench/meg.py (meg) in its
+own process, writing its own result file as it finishes; a point whose file exists is not run
+again, and inside a point the stages, value searches and evaluation references are cached, so
+a killed run (this takes many hours on a 2-core CPU) restarts where it stopped. Points run by
+size, smallest first, so partial results are there as soon as possible. The collected points
+go to bench/results/scale_curve.json and bench/results/scale_curve.png (Score and each metric
+against N; bench/update_readme.py shows the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+METHODS = ("meg", "ft", "memit", "alphaedit")
+SIZES = (1024, 2048, 4096, 10000)
+PANELS = [("score", None), ("reliability", "ag"), ("reliability", "tf"), ("generality", "ag"),
+          ("generality", "tf"), ("locality", "ag"), ("locality", "tf"), ("edit_time_s", None)]
+
+
+def result_file(method: str, n: int) -> Path:
+    """Where bench/meg.py and bench/baselines.py write the point (N, method)."""
+    if method == "meg":
+        return RESULTS / ("meg-counterfact.json" if n == 1024 else f"meg-counterfact-{n}.json")
+    return RESULTS / f"baseline-counterfact-{n}-{method}.json"
+
+
+def command(method: str, n: int) -> list[str]:
+    if method == "meg":
+        return [sys.executable, str(HERE / "meg.py"), "counterfact", "--limit", str(n), "--no-speed"]
+    return [sys.executable, str(HERE / "baselines.py"), "--data", "counterfact", "--limit", str(n), "--methods", method]
+
+
+def edit_seconds(summary: dict) -> tuple[float, str]:
+    """Wall time of the edit itself, and a note where part of it was measured elsewhere."""
+    if "edit_time_s" in summary:
+        edit = summary.get("edit", {})
+        if edit.get("values_reused_batches") and edit.get("values_search_s") is not None:
+            return summary["edit_time_s"] + edit["values_search_s"], "cached target-value search added"
+        return summary["edit_time_s"], ""
+    timing = summary["fit"]["timing"]
+    a = timing["A"]
+    if a.get("cached") is False and a["seconds"] > 5:
+        return timing["total_s"], ""
+    # stage A was restored from an earlier run's shards: add the time that run took
+    scale = RESULTS / f"fit_neurons-scale-{summary['n']}.json"
+    if scale.exists():
+        fitted = json.loads(scale.read_text())["fit_s"]
+        return timing["total_s"] - a["seconds"] + fitted, "stage A timed in fit_neurons-scale"
+    return timing["total_s"], "stage A restored, its time not included"
+
+
+def collect(sizes: list[int], methods: list[str]) -> list[dict]:
+    points = []
+    for n in sizes:
+        for method in methods:
+            path = result_file(method, n)
+            if not path.exists():
+                continue
+            summary = json.loads(path.read_text())
+            seconds, note = edit_seconds(summary)
+            points.append({"method": method, "n": summary["n"], "score": summary["score"], "metrics": summary["metrics"],
+                           "edit_time_s": seconds, "edit_time_note": note, "eval_time_s": summary["timing"]["total_s"],
+                           "file": path.name, "values_cache": summary.get("edit", {}).get("values_cache")})
+    # runs from before the value search recorded its time: of the points sharing one cached search,
+    # the slowest ran it; the others' edit time leaves it out
+    for p in points:
+        shared = [q for q in points if q["values_cache"] and q["values_cache"] == p["values_cache"]]
+        searcher = max(shared, key=lambda q: q["edit_time_s"]) if shared else p
+        if searcher is not p and not p["edit_time_note"]:
+            p["edit_time_note"] = f"target values reused from the {searcher['method']} run (not included)"
+    return points
+
+
+def value(point: dict, metric: str, kind: str | None) -> float:
+    return point[metric] if kind is None else point["metrics"][metric][kind]
+
+
+def draw(points: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megedit.io import atomic_write_bytes
+
+    fig, axes = plt.subplots(2, 4, figsize=(14, 6.5), dpi=100)
+    for ax, (metric, kind) in zip(axes.flat, PANELS):
+        for method in METHODS:
+            mine = sorted((p for p in points if p["method"] == method), key=lambda p: p["n"])
+            if metric == "edit_time_s":  # a time that leaves out part of the edit is not drawn
+                mine = [p for p in mine if "not included" not in p["edit_time_note"]]
+            if mine:
+                ax.plot([p["n"] for p in mine], [value(p, metric, kind) for p in mine], marker="o", label=method)
+        ax.set_xscale("log")
+        ax.set_xticks(SIZES, [f"{n:,}" for n in SIZES], fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlim(800, 13000)
+        if kind is not None or metric == "score":
+            ax.set_ylim(-3, 103)
+        ax.set_title(metric if kind is None else f"{metric} {kind.upper()}", fontsize=10)
+        if metric == "edit_time_s":
+            ax.set_yscale("log")
+            ax.set_title("edit time (s)", fontsize=10)
+        ax.set_xlabel("edits (N)", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M-Instruct, first N CounterFact edits, seed 0 (megedit harness)", fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--draw", action="store_true", help="do not run anything; collect and draw")
+    args = parser.parse_args()
+    sizes = sorted(int(x) for x in args.sizes.split(","))
+    methods = args.methods.split(",")
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
+    if not args.draw:
+        for n in sizes:
+            for method in methods:
+                if result_file(method, n).exists():
+                    continue
+                print(f"scale curve: {method} at N={n} ...", flush=True)
+                start = time.perf_counter()
+                done = subprocess.run(command(method, n), cwd=HERE.parent)
+                if done.returncode:
+                    print(f"scale curve: {method} at N={n} failed (exit {done.returncode})", file=sys.stderr)
+                    return done.returncode
+                print(f"scale curve: {method} at N={n} took {time.perf_counter() - start:.0f} s", flush=True)
+    from megedit.io import atomic_write_json
+
+    points = collect(sorted(set(sizes) | set(SIZES)), list(METHODS))
+    atomic_write_json(RESULTS / "scale_curve.json", {
+        "protocol": "first N records of counterfact-edit.json, raw cloze prompts, all N edits applied at once, "
+                    "METHOD.md section 3 metrics (megedit.eval); SmolLM2-135M-Instruct fp32, CPU, seed 0",
+        "points": points})
+    if points:
+        draw(points, RESULTS / "scale_curve.png")
+    print(f"scale curve: {len(points)} points -> {RESULTS / 'scale_curve.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
