@@ -57,11 +57,16 @@ def meg_cost_table() -> str:
     rows = []
     for r in _load("meg-*.json"):
         t, c = r["fit"]["timing"], r["inference"]
-        rows.append([r["data"].split(":")[0], str(r["n"]), f"{r['fit']['fit']['success_rate']:.1f}",
-                     f"{t['A']['seconds']:.0f}", f"{t['BC']['seconds']:.0f}", f"{t['D']['seconds']:.0f}",
-                     f"{r['edit']['epsilon']:.3f}", str(c["n_queries"]), f"{c['qps_base']:.1f}", f"{c['qps_edited']:.1f}",
-                     f"{c['ratio']:.2f}", f"{c['token_ratio']:.2f}" if "token_ratio" in c else "—", f"{100 * c['route_share']:.1f}%", f"{100 * c['generate_share']:.1f}%",
-                     f"{100 * c['familiar_share']:.0f}%"])
+        cells = [r["data"].split(":")[0], str(r["n"]), f"{r['fit']['fit']['success_rate']:.1f}",
+                 f"{t['A']['seconds']:.0f}", f"{t['BC']['seconds']:.0f}", f"{t['D']['seconds']:.0f}",
+                 f"{r['edit']['epsilon']:.3f}"]
+        if c is None:  # a scale-curve point: not timed (bench/meg.py --no-speed)
+            cells += ["—"] * 8
+        else:
+            cells += [str(c["n_queries"]), f"{c['qps_base']:.1f}", f"{c['qps_edited']:.1f}", f"{c['ratio']:.2f}",
+                      f"{c['token_ratio']:.2f}" if "token_ratio" in c else "—", f"{100 * c['route_share']:.1f}%",
+                      f"{100 * c['generate_share']:.1f}%", f"{100 * c['familiar_share']:.0f}%"]
+        rows.append(cells)
     return _table(["data", "N", "fit success %", "A s", "B+C s", "D s", "epsilon", "timed queries", "base q/s",
                    "edited q/s", "q/s ratio", "tokens/s ratio", "time routing", "time generating", "queries routed to the edit"], rows)
 
