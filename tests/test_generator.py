@@ -114,7 +114,11 @@ def test_save_load_gives_the_same_vectors_and_a_corrupt_file_is_one_error(tmp_pa
 def test_a_stopped_run_resumes_to_the_same_weights(tmp_path):
     straight = _fit("dit", 40, validate_every=20)
     _fit("dit", 20, tmp_path, validate_every=20)  # stops after 20 steps, checkpoint written
+    checkpoint = torch.load(tmp_path / "generator-train.pt", weights_only=True)
+    checkpoint["history"][-1]["seconds"] = 1000.0  # as if the first session had taken 1,000 s
+    torch.save(checkpoint, tmp_path / "generator-train.pt")
     resumed = _fit("dit", 40, tmp_path, validate_every=20)
+    assert 1000 < resumed.record["history"][-1]["seconds"] <= resumed.record["seconds"] < 1500  # both sessions
     for (name, a), b in zip(straight.net.state_dict().items(), resumed.net.state_dict().values()):
         assert torch.equal(a, b), name
     assert resumed.record["history"] == [{**h, "seconds": r["seconds"]} for h, r in
