@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from result_names import tag
 
 HERE = Path(__file__).resolve().parent
 # memit / alphaedit: the key covariance comes from the pseudo-edit pool's text (never the edits)
@@ -57,7 +58,7 @@ def main() -> int:
     fmt = get_format(DEFAULT_FOR_KIND[kind])
     model, tokenizer = load_model(args.model, device="cpu")
     for method in args.methods.split(","):
-        name = f"baseline-{args.data}-{len(requests)}-{method}"
+        name = f"baseline-{tag(args.data)}-{len(requests)}-{method}"
         target = args.out / f"{name}.json"
         if target.exists() and not args.force:
             print(f"{name}: done already ({target})")

@@ -10,7 +10,7 @@ cost: greedy answers (up to 20 tokens) for the first `--speed-n` edits' prompt, 
 locality query, with the edited model and with the base model (the neuron taken off), in
 alternating rounds in one process; queries per second of each and the share of the edited
 model's time spent routing and generating neuron vectors.
-Results: bench/results/meg-<setting>[-<N> when not the default][-<generator> when not mlp].json (bench/update_readme.py shows them beside the baselines).
+Results: bench/results/meg-<cf|zs>[-<N> when not the default][-<generator> when not mlp].json (bench/update_readme.py shows them beside the baselines).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from result_names import tag
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared/data"
@@ -92,7 +93,8 @@ def main() -> int:
     model, tokenizer = load_model("smollm2", device="cpu")
     config = MeGConfig(prompt_format=DEFAULT_FOR_KIND[kind], seed=args.seed)
     config.generator.kind = args.generator
-    name = f"meg-{args.setting}{suffix}" + ("" if args.generator == "mlp" else f"-{args.generator}")
+    variant = suffix + ("" if args.generator == "mlp" else f"-{args.generator}")
+    name, result = f"meg-{args.setting}{variant}", HERE / "results" / f"meg-{tag(args.setting)}{variant}.json"
     edited = MeGEditor(model, tokenizer, config).fit(requests, HERE / "results" / "cases" / name, pool,
                                                      f"counterfact:{POOL.name}")
     saved = HERE / "results" / "cases" / name / "eval.json"
@@ -111,15 +113,14 @@ def main() -> int:
     summary = {k: v for k, v in report.to_dict().items() if k != "cases"}
     summary |= {"setting": args.setting, "pool": f"counterfact:{POOL.name}", "seed": args.seed,
                 "config": config.to_dict(), "fit": edited.record, "inference": cost, "threads": torch.get_num_threads()}
-    previous = HERE / "results" / f"{name}.json"
-    if args.reuse_eval and previous.exists():  # the stages were loaded from cache: keep the record of the real fit
+    if args.reuse_eval and result.exists():  # the stages were loaded from cache: keep the record of the real fit
         import json
 
-        summary["fit"] = json.loads(previous.read_text())["fit"]
+        summary["fit"] = json.loads(result.read_text())["fit"]
     summary["fit"].pop("routing", None)
     summary["fit"]["generator"] = {k: v for k, v in summary["fit"]["generator"].items() if k != "history"}
-    atomic_write_json(HERE / "results" / f"{name}.json", summary)
-    print(f"wrote bench/results/{name}.json")
+    atomic_write_json(result, summary)
+    print(f"wrote {result}")
     return 0
 
 

@@ -7,7 +7,7 @@ entropy still applies).
     .venv/bin/python bench/router_kinds.py counterfact --entropy-epochs 100,300
     .venv/bin/python bench/router_kinds.py zsre-split
 
-Results: bench/results/router_kinds-<setting>.json (bench/update_readme.py shows them).
+Results: bench/results/router_kinds-<cf|zs-...>.json (bench/update_readme.py shows them).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from result_names import tag  # noqa: E402
 from routing import SETTINGS  # noqa: E402  (the same edit sets and pools)
 
 
@@ -64,7 +65,7 @@ def main() -> int:
                      "seconds": seconds})
         print(f"{config.kind} ({rows[-1]['epochs']} epochs): AUROC {rows[-1]['auroc']:.3f}, recall "
               f"{rows[-1]['recall']:.1f}%, false fire {rows[-1]['false_fire']:.1f}% ({seconds:.0f} s)", flush=True)
-    atomic_write_json(HERE / "results" / f"router_kinds-{args.setting}.json", {
+    atomic_write_json(HERE / "results" / f"router_kinds-{tag(args.setting)}.json", {
         "setting": args.setting, "data": f"{kind}:{path.name}", "pool": pool_name, "n_edits": len(edits),
         "encoder": str(delta.relative_to(HERE.parent)), "seed": 0, "rows": rows})
     return 0

@@ -8,7 +8,7 @@
 Each run records paraphrase retrieval top-1 among the edit prompts (frozen vs tuned MiniLM), the
 epsilon chosen on the pool, the share of edit prompts / rephrases / locality prompts routed
 familiar, the curve over epsilon, training times, and the router-distance histogram:
-bench/results/routing-<setting>[-tag].json and .png (bench/update_readme.py shows them).
+bench/results/routing-<cf|zs-cross|zs-split>[-tag].json and .png (bench/update_readme.py shows them).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
+
+from result_names import tag
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared/data"
@@ -39,12 +41,13 @@ def main() -> int:
 
     from megedit.cli import main as megedit
 
-    name = f"routing-{args.setting}" + (f"-{args.tag}" if args.tag else "")
-    work = HERE / "results" / "cases" / name
+    variant = f"-{args.tag}" if args.tag else ""
+    work = HERE / "results" / "cases" / f"routing-{args.setting}{variant}"
+    result = HERE / "results" / f"routing-{tag(args.setting)}{variant}"
     code = megedit(["fit-router", *SETTINGS[args.setting], "--out", str(work), *args.extra])
     if code == 0:
-        shutil.copyfile(work / "routing.json", HERE / "results" / f"{name}.json")
-        shutil.copyfile(work / "router-distance.png", HERE / "results" / f"{name}.png")
+        shutil.copyfile(work / "routing.json", result.with_suffix(".json"))
+        shutil.copyfile(work / "router-distance.png", result.with_suffix(".png"))
     return code
 
 

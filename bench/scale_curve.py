@@ -35,8 +35,8 @@ PANELS = [("score", None), ("reliability", "ag"), ("reliability", "tf"), ("gener
 def result_file(method: str, n: int) -> Path:
     """Where bench/meg.py and bench/baselines.py write the point (N, method)."""
     if method == "meg":
-        return RESULTS / ("meg-counterfact.json" if n == 1024 else f"meg-counterfact-{n}.json")
-    return RESULTS / f"baseline-counterfact-{n}-{method}.json"
+        return RESULTS / ("meg-cf.json" if n == 1024 else f"meg-cf-{n}.json")
+    return RESULTS / f"baseline-cf-{n}-{method}.json"
 
 
 def command(method: str, n: int) -> list[str]:
