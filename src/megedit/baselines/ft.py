@@ -57,6 +57,11 @@ class TrainingBatch:
             labels[row, span - 1 - len(answer) : span - 1] = torch.as_tensor(answer)
         return cls(batch, labels.to(device))
 
+    def select(self, rows: torch.Tensor) -> "TrainingBatch":
+        """The same batch restricted to `rows` (its padding width unchanged)."""
+        b = self.batch
+        return TrainingBatch(Batch(b.ids[rows], b.mask[rows], b.positions[rows]), self.labels[rows])
+
     @property
     def span(self) -> int:
         return self.labels.shape[1]

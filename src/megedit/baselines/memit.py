@@ -36,7 +36,7 @@ from ..data.requests import EditRequest
 from ..errors import ConfigError
 from ..eval.subject import WeightEditSubject
 from ..io import atomic_save_tensors, load_tensors
-from ..lm import Batch, layer_input, left_pad, length_batches, model_device, starting_at_layer
+from ..lm import layer_input, left_pad, length_batches, model_device, starting_at_layer
 from ..models import cache_root, model_fingerprint
 from .ft import edit_batches
 
@@ -196,7 +196,7 @@ def _search_batch(model, tb, positions: torch.Tensor, last: int, config: MemitCo
     nll = torch.full((n,), float("inf"), device=device)
     active, steps = rows, 0
     for steps in range(1, config.v_steps + 1):
-        sub = type(tb)(Batch(tb.batch.ids[active], tb.batch.mask[active], tb.batch.positions[active]), tb.labels[active])
+        sub = tb.select(active)
         ar = torch.arange(len(active), device=device)
         shifted = base[active].index_put((ar, pos[active]), h[active] + delta[active])
         with starting_at_layer(model, last + 1, shifted):
