@@ -2,7 +2,10 @@
 they generate.
 
     .venv/bin/python bench/generator.py --limit 1024              # DiT (cpu preset) and MLP
-    .venv/bin/python bench/generator.py --limit 1024 --kinds dit --train-steps 6000 --tag long
+    .venv/bin/python bench/generator.py --limit 1024 --kinds dit --train-steps 3500 --tag edm
+    .venv/bin/python bench/generator.py --limit 1024 --kinds dit --prediction v \
+        --dit '{"cond_dropout": 0.2, "cond_token": false}' --tag spec    # the spec's choices, CPU size
+    .venv/bin/python bench/generator.py --limit 1024 --profile generator-dit-1024-edm,... --grid 1,2,5,10,50
 
 Needs the fitted vectors of `bench/fit_neurons.py scale --limit N` (restored from its work
 folder, refitted if missing) and the tuned encoder of `bench/routing.py counterfact`. Each
@@ -14,12 +17,16 @@ generated from the rephrase's embedding (no router here: this measures the gener
 scored by the evaluation harness (Reliability and Generality, AG and TF). For the DiT, the same
 on the first `--grid-n` edits for 10 / 50 / 1000 sampling steps with the time per query.
 Results: bench/results/generator-<N>[-tag].json (bench/update_readme.py shows them).
+`--profile` trains nothing: for saved DiT generators it records where 50-step sampling loses
+the vector (`denoising_profile`), and the distance and RelAG of the vectors sampled with each
+`--grid` step count, on the validation edits, in bench/results/denoising-profile-<N>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -58,14 +65,56 @@ def score(model, tokenizer, spec, requests, generator, encoder, steps: int, labe
             "eval_s": report.timing["total_s"]}
 
 
+def denoising_profile(generator, cond: torch.Tensor, vectors: torch.Tensor, steps: int = 50, seed: int = 0) -> list[dict]:
+    """Where sampling loses the vector: at each of the `steps` DDIM steps, the relative L2 error of the
+    network's x0 (normalised units) along the sampling trajectory, and from x_t made of the true
+    vector with fresh noise (what training sees). A trajectory error above the true-x_t one is
+    error carried over from earlier steps; a true-x_t error above the pure-noise one (first
+    step) is a network that reads x_t worse than it would by ignoring it."""
+    diffusion, net = generator.diffusion, generator.net
+    z = generator.normalize(vectors.float())
+    scale = float(z.norm(dim=1).mean())
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed + 1))
+    rows = []
+
+    def record(t: int, x0: torch.Tensor) -> None:
+        tt = torch.full((len(z),), t, dtype=torch.long)
+        x_t = diffusion.add_noise(z, tt, noise)
+        true_x0, _ = diffusion.x0_and_eps(x_t, tt, net(x_t, tt, cond))
+        rows.append({"t": t, "alpha_bar": float(diffusion.alpha_bar[t]),
+                     "trajectory_rel": float((x0 - z).norm(dim=1).mean()) / scale,
+                     "true_xt_rel": float((true_x0 - z).norm(dim=1).mean()) / scale})
+
+    with torch.no_grad():
+        diffusion.sample(net, cond.float(), tuple(z.shape), steps, "ddim", torch.Generator().manual_seed(seed), record)
+    return rows
+
+
+def sampling_error(generator, cond: torch.Tensor, vectors: torch.Tensor, steps: int, validate) -> dict:
+    """DDIM with `steps` steps on these edits: relative L2 distance to the fitted vectors (LM units),
+    the Reliability AG of what it generates (`validate`), and the time per query."""
+    start = time.perf_counter()
+    generated = generator.generate(cond, steps=steps, sampler="ddim")
+    ms = 1000 * (time.perf_counter() - start) / len(cond)
+    rel = float(((generated - vectors).norm(dim=1) / vectors.norm(dim=1)).mean())
+    return {"steps": steps, "rel_l2": rel, "ms_per_query": ms, **validate(generated)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=1024)
     parser.add_argument("--kinds", default="dit,mlp")
     parser.add_argument("--train-steps", type=int, default=None, help="default: GeneratorConfig's")
+    parser.add_argument("--prediction", choices=("v", "x0", "edm"), default=None,
+                        help="DiT target; default: GeneratorConfig's")
+    parser.add_argument("--sigma-data", type=float, default=None, help="for --prediction edm")
+    parser.add_argument("--dit", default="{}", help='DiT fields over the preset, as JSON, e.g. \'{"cond_dropout": 0}\'')
     parser.add_argument("--grid", default="10,50,1000", help="DiT sampling steps to compare")
     parser.add_argument("--grid-n", type=int, default=128, help="edits for the sampling-steps comparison")
     parser.add_argument("--tag", default="")
+    parser.add_argument("--profile", default="", metavar="NAME,...",
+                        help="instead of training: the denoising profile of these saved DiT generators (folders "
+                             "under bench/results/cases) on the validation edits")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("megedit").setLevel(logging.INFO)
@@ -101,13 +150,34 @@ def main() -> int:
             subject.neuron.detach()
         return {"rel_ag": report.metrics["reliability"]["ag"]}
 
+    if args.profile:
+        from megedit.stages.generator import Generator
+
+        profiles = []
+        for name in args.profile.split(","):
+            generator = Generator.load(CASES / name / "generator.safetensors")
+            profiles.append({"generator": name, "kind": "dit", "config": dataclasses.asdict(generator.config),
+                             "network": generator.net.config.to_dict(), "steps": generator.record.get("steps"),
+                             "profile": denoising_profile(generator, prompt_emb[:64], fit.vectors[ok[:64]]),
+                             "sampling": [sampling_error(generator, prompt_emb[:64], fit.vectors[ok[:64]], s, validate)
+                                          for s in (int(x) for x in args.grid.split(","))]})
+        path = atomic_write_json(HERE / "results" / f"denoising-profile-{args.limit}.json",
+                                 {"n_validation": min(64, len(ok)), "model": "smollm2", "data": f"counterfact:{CF.name}",
+                                  "sampler": "ddim, 50 steps, seed 0", "threads": torch.get_num_threads(),
+                                  "rows": profiles})
+        print(f"wrote {path}")
+        return 0
     results = {"n": len(requests), "n_fitted": len(ok), "fit_success": fit.success_rate, "spec": fit.spec.to_dict(),
                "encoder": str(delta.relative_to(HERE.parent)), "model": "smollm2", "data": f"counterfact:{CF.name}",
                "format": "raw", "rows": []}
     for kind in args.kinds.split(","):
-        config = GeneratorConfig(kind=kind)
+        config = GeneratorConfig(kind=kind, dit=json.loads(args.dit))
         if args.train_steps:
             config.train_steps = args.train_steps
+        if args.prediction:
+            config.prediction = args.prediction
+        if args.sigma_data:
+            config.sigma_data = args.sigma_data
         name = f"generator-{kind}-{args.limit}" + (f"-{args.tag}" if args.tag else "")
         generator = train_generator(prompt_emb, fit.vectors[ok], config, work_dir=CASES / name, validate=validate)
         generator.save(CASES / name / "generator.safetensors")

@@ -49,7 +49,9 @@ def edit_seconds(summary: dict) -> tuple[float, str]:
     """Wall time of the edit itself, and a note where part of it was measured elsewhere."""
     if "edit_time_s" in summary:
         edit = summary.get("edit", {})
-        if edit.get("values_reused_batches") and edit.get("values_search_s") is not None:
+        if edit.get("values_reused_s"):  # target values of some edits came from an earlier run's search
+            return summary["edit_time_s"] + edit["values_reused_s"], "cached target-value search added"
+        if edit.get("values_reused_batches") and edit.get("values_search_s") is not None:  # older runs: all or none
             return summary["edit_time_s"] + edit["values_search_s"], "cached target-value search added"
         return summary["edit_time_s"], ""
     timing = summary["fit"]["timing"]
@@ -75,7 +77,8 @@ def collect(sizes: list[int], methods: list[str]) -> list[dict]:
             seconds, note = edit_seconds(summary)
             points.append({"method": method, "n": summary["n"], "score": summary["score"], "metrics": summary["metrics"],
                            "edit_time_s": seconds, "edit_time_note": note, "eval_time_s": summary["timing"]["total_s"],
-                           "file": path.name, "values_cache": summary.get("edit", {}).get("values_cache")})
+                           "file": path.name, "values_cache": summary.get("edit", {}).get("values_cache")
+                           if summary.get("edit", {}).get("values_search_s") is None else None})
     # runs from before the value search recorded its time: of the points sharing one cached search,
     # the slowest ran it; the others' edit time leaves it out
     for p in points:

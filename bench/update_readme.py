@@ -157,8 +157,14 @@ def router_kinds_table() -> str:
 def _generator_label(row: dict) -> str:
     if row["kind"] != "dit":
         return row["kind"]
-    unit = row.get("network", {}).get("unit_condition", False)  # runs before the option existed: raw condition
-    return f"dit ({row['config']['preset']}, {'condition x sqrt(d)' if unit else 'raw condition'})"
+    config, network = row["config"], row.get("network", {})  # older runs: v-prediction, raw condition, dropout 0.2
+    prediction = config.get("prediction", "v")
+    parts = [config["preset"], f"edm sigma_data {config['sigma_data']:g}" if prediction == "edm" else f"{prediction}-prediction",
+             "condition x sqrt(d)" if network.get("unit_condition", False) else "raw condition",
+             f"condition dropout {network.get('cond_dropout', 0.2):g}"]
+    if network.get("cond_token"):
+        parts.append("condition on tokens")
+    return f"dit ({', '.join(parts)})"
 
 
 def generator_table() -> str:
@@ -191,6 +197,26 @@ def sampling_steps_table() -> str:
     return _table(["generator", "train steps", "threads", "N", "sampling steps", "ms/query", "RelAG", "RelTF", "GenAG", "GenTF"], rows)
 
 
+def denoising_table() -> str:
+    """bench/generator.py --profile: x0 error at every 4th of the 50 DDIM steps, per saved DiT; then
+    the distance and RelAG of what each step count samples."""
+    tables = []
+    for r in _load("denoising-profile-*.json"):
+        gens = r["rows"]
+        header = ["t", "alpha_bar"] + [f"{_generator_label(g)}, {g['steps']} train steps" for g in gens]
+        rows = []
+        for i, p in enumerate(gens[0]["profile"]):
+            if i % 4 == 0 or i == len(gens[0]["profile"]) - 1:
+                rows.append([str(p["t"]), f"{p['alpha_bar']:.4f}"]
+                            + [f"{g['profile'][i]['trajectory_rel']:.3f} / {g['profile'][i]['true_xt_rel']:.3f}" for g in gens])
+        tables.append(_table(header, rows))
+        rows = [[_generator_label(g), str(g["steps"]), str(r["n_validation"]), str(row["steps"]), f"{row['ms_per_query']:.2f}",
+                 f"{row['rel_l2']:.3f}", f"{row['rel_ag']:.1f}"] for g in gens for row in g.get("sampling", [])]
+        if rows:
+            tables.append(_table(["generator", "train steps", "N", "sampling steps", "ms/query", "rel. L2", "RelAG"], rows))
+    return "\n\n".join(tables)
+
+
 def scale_curve_table() -> str:
     """The points of bench/scale_curve.py: every method at every N measured so far."""
     path = RESULTS / "scale_curve.json"
@@ -210,7 +236,7 @@ def memit_sweep_table() -> str:
             weight = ("lambda " if row["method"] == "memit" else "a ") + f"{row['weight']:g}"
             span = f"{min(settings['layers'])}-{max(settings['layers'])}"
             stop = f"NLL < {settings['v_tol']:g}" if "v_tol" in settings else "all steps"  # runs before v_tol
-            edit_s = f"{row['edit_s']:.0f}" + (" (values cached)" if settings.get("values_reused_batches") else "")
+            edit_s = f"{row['edit_s']:.0f}" + (" (values cached)" if settings.get("values_reused_batches") or settings.get("values_reused_edits") else "")
             rows.append([str(r["n"]), row["method"], weight, span, f"{settings['v_steps']}, {stop}"]
                         + [f"{row['metrics'][k][s]:.1f}" for k, s in METRICS] + [f"{row['score']:.2f}", edit_s])
     return _table(["N", "method", "weight", "layers", "value search steps", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG",
@@ -219,7 +245,8 @@ def memit_sweep_table() -> str:
 
 TABLES = {"scale-curve": scale_curve_table, "memit-sweep": memit_sweep_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
           "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table,
-          "routing": routing_table, "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table}
+          "routing": routing_table, "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table,
+          "denoising": denoising_table}
 
 
 def main() -> int:

@@ -78,11 +78,28 @@ def test_the_value_search_freezes_finished_rows_and_resumes_from_its_cached_batc
     z, record = target_values(model, tok, FMT, EDITS, positions, 1, config, progress=False)
     assert record["v_converged"] == 1.0 and record["final_nll_mean"] < 5.0
     assert record["v_steps_mean"] < 200  # every batch stopped early
-    shards = sorted(Path(record["values_cache"]).glob("batch-*.safetensors"))
+    shards = sorted(Path(record["values_cache"]).glob("values-*.safetensors"))
     assert len(shards) == 2  # 3 edits in batches of 2
     shards[1].unlink()  # as if killed before the last batch
-    again, _ = target_values(model, tok, FMT, EDITS, positions, 1, config, progress=False)
+    again, resumed = target_values(model, tok, FMT, EDITS, positions, 1, config, progress=False)
     assert torch.equal(again, z)
+    assert 0 < resumed["values_reused_edits"] < 3 and 0 < resumed["values_reused_s"] < resumed["values_search_s"]
+
+
+def test_a_larger_run_searches_only_the_edits_no_earlier_run_searched():
+    model, tok = tiny_model("llama", init_range=0.2), char_tokenizer()
+    config = MemitConfig(layers=(1,), v_steps=200, v_tol=5.0, batch_size=2)
+    few = EDITS[:2]
+    z_few, _ = target_values(model, tok, FMT, few, subject_positions(tok, FMT, few), 1, config, progress=False)
+    more = [EDITS[2], *few, EDITS[0]]  # a new edit, the old ones in another order, one listed twice
+    z, record = target_values(model, tok, FMT, more, subject_positions(tok, FMT, more), 1, config, progress=False)
+    assert record["values_reused_edits"] == 3
+    assert len(list(Path(record["values_cache"]).glob("values-*.safetensors"))) == 2  # one more batch, of one edit
+    assert torch.equal(z[1:3], z_few) and torch.equal(z[3], z_few[0])
+    # each edit's search is its own: the same values as searching all three together from scratch
+    alone, _ = target_values(model, tok, FMT, EDITS, subject_positions(tok, FMT, EDITS), 1,
+                             MemitConfig(layers=(1,), v_steps=200, v_tol=5.0, batch_size=3), progress=False)
+    assert torch.allclose(alone, z[:3][[1, 2, 0]], atol=1e-4)
 
 
 def test_alphaedit_leaves_ordinary_text_keys_mapped_as_before():

@@ -170,13 +170,28 @@ def _row_nll(tb, logits: torch.Tensor) -> torch.Tensor:
     return (ce.view_as(valid) * valid).sum(dim=1) / valid.sum(dim=1)
 
 
-def _values_dir(model, fmt, requests, last: int, config: MemitConfig):
-    """Where target values are cached, per batch: the same for MEMIT and AlphaEdit (their value
-    search is identical), and a killed search resumes at the first missing batch."""
+def _values_dir(model, fmt, last: int, config: MemitConfig):
+    """Where target values are cached: the same for MEMIT and AlphaEdit (their value search is
+    identical) and for any set of edits, since each edit's search is its own (a per-row delta,
+    a summed loss, element-wise Adam): a larger run reuses a smaller one's edits."""
     key = {"model": model_fingerprint(model), "format": asdict(fmt), "last": last,
-           "edits": hashlib.sha256(json.dumps([(r.prompt, r.subject, r.target) for r in requests]).encode()).hexdigest(),
            **{k: getattr(config, k) for k in ("v_steps", "v_lr", "v_weight_decay", "clamp_norm", "v_tol", "batch_size")}}
     return cache_root() / "memit-values" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _edit_digest(request: EditRequest) -> bytes:
+    return hashlib.sha256(json.dumps([request.prompt, request.subject, request.target]).encode()).digest()
+
+
+def _cached_values(folder) -> dict[bytes, tuple[torch.Tensor, float, int, float]]:
+    """digest -> (z, NLL, search steps of its batch, its share of the batch's search seconds)."""
+    found = {}
+    for shard in sorted(folder.glob("values-*.safetensors")):
+        t = load_tensors(shard, "target values")
+        share = float(t["seconds"]) / len(t["edits"])
+        for j, digest in enumerate(t["edits"]):
+            found[bytes(digest.tolist())] = (t["z"][j], float(t["nll"][j]), int(t["steps"]), share)
+    return found
 
 
 def _search_batch(model, tb, positions: torch.Tensor, last: int, config: MemitConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -226,33 +241,36 @@ def target_values(model, tokenizer, fmt, requests, positions, last: int, config:
                   progress: bool = True) -> tuple[torch.Tensor, dict]:
     """z (n, d): the hidden state after layer `last`, at each subject, that makes the model say the
     target. The layers up to `last` run once per batch; only the layers above run per step, and
-    only for the rows not yet done. Batches are cached on disk as they finish."""
+    only for the rows not yet done. Each batch is cached on disk as it finishes, so a killed
+    search resumes and edits searched before (in any run with these settings) are not searched again."""
     if last + 1 >= num_layers(model):
         raise ConfigError(f"the edited span must end below the last layer ({num_layers(model) - 1}), got {last}")
-    folder = _values_dir(model, fmt, requests, last, config)
-    z, nll, steps = [None] * len(requests), [None] * len(requests), []
-    reused, seconds = 0, 0.0
-    batches = edit_batches(model, tokenizer, requests, fmt, config.batch_size)
-    for k, (idx, tb) in enumerate(tqdm(batches, desc=f"{config.method} target values", disable=not progress,
-                                       leave=False)):
-        shard = folder / f"batch-{k:05d}.safetensors"
-        if shard.exists():
-            t = load_tensors(shard, "target values")
-            reused += 1
-        else:
-            start = time.perf_counter()
-            bz, bnll, n_steps = _search_batch(model, tb, torch.tensor([positions[i] for i in idx]), last, config)
-            t = {"z": bz.cpu(), "nll": bnll.cpu(), "steps": torch.tensor(n_steps),
-                 "seconds": torch.tensor(time.perf_counter() - start, dtype=torch.float64)}
-            atomic_save_tensors(shard, t)
-        steps.append(int(t["steps"]))
-        seconds = seconds + float(t["seconds"]) if seconds is not None and "seconds" in t else None  # older shards: unknown
-        for j, i in enumerate(idx):
-            z[i], nll[i] = t["z"][j], float(t["nll"][j])
+    folder = _values_dir(model, fmt, last, config)
+    found = _cached_values(folder)
+    digests = [_edit_digest(r) for r in requests]
+    reused = {d for d in digests if d in found}
+    first = {}
+    for i, d in enumerate(digests):
+        if d not in found:
+            first.setdefault(d, i)  # an edit listed twice is searched once
+    missing = list(first.values())
+    batches = edit_batches(model, tokenizer, [requests[i] for i in missing], fmt, config.batch_size)
+    for idx, tb in tqdm(batches, desc=f"{config.method} target values", disable=not progress, leave=False):
+        rows = [missing[j] for j in idx]
+        start = time.perf_counter()
+        bz, bnll, n_steps = _search_batch(model, tb, torch.tensor([positions[i] for i in rows]), last, config)
+        edits = torch.tensor([list(digests[i]) for i in rows], dtype=torch.uint8)
+        t = {"z": bz.cpu(), "nll": bnll.cpu(), "steps": torch.tensor(n_steps), "edits": edits,
+             "seconds": torch.tensor(time.perf_counter() - start, dtype=torch.float64)}
+        atomic_save_tensors(folder / f"values-{hashlib.sha256(edits.numpy().tobytes()).hexdigest()[:16]}.safetensors", t)
+        for j, i in enumerate(rows):
+            found[digests[i]] = (t["z"][j], float(t["nll"][j]), n_steps, float(t["seconds"]) / len(rows))
+    z, nll, steps, seconds = zip(*(found[d] for d in digests))
     record = {"final_nll_mean": sum(nll) / len(nll), "v_converged": sum(x < config.v_tol for x in nll) / len(nll),
               "v_steps_mean": sum(steps) / len(steps), "values_cache": str(folder),
-              # what the search took when it ran, also when its batches came from the cache now
-              "values_search_s": seconds, "values_reused_batches": reused}
+              # what the search of these edits took when it ran, also when it came from the cache now
+              "values_search_s": sum(seconds), "values_reused_edits": sum(d in reused for d in digests),
+              "values_reused_s": sum(s for d, s in zip(digests, seconds) if d in reused)}
     return torch.stack(z).double(), record
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from ...errors import ConfigError, MeGError
 from ...io import atomic_save_tensors, atomic_write_json, load_tensors, read_record
-from .diffusion import SAMPLERS, Diffusion, Schedule
+from .diffusion import PREDICTIONS, SAMPLERS, Diffusion, Schedule
 from .dit import DIT_PRESETS, DiT, DiTConfig
 from .mlp import MLPConfig, MLPGenerator
 
@@ -35,7 +35,9 @@ class GeneratorConfig:
     grad_clip: float = 1.0
     validate_every: int = 500
     validation_size: int = 64  # edits sampled at each validation (the first ones, fixed)
-    sample_steps: int = 50
+    prediction: str = "edm"  # what the DiT predicts: "edm" (default), "v" (the spec's) or "x0"; see diffusion.py
+    sigma_data: float = 0.2  # for "edm": the scale of x0 given the query (1.0 makes "edm" the same as "v")
+    sample_steps: int = 50  # the spec's; 1-2 were more accurate on memorised vectors (README, stage D)
     sampler: str = "ddim"
     zero_augment: float = 0.0  # unrelated queries paired with the zero vector, as a share of the edits
     seed: int = 0
@@ -50,10 +52,12 @@ class GeneratorConfig:
             problems.append(f"normalization must be one of {', '.join(NORMALIZATIONS)}")
         if self.sampler not in SAMPLERS:
             problems.append(f"sampler must be one of {', '.join(SAMPLERS)}")
+        if self.prediction not in PREDICTIONS:
+            problems.append(f"prediction must be one of {', '.join(PREDICTIONS)}")
         if min(self.batch_size, self.train_steps, self.validate_every, self.validation_size, self.sample_steps) < 1:
             problems.append("batch_size, train_steps, validate_every, validation_size, sample_steps must be >= 1")
-        if not 0 <= self.ema_decay < 1 or self.zero_augment < 0:
-            problems.append("need 0 <= ema_decay < 1 and zero_augment >= 0")
+        if not 0 <= self.ema_decay < 1 or self.zero_augment < 0 or not self.sigma_data > 0:
+            problems.append("need 0 <= ema_decay < 1, zero_augment >= 0 and sigma_data > 0")
         unknown = set(self.dit) - set(asdict(DiTConfig())) | set(self.mlp) - set(asdict(MLPConfig()))
         if unknown:
             problems.append(f"unknown network fields {sorted(unknown)}")
@@ -80,7 +84,7 @@ class Generator:
             net = (DiT(length, cond_dim, config.dit_config()) if config.kind == "dit"
                    else MLPGenerator(length, cond_dim, config.mlp_config()))
         self.net = net
-        self.diffusion = Diffusion(Schedule()) if config.kind == "dit" else None
+        self.diffusion = Diffusion(Schedule(), config.prediction, config.sigma_data) if config.kind == "dit" else None
         self.record: dict = {}
 
     @classmethod
@@ -133,7 +137,10 @@ class Generator:
         path = Path(path)
         tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
         atomic_save_tensors(path, {**tensors, "norm.mean": self.mean, "norm.std": self.std})
-        atomic_write_json(path.with_suffix(".json"), {"config": asdict(self.config), "length": self.length,
+        config = asdict(self.config)
+        if self.config.kind == "dit":  # every network field, so a later change of the presets cannot alter it
+            config["dit"] = asdict(self.net.config)
+        atomic_write_json(path.with_suffix(".json"), {"config": config, "length": self.length,
                                                       "cond_dim": self.cond_dim, "record": self.record})
         return path
 
@@ -141,7 +148,7 @@ class Generator:
     def load(cls, path: str | Path) -> "Generator":
         path = Path(path)
         meta, config, length, cond_dim = read_record(path, "generator", lambda m: (
-            m, GeneratorConfig(**m["config"]).validate(), int(m["length"]), int(m["cond_dim"])))
+            m, GeneratorConfig(**_upgrade(m["config"])).validate(), int(m["length"]), int(m["cond_dim"])))
         tensors = load_tensors(path, "generator")
         if "norm.mean" not in tensors or "norm.std" not in tensors:
             raise MeGError(f"{path}: generator file has no normalisation tensors")
@@ -153,3 +160,11 @@ class Generator:
         generator.net.eval().requires_grad_(False)
         generator.record = meta.get("record", {})
         return generator
+
+
+def _upgrade(config: dict) -> dict:
+    """A config saved before the prediction type was recorded: v-prediction, and the DiT fields
+    every preset had then."""
+    if "prediction" in config:
+        return config
+    return {**config, "prediction": "v", "dit": {"cond_dropout": 0.2, "cond_token": False, **config.get("dit", {})}}
