@@ -77,6 +77,7 @@ def collect(sizes: list[int], methods: list[str]) -> list[dict]:
             seconds, note = edit_seconds(summary)
             points.append({"method": method, "n": summary["n"], "score": summary["score"], "metrics": summary["metrics"],
                            "edit_time_s": seconds, "edit_time_note": note, "eval_time_s": summary["timing"]["total_s"],
+                           "threads": summary.get("threads") or summary.get("machine", {}).get("cpu_threads"),
                            "file": path.name, "values_cache": summary.get("edit", {}).get("values_cache")
                            if summary.get("edit", {}).get("values_search_s") is None else None})
     # runs from before the value search recorded its time: of the points sharing one cached search,

@@ -223,9 +223,10 @@ def scale_curve_table() -> str:
     points = json.loads(path.read_text())["points"] if path.exists() else []
     rows = [[str(p["n"]), p["method"]] + [f"{p['metrics'][k][s]:.1f}" for k, s in METRICS]
             + [f"**{p['score']:.2f}**", f"{p['edit_time_s']:.0f}", p["edit_time_note"] or "—",
-               f"{p['eval_time_s']:.0f}"] for p in sorted(points, key=lambda p: (p["n"], p["method"]))]
+               f"{p['eval_time_s']:.0f}", str(p.get("threads") or "—")]
+            for p in sorted(points, key=lambda p: (p["n"], p["method"]))]
     return _table(["N", "method", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG", "LocTF", "Score", "edit s",
-                   "edit time note", "eval s"], rows)
+                   "edit time note", "eval s", "threads"], rows)
 
 
 def memit_sweep_table() -> str:
