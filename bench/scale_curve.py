@@ -75,11 +75,13 @@ def collect(sizes: list[int], methods: list[str]) -> list[dict]:
                 continue
             summary = json.loads(path.read_text())
             seconds, note = edit_seconds(summary)
+            edit = summary.get("edit", {})
             points.append({"method": method, "n": summary["n"], "score": summary["score"], "metrics": summary["metrics"],
                            "edit_time_s": seconds, "edit_time_note": note, "eval_time_s": summary["timing"]["total_s"],
                            "threads": summary.get("threads") or summary.get("machine", {}).get("cpu_threads"),
-                           "file": path.name, "values_cache": summary.get("edit", {}).get("values_cache")
-                           if summary.get("edit", {}).get("values_search_s") is None else None})
+                           # only runs from before the search recorded its time need the heuristic below
+                           "file": path.name,
+                           "values_cache": edit.get("values_cache") if edit.get("values_search_s") is None else None})
     # runs from before the value search recorded its time: of the points sharing one cached search,
     # the slowest ran it; the others' edit time leaves it out
     for p in points:
