@@ -5,7 +5,9 @@ harness, and measure the inference cost against the unedited model on the same q
     .venv/bin/python bench/meg.py zsre             # the ZsRE edits (malformed records skipped), same pool
     .venv/bin/python bench/meg.py counterfact --limit 4096 --no-speed   # a point of bench/scale_curve.py
 
-Stages are cached in bench/results/cases/meg-<setting>/ (a killed run resumes). The inference
+Stages are cached in bench/results/cases/meg-<setting>[-<generator>]/, one folder for every N, so
+a larger run reuses what does not depend on the edits (the tuned encoder), and a killed run
+resumes; the evaluation goes to eval[-<N>].json there. The inference
 cost: greedy answers (up to 20 tokens) for the first `--speed-n` edits' prompt, rephrase and
 locality query, with the edited model and with the base model (the neuron taken off), in
 alternating rounds in one process; queries per second of each and the share of the edited
@@ -93,11 +95,11 @@ def main() -> int:
     model, tokenizer = load_model("smollm2", device="cpu")
     config = MeGConfig(prompt_format=DEFAULT_FOR_KIND[kind], seed=args.seed)
     config.generator.kind = args.generator
-    variant = suffix + ("" if args.generator == "mlp" else f"-{args.generator}")
-    name, result = f"meg-{args.setting}{variant}", HERE / "results" / f"meg-{tag(args.setting)}{variant}.json"
-    edited = MeGEditor(model, tokenizer, config).fit(requests, HERE / "results" / "cases" / name, pool,
-                                                     f"counterfact:{POOL.name}")
-    saved = HERE / "results" / "cases" / name / "eval.json"
+    generator = "" if args.generator == "mlp" else f"-{args.generator}"
+    result = HERE / "results" / f"meg-{tag(args.setting)}{suffix}{generator}.json"
+    work = HERE / "results" / "cases" / f"meg-{args.setting}{generator}"
+    edited = MeGEditor(model, tokenizer, config).fit(requests, work, pool, f"counterfact:{POOL.name}")
+    saved = work / f"eval{suffix}.json"
     if args.reuse_eval and saved.exists():  # re-measure only the inference cost
         report = EvalReport.load(saved)
     else:

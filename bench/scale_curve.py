@@ -55,15 +55,22 @@ def edit_seconds(summary: dict) -> tuple[float, str]:
             return summary["edit_time_s"] + edit["values_search_s"], "cached target-value search added"
         return summary["edit_time_s"], ""
     timing = summary["fit"]["timing"]
-    a = timing["A"]
-    if a.get("cached") is False and a["seconds"] > 5:
-        return timing["total_s"], ""
-    # stage A was restored from an earlier run's shards: add the time that run took
-    scale = RESULTS / f"fit_neurons-scale-{summary['n']}.json"
-    if scale.exists():
-        fitted = json.loads(scale.read_text())["fit_s"]
-        return timing["total_s"] - a["seconds"] + fitted, "stage A timed in fit_neurons-scale"
-    return timing["total_s"], "stage A restored, its time not included"
+    a, encoder = timing["A"], timing["BC"].get("encoder", {})
+    seconds, notes = timing["total_s"], []
+    if a.get("reused_s"):  # some edits' vectors came from an earlier fit's shards: add what fitting them took
+        seconds += a["reused_s"]
+        notes.append("fitting of reused edits added")
+    elif a.get("cached") is not False or a["seconds"] <= 5:  # older runs: stage A restored whole
+        scale = RESULTS / f"fit_neurons-scale-{summary['n']}.json"
+        if scale.exists():
+            seconds += json.loads(scale.read_text())["fit_s"] - a["seconds"]
+            notes.append("stage A timed in fit_neurons-scale")
+        else:
+            notes.append("stage A restored, its time not included")
+    if encoder.get("cached"):  # the tuned encoder came from an earlier fit on the same pool
+        seconds += encoder["train_s"] - encoder["seconds"]
+        notes.append("encoder training time added")
+    return seconds, "; ".join(notes)
 
 
 def collect(sizes: list[int], methods: list[str]) -> list[dict]:

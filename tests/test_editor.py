@@ -61,13 +61,26 @@ def test_a_rerun_reuses_every_stage_and_a_changed_setting_reruns_only_what_depen
     model, tok = _lm()
     with caplog.at_level(logging.INFO, logger="megedit"):
         again = MeGEditor(model, tok, _config(), encoder=tiny_encoder(), progress=False).fit(EDITS, work, POOL)
-    assert sum("done before" in m for m in caplog.messages) == 3
+    assert sum("done before" in m for m in caplog.messages) == 4  # stages A, B, C and D
     texts = [r.prompt for r in EDITS] + ["zzzz"]
     assert torch.equal(again.vectors_for(texts), edited.vectors_for(texts))
     again.close()
     other = MeGEditor(model, tok, _config(train_steps=30), encoder=tiny_encoder(), progress=False).fit(EDITS, work, POOL)
     other.close()
     assert [len(list((work / s).iterdir())) for s in ("fit-neurons", "routing", "generator")] == [1, 1, 2]
+
+
+def test_another_edit_set_in_the_same_work_dir_reuses_fitted_edits_and_the_encoder(fitted, caplog):
+    edited, work = fitted
+    model, tok = _lm()
+    with caplog.at_level(logging.INFO, logger="megedit"):
+        more = MeGEditor(model, tok, _config(), encoder=tiny_encoder(), progress=False).fit(EDITS[:3], work, POOL)
+    assert [m.split(":")[0] for m in caplog.messages if "done before" in m] == ["stage B (encoder)"]
+    assert more.record["timing"]["A"]["reused_edits"] == 3  # its edits were fitted in the first run
+    assert more.record["timing"]["BC"]["encoder"]["cached"] and len(list((work / "encoder").iterdir())) == 1
+    texts = ["q0:", "w11 =", "zzzz"]
+    assert torch.equal(more.encoder.encode(texts), edited.encoder.encode(texts))
+    more.close()
 
 
 def test_unfamiliar_queries_get_the_zero_vector_and_disabling_gives_the_exact_base_model(fitted):
@@ -192,3 +205,14 @@ def test_fit_needs_edits_and_a_pool(tmp_path):
         editor.fit(EDITS, tmp_path)
     with pytest.raises(ConfigError, match="no edit requests"):
         editor.fit([], tmp_path, POOL)
+
+
+def test_fit_routing_alone_gives_the_editors_encoder_and_router(fitted):
+    from megedit.stages.routing import fit_routing
+
+    edited, _ = fitted
+    routing = fit_routing(EDITS, POOL, tiny_encoder(), _config().routing, progress=False)
+    texts = ["q0:", "w11 =", "zzzz"]
+    assert torch.equal(routing.encoder.encode(texts), edited.encoder.encode(texts))
+    assert routing.router.epsilon == edited.router.epsilon
+    assert set(routing.record["timing"]) == {"encoder_s", "router_s", "total_s"}

@@ -76,6 +76,23 @@ def test_killed_run_resumes_from_its_shards(lm, tmp_path, monkeypatch):
     assert calls and torch.allclose(partial.vectors, first.vectors, atol=1e-5)
 
 
+def test_a_larger_edit_set_fits_only_its_new_edits(lm, tmp_path, monkeypatch):
+    model, tok = lm
+    edits = _requests()
+    first = fit_neurons(model, tok, edits[1:], FMT, _config(), progress=False, work_dir=tmp_path)
+    fitted = []
+    original_step = stage._FitState._step
+    monkeypatch.setattr(stage._FitState, "_step",
+                        lambda self, neuron, w, opt, live, slots, *a: fitted.extend(slots[r] for r in live)
+                        or original_step(self, neuron, w, opt, live, slots, *a))
+    more = fit_neurons(model, tok, edits, FMT, _config(), progress=False, work_dir=tmp_path)
+    assert set(fitted) == {0}  # only the new edit went through the optimiser
+    assert torch.equal(more.vectors[1:], first.vectors) and torch.equal(more.success[1:], first.success)
+    assert more.timing["reused_edits"] == len(edits) - 1 and 0 < more.timing["reused_s"] <= first.timing["total_s"]
+    alone = fit_neurons(model, tok, edits[:1], FMT, _config(), progress=False)
+    assert torch.allclose(more.vectors[0], alone.vectors[0], atol=1e-5)
+
+
 def test_result_round_trips_through_safetensors(lm, tmp_path):
     model, tok = lm
     result = fit_neurons(model, tok, _requests(3), FMT, _config(optimizer="sgd", lr=0.5), progress=False)

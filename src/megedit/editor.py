@@ -3,7 +3,9 @@
 Each stage writes its artefact under `work_dir/<stage>/<key>/`, the key a hash of everything
 the stage's output depends on (base model, edits, pool, settings, upstream keys). A rerun finds
 finished stages and skips them; an interrupted stage resumes from its own checkpoints (fitting
-shards, generator checkpoint). A and B/C are independent; D needs both.
+shards, generator checkpoint). Stage A's shards (work_dir/fit-shards) are per edit, so a fit of
+a larger edit set fits only the edits no earlier fit in this work_dir did. A and B/C are independent; D needs both. B (the encoder) depends
+on the pool alone, so fits of growing edit sets in one work_dir train it once.
 """
 
 from __future__ import annotations
@@ -101,40 +103,59 @@ class MeGEditor:
             result = FitResult.load(path)
         else:
             log.info("stage A (fit neurons): fitting %d edits", len(requests))
+            # shards are per edit, not per edit set: any edit set fitted in this work_dir reuses them
             result = fit_neurons(self.model, self.tokenizer, requests, get_format(self.config.prompt_format),
-                                 self.config.fit, progress=self.progress, work_dir=folder)
+                                 self.config.fit, progress=self.progress, work_dir=work_dir / "fit-shards")
             result.save(path)
         log.info("stage A: success %.1f%% of %d edits", result.success_rate, len(requests))
         return result, key, {"seconds": time.perf_counter() - start, "cached": cached,
-                             "fit_s": result.timing.get("total_s")}
+                             "fit_s": result.timing.get("total_s"), "reused_edits": result.timing.get("reused_edits"),
+                             "reused_s": result.timing.get("reused_s")}
 
-    # -- stages B and C: tuned encoder, router and its epsilon ----------------------------------
+    # -- stage B: the encoder tuned on the pool; stage C: router and its epsilon ---------------
+
+    def _stage_b(self, train_pool, work_dir: Path):
+        """The tuned encoder. It depends on the pool and the encoder settings, not on the edits,
+        so fits of different edit sets in one work_dir with the same pool share it."""
+        from .stages.encoder import encoder_delta_record, load_encoder_delta, paraphrase_pairs, train_encoder, write_encoder_delta
+
+        settings = self.config.routing.encoder
+        key = _digest({"encoder": self.config.encoder, "training": dataclasses.asdict(settings), "pool": _records(train_pool)})
+        path = work_dir / "encoder" / key / "encoder.safetensors"
+        start, cached = time.perf_counter(), path.with_suffix(".json").exists()  # the record is written last
+        if cached:
+            log.info("stage B (encoder): done before, %s", path.parent)
+            encoder, record = load_encoder_delta(path, self.base_encoder)
+        else:
+            log.info("stage B (encoder): tuning the encoder on %d pool records", len(train_pool))
+            encoder, training = train_encoder(self.base_encoder, *paraphrase_pairs(train_pool), settings, self.progress)
+            record = encoder_delta_record(training, self.config.encoder)
+            write_encoder_delta(encoder, record, path)
+        return encoder, record, {"seconds": time.perf_counter() - start, "cached": cached, "train_s": record["timing"]["total_s"]}
 
     def _stage_bc(self, requests, pool, work_dir: Path):
-        from .stages.encoder import encoder_delta_record, load_encoder_delta, write_encoder_delta
         from .stages.router import Router
-        from .stages.routing import fit_routing
+        from .stages.routing import fit_router, split_for_edits
 
-        key = _digest({"encoder": self.config.encoder, "routing": dataclasses.asdict(self.config.routing),
+        config = self.config.routing
+        key = _digest({"encoder": self.config.encoder, "routing": dataclasses.asdict(config),
                        "edits": [r.prompt for r in requests], "pool": _records(pool)})
         folder = work_dir / "routing" / key
         done = folder / "routing.json"
         start = time.perf_counter()
+        train_pool, calibration = split_for_edits(requests, pool, config)
+        encoder, encoder_record, encoder_timing = self._stage_b(train_pool, work_dir)
         if done.exists():
-            log.info("stages B+C (encoder, router): done before, %s", folder)
-            encoder, encoder_record = load_encoder_delta(folder / "encoder.safetensors", self.base_encoder)
+            log.info("stage C (router): done before, %s", folder)
             router, record = Router.load(folder / "router.safetensors"), json.loads(done.read_text())
         else:
-            log.info("stages B+C (encoder, router): tuning the encoder on the pool, then the router")
-            routing = fit_routing(requests, pool, self.base_encoder, self.config.routing, progress=self.progress)
-            encoder, router, record = routing.encoder, routing.router, routing.record
-            encoder_record = encoder_delta_record(routing.encoder_training, self.config.encoder)
-            write_encoder_delta(encoder, encoder_record, folder / "encoder.safetensors")
+            log.info("stage C (router): %d edits, epsilon from %d pool records", len(requests), len(calibration))
+            router, record = fit_router(requests, encoder, train_pool, calibration, config, self.progress)
             router.save(folder / "router.safetensors")
             atomic_write_json(done, record)  # written last: marks the stage done
         log.info("stages B+C: epsilon %.3f (%s router)", router.epsilon, router.config.kind)
         return ({"encoder": encoder, "encoder_record": encoder_record, "router": router, "record": record}, key,
-                {"seconds": time.perf_counter() - start, **record.get("timing", {})})
+                {"seconds": time.perf_counter() - start, "encoder": encoder_timing, "router_s": record["timing"]["router_s"]})
 
     # -- stage D: the generator -----------------------------------------------------------------
 

@@ -179,8 +179,9 @@ def _row_loss_and_success(logits, labels, margin) -> tuple[torch.Tensor, torch.T
 def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFormat,
                 config: FitConfig | None = None, progress: bool = True,
                 work_dir: str | Path | None = None) -> FitResult:
-    """Fit one neuron vector per edit. With `work_dir`, finished edits are written in shards as
-    they finish and a rerun with the same inputs continues where the last one stopped."""
+    """Fit one neuron vector per edit. With `work_dir`, finished edits are written there in shards
+    as they finish, keyed by each edit's tokens and the settings, not by the request list: a rerun
+    continues where the last one stopped, and a run on more edits fits only the new ones."""
     config = config or FitConfig()
     config = replace(config, layer=resolve_layer(model, config.layer))
     start = time.perf_counter()
@@ -204,6 +205,8 @@ class _FitState:
         self.case_ids = [r.case_id for r in requests]
         prompts, self.answers = _encode(requests, tokenizer, fmt)
         self.seqs = [p + a for p, a in zip(prompts, self.answers)]
+        # what an edit's fit depends on besides the settings: its tokens
+        self.digests = [hashlib.sha256(json.dumps([s, a]).encode()).digest() for s, a in zip(self.seqs, self.answers)]
         self.pad_id = tokenizer.pad_token_id
         n = len(requests)
         self.vectors = torch.zeros(n, spec.size)
@@ -211,16 +214,16 @@ class _FitState:
         self.steps = torch.zeros(n, dtype=torch.long)
         self.loss = torch.full((n,), float("nan"))
         self.done = torch.zeros(n, dtype=torch.bool)
+        self.timing: dict = {"reused_edits": 0, "reused_s": 0.0}
         self.shards = _Shards(work_dir, self._key(fmt)) if work_dir else None
         if self.shards:
             self.shards.restore(self)
-        self.timing: dict = {}
 
     def _key(self, fmt: PromptFormat) -> str:
         from ..models import model_fingerprint
 
-        blob = json.dumps({"model": model_fingerprint(self.model), "seqs": self.seqs, "answers": self.answers,
-                           "config": asdict(self.config), "spec": self.spec.to_dict(), "format": fmt.to_dict()})
+        blob = json.dumps({"model": model_fingerprint(self.model), "config": asdict(self.config),
+                           "spec": self.spec.to_dict(), "format": fmt.to_dict()})
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def run(self, neuron, progress: bool) -> None:
@@ -293,32 +296,42 @@ class _FitState:
 
 
 class _Shards:
-    """Finished edits written to `work_dir/fit-<key>/shard-*.safetensors` as they finish."""
+    """Finished edits written to `work_dir/fit-<settings key>/shard-*.safetensors` as they finish,
+    each with its digest and its share of the wall time since the shard before."""
 
     def __init__(self, work_dir, key: str, every: int = 64) -> None:
         self.dir = Path(work_dir) / f"fit-{key}"
-        self.every, self.pending, self.count = every, [], 0
+        self.every, self.pending, self.since = every, [], time.perf_counter()
 
     def restore(self, state: _FitState) -> None:
+        found = {}
         for path in sorted(self.dir.glob("shard-*.safetensors")):
             t = load_tensors(path, "fit shard")
-            idx = t["index"]
-            state.vectors[idx], state.success[idx] = t["vectors"], t["success"].bool()
-            state.steps[idx], state.loss[idx], state.done[idx] = t["steps"], t["loss"], True
-            self.count += 1
-        if self.count:
-            log.info("resuming: %d of %d edits already fitted", int(state.done.sum()), len(state.done))
+            share = float(t["seconds"]) / len(t["edits"])
+            for j, digest in enumerate(t["edits"]):
+                found[bytes(digest.tolist())] = (t["vectors"][j], bool(t["success"][j]), t["steps"][j], t["loss"][j], share)
+        for i, digest in enumerate(state.digests):
+            if digest in found:
+                vector, ok, steps, loss, share = found[digest]
+                state.vectors[i], state.success[i], state.steps[i], state.loss[i] = vector, ok, steps, loss
+                state.done[i] = True
+                state.timing["reused_edits"] += 1
+                state.timing["reused_s"] += share
+        if found:
+            log.info("%d of %d edits fitted before (%s)", int(state.done.sum()), len(state.done), self.dir)
 
     def flush(self, state: _FitState, force: bool = False) -> None:
         if not self.pending or (len(self.pending) < self.every and not force and not bool(state.done.all())):
             return
         idx = torch.tensor(self.pending, dtype=torch.long)
-        tensors = {"index": idx, "vectors": state.vectors[idx], "success": state.success[idx].to(torch.uint8),
-                   "steps": state.steps[idx], "loss": state.loss[idx]}
-        atomic_save_tensors(self.dir / f"shard-{self.count:05d}.safetensors", tensors)  # whole or absent
-        self.count += 1
-        self.pending = []
-        atomic_write_json(self.dir / "progress.json", {"done": int(state.done.sum()), "total": len(state.done)})
+        edits = torch.tensor([list(state.digests[i]) for i in self.pending], dtype=torch.uint8)
+        now = time.perf_counter()
+        tensors = {"edits": edits, "vectors": state.vectors[idx], "success": state.success[idx].to(torch.uint8),
+                   "steps": state.steps[idx], "loss": state.loss[idx],
+                   "seconds": torch.tensor(now - self.since, dtype=torch.float64)}
+        name = hashlib.sha256(edits.numpy().tobytes()).hexdigest()[:16]
+        atomic_save_tensors(self.dir / f"shard-{name}.safetensors", tensors)  # whole or absent
+        self.pending, self.since = [], now
 
 
 def fitted_subject(model, tokenizer, result: FitResult):

@@ -77,20 +77,26 @@ class Routing:
     record: dict
 
 
+def fit_router(edits: Sequence[EditRequest], tuned: SentenceEncoder, train_pool: Sequence[EditRequest],
+               calibration: Sequence[EditRequest], config: RoutingConfig, progress: bool = True) -> tuple[Router, dict]:
+    """Stage C: the router on the edits' prompts, epsilon from the calibration slice; and its record."""
+    start = time.perf_counter()
+    router = train_router(tuned.encode([r.prompt for r in edits]), config.router,
+                          calibration=calibration_embeddings(tuned, calibration, train_pool), progress=progress)
+    return router, {"config": asdict(config), "query_text": "raw prompts (no LM wrapping)", "n_edits": len(edits),
+                    "n_pool": len(train_pool) + len(calibration), "n_encoder_pool": len(train_pool),
+                    "n_calibration": len(calibration), "timing": {"router_s": time.perf_counter() - start}}
+
+
 def fit_routing(edits: Sequence[EditRequest], pool: Sequence[EditRequest], encoder: SentenceEncoder,
                 config: RoutingConfig | None = None, progress: bool = True) -> Routing:
     """Stage B (encoder on the pool) then stage C (router on the edits, epsilon from the pool)."""
     config = config or RoutingConfig()
     train_pool, calibration = split_for_edits(edits, pool, config)
-    start = time.perf_counter()
     tuned, training = train_encoder(encoder, *paraphrase_pairs(train_pool), config.encoder, progress)
-    encoder_s = time.perf_counter() - start
-    router = train_router(tuned.encode([r.prompt for r in edits]), config.router,
-                          calibration=calibration_embeddings(tuned, calibration, train_pool), progress=progress)
-    record = {"config": asdict(config), "query_text": "raw prompts (no LM wrapping)", "n_edits": len(edits),
-              "n_pool": len(train_pool) + len(calibration), "n_encoder_pool": len(train_pool), "n_calibration": len(calibration),
-              "timing": {"encoder_s": encoder_s, "router_s": time.perf_counter() - start - encoder_s,
-                         "total_s": time.perf_counter() - start}}
+    router, record = fit_router(edits, tuned, train_pool, calibration, config, progress)
+    record["timing"] |= {"encoder_s": training.timing["total_s"],
+                         "total_s": training.timing["total_s"] + record["timing"]["router_s"]}
     return Routing(tuned, router, training, record)
 
 
