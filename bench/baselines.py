@@ -76,7 +76,7 @@ def main() -> int:
             raise SystemExit(f"unknown method {method!r}")
         edit_s = time.perf_counter() - start
         report = evaluate(subject, requests, prompt_format=fmt, data_kind=kind, data_name=f"{kind}:{path.name}",
-                          batch_size=64)
+                          batch_size=64, checkpoint=args.out / "cases" / f"{name}.partial.json")
         if hasattr(subject, "restore"):
             subject.restore()
         summary = report.to_dict()

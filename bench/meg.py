@@ -104,7 +104,7 @@ def main() -> int:
         report = EvalReport.load(saved)
     else:
         report = evaluate(edited, requests, prompt_format=config.prompt_format, data_kind=kind,
-                          data_name=f"{kind}:{path.name}", batch_size=64)
+                          data_name=f"{kind}:{path.name}", batch_size=64, checkpoint=work / f"eval{suffix}.partial.json")
         report.save(saved)
     print(report.table())
     cost = None if args.no_speed else speed(edited, requests[: args.speed_n], args.rounds)

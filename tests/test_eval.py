@@ -81,6 +81,50 @@ def test_a_weight_edit_hurts_locality_and_unedited_restores_it_exactly(lm, tmp_p
     assert again.cases == before.cases
 
 
+class _Killed(Exception):
+    pass
+
+
+class _CountingSubject(PlainSubject):
+    """The unedited model, counting the batches it runs, killed at batch `kill_at` if given."""
+
+    def __init__(self, model, tok, kill_at=None, note="a"):
+        super().__init__(model, tok)
+        self.batches, self.kill_at, self.note = 0, kill_at, note
+
+    def batch_context(self, queries):
+        self.batches += 1
+        if self.batches == self.kill_at:
+            raise _Killed
+        return super().batch_context(queries)
+
+    def describe(self):
+        return {"note": self.note}
+
+
+def test_a_killed_evaluation_resumes_from_its_checkpoint(lm, tmp_path, monkeypatch):
+    from megedit.eval import runner
+
+    monkeypatch.setattr(runner._Checkpoint, "every_s", 0.0)  # save after every batch
+    model, tok = lm
+    reqs, settings = _requests(7), {"batch_size": 2, "max_new_tokens": 6, "progress": False, "cache_dir": tmp_path}
+    full = evaluate(_CountingSubject(model, tok), reqs, **settings)  # caches the pre-edit locality reference
+    checkpoint = tmp_path / "eval.partial.json"
+    with pytest.raises(_Killed):
+        evaluate(_CountingSubject(model, tok, kill_at=7), reqs, checkpoint=checkpoint, **settings)
+    assert checkpoint.exists()
+    resumed = _CountingSubject(model, tok)
+    report = evaluate(resumed, reqs, checkpoint=checkpoint, **settings)
+    assert resumed.batches == 12 - 6  # 4 batches per kind; the 6 finished before the kill are not rerun
+    assert report.cases == full.cases and report.metrics == full.metrics and not checkpoint.exists()
+    # a checkpoint of another subject is ignored, not mixed in
+    with pytest.raises(_Killed):
+        evaluate(_CountingSubject(model, tok, kill_at=7), reqs, checkpoint=checkpoint, **settings)
+    other = _CountingSubject(model, tok, note="b")
+    assert evaluate(other, reqs, checkpoint=checkpoint, **settings).cases == full.cases
+    assert other.batches == 12
+
+
 def test_per_row_neuron_subject_only_changes_its_own_rows(lm, tmp_path):
     """A subject that switches a neuron on for reliability queries only leaves locality exact."""
     model, tok = lm

@@ -39,7 +39,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
     p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--json", type=Path, default=None, help="write the eval JSON here")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write the eval JSON here (a killed run resumes from JSON.partial beside it)")
     p.set_defaults(run=_run_eval)
 
 
@@ -70,7 +71,8 @@ def _run_eval(args) -> int:
             subject.save(args.save_edit)
     start = time.perf_counter()
     report = evaluate(subject, requests, prompt_format=fmt, data_kind=kind, data_name=f"{kind}:{path.name}",
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=args.progress)
+                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=args.progress,
+                      checkpoint=args.json and args.json.with_name(args.json.name + ".partial"))
     log.info("evaluated %d edits in %.0f s", len(requests), time.perf_counter() - start)
     print(report.table())
     print(f"N={report.n}  data={report.data}  model={report.model}  format={fmt.name}  seed={args.seed}")

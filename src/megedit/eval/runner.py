@@ -52,18 +52,25 @@ class DecodeSettings:
 
 def run_queries(subject: Subject, queries: Sequence[Query], prompt_ids: Sequence[list[int]],
                 drafts: Sequence[list[int]], s: DecodeSettings, progress: bool, desc: str,
-                goals: Sequence[str] | None = None) -> Decoded:
+                goals: Sequence[str] | None = None, resume: _Checkpoint | None = None) -> Decoded:
     """Teacher forcing over `drafts` and greedy decoding for every query, in length-sorted
     batches inside the subject's per-batch context; results in the original order.
 
     With `goals` (the answers AG compares against), a row stops decoding as soon as its output
     can no longer match its goal: the AG credit is the same, and the output is kept up to there.
+    With `resume`, batches it holds are taken from it and each finished batch is given to it.
     """
     tok = subject.tokenizer
     stops, pad = stop_tokens(tok), tok.pad_token_id
     result = Decoded([None] * len(queries), [None] * len(queries))
+    done = resume.rows(desc) if resume else {}
     for idx in tqdm(length_batches([len(p) for p in prompt_ids], s.batch_size), desc=desc,
                     disable=not progress, leave=False):
+        if all(i in done for i in idx):  # the batches are the same in every run: a resumed one is whole
+            for i in idx:
+                result.forced[i], result.generated[i] = done[i]
+            continue
+        start = time.perf_counter()
         give_up = None
         if goals is not None:
             def give_up(r, tokens, idx=idx):
@@ -75,7 +82,55 @@ def run_queries(subject: Subject, queries: Sequence[Query], prompt_ids: Sequence
             result.forced[i], result.generated[i] = out.forced[k], out.generated[k]
         result.forward_s += out.forward_s
         result.steps_s += out.steps_s
+        if resume:
+            resume.add(desc, idx, out, time.perf_counter() - start)
     return result
+
+
+class _Checkpoint:
+    """The finished batches of one evaluation, written atomically at most every `every_s`
+    seconds (and after each query kind), so that a killed evaluation resumes where it stopped; removed once it completes.
+    Its key covers the subject (method, settings, weights) and every query and setting, so a
+    file left by a different evaluation is ignored, never mixed in."""
+
+    every_s = 60.0
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path, self.key = Path(path), key
+        self.kinds: dict[str, dict] = {}
+        if self.path.exists():
+            saved = json.loads(self.path.read_text())
+            if saved.get("key") == key:
+                self.kinds = saved["kinds"]
+                log.info("resuming the evaluation from %s (%d queries done)", self.path,
+                         sum(len(k["rows"]) for k in self.kinds.values()))
+            else:
+                log.warning("%s was written by a different evaluation; starting afresh", self.path)
+        self.saved_at = time.perf_counter()
+
+    def rows(self, kind: str) -> dict[int, tuple[list[int], list[int]]]:
+        return {int(i): tuple(v) for i, v in self.kinds.get(kind, {}).get("rows", {}).items()}
+
+    def seconds(self, kind: str) -> dict[str, float]:
+        """What the batches restored for `kind` took when they ran."""
+        return {k: v for k, v in self.kinds.get(kind, {}).items() if k != "rows"}
+
+    def add(self, kind: str, idx: Sequence[int], out: Decoded, seconds: float) -> None:
+        entry = self.kinds.setdefault(kind, {"rows": {}, "seconds": 0.0, "forward_s": 0.0, "steps_s": 0.0})
+        for k, i in enumerate(idx):
+            entry["rows"][str(i)] = [out.forced[k], out.generated[k]]
+        entry["seconds"] += seconds
+        entry["forward_s"] += out.forward_s
+        entry["steps_s"] += out.steps_s
+        if time.perf_counter() - self.saved_at >= self.every_s:
+            self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.path, {"key": self.key, "kinds": self.kinds})
+        self.saved_at = time.perf_counter()
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def locality_reference(subject: Subject, queries: Sequence[Query], prompt_ids, s: DecodeSettings, progress: bool = True,
@@ -98,11 +153,16 @@ def locality_reference(subject: Subject, queries: Sequence[Query], prompt_ids, s
 
 def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | PromptFormat | None = None,
              data_kind: str | None = None, data_name: str | None = None, max_new_tokens: int = 20,
-             batch_size: int = 32, progress: bool = True, cache_dir: Path | None = None) -> EvalReport:
+             batch_size: int = 32, progress: bool = True, cache_dir: Path | None = None,
+             checkpoint: str | Path | None = None) -> EvalReport:
     """Score `subject` (a Subject or a `(model, tokenizer)` pair) on `requests`.
 
     The prompt format defaults to the data kind's (raw cloze for CounterFact, the short-answer
     template for ZsRE). Returns an EvalReport with metrics in percent and one row per query.
+    `checkpoint`: a file for the finished batches, so that a killed evaluation of the same
+    subject resumes (the times reported then include the killed run's batches); it is removed
+    when the evaluation completes. A MeG subject's key holds its settings, not its generator's
+    weights: give each edited model its own checkpoint file.
     """
     subject = as_subject(subject)
     tok = subject.tokenizer
@@ -115,6 +175,14 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
     start = time.perf_counter()
     ref_tokens = locality_reference(subject, queries["locality"], prompts["locality"], s, progress, cache_dir)
     timing["locality_reference_s"] = time.perf_counter() - start
+    resume = None
+    if checkpoint is not None:
+        key = hashlib.sha256(json.dumps({
+            "method": subject.method, "edit": subject.describe(), "model": model_fingerprint(subject.model),
+            "prompts": prompts, "targets": [q.target for q in queries["reliability"]], "reference": ref_tokens,
+            "format": fmt.to_dict(), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+        }, sort_keys=True, default=str).encode()).hexdigest()
+        resume = _Checkpoint(Path(checkpoint), key)
 
     cases, credits = [], {}
     for kind, qs in queries.items():
@@ -128,14 +196,19 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
             drafts = [e + [fmt.stop_token(tok)] for e in expected]
             goals = [q.target for q in qs]
         start = time.perf_counter()
-        out = run_queries(subject, qs, prompts[kind], drafts, s, progress, kind, goals)
-        timing[f"{kind}_s"] = time.perf_counter() - start
-        timing["forward_pass_s"] = timing.get("forward_pass_s", 0.0) + out.forward_s
-        timing["decoding_steps_s"] = timing.get("decoding_steps_s", 0.0) + out.steps_s
+        earlier = resume.seconds(kind) if resume else {}  # batches a killed run finished
+        out = run_queries(subject, qs, prompts[kind], drafts, s, progress, kind, goals, resume)
+        timing[f"{kind}_s"] = time.perf_counter() - start + earlier.get("seconds", 0.0)
+        timing["forward_pass_s"] = timing.get("forward_pass_s", 0.0) + out.forward_s + earlier.get("forward_s", 0.0)
+        timing["decoding_steps_s"] = timing.get("decoding_steps_s", 0.0) + out.steps_s + earlier.get("steps_s", 0.0)
+        if resume:
+            resume.save()
         rows = _score(kind, qs, out, expected, tok)
         credits[kind] = {"ag": percent([r["ag"] for r in rows]), "tf": percent([r["tf"] for r in rows])}
         cases.extend(rows)
 
+    if resume:
+        resume.remove()
     six = [v for m in credits.values() for v in m.values()]
     timing["total_s"] = timing["locality_reference_s"] + sum(timing[f"{k}_s"] for k in credits)
     return EvalReport(
