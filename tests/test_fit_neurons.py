@@ -93,6 +93,25 @@ def test_a_larger_edit_set_fits_only_its_new_edits(lm, tmp_path, monkeypatch):
     assert torch.allclose(more.vectors[0], alone.vectors[0], atol=1e-5)
 
 
+def test_parts_fitted_apart_make_up_the_whole_set(lm, tmp_path, monkeypatch):
+    model, tok = lm
+    edits = _requests(8)
+    parts = [fit_neurons(model, tok, edits, FMT, _config(), progress=False, work_dir=tmp_path, part=(k, 3))
+             for k in range(3)]
+    ids = [c for p in parts for c in p.case_ids]
+    assert sorted(ids) == sorted(r.case_id for r in edits) and all(p.case_ids for p in parts)  # disjoint, complete
+    calls = []
+    original_step = stage._FitState._step
+    monkeypatch.setattr(stage._FitState, "_step", lambda self, *a: calls.append(1) or original_step(self, *a))
+    whole = fit_neurons(model, tok, edits, FMT, _config(), progress=False, work_dir=tmp_path)
+    assert not calls and whole.timing["reused_edits"] == len(edits)  # every edit came from the parts' shards
+    alone = fit_neurons(model, tok, edits, FMT, _config(), progress=False)
+    assert torch.equal(whole.success, alone.success)
+    torch.testing.assert_close(whole.vectors, alone.vectors, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="part"):
+        fit_neurons(model, tok, edits, FMT, _config(), progress=False, part=(0, 2))  # no work_dir to share
+
+
 def test_result_round_trips_through_safetensors(lm, tmp_path):
     model, tok = lm
     result = fit_neurons(model, tok, _requests(3), FMT, _config(optimizer="sgd", lr=0.5), progress=False)

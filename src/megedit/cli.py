@@ -171,18 +171,33 @@ def _add_fit_neurons(sub) -> None:
     _add_fit_args(p)
     p.add_argument("--out", type=Path, required=True, help="where to write the vectors (.safetensors + .json)")
     p.add_argument("--work-dir", type=Path, default=None, help="shards for resuming a killed run")
+    p.add_argument("--part", default=None, metavar="K/N",
+                   help="fit only part K of N (1-based) into --work-dir, for N processes or machines sharing it")
     p.add_argument("--eval", action="store_true", help="also score the fitted vectors (upper bound of MeG)")
     p.set_defaults(run=_run_fit_neurons)
+
+
+def _parse_part(text: str | None) -> tuple[int, int] | None:
+    """'K/N' (1-based, as people count) -> (K-1, N)."""
+    if text is None:
+        return None
+    k, _, n = text.partition("/")
+    if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        from .errors import ConfigError
+
+        raise ConfigError(f"--part: expected K/N with 1 <= K <= N, found {text!r}")
+    return int(k) - 1, int(n)
 
 
 def _run_fit_neurons(args) -> int:
     from .models import load_model
     from .stages.fit_neurons import fit_neurons, fitted_subject
 
+    part = _parse_part(args.part)
     kind, path, requests, fmt = _load_data(args)
     model, tokenizer = load_model(args.model)
     result = fit_neurons(model, tokenizer, requests, fmt, _fit_config(args, args.layer), progress=args.progress,
-                         work_dir=args.work_dir)
+                         work_dir=args.work_dir, part=part)
     result.save(args.out)
     s = result.summary()
     print(f"fitted {s['n']} edits at layer {result.spec.layer}: success {s['success_rate']:.1f}%, median steps "
@@ -191,6 +206,8 @@ def _run_fit_neurons(args) -> int:
     if args.eval:
         from .eval import evaluate
 
+        mine = set(result.case_ids)  # with --part, this process's edits only
+        requests = [r for r in requests if r.case_id in mine]
         report = evaluate(fitted_subject(model, tokenizer, result), requests, prompt_format=fmt, data_kind=kind,
                           data_name=f"{kind}:{path.name}", progress=args.progress)
         report.save(args.out.with_suffix(".eval.json"))

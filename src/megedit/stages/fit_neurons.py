@@ -178,16 +178,22 @@ def _row_loss_and_success(logits, labels, margin) -> tuple[torch.Tensor, torch.T
 
 def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFormat,
                 config: FitConfig | None = None, progress: bool = True,
-                work_dir: str | Path | None = None) -> FitResult:
+                work_dir: str | Path | None = None, part: tuple[int, int] | None = None) -> FitResult:
     """Fit one neuron vector per edit. With `work_dir`, finished edits are written there in shards
     as they finish, keyed by each edit's tokens and the settings, not by the request list: a rerun
-    continues where the last one stopped, and a run on more edits fits only the new ones."""
+    continues where the last one stopped, and a run on more edits fits only the new ones.
+
+    `part=(k, n)` fits only the k-th of n parts of the edits (0-based, chosen by each edit's
+    digest) into `work_dir` and returns those edits: n processes or machines sharing one
+    work_dir fit the whole set, and a run without `part` then finds every edit done."""
     config = config or FitConfig()
+    if part is not None and (work_dir is None or len(part) != 2 or not 0 <= part[0] < part[1]):
+        raise ConfigError(f"part needs a work_dir and 0 <= k < n, found part={part}, work_dir={work_dir}")
     config = replace(config, layer=resolve_layer(model, config.layer))
     start = time.perf_counter()
     neuron = attach_neuron(model, config.layer, config.variant)
     try:
-        state = _FitState(model, tokenizer, requests, fmt, config, neuron.spec, work_dir)
+        state = _FitState(model, tokenizer, requests, fmt, config, neuron.spec, work_dir, part)
         state.run(neuron, progress)
     finally:
         neuron.detach()
@@ -200,7 +206,7 @@ def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFo
 class _FitState:
     """The edits, their cached hidden states, and what is known of each (done or not)."""
 
-    def __init__(self, model, tokenizer, requests, fmt, config, spec, work_dir) -> None:
+    def __init__(self, model, tokenizer, requests, fmt, config, spec, work_dir, part=None) -> None:
         self.model, self.config, self.spec = model, config, spec
         self.case_ids = [r.case_id for r in requests]
         prompts, self.answers = _encode(requests, tokenizer, fmt)
@@ -209,6 +215,9 @@ class _FitState:
         self.digests = [hashlib.sha256(json.dumps([s, a]).encode()).digest() for s, a in zip(self.seqs, self.answers)]
         self.pad_id = tokenizer.pad_token_id
         n = len(requests)
+        # the edits this process fits: all, or those whose digest falls in its part
+        self.mine = [i for i, d in enumerate(self.digests)
+                     if part is None or int.from_bytes(d[:8], "big") % part[1] == part[0]]
         self.vectors = torch.zeros(n, spec.size)
         self.success = torch.zeros(n, dtype=torch.bool)
         self.steps = torch.zeros(n, dtype=torch.long)
@@ -227,7 +236,7 @@ class _FitState:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def run(self, neuron, progress: bool) -> None:
-        todo = [i for i in range(len(self.seqs)) if not self.done[i]]
+        todo = [i for i in self.mine if not self.done[i]]
         if not todo:
             return
         device = model_device(self.model)
@@ -290,9 +299,11 @@ class _FitState:
         return finished
 
     def result(self) -> FitResult:
-        if not bool(self.done.all()):
+        mine = torch.tensor(self.mine, dtype=torch.long)
+        if not bool(self.done[mine].all()):
             raise MeGError("neuron fitting stopped before every edit was done")
-        return FitResult(self.case_ids, self.vectors, self.success, self.steps, self.loss, self.spec, self.config)
+        return FitResult([self.case_ids[i] for i in self.mine], self.vectors[mine], self.success[mine],
+                         self.steps[mine], self.loss[mine], self.spec, self.config)
 
 
 class _Shards:
@@ -310,7 +321,8 @@ class _Shards:
             share = float(t["seconds"]) / len(t["edits"])
             for j, digest in enumerate(t["edits"]):
                 found[bytes(digest.tolist())] = (t["vectors"][j], bool(t["success"][j]), t["steps"][j], t["loss"][j], share)
-        for i, digest in enumerate(state.digests):
+        for i in state.mine:
+            digest = state.digests[i]
             if digest in found:
                 vector, ok, steps, loss, share = found[digest]
                 state.vectors[i], state.success[i], state.steps[i], state.loss[i] = vector, ok, steps, loss
@@ -318,10 +330,11 @@ class _Shards:
                 state.timing["reused_edits"] += 1
                 state.timing["reused_s"] += share
         if found:
-            log.info("%d of %d edits fitted before (%s)", int(state.done.sum()), len(state.done), self.dir)
+            log.info("%d of %d edits fitted before (%s)", int(state.done.sum()), len(state.mine), self.dir)
 
-    def flush(self, state: _FitState, force: bool = False) -> None:
-        if not self.pending or (len(self.pending) < self.every and not force and not bool(state.done.all())):
+    def flush(self, state: _FitState) -> None:
+        last = bool(state.done[state.mine].all())
+        if not self.pending or (len(self.pending) < self.every and not last):
             return
         idx = torch.tensor(self.pending, dtype=torch.long)
         edits = torch.tensor([list(state.digests[i]) for i in self.pending], dtype=torch.uint8)
