@@ -125,6 +125,22 @@ def test_a_killed_evaluation_resumes_from_its_checkpoint(lm, tmp_path, monkeypat
     assert other.batches == 12
 
 
+def test_a_killed_pre_edit_reference_resumes(lm, tmp_path, monkeypatch):
+    from megedit.eval import runner
+
+    monkeypatch.setattr(runner._Checkpoint, "every_s", 0.0)
+    model, tok = lm
+    reqs, settings = _requests(7), {"batch_size": 2, "max_new_tokens": 6, "progress": False}
+    full = evaluate(_CountingSubject(model, tok), reqs, cache_dir=tmp_path / "a", **settings)
+    with pytest.raises(_Killed):  # the reference runs first: 4 batches, killed in the third
+        evaluate(_CountingSubject(model, tok, kill_at=3), reqs, cache_dir=tmp_path / "b", **settings)
+    assert list((tmp_path / "b").rglob("*.partial.json"))
+    resumed = _CountingSubject(model, tok)
+    report = evaluate(resumed, reqs, cache_dir=tmp_path / "b", **settings)
+    assert resumed.batches == (4 - 2) + 12  # the two reference batches done before the kill are not rerun
+    assert report.cases == full.cases and not list((tmp_path / "b").rglob("*.partial.json"))
+
+
 def test_per_row_neuron_subject_only_changes_its_own_rows(lm, tmp_path):
     """A subject that switches a neuron on for reliability queries only leaves locality exact."""
     model, tok = lm

@@ -134,9 +134,10 @@ class _Checkpoint:
 
 
 def locality_reference(subject: Subject, queries: Sequence[Query], prompt_ids, s: DecodeSettings, progress: bool = True,
-                       cache_dir: Path | None = None) -> list[list[int]]:
+                       cache_dir: Path | None = None) -> tuple[list[list[int]], float]:
     """The unedited model's greedy tokens on each locality query, cached by the model's
-    fingerprint, the prompts and the settings."""
+    fingerprint, the prompts and the settings; a killed run resumes from the batches it finished
+    (beside the cache file). Also returns the seconds those earlier batches took."""
     with subject.unedited():
         key = hashlib.sha256(json.dumps({
             "model": model_fingerprint(subject.model), "prompts": prompt_ids,
@@ -144,11 +145,15 @@ def locality_reference(subject: Subject, queries: Sequence[Query], prompt_ids, s
         }).encode()).hexdigest()[:24]
         path = (cache_dir or cache_root()) / "locality-references" / f"{key}.json"
         if path.exists():
-            return json.loads(path.read_text())["tokens"]
-        tokens = run_queries(subject, queries, prompt_ids, [[] for _ in queries], s, progress,
-                             "pre-edit locality").generated
+            return json.loads(path.read_text())["tokens"], 0.0
+        desc = "pre-edit locality"
+        resume = _Checkpoint(path.with_suffix(".partial.json"), key)
+        earlier_s = resume.seconds(desc).get("seconds", 0.0)  # batches a killed run finished
+        tokens = run_queries(subject, queries, prompt_ids, [[] for _ in queries], s, progress, desc,
+                             resume=resume).generated
     atomic_write_json(path, {"tokens": tokens})
-    return tokens
+    resume.remove()
+    return tokens, earlier_s
 
 
 def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | PromptFormat | None = None,
@@ -173,8 +178,8 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
     timing: dict[str, float] = {}
 
     start = time.perf_counter()
-    ref_tokens = locality_reference(subject, queries["locality"], prompts["locality"], s, progress, cache_dir)
-    timing["locality_reference_s"] = time.perf_counter() - start
+    ref_tokens, earlier_s = locality_reference(subject, queries["locality"], prompts["locality"], s, progress, cache_dir)
+    timing["locality_reference_s"] = time.perf_counter() - start + earlier_s
     resume = None
     if checkpoint is not None:
         key = hashlib.sha256(json.dumps({
