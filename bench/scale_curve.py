@@ -70,6 +70,15 @@ def edit_seconds(summary: dict) -> tuple[float, str]:
     if encoder.get("cached"):  # the tuned encoder came from an earlier fit on the same pool
         seconds += encoder["train_s"] - encoder["seconds"]
         notes.append("encoder training time added")
+    # a restarted run (e.g. killed during its evaluation) loads the router and generator it trained
+    router_wall = timing["BC"]["seconds"] - encoder.get("seconds", 0.0)
+    if router_wall < timing["BC"]["router_s"]:
+        seconds += timing["BC"]["router_s"] - router_wall
+        notes.append("router training time added")
+    d = timing["D"]
+    if d.get("train_s") and d["seconds"] < d["train_s"]:
+        seconds += d["train_s"] - d["seconds"]
+        notes.append("generator training time added")
     return seconds, "; ".join(notes)
 
 
