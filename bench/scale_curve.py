@@ -54,32 +54,40 @@ def edit_seconds(summary: dict) -> tuple[float, str]:
         if edit.get("values_reused_batches") and edit.get("values_search_s") is not None:  # older runs: all or none
             return summary["edit_time_s"] + edit["values_search_s"], "cached target-value search added"
         return summary["edit_time_s"], ""
+    seconds, notes = meg_stage_seconds(summary)
+    return summary["fit"]["timing"]["total_s"] + sum(seconds.values()) - sum(
+        summary["fit"]["timing"][k]["seconds"] for k in seconds), "; ".join(notes)
+
+
+def meg_stage_seconds(summary: dict) -> tuple[dict[str, float], list[str]]:
+    """MeG's stage times (A, BC, D), each with the work that a cache or an earlier process did
+    for this run added back, and a note for each addition."""
     timing = summary["fit"]["timing"]
     a, encoder = timing["A"], timing["BC"].get("encoder", {})
-    seconds, notes = timing["total_s"], []
+    seconds, notes = {k: timing[k]["seconds"] for k in ("A", "BC", "D")}, []
     if a.get("reused_s"):  # some edits' vectors came from an earlier fit's shards: add what fitting them took
-        seconds += a["reused_s"]
+        seconds["A"] += a["reused_s"]
         notes.append("fitting of reused edits added")
     elif a.get("cached") is not False or a["seconds"] <= 5:  # older runs: stage A restored whole
         scale = RESULTS / f"fit_neurons-scale-{summary['n']}.json"
         if scale.exists():
-            seconds += json.loads(scale.read_text())["fit_s"] - a["seconds"]
+            seconds["A"] = json.loads(scale.read_text())["fit_s"]
             notes.append("stage A timed in fit_neurons-scale")
         else:
             notes.append("stage A restored, its time not included")
     if encoder.get("cached"):  # the tuned encoder came from an earlier fit on the same pool
-        seconds += encoder["train_s"] - encoder["seconds"]
+        seconds["BC"] += encoder["train_s"] - encoder["seconds"]
         notes.append("encoder training time added")
     # a restarted run (e.g. killed during its evaluation) loads the router and generator it trained
     router_wall = timing["BC"]["seconds"] - encoder.get("seconds", 0.0)
     if router_wall < timing["BC"]["router_s"]:
-        seconds += timing["BC"]["router_s"] - router_wall
+        seconds["BC"] += timing["BC"]["router_s"] - router_wall
         notes.append("router training time added")
     d = timing["D"]
     if d.get("train_s") and d["seconds"] < d["train_s"]:
-        seconds += d["train_s"] - d["seconds"]
+        seconds["D"] = d["train_s"]
         notes.append("generator training time added")
-    return seconds, "; ".join(notes)
+    return seconds, notes
 
 
 def collect(sizes: list[int], methods: list[str]) -> list[dict]:

@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from scale_curve import edit_seconds  # noqa: E402 (bench/ is this script's own folder)
+from scale_curve import edit_seconds, meg_stage_seconds  # noqa: E402 (bench/ is this script's own folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -56,9 +56,9 @@ def meg_cost_table() -> str:
     """MeG's per-stage fit times and its inference cost next to the unedited model."""
     rows = []
     for r in _load("meg-*.json"):
-        t, c = r["fit"]["timing"], r["inference"]
+        t, c = meg_stage_seconds(r)[0], r["inference"]
         cells = [r["data"].split(":")[0], str(r["n"]), f"{r['fit']['fit']['success_rate']:.1f}",
-                 f"{t['A']['seconds']:.0f}", f"{t['BC']['seconds']:.0f}", f"{t['D']['seconds']:.0f}",
+                 f"{t['A']:.0f}", f"{t['BC']:.0f}", f"{t['D']:.0f}",
                  f"{r['edit']['epsilon']:.3f}"]
         if c is None:  # a scale-curve point: not timed (bench/meg.py --no-speed)
             cells += ["—"] * 8
