@@ -74,6 +74,7 @@ def main() -> int:
     parser.add_argument("setting", choices=sorted(SETTINGS))
     parser.add_argument("--generator", default="mlp")
     parser.add_argument("--limit", type=int, default=None, help="first N edits (default: the setting's)")
+    parser.add_argument("--train-steps", type=int, default=None, help="the generator's training steps (default: MeGConfig's)")
     parser.add_argument("--speed-n", type=int, default=128, help="edits whose queries time the inference")
     parser.add_argument("--no-speed", action="store_true", help="skip the inference timing")
     parser.add_argument("--rounds", type=int, default=2)
@@ -96,6 +97,9 @@ def main() -> int:
     config = MeGConfig(prompt_format=DEFAULT_FOR_KIND[kind], seed=args.seed)
     config.generator.kind = args.generator
     generator = "" if args.generator == "mlp" else f"-{args.generator}"
+    if args.train_steps not in (None, config.generator.train_steps):  # its own result and evaluation files
+        config.generator.train_steps = args.train_steps
+        suffix += f"-steps{args.train_steps}"
     result = HERE / "results" / f"meg-{tag(args.setting)}{suffix}{generator}.json"
     work = HERE / "results" / "cases" / f"meg-{args.setting}{generator}"
     edited = MeGEditor(model, tokenizer, config).fit(requests, work, pool, f"counterfact:{POOL.name}")

@@ -42,7 +42,7 @@ def baselines_table() -> str:
     rows = []
     for r in _load("meg-*.json") + _load("baseline-*.json"):
         fmt = r["protocol"]["prompt_format"]["name"]
-        method = f"meg ({r['edit']['generator']} generator)" if r["method"] == "meg" else r["method"]
+        method = _meg_label(r) if r["method"] == "meg" else r["method"]
         edit_s = edit_seconds(r)[0]
         cells = [r["data"].split(":")[0], str(r["n"]), method, _where(r["edit"])]
         cells += [f"{r['metrics'][k][s]:.2f}" for k, s in METRICS] + [f"**{r['score']:.2f}**"]
@@ -52,12 +52,20 @@ def baselines_table() -> str:
                    "edit s", "eval s", "format", "seed"], rows)
 
 
+def _meg_label(r: dict) -> str:
+    """'meg (mlp generator)', with the generator's training steps where they are not the default."""
+    from megedit.stages.generator.model import GeneratorConfig
+
+    steps = r["fit"]["generator"]["steps"]
+    return f"meg ({r['edit']['generator']} generator{'' if steps == GeneratorConfig().train_steps else f', {steps:,} steps'})"
+
+
 def meg_cost_table() -> str:
     """MeG's per-stage fit times and its inference cost next to the unedited model."""
     rows = []
     for r in _load("meg-*.json"):
         t, c = meg_stage_seconds(r)[0], r["inference"]
-        cells = [r["data"].split(":")[0], str(r["n"]), f"{r['fit']['fit']['success_rate']:.1f}",
+        cells = [r["data"].split(":")[0], str(r["n"]), _meg_label(r), f"{r['fit']['fit']['success_rate']:.1f}",
                  f"{t['A']:.0f}", f"{t['BC']:.0f}", f"{t['D']:.0f}",
                  f"{r['edit']['epsilon']:.3f}"]
         if c is None:  # a scale-curve point: not timed (bench/meg.py --no-speed)
@@ -67,7 +75,7 @@ def meg_cost_table() -> str:
                       f"{c['token_ratio']:.2f}" if "token_ratio" in c else "—", f"{100 * c['route_share']:.1f}%",
                       f"{100 * c['generate_share']:.1f}%", f"{100 * c['familiar_share']:.0f}%"]
         rows.append(cells)
-    return _table(["data", "N", "fit success %", "A s", "B+C s", "D s", "epsilon", "timed queries", "base q/s",
+    return _table(["data", "N", "method", "fit success %", "A s", "B+C s", "D s", "epsilon", "timed queries", "base q/s",
                    "edited q/s", "q/s ratio", "tokens/s ratio", "time routing", "time generating", "queries routed to the edit"], rows)
 
 
