@@ -54,9 +54,10 @@ def edit_seconds(summary: dict) -> tuple[float, str]:
         if edit.get("values_reused_batches") and edit.get("values_search_s") is not None:  # older runs: all or none
             return summary["edit_time_s"] + edit["values_search_s"], "cached target-value search added"
         return summary["edit_time_s"], ""
-    seconds, notes = meg_stage_seconds(summary)
-    return summary["fit"]["timing"]["total_s"] + sum(seconds.values()) - sum(
-        summary["fit"]["timing"][k]["seconds"] for k in seconds), "; ".join(notes)
+    stages, notes = meg_stage_seconds(summary)
+    timing = summary["fit"]["timing"]
+    outside_stages = timing["total_s"] - sum(timing[k]["seconds"] for k in stages)  # the editor's own bookkeeping
+    return sum(stages.values()) + outside_stages, "; ".join(notes)
 
 
 def meg_stage_seconds(summary: dict) -> tuple[dict[str, float], list[str]]:
