@@ -64,6 +64,10 @@ def _run_demo(args) -> int:
     from .eval import evaluate
     from .models import cache_root, load_model
 
+    from .edited import check_pack_target
+
+    if args.out:
+        check_pack_target(args.out)  # before the fit, not after it
     edits, pool = demo_requests()
     model, tokenizer = load_model(args.model)
     config = _config(args)
@@ -129,6 +133,9 @@ def _run_fit(args, load_data, load_pool) -> int:
     from .editor import MeGEditor
     from .models import load_model
 
+    from .edited import check_pack_target
+
+    check_pack_target(args.out)  # before the fit, not after it
     kind, path, requests, fmt = load_data(args)
     pool_name, pool = load_pool(args, kind, path)
     model, tokenizer = load_model(args.model)

@@ -125,6 +125,7 @@ class EditedModel(NeuronSubject):
         from . import __version__
 
         directory = Path(directory)
+        check_pack_target(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
         try:
@@ -206,12 +207,60 @@ def _sha256(path: Path) -> str:
         raise MeGError(f"{path}: missing from the edit pack ({error.strerror})") from None
 
 
-def _replace_dir(tmp: Path, directory: Path) -> None:
-    """Move the finished `tmp` folder to `directory`; an old folder there is removed only after."""
-    old = None
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old-{time.time_ns()}")
-        directory.rename(old)
-    tmp.rename(directory)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def check_pack_target(directory: str | Path) -> None:
+    """Refuse a destination that holds anything but a megedit pack: only an absent path, an empty
+    folder or an earlier pack (recognised by its pack.json) may be replaced. A folder that another
+    writer swaps while it is looked at is looked at again."""
+    directory = Path(directory)
+    for _ in range(20):
+        try:
+            before = directory.lstat().st_ino
+        except FileNotFoundError:
+            return
+        verdict = _pack_target_problem(directory)
+        try:
+            swapped = directory.lstat().st_ino != before
+        except FileNotFoundError:
+            swapped = True
+        if verdict is None or not swapped:
+            break
+    if verdict is not None:
+        raise MeGError(f"{directory}: {verdict}; refusing to replace it")
+
+
+def _pack_target_problem(directory: Path) -> str | None:
+    if directory.is_symlink() or not directory.is_dir():
+        return "exists and is not an edit pack folder"
+    try:
+        if not any(directory.iterdir()):
+            return None
+        manifest = json.loads((directory / "pack.json").read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != PACK_FORMAT:
+        return "folder is not empty and holds no megedit edit pack"
+    return None
+
+
+def _replace_dir(tmp: Path, directory: Path, tries: int = 50) -> None:
+    """Move the finished `tmp` folder to `directory`; an old pack there is removed only after.
+    Concurrent writers race on the renames: each retries until its folder is in place, so the
+    last one wins and every reader sees one whole pack."""
+    for _ in range(tries):
+        old = None
+        if directory.exists():
+            check_pack_target(directory)
+            old = directory.with_name(f".{directory.name}.old-{time.time_ns()}")
+            try:
+                directory.rename(old)
+            except FileNotFoundError:  # another writer moved it first
+                continue
+        try:
+            tmp.rename(directory)
+            return
+        except OSError:  # another writer's folder arrived in between: try again
+            continue
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+    raise MeGError(f"{directory}: could not put the pack in place ({tries} concurrent writers in the way)")
