@@ -73,13 +73,15 @@ class MeGEditor:
                               "train the encoder and calibrate the router")
         work_dir = Path(work_dir)
         start, timing = time.perf_counter(), {}
-        fit, key_a, timing["A"] = self._stage_a(requests, work_dir)
+        variants, variants_record = self.variants(requests, pool)
+        fit, key_a, timing["A"] = self._stage_a(requests, variants, work_dir)
         routing, key_bc, timing["BC"] = self._stage_bc(requests, pool, work_dir)
-        generator, timing["D"] = self._stage_d(requests, fit, routing, f"{key_a}-{key_bc}", work_dir)
+        generator, timing["D"] = self._stage_d(requests, variants, fit, routing, f"{key_a}-{key_bc}", work_dir)
         timing["total_s"] = time.perf_counter() - start
         log.info("MeG fitted %d edits in %.0f s (A %.0f s, B+C %.0f s, D %.0f s)", len(requests), timing["total_s"],
                  *(timing[k]["seconds"] for k in ("A", "BC", "D")))
-        record = {"n_edits": len(requests), "pool": pool_name, "n_pool": len(pool), "fit": fit.summary(),
+        record = {"n_edits": len(requests), "pool": pool_name, "n_pool": len(pool), "variants": variants_record,
+                  "fit": fit.summary(),
                   "routing": routing["record"], "generator": generator.record, "timing": timing}
         record["fit"].pop("failed")
         return EditedModel(self.model, self.tokenizer, fit.spec, routing["encoder"], routing["encoder_record"],
@@ -87,14 +89,34 @@ class MeGEditor:
                            config=self.config.to_dict(), record=record, sample_seed=self.config.seed,
                            fingerprint=self.fingerprint)
 
-    # -- stage A: one fitted neuron vector per edit ---------------------------------------------
+    # -- stage A: one fitted neuron vector per edit, on its prompt and other wordings ----------
 
-    def _stage_a(self, requests, work_dir: Path):
+    def variants(self, requests: Sequence[EditRequest], pool: Sequence[EditRequest]) -> tuple[list[tuple[str, ...]], dict]:
+        """Each edit's other wordings (stages/variants.py) from the pool and the model's own
+        context prefixes, and a record of what was built."""
+        from .stages.variants import build_variants, context_prefixes, relation_template
+
+        fit = self.config.fit
+        prefixes = context_prefixes(self.model, self.tokenizer, fit.prefix_pool if fit.prefixes else 0,
+                                    fit.prefix_tokens, self.config.seed)
+        edit_prompts = {r.prompt for r in requests}
+        pool = [r for r in pool if r.prompt not in edit_prompts]  # ids are left out by build_variants
+        variants = build_variants(requests, pool, prefixes, fit.paraphrases, fit.prefixes,
+                                  fit.exclude_eval_templates, self.config.seed)
+        with_paraphrases = sum(any(not v.endswith(r.prompt) for v in vs) for r, vs in zip(requests, variants))
+        return variants, {"paraphrases": fit.paraphrases, "prefixes": fit.prefixes, "context_prefixes": prefixes,
+                          "exclude_eval_templates": fit.exclude_eval_templates,
+                          "edits_with_paraphrases": with_paraphrases,
+                          "edits_with_subject_wording": sum(bool(relation_template(r.prompt, r.subject)) for r in requests),
+                          "mean_wordings": 1 + sum(map(len, variants)) / max(1, len(variants))}
+
+    def _stage_a(self, requests, variants, work_dir: Path):
         from .data.prompts import get_format
         from .stages.fit_neurons import FitResult, fit_neurons
 
         key = _digest({"model": self.fingerprint, "format": self.config.prompt_format,
-                       "fit": dataclasses.asdict(self.config.fit), "edits": _records(requests)})
+                       "fit": dataclasses.asdict(self.config.fit), "edits": _records(requests),
+                       **({"variants": variants} if any(variants) else {})})
         folder = work_dir / "fit-neurons" / key
         path = folder / "vectors.safetensors"
         start, cached = time.perf_counter(), path.exists()
@@ -105,7 +127,8 @@ class MeGEditor:
             log.info("stage A (fit neurons): fitting %d edits", len(requests))
             # shards are per edit, not per edit set: any edit set fitted in this work_dir reuses them
             result = fit_neurons(self.model, self.tokenizer, requests, get_format(self.config.prompt_format),
-                                 self.config.fit, progress=self.progress, work_dir=work_dir / "fit-shards")
+                                 self.config.fit, progress=self.progress, work_dir=work_dir / "fit-shards",
+                                 variants=variants)
             result.save(path)
         log.info("stage A: success %.1f%% of %d edits", result.success_rate, len(requests))
         return result, key, {"seconds": time.perf_counter() - start, "cached": cached,
@@ -159,7 +182,7 @@ class MeGEditor:
 
     # -- stage D: the generator -----------------------------------------------------------------
 
-    def _stage_d(self, requests, fit, routing: dict, upstream: str, work_dir: Path):
+    def _stage_d(self, requests, variants, fit, routing: dict, upstream: str, work_dir: Path):
         from .stages.generator import Generator, train_generator
 
         config = self.config.generator
@@ -174,10 +197,13 @@ class MeGEditor:
             ok = fit.success.nonzero().flatten().tolist()
             if not ok:
                 raise ConfigError("stage D: no edit was fitted successfully in stage A; nothing to train on")
-            encoder = routing["encoder"]
-            log.info("stage D (generator): training the %s generator on %d fitted edits", config.kind, len(ok))
-            generator = train_generator(encoder.encode([requests[i].prompt for i in ok]), fit.vectors[ok], config,
-                                        work_dir=folder, progress=self.progress,
+            # the edits' prompts first (the first ones validate), then, augmented, every other wording
+            owners = ok + ([i for i in ok for _ in variants[i]] if config.augment else [])
+            texts = [requests[i].prompt for i in ok] + ([v for i in ok for v in variants[i]] if config.augment else [])
+            log.info("stage D (generator): training the %s generator on %d fitted edits (%d pairs)", config.kind,
+                     len(ok), len(texts))
+            generator = train_generator(routing["encoder"].encode(texts), fit.vectors[owners], config,
+                                        work_dir=folder, progress=self.progress, n_edits=len(ok),
                                         validate=self._validation(fit.spec, [requests[i] for i in ok[: config.validation_size]]))
             generator.save(path)
         generator.to(next(self.model.parameters()).device)

@@ -34,6 +34,7 @@ from ..errors import ConfigError, MeGError
 from ..io import atomic_save_tensors, atomic_write_json, load_tensors, read_record
 from ..lm import Batch, layer_input, left_pad, length_batches, model_device, starting_at_layer
 from ..neuron import NeuronSpec, attach_neuron
+from .variants import EXCLUDE_MODES
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,23 @@ class FitConfig:
     batch_size: int = 64
     margin: float = 1.0
     init_seed: int = 0  # seeds the one initial vector every edit starts from
+    # other wordings fitted with the prompt, all sharing its vector (stages/variants.py; MeGEditor builds them)
+    paraphrases: int = 0  # pool paraphrases per edit
+    prefixes: int = 0  # context prefixes per edit, drawn from `prefix_pool` sentences the model writes
+    prefix_pool: int = 12
+    prefix_tokens: int = 10
+    exclude_eval_templates: str = "none"  # benchmark only: "own" / "all" keep the test rephrases' wordings out
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, found {self.optimizer!r}")
         if self.lr <= 0 or self.max_steps < 1 or self.batch_size < 1 or self.margin < 0:
             raise ConfigError(f"fit needs lr > 0, max_steps >= 1, batch_size >= 1, margin >= 0: {self}")
+        if min(self.paraphrases, self.prefixes, self.prefix_pool, self.prefix_tokens) < 0:
+            raise ConfigError(f"fit needs paraphrases, prefixes, prefix_pool, prefix_tokens >= 0: {self}")
+        if self.exclude_eval_templates not in EXCLUDE_MODES:
+            raise ConfigError(f"exclude_eval_templates must be one of {', '.join(EXCLUDE_MODES)}, "
+                              f"found {self.exclude_eval_templates!r}")
 
 
 @dataclass
@@ -70,6 +82,14 @@ class FitResult:
     spec: NeuronSpec
     config: FitConfig
     timing: dict = field(default_factory=dict)
+    wordings: torch.Tensor | None = None  # (N,) int: wordings fitted per edit, the prompt included
+    wordings_ok: torch.Tensor | None = None  # (N,) float: share of them passing with the returned vector
+
+    def __post_init__(self) -> None:
+        if self.wordings is None:
+            self.wordings = torch.ones(len(self.case_ids), dtype=torch.long)
+        if self.wordings_ok is None:
+            self.wordings_ok = self.success.float()
 
     @property
     def success_rate(self) -> float:
@@ -79,7 +99,8 @@ class FitResult:
         """Vectors and per-edit outcomes as safetensors, the rest as JSON beside it."""
         path = Path(path)
         atomic_save_tensors(path, {"vectors": self.vectors, "success": self.success.to(torch.uint8),
-                                   "steps": self.steps, "loss": self.loss})
+                                   "steps": self.steps, "loss": self.loss, "wordings": self.wordings,
+                                   "wordings_ok": self.wordings_ok})
         atomic_write_json(path.with_suffix(".json"), {**self.summary(), "case_ids": self.case_ids})
         return path
 
@@ -90,7 +111,7 @@ class FitResult:
         meta, spec, config = read_record(path, "fit result", lambda m: (
             m, NeuronSpec(**m["spec"]), FitConfig(**m["config"])))
         return cls(meta["case_ids"], t["vectors"], t["success"].bool(), t["steps"], t["loss"], spec, config,
-                   meta.get("timing", {}))
+                   meta.get("timing", {}), t.get("wordings"), t.get("wordings_ok"))
 
     def summary(self) -> dict:
         done = self.steps[self.success].float()
@@ -99,6 +120,8 @@ class FitResult:
             "median_steps": float(done.median()) if len(done) else None,
             "mean_steps": float(done.mean()) if len(done) else None,
             "failed": [c for c, ok in zip(self.case_ids, self.success.tolist()) if not ok],
+            "mean_wordings": float(self.wordings.float().mean()) if len(self.wordings) else None,
+            "wordings_passed": 100.0 * float(self.wordings_ok.mean()) if len(self.wordings_ok) else None,
             "spec": self.spec.to_dict(), "config": asdict(self.config), "timing": self.timing,
         }
 
@@ -130,10 +153,13 @@ class _RowOptimizer:
         w.sub_(self.lr * update * active)
 
 
-def _encode(requests, tokenizer, fmt):
-    prompts = [fmt.prompt_ids(r.prompt, tokenizer) for r in requests]
+def _encode(requests, variants, tokenizer, fmt):
+    """Per edit: the token sequences (prompt + answer) of its prompt and of each other wording,
+    and its answer tokens."""
     answers = [fmt.answer_ids(r.target, tokenizer, with_stop=True) for r in requests]
-    return prompts, answers
+    seqs = [[fmt.prompt_ids(text, tokenizer) + a for text in (r.prompt, *v)]
+            for r, v, a in zip(requests, variants, answers)]
+    return seqs, answers
 
 
 @torch.no_grad()
@@ -148,16 +174,16 @@ def _cache_hidden(model, layer, seqs, pad_id, batch_size) -> list[torch.Tensor]:
     return hidden
 
 
-def _slot_batch(seqs, answers, hidden, slots, pad_id, device) -> tuple[Batch, torch.Tensor, torch.Tensor]:
-    """Left-padded batch of the edits in `slots`, their cached hidden states, and labels for the
-    last `span` positions (-100 where there is no answer token)."""
-    batch = left_pad([seqs[i] for i in slots], pad_id, device)
+def _rows_batch(rows, answers, pad_id, device) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+    """Left-padded batch of `rows` ((token sequence, cached hidden state, edit) each), the hidden
+    states, and labels for the last `span` positions (-100 where there is no answer token)."""
+    batch = left_pad([seq for seq, _, _ in rows], pad_id, device)
     width = batch.ids.shape[1]
-    h = hidden[slots[0]].new_zeros(len(slots), width, hidden[slots[0]].shape[-1])
-    span = max(len(answers[i]) for i in slots) + 1
-    labels = torch.full((len(slots), span), -100, dtype=torch.long, device=device)
-    for row, i in enumerate(slots):
-        h[row, width - len(seqs[i]) :] = hidden[i]
+    h = rows[0][1].new_zeros(len(rows), width, rows[0][1].shape[-1])
+    span = max(len(answers[i]) for _, _, i in rows) + 1
+    labels = torch.full((len(rows), span), -100, dtype=torch.long, device=device)
+    for row, (seq, hidden, i) in enumerate(rows):
+        h[row, width - len(seq) :] = hidden
         labels[row, span - 1 - len(answers[i]) : span - 1] = torch.as_tensor(answers[i], device=device)
     return batch, h, labels
 
@@ -178,10 +204,16 @@ def _row_loss_and_success(logits, labels, margin) -> tuple[torch.Tensor, torch.T
 
 def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFormat,
                 config: FitConfig | None = None, progress: bool = True,
-                work_dir: str | Path | None = None, part: tuple[int, int] | None = None) -> FitResult:
+                work_dir: str | Path | None = None, part: tuple[int, int] | None = None,
+                variants: Sequence[Sequence[str]] | None = None) -> FitResult:
     """Fit one neuron vector per edit. With `work_dir`, finished edits are written there in shards
     as they finish, keyed by each edit's tokens and the settings, not by the request list: a rerun
     continues where the last one stopped, and a run on more edits fits only the new ones.
+
+    `variants[i]`: other wordings of edit i's query (stages/variants.py), fitted with its prompt
+    as extra batch rows that all share the edit's one vector: the loss is the mean over the
+    wordings, and the edit is done once every wording passes the success test. An edit that
+    reaches `max_steps` first counts as fitted if its prompt passes.
 
     `part=(k, n)` fits only the k-th of n parts of the edits (0-based, chosen by each edit's
     digest) into `work_dir` and returns those edits: n processes or machines sharing one
@@ -189,11 +221,14 @@ def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFo
     config = config or FitConfig()
     if part is not None and (work_dir is None or len(part) != 2 or not 0 <= part[0] < part[1]):
         raise ConfigError(f"part needs a work_dir and 0 <= k < n, found part={part}, work_dir={work_dir}")
+    variants = [tuple(v) for v in variants] if variants is not None else [() for _ in requests]
+    if len(variants) != len(requests):
+        raise ConfigError(f"fit_neurons: {len(variants)} variant lists for {len(requests)} edits")
     config = replace(config, layer=resolve_layer(model, config.layer))
     start = time.perf_counter()
     neuron = attach_neuron(model, config.layer, config.variant)
     try:
-        state = _FitState(model, tokenizer, requests, fmt, config, neuron.spec, work_dir, part)
+        state = _FitState(model, tokenizer, requests, variants, fmt, config, neuron.spec, work_dir, part)
         state.run(neuron, progress)
     finally:
         neuron.detach()
@@ -204,15 +239,15 @@ def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFo
 
 
 class _FitState:
-    """The edits, their cached hidden states, and what is known of each (done or not)."""
+    """The edits, their wordings' token sequences, and what is known of each edit (done or not)."""
 
-    def __init__(self, model, tokenizer, requests, fmt, config, spec, work_dir, part=None) -> None:
+    def __init__(self, model, tokenizer, requests, variants, fmt, config, spec, work_dir, part=None) -> None:
         self.model, self.config, self.spec = model, config, spec
         self.case_ids = [r.case_id for r in requests]
-        prompts, self.answers = _encode(requests, tokenizer, fmt)
-        self.seqs = [p + a for p, a in zip(prompts, self.answers)]
-        # what an edit's fit depends on besides the settings: its tokens
-        self.digests = [hashlib.sha256(json.dumps([s, a]).encode()).digest() for s, a in zip(self.seqs, self.answers)]
+        self.seqs, self.answers = _encode(requests, variants, tokenizer, fmt)
+        # what an edit's fit depends on besides the settings: its tokens (a prompt alone hashes as before variants existed)
+        self.digests = [hashlib.sha256(json.dumps([s[0], a] if len(s) == 1 else [s, a]).encode()).digest()
+                        for s, a in zip(self.seqs, self.answers)]
         self.pad_id = tokenizer.pad_token_id
         n = len(requests)
         # the edits this process fits: all, or those whose digest falls in its part
@@ -222,8 +257,10 @@ class _FitState:
         self.success = torch.zeros(n, dtype=torch.bool)
         self.steps = torch.zeros(n, dtype=torch.long)
         self.loss = torch.full((n,), float("nan"))
+        self.wordings_ok = torch.zeros(n)  # share of the edit's wordings (prompt included) that pass
         self.done = torch.zeros(n, dtype=torch.bool)
-        self.timing: dict = {"reused_edits": 0, "reused_s": 0.0}
+        self.hidden: dict[int, list[torch.Tensor]] = {}
+        self.timing: dict = {"reused_edits": 0, "reused_s": 0.0, "hidden_cache_s": 0.0}
         self.shards = _Shards(work_dir, self._key(fmt)) if work_dir else None
         if self.shards:
             self.shards.restore(self)
@@ -231,20 +268,29 @@ class _FitState:
     def _key(self, fmt: PromptFormat) -> str:
         from ..models import model_fingerprint
 
-        blob = json.dumps({"model": model_fingerprint(self.model), "config": asdict(self.config),
+        fit = {k: v for k, v in asdict(self.config).items() if k not in _BUILDER_FIELDS}  # the tokens say it
+        blob = json.dumps({"model": model_fingerprint(self.model), "config": fit,
                            "spec": self.spec.to_dict(), "format": fmt.to_dict()})
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def _cache(self, edits: list[int]) -> None:
+        """Hidden states entering the layer for every wording of these edits (computed in chunks
+        as the queue reaches them, so memory holds only the edits in and near the batch)."""
+        start = time.perf_counter()
+        flat = [(i, j) for i in edits for j in range(len(self.seqs[i]))]
+        states = _cache_hidden(self.model, self.config.layer, [self.seqs[i][j] for i, j in flat], self.pad_id,
+                               self.config.batch_size)
+        for (i, j), h in zip(flat, states):
+            self.hidden.setdefault(i, []).append(h)
+        self.timing["hidden_cache_s"] += time.perf_counter() - start
 
     def run(self, neuron, progress: bool) -> None:
         todo = [i for i in self.mine if not self.done[i]]
         if not todo:
             return
         device = model_device(self.model)
-        start = time.perf_counter()
-        hidden: dict[int, torch.Tensor] = dict(zip(todo, _cache_hidden(
-            self.model, self.config.layer, [self.seqs[i] for i in todo], self.pad_id, self.config.batch_size)))
-        self.timing["hidden_cache_s"] = time.perf_counter() - start
-        queue = sorted(todo, key=lambda i: len(self.seqs[i]))  # similar lengths side by side
+        queue = sorted(todo, key=lambda i: len(self.seqs[i][0]))  # similar lengths side by side
+        chunk = 4 * self.config.batch_size
         initial = self.spec.initial_vector(self.config.init_seed).to(device)
         rows = min(self.config.batch_size, len(queue))
         w = initial.repeat(rows, 1)
@@ -256,42 +302,52 @@ class _FitState:
         while True:
             for r in range(rows):  # refill free slots
                 if slots[r] is None and queue:
+                    if queue[0] not in self.hidden:
+                        self._cache(queue[:chunk])
                     slots[r], taken[r] = queue.pop(0), 0
                     w[r] = initial
                     opt.reset(r)
             live = [r for r in range(rows) if slots[r] is not None]
             if not live:
                 break
-            finished = self._step(neuron, w, opt, live, slots, taken, hidden, device)
+            finished = self._step(neuron, w, opt, live, slots, taken, device)
             for r in finished:
+                self.hidden.pop(slots[r], None)
                 slots[r] = None
             bar.update(len(finished))
             if finished and self.shards:
                 self.shards.flush(self)
         bar.close()
-        self.timing["fit_s"] = time.perf_counter() - step_s
+        self.timing["fit_s"] = time.perf_counter() - step_s - self.timing["hidden_cache_s"]
 
-    def _step(self, neuron, w, opt, live, slots, taken, hidden, device) -> list[int]:
+    def _step(self, neuron, w, opt, live, slots, taken, device) -> list[int]:
         edits = [slots[r] for r in live]
-        batch, h, labels = _slot_batch(self.seqs, self.answers, hidden, edits, self.pad_id, device)
-        rows_w = w[live].clone().requires_grad_(True)
-        neuron.set_weights(rows_w)
+        rows = [(seq, h, i) for i in edits for seq, h in zip(self.seqs[i], self.hidden[i])]
+        owner = torch.tensor([k for k, i in enumerate(edits) for _ in self.seqs[i]], device=device)
+        batch, h, labels = _rows_batch(rows, self.answers, self.pad_id, device)
+        edit_w = w[live].clone().requires_grad_(True)
+        neuron.set_weights(edit_w[owner])  # every wording of an edit uses the edit's one vector
         with starting_at_layer(self.model, self.config.layer, h):
             logits = self.model(**batch.model_inputs, use_cache=False, logits_to_keep=labels.shape[1]).logits
-        loss, ok = _row_loss_and_success(logits, labels, self.config.margin)
-        loss.sum().backward()  # rows are independent: each row's gradient reaches only its own w
+        row_loss, row_ok = _row_loss_and_success(logits, labels, self.config.margin)
+        count = torch.zeros(len(live), device=device).index_add_(0, owner, torch.ones_like(row_loss))
+        loss = torch.zeros(len(live), device=device).index_add(0, owner, row_loss) / count
+        passed = torch.zeros(len(live), device=device).index_add_(0, owner, row_ok.float())
+        first = torch.cat([owner.new_zeros(1), count.long().cumsum(0)[:-1]])  # each edit's prompt row
+        loss.sum().backward()  # edits are independent: each edit's gradient reaches only its own w
         finished = []
         for k, r in enumerate(live):
             i = slots[r]
-            if ok[k] or taken[r] >= self.config.max_steps:
-                self.vectors[i], self.success[i] = rows_w[k].detach().cpu(), bool(ok[k])
+            if passed[k] == count[k] or taken[r] >= self.config.max_steps:
+                self.vectors[i], self.success[i] = edit_w[k].detach().cpu(), bool(row_ok[first[k]])
                 self.steps[i], self.loss[i], self.done[i] = int(taken[r]), float(loss[k].detach()), True
+                self.wordings_ok[i] = float(passed[k] / count[k])
                 self.shards and self.shards.pending.append(i)
                 finished.append(r)
         active = torch.zeros(w.shape[0], 1, device=device)
         grad = torch.zeros_like(w)
         idx = torch.tensor(live, device=device)
-        grad[idx] = rows_w.grad
+        grad[idx] = edit_w.grad
         active[idx] = 1.0
         active[torch.tensor(finished, dtype=torch.long, device=device)] = 0.0
         opt.step(w, grad, active)
@@ -302,8 +358,14 @@ class _FitState:
         mine = torch.tensor(self.mine, dtype=torch.long)
         if not bool(self.done[mine].all()):
             raise MeGError("neuron fitting stopped before every edit was done")
+        wordings = torch.tensor([len(self.seqs[i]) for i in self.mine])
         return FitResult([self.case_ids[i] for i in self.mine], self.vectors[mine], self.success[mine],
-                         self.steps[mine], self.loss[mine], self.spec, self.config)
+                         self.steps[mine], self.loss[mine], self.spec, self.config,
+                         wordings=wordings, wordings_ok=self.wordings_ok[mine])
+
+
+# FitConfig fields that only say how MeGEditor builds the wordings: a fit depends on the wordings' tokens
+_BUILDER_FIELDS = ("paraphrases", "prefixes", "prefix_pool", "prefix_tokens", "exclude_eval_templates")
 
 
 class _Shards:
@@ -319,13 +381,16 @@ class _Shards:
         for path in sorted(self.dir.glob("shard-*.safetensors")):
             t = load_tensors(path, "fit shard")
             share = float(t["seconds"]) / len(t["edits"])
+            wordings_ok = t.get("wordings_ok", t["success"].float())  # shards from before variants: the prompt alone
             for j, digest in enumerate(t["edits"]):
-                found[bytes(digest.tolist())] = (t["vectors"][j], bool(t["success"][j]), t["steps"][j], t["loss"][j], share)
+                found[bytes(digest.tolist())] = (t["vectors"][j], bool(t["success"][j]), t["steps"][j], t["loss"][j],
+                                                 wordings_ok[j], share)
         for i in state.mine:
             digest = state.digests[i]
             if digest in found:
-                vector, ok, steps, loss, share = found[digest]
+                vector, ok, steps, loss, wordings_ok, share = found[digest]
                 state.vectors[i], state.success[i], state.steps[i], state.loss[i] = vector, ok, steps, loss
+                state.wordings_ok[i] = wordings_ok
                 state.done[i] = True
                 state.timing["reused_edits"] += 1
                 state.timing["reused_s"] += share
@@ -340,7 +405,7 @@ class _Shards:
         edits = torch.tensor([list(state.digests[i]) for i in self.pending], dtype=torch.uint8)
         now = time.perf_counter()
         tensors = {"edits": edits, "vectors": state.vectors[idx], "success": state.success[idx].to(torch.uint8),
-                   "steps": state.steps[idx], "loss": state.loss[idx],
+                   "steps": state.steps[idx], "loss": state.loss[idx], "wordings_ok": state.wordings_ok[idx],
                    "seconds": torch.tensor(now - self.since, dtype=torch.float64)}
         name = hashlib.sha256(edits.numpy().tobytes()).hexdigest()[:16]
         atomic_save_tensors(self.dir / f"shard-{name}.safetensors", tensors)  # whole or absent

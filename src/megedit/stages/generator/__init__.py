@@ -3,6 +3,7 @@
 diffusion.py  the schedule, v-prediction, DDIM and ancestral samplers (no network inside)
 dit.py        the Diffusion Transformer over 1-D vectors, with size presets
 mlp.py        the plain MLP alternative
+lookup.py     no network: the nearest training condition's vector (what learning adds is measured against it)
 model.py      Generator: network + normalisation + sampling, save/load
 train.py      train_generator: AdamW, EMA, clipping, validation, best kept, resumable, accelerate
 """

@@ -3,6 +3,7 @@ how to sample; saved as safetensors + JSON."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -13,15 +14,16 @@ from ...errors import ConfigError, MeGError
 from ...io import atomic_save_tensors, atomic_write_json, load_tensors, read_record
 from .diffusion import PREDICTIONS, SAMPLERS, Diffusion, Schedule
 from .dit import DIT_PRESETS, DiT, DiTConfig
+from .lookup import LookupTable
 from .mlp import MLPConfig, MLPGenerator
 
-GENERATOR_KINDS = ("dit", "mlp")
+GENERATOR_KINDS = ("dit", "mlp", "lookup")
 NORMALIZATIONS = ("standard", "scale")
 
 
 @dataclass
 class GeneratorConfig:
-    kind: str = "dit"  # or "mlp", the reviewers' simpler alternative
+    kind: str = "dit"  # or "mlp", the reviewers' simpler alternative, or "lookup" (nearest condition, no network)
     preset: str = "cpu"  # DiT size: see DIT_PRESETS
     dit: dict = field(default_factory=dict)  # overrides of the preset's fields
     mlp: dict = field(default_factory=dict)  # overrides of MLPConfig
@@ -30,7 +32,9 @@ class GeneratorConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 128
-    train_steps: int = 4000
+    train_steps: int = 4000  # the budget, unless `passes` is set
+    passes: float | None = None  # the budget in passes over the training pairs (steps grow with N)
+    augment: bool = True  # also train on every other fitted wording of an edit -> the edit's vector
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     validate_every: int = 500
@@ -56,6 +60,8 @@ class GeneratorConfig:
             problems.append(f"prediction must be one of {', '.join(PREDICTIONS)}")
         if min(self.batch_size, self.train_steps, self.validate_every, self.validation_size, self.sample_steps) < 1:
             problems.append("batch_size, train_steps, validate_every, validation_size, sample_steps must be >= 1")
+        if self.passes is not None and not self.passes > 0:
+            problems.append("passes must be > 0 (or null: train_steps is the budget)")
         if not 0 <= self.ema_decay < 1 or self.zero_augment < 0 or not self.sigma_data > 0:
             problems.append("need 0 <= ema_decay < 1, zero_augment >= 0 and sigma_data > 0")
         unknown = set(self.dit) - set(asdict(DiTConfig())) | set(self.mlp) - set(asdict(MLPConfig()))
@@ -64,6 +70,12 @@ class GeneratorConfig:
         if problems:
             raise ConfigError("generator config: " + "; ".join(problems))
         return self
+
+    def steps_for(self, n_pairs: int) -> int:
+        """Training steps for `n_pairs` training pairs: `passes` over them, else `train_steps`."""
+        if self.passes is None:
+            return self.train_steps
+        return max(1, math.ceil(self.passes * n_pairs / self.batch_size))
 
     def dit_config(self) -> DiTConfig:
         return replace(DIT_PRESETS[self.preset], **self.dit)
@@ -82,7 +94,8 @@ class Generator:
         self.mean, self.std = mean.float(), std.float()
         if net is None:
             net = (DiT(length, cond_dim, config.dit_config()) if config.kind == "dit"
-                   else MLPGenerator(length, cond_dim, config.mlp_config()))
+                   else MLPGenerator(length, cond_dim, config.mlp_config()) if config.kind == "mlp"
+                   else LookupTable(torch.zeros(0, cond_dim), torch.zeros(0, length)))
         self.net = net
         self.diffusion = Diffusion(Schedule(), config.prediction, config.sigma_data) if config.kind == "dit" else None
         self.record: dict = {}
@@ -118,7 +131,7 @@ class Generator:
         net = net or self.net
         was_training = net.training
         net.eval()
-        device = next(net.parameters()).device
+        device = next(iter([*net.parameters(), *net.buffers()])).device  # a lookup table has buffers only
         cond = cond.to(device, torch.float32)
         if self.diffusion is None:
             x = net(cond)
@@ -152,7 +165,12 @@ class Generator:
         tensors = load_tensors(path, "generator")
         if "norm.mean" not in tensors or "norm.std" not in tensors:
             raise MeGError(f"{path}: generator file has no normalisation tensors")
-        generator = cls(config, length, cond_dim, tensors["norm.mean"], tensors["norm.std"])
+        table = None
+        if config.kind == "lookup":  # the table's size is in its tensors
+            if "net.keys" not in tensors or "net.values" not in tensors:
+                raise MeGError(f"{path}: lookup generator file has no table")
+            table = LookupTable(tensors["net.keys"], tensors["net.values"])
+        generator = cls(config, length, cond_dim, tensors["norm.mean"], tensors["norm.std"], net=table)
         try:
             generator.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         except RuntimeError as error:

@@ -56,7 +56,7 @@ def validation_numbers(generator: Generator, net: torch.nn.Module, cond: torch.T
 
 def _run_key(config: GeneratorConfig, cond: torch.Tensor, x: torch.Tensor) -> str:
     """What a resumed run must share with the saved one (not its length or validation cadence)."""
-    fixed = {k: v for k, v in vars(config).items() if k not in ("train_steps", "validate_every")}
+    fixed = {k: v for k, v in vars(config).items() if k not in ("train_steps", "passes", "validate_every")}
     h = hashlib.sha256(repr(sorted(fixed.items())).encode())
     h.update(cond.numpy().tobytes()), h.update(x.numpy().tobytes())
     return h.hexdigest()[:16]
@@ -64,9 +64,11 @@ def _run_key(config: GeneratorConfig, cond: torch.Tensor, x: torch.Tensor) -> st
 
 def train_generator(embeddings: torch.Tensor, vectors: torch.Tensor, config: GeneratorConfig | None = None, *,
                     unrelated: torch.Tensor | None = None, work_dir: str | Path | None = None,
-                    validate: Validate | None = None, progress: bool = True) -> Generator:
+                    validate: Validate | None = None, progress: bool = True, n_edits: int | None = None) -> Generator:
     """A generator trained on the pairs (embeddings[i], vectors[i]); with the EMA weights of the
-    best validation. `unrelated` embeddings feed the zero-vector augmentation."""
+    best validation (the first `validation_size` pairs, which should be edits' own prompts).
+    `unrelated` embeddings feed the zero-vector augmentation; `n_edits` (recorded) is how many
+    edits the pairs come from when an edit has several wordings."""
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
 
@@ -78,6 +80,11 @@ def train_generator(embeddings: torch.Tensor, vectors: torch.Tensor, config: Gen
     generator = Generator.for_vectors(config, vectors, embeddings.shape[1])
     cond, x = _training_pairs(generator, embeddings, vectors, unrelated)
     val_cond, val_vectors = embeddings[: config.validation_size].float(), vectors[: config.validation_size].float().cpu()
+    if config.kind == "lookup":
+        return _lookup(generator, cond, x, val_cond, val_vectors, validate, start, n_edits or len(vectors))
+    total = config.steps_for(len(x))
+    log.info("generator: %d steps of %d pairs (%.0f passes over %d pairs)", total, config.batch_size,
+             total * config.batch_size / len(x), len(x))
 
     net = generator.net
     ema = copy.deepcopy(net).requires_grad_(False)
@@ -104,13 +111,13 @@ def train_generator(embeddings: torch.Tensor, vectors: torch.Tensor, config: Gen
 
     ema_params = list(ema.parameters())
     per_epoch = max(1, -(-len(x) // config.batch_size))
-    bar = tqdm(total=config.train_steps, initial=state["step"], desc=f"training {config.kind} generator",
+    bar = tqdm(total=total, initial=state["step"], desc=f"training {config.kind} generator",
                disable=not progress or not accelerator.is_main_process)
     with torch.random.fork_rng(devices=[]):  # dropout draws, seeded, without touching the caller's RNG
         torch.manual_seed(dropout_seed)
         if rng is not None:
             torch.set_rng_state(rng)
-        while state["step"] < config.train_steps:
+        while state["step"] < total:
             step = state["step"]
             epoch, offset = divmod(step, per_epoch)
             order = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
@@ -128,7 +135,7 @@ def train_generator(embeddings: torch.Tensor, vectors: torch.Tensor, config: Gen
             state["step"] = step + 1
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            if state["step"] % config.validate_every == 0 or state["step"] == config.train_steps:
+            if state["step"] % config.validate_every == 0 or state["step"] == total:
                 numbers = None
                 if accelerator.is_main_process:  # validation on one process, its numbers shared with all
                     generated, numbers = validation_numbers(generator, ema, val_cond, val_vectors, config.seed)
@@ -152,11 +159,27 @@ def train_generator(embeddings: torch.Tensor, vectors: torch.Tensor, config: Gen
     if best_weights is not None:
         final.net.load_state_dict(best_weights)
     final.net.eval().requires_grad_(False)
-    final.record = {"n_pairs": len(x), "n_edits": len(vectors), "steps": state["step"], "best": state["best"],
+    final.record = {"n_pairs": len(x), "n_edits": n_edits or len(vectors), "steps": state["step"], "best": state["best"],
                     "history": state["history"], "processes": accelerator.num_processes,
                     "seconds": time.perf_counter() - start,
                     "parameters": sum(p.numel() for p in final.net.parameters())}
     return final
+
+
+def _lookup(generator: Generator, cond, x, val_cond, val_vectors, validate: Validate | None, start: float,
+            n_edits: int) -> Generator:
+    """The lookup generator: its table is the training pairs; validated once, like a trained one."""
+    from .lookup import LookupTable
+
+    generator.net = LookupTable(cond, x).eval().requires_grad_(False)
+    generated, numbers = validation_numbers(generator, generator.net, val_cond, val_vectors, generator.config.seed)
+    if validate is not None:
+        numbers |= validate(generated)
+    numbers |= {"step": 0, "seconds": time.perf_counter() - start}
+    generator.record = {"n_pairs": len(x), "n_edits": n_edits, "steps": 0, "best": numbers,
+                        "history": [numbers], "processes": 1, "seconds": numbers["seconds"],
+                        "parameters": 0, "table_rows": len(x)}
+    return generator
 
 
 def _save_checkpoint(path: Path, key: str, state: dict, net, ema, optimizer, noise: torch.Generator,

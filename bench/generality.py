@@ -1,0 +1,105 @@
+"""Generality levers of stage A and stage D on SmolLM2 + CounterFact (issue: edits that carry to
+paraphrases).
+
+    .venv/bin/python bench/generality.py levers --limit 128       # stage A settings -> fitted vectors' GenAG
+    .venv/bin/python bench/generality.py levers --limit 128 --swap # the two CounterFact files' roles swapped
+
+`levers` fits the first N edits under each stage A setting (margin, pool paraphrases, context
+prefixes) and scores each edit's fitted vector on its own prompt and rephrase (no generator, no
+router: the Generality the vectors carry on their own, which bounds MeG's), with the time the fit
+took. Every setting runs with the variant builder told to leave out the wordings of the
+evaluated records' own rephrases (`--exclude`, default "all": no edit trains on any wording a
+test rephrase uses), so the table measures transfer to wordings no variant used.
+Results: bench/results/generality-levers[-swap]-<N>.json; bench/update_readme.py shows them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parents[1] / "shared/data/counterfact"
+FILES = (SHARED / "counterfact-edit.json", SHARED / "counterfact-train.json")
+
+# (label, FitConfig overrides); the first row is the pre-issue default
+LEVERS = [
+    ("prompt only, margin 1", {"margin": 1.0}),
+    ("prompt only, margin 3", {"margin": 3.0}),
+    ("margin 1, 4 paraphrases", {"margin": 1.0, "paraphrases": 4}),
+    ("margin 3, 4 paraphrases", {"margin": 3.0, "paraphrases": 4}),
+    ("margin 3, 2 prefixes", {"margin": 3.0, "prefixes": 2}),
+    ("margin 3, 4 paraphrases + 2 prefixes", {"margin": 3.0, "paraphrases": 4, "prefixes": 2}),
+    ("margin 3, 2 paraphrases + 1 prefix", {"margin": 3.0, "paraphrases": 2, "prefixes": 1}),
+]
+
+
+def levers(args) -> dict:
+    from megedit import MeGConfig, MeGEditor, evaluate, load_model, load_requests
+    from megedit.data.prompts import get_format
+    from megedit.stages.fit_neurons import fit_neurons, fitted_subject
+
+    edits_path, pool_path = FILES[::-1] if args.swap else FILES
+    requests = load_requests("counterfact", edits_path, limit=args.limit)
+    pool = load_requests("counterfact", pool_path)
+    scored = [dataclasses.replace(r, locality=()) for r in requests]  # the static neuron's locality is not the question
+    model, tokenizer = load_model("smollm2", device="cpu")
+    rows = []
+    for label, overrides in LEVERS:
+        if args.only and label not in args.only:
+            continue
+        config = MeGConfig(seed=args.seed)
+        config.fit = dataclasses.replace(config.fit, **{"paraphrases": 0, "prefixes": 0, **overrides,
+                                                        "exclude_eval_templates": args.exclude})
+        editor = MeGEditor(model, tokenizer, config, progress=False)
+        start = time.perf_counter()
+        variants, record = editor.variants(requests, pool)
+        build_s = time.perf_counter() - start
+        result = fit_neurons(model, tokenizer, requests, get_format("raw"), editor.config.fit, progress=False,
+                             variants=variants)
+        subject = fitted_subject(model, tokenizer, result)
+        try:
+            report = evaluate(subject, scored, prompt_format="raw", progress=False, batch_size=64)
+        finally:
+            subject.neuron.detach()
+        summary = result.summary()
+        row = {"setting": label, **overrides, "success_rate": summary["success_rate"],
+               "median_steps": summary["median_steps"], "wordings_passed": summary["wordings_passed"],
+               "mean_wordings": record["mean_wordings"], "edits_with_paraphrases": record["edits_with_paraphrases"],
+               "fit_s": result.timing["total_s"], "build_s": build_s, "metrics": report.metrics}
+        rows.append(row)
+        print(f"{label:40s} GenAG {report.metrics['generality']['ag']:5.1f} GenTF {report.metrics['generality']['tf']:5.1f} "
+              f"RelAG {report.metrics['reliability']['ag']:5.1f} steps {summary['median_steps']} fit {row['fit_s']:.0f} s "
+              f"wordings {record['mean_wordings']:.1f}", flush=True)
+    return {"n": args.limit, "edits": edits_path.name, "pool": pool_path.name, "exclude_eval_templates": args.exclude,
+            "layer": editor.config.fit.layer, "seed": args.seed, "threads": torch.get_num_threads(), "rows": rows}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["levers"])
+    parser.add_argument("--limit", type=int, default=128)
+    parser.add_argument("--swap", action="store_true", help="edits from counterfact-train, pool from counterfact-edit")
+    parser.add_argument("--exclude", default="all", choices=["none", "own", "all"])
+    parser.add_argument("--only", nargs="*", help="run only these settings (labels)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from megedit.io import atomic_write_json
+
+    out = levers(args)
+    name = f"generality-levers{'-swap' if args.swap else ''}{'' if args.exclude == 'all' else '-' + args.exclude}-{args.limit}"
+    path = HERE / "results" / f"{name}.json"
+    atomic_write_json(path, out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
