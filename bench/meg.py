@@ -4,6 +4,8 @@ harness, and measure the inference cost against the unedited model on the same q
     .venv/bin/python bench/meg.py counterfact      # first 1,024 CounterFact edits, pool counterfact-train
     .venv/bin/python bench/meg.py zsre             # the ZsRE edits (malformed records skipped), same pool
     .venv/bin/python bench/meg.py counterfact --limit 4096 --no-speed   # a point of bench/scale_curve.py
+    .venv/bin/python bench/meg.py counterfact --exclude all   # no variant uses a wording of a test rephrase
+    .venv/bin/python bench/meg.py counterfact-swap            # edits from counterfact-train, pool counterfact-edit
 
 Stages are cached in bench/results/cases/meg-<setting>[-<generator>]/, one folder for every N, so
 a larger run reuses what does not depend on the edits (the tuned encoder), and a killed run
@@ -28,11 +30,12 @@ from result_names import tag
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared/data"
-SETTINGS = {
-    "counterfact": ("counterfact", SHARED / "counterfact/counterfact-edit.json", 1024),
-    "zsre": ("zsre", SHARED / "zsre/zsre_mend_train-1k.json", None),
+CF_EDIT, CF_TRAIN = SHARED / "counterfact/counterfact-edit.json", SHARED / "counterfact/counterfact-train.json"
+SETTINGS = {  # data kind, edits, default N, pseudo-edit pool
+    "counterfact": ("counterfact", CF_EDIT, 1024, CF_TRAIN),
+    "counterfact-swap": ("counterfact", CF_TRAIN, 1024, CF_EDIT),  # the two files' roles swapped
+    "zsre": ("zsre", SHARED / "zsre/zsre_mend_train-1k.json", None, CF_TRAIN),
 }
-POOL = SHARED / "counterfact/counterfact-train.json"
 
 
 def speed(edited, requests, rounds: int) -> dict:
@@ -78,6 +81,9 @@ def main() -> int:
     parser.add_argument("--speed-n", type=int, default=128, help="edits whose queries time the inference")
     parser.add_argument("--no-speed", action="store_true", help="skip the inference timing")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--exclude", default="none", choices=["none", "own", "all"],
+                        help="benchmark only: keep the wordings of the evaluated rephrases out of every edit's variants "
+                             "(own: each edit's own; all: every edit's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse-eval", action="store_true", help="keep the saved evaluation, re-time inference")
     args = parser.parse_args()
@@ -88,21 +94,24 @@ def main() -> int:
     from megedit.data.prompts import DEFAULT_FOR_KIND
     from megedit.io import atomic_write_json
 
-    kind, path, limit = SETTINGS[args.setting]
+    kind, path, limit, pool_path = SETTINGS[args.setting]
     suffix = "" if args.limit in (None, limit) else f"-{args.limit}"
     limit = args.limit or limit
     requests = load_requests(kind, path, limit=limit, skip_invalid=True)
-    pool = load_requests("counterfact", POOL)
+    pool = load_requests("counterfact", pool_path)
     model, tokenizer = load_model("smollm2", device="cpu")
     config = MeGConfig(prompt_format=DEFAULT_FOR_KIND[kind], seed=args.seed)
     config.generator.kind = args.generator
+    if args.exclude != "none":
+        config.fit.exclude_eval_templates = args.exclude
+        suffix += f"-exclude-{args.exclude}"
     generator = "" if args.generator == "mlp" else f"-{args.generator}"
-    if args.train_steps not in (None, config.generator.train_steps):  # its own result and evaluation files
-        config.generator.train_steps = args.train_steps
+    if args.train_steps is not None:  # its own result and evaluation files
+        config.generator.train_steps, config.generator.passes = args.train_steps, None
         suffix += f"-steps{args.train_steps}"
     result = HERE / "results" / f"meg-{tag(args.setting)}{suffix}{generator}.json"
     work = HERE / "results" / "cases" / f"meg-{args.setting}{generator}"
-    edited = MeGEditor(model, tokenizer, config).fit(requests, work, pool, f"counterfact:{POOL.name}")
+    edited = MeGEditor(model, tokenizer, config).fit(requests, work, pool, f"counterfact:{pool_path.name}")
     saved = work / f"eval{suffix}.json"
     if args.reuse_eval and saved.exists():  # re-measure only the inference cost
         report = EvalReport.load(saved)
@@ -117,7 +126,7 @@ def main() -> int:
               f"(ratio {cost['ratio']:.2f}; tokens/s ratio {cost['token_ratio']:.2f}); routing "
               f"{100 * cost['route_share']:.1f}%, generator {100 * cost['generate_share']:.1f}% of the edited model's time")
     summary = {k: v for k, v in report.to_dict().items() if k != "cases"}
-    summary |= {"setting": args.setting, "pool": f"counterfact:{POOL.name}", "seed": args.seed,
+    summary |= {"setting": args.setting, "pool": f"counterfact:{pool_path.name}", "seed": args.seed,
                 "config": config.to_dict(), "fit": edited.record, "inference": cost, "threads": torch.get_num_threads()}
     if args.reuse_eval and result.exists():  # the stages were loaded from cache: keep the record of the real fit
         import json

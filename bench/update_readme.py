@@ -1,7 +1,7 @@
-"""Rewrite the README's results tables from the summary JSON files in bench/results/.
+"""Rewrite the results tables of README.md and docs/*.md from the summary JSON files in bench/results/.
 
-Each table sits between `<!-- results:NAME -->` and `<!-- /results:NAME -->` in README.md;
-everything between the markers is replaced. Numbers come only from the result files.
+Each table sits between `<!-- results:NAME -->` and `<!-- /results:NAME -->` in exactly one of
+those files; everything between the markers is replaced. Numbers come only from the result files.
 """
 
 from __future__ import annotations
@@ -53,11 +53,22 @@ def baselines_table() -> str:
 
 
 def _meg_label(r: dict) -> str:
-    """'meg (mlp generator)', with the generator's training steps where they are not the default."""
-    from megedit.stages.generator.model import GeneratorConfig
+    """'meg (mlp generator)', naming what differs from the defaults: a generator budget other than
+    the default passes, the edits' wordings left out (benchmark switch), or a run made with the
+    defaults from before stage A fitted other wordings."""
+    from megedit import MeGConfig
 
-    steps = r["fit"]["generator"]["steps"]
-    return f"meg ({r['edit']['generator']} generator{'' if steps == GeneratorConfig().train_steps else f', {steps:,} steps'})"
+    generator, fit = r["config"]["generator"], r["config"]["fit"]
+    parts = [f"{generator['kind']} generator"]
+    if "paraphrases" not in fit:
+        parts.append("prompt-only defaults of before")
+    if generator.get("passes") is None:
+        parts.append(f"{r['fit']['generator']['steps']:,} steps")
+    elif generator["passes"] != MeGConfig().generator.passes:
+        parts.append(f"{generator['passes']:g} passes")
+    if fit.get("exclude_eval_templates", "none") != "none":
+        parts.append(f"test wordings held out: {fit['exclude_eval_templates']}")
+    return f"meg ({', '.join(parts)})"
 
 
 def meg_cost_table() -> str:
@@ -115,6 +126,35 @@ def fit_scale_table() -> str:
                     + [f"{m[k][s]:.1f}" for k, s in METRICS])
     return _table(["N", "layer", "success %", "median steps", "fit s", "edits/s", "10K projection h", "peak RSS MB",
                    "RelAG", "RelTF", "GenAG", "GenTF", "LocAG", "LocTF"], rows)
+
+
+def generality_levers_table() -> str:
+    """Stage A settings -> the Generality the fitted vectors carry on their own, and their cost
+    (fit time relative to the first row of the same run, side by side)."""
+    rows = []
+    for r in _load("generality-levers-*.json"):
+        base = r["rows"][0]["fit_s"]
+        for row in r["rows"]:
+            m = row["metrics"]
+            rows.append([str(r["n"]), r["edits"].removesuffix(".json"), r["exclude_eval_templates"], row["setting"],
+                         f"{row['mean_wordings']:.1f}", f"{row['median_steps']:.0f}", f"{row['fit_s']:.0f}",
+                         f"{row['fit_s'] / base:.1f}x"] + [f"{m[k][s]:.1f}" for k, s in METRICS[:4]])
+    return _table(["N", "edits", "held-out wordings", "stage A setting", "wordings / edit", "median steps", "fit s",
+                   "cost", "RelAG", "RelTF", "GenAG", "GenTF"], rows)
+
+
+def headline_table() -> str:
+    """MeG with the defaults (each data setting) and the baselines at 1,024 CounterFact edits."""
+    rows = []
+    for r in _load("meg-*.json") + _load("baseline-cf-1024-*.json"):
+        if r["method"] == "meg" and (r["n"] > 1024 or r["fit"]["generator"]["steps"] == 0):
+            continue  # the scale curve and the lookup generator are in docs/results.md
+        cells = [r.get("setting", r["data"].split(":")[0]), str(r["n"]), _meg_label(r) if r["method"] == "meg" else r["method"]]
+        cells += [f"{r['metrics'][k][s]:.1f}" for k, s in METRICS] + [f"**{r['score']:.1f}**"]
+        cells.append(f"{(edit_seconds(r)[0] + r['timing']['total_s']) / 60:.0f}")
+        rows.append(cells)
+    return _table(["data", "N", "method", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG", "LocTF", "Score",
+                   "edit + eval min"], rows)
 
 
 def layer_sweep_table() -> str:
@@ -252,23 +292,27 @@ def memit_sweep_table() -> str:
                    "LocTF", "Score", "edit s"], rows)
 
 
-TABLES = {"scale-curve": scale_curve_table, "memit-sweep": memit_sweep_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
+TABLES = {"headline": headline_table, "generality-levers": generality_levers_table, "scale-curve": scale_curve_table, "memit-sweep": memit_sweep_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
           "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table,
           "routing": routing_table, "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table,
           "denoising": denoising_table}
 
 
 def main() -> int:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    texts = {page: page.read_text() for page in pages}
     for name, build in TABLES.items():
         pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
-        if not pattern.search(text):
-            print(f"README.md has no markers for {name}", file=sys.stderr)
+        holders = [page for page, text in texts.items() if pattern.search(text)]
+        if len(holders) != 1:
+            print(f"table {name}: markers found in {len(holders)} pages, expected one", file=sys.stderr)
             return 1
-        text = pattern.sub(lambda m: m.group(1) + build() + "\n" + m.group(2), text)
-    readme.write_text(text)
-    print("README.md tables updated")
+        table = build()
+        texts[holders[0]] = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), texts[holders[0]])
+    for page, text in texts.items():
+        if page.read_text() != text:
+            page.write_text(text)
+            print(f"{page.relative_to(ROOT)}: tables updated")
     return 0
 
 

@@ -144,20 +144,25 @@ def _load_pool(args, kind: str, path: Path):
 
 
 def _add_fit_args(p) -> None:
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--max-steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=64, help="edits fitted side by side")
-    p.add_argument("--margin", type=float, default=1.0, help="logit margin the success test asks for")
+    # defaults (None here) are FitConfig's
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default=None, help="default adam")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="edits fitted side by side")
+    p.add_argument("--margin", type=float, default=None, help="logit margin the success test asks for")
+    p.add_argument("--paraphrases", type=int, default=None, help="pool paraphrases fitted per edit (needs --pseudo)")
+    p.add_argument("--prefixes", type=int, default=None, help="context-prefixed prompts fitted per edit (needs --pseudo)")
     p.add_argument("--variant", choices=("linear", "activated", "gated"), default=None)
-    p.add_argument("--seed", type=int, default=0, help="seed of the common initial vector")
+    p.add_argument("--seed", type=int, default=None, help="seed of the common initial vector (default 0)")
 
 
 def _fit_config(args, layer: int):
     from .stages.fit_neurons import FitConfig
 
-    return FitConfig(layer=layer, variant=args.variant, optimizer=args.optimizer, lr=args.lr,
-                     max_steps=args.max_steps, batch_size=args.batch_size, margin=args.margin, init_seed=args.seed)
+    given = {"variant": args.variant, "optimizer": args.optimizer, "lr": args.lr, "max_steps": args.max_steps,
+             "batch_size": args.batch_size, "margin": args.margin, "init_seed": args.seed,
+             "paraphrases": args.paraphrases, "prefixes": args.prefixes}
+    return FitConfig(layer=layer, **{k: v for k, v in given.items() if v is not None})
 
 
 def _add_fit_neurons(sub) -> None:
@@ -169,6 +174,8 @@ def _add_fit_neurons(sub) -> None:
     _add_data_args(p)
     p.add_argument("--layer", type=int, default=None, help="0-based layer (default: 80%% of the depth, 24 on SmolLM2)")
     _add_fit_args(p)
+    p.add_argument("--pseudo", metavar="KIND:PATH", default=None,
+                   help="pseudo-edit pool whose wordings are fitted with each prompt (default: the prompt alone)")
     p.add_argument("--out", type=Path, required=True, help="where to write the vectors (.safetensors + .json)")
     p.add_argument("--work-dir", type=Path, default=None, help="shards for resuming a killed run")
     p.add_argument("--part", default=None, metavar="K/N",
@@ -196,8 +203,17 @@ def _run_fit_neurons(args) -> int:
     part = _parse_part(args.part)
     kind, path, requests, fmt = _load_data(args)
     model, tokenizer = load_model(args.model)
-    result = fit_neurons(model, tokenizer, requests, fmt, _fit_config(args, args.layer), progress=args.progress,
-                         work_dir=args.work_dir, part=part)
+    config, variants = _fit_config(args, args.layer), None
+    if args.pseudo:
+        from .config import MeGConfig
+        from .editor import MeGEditor
+
+        _, pool = _load_pool(args, kind, path)
+        editor = MeGEditor(model, tokenizer, MeGConfig(layer=args.layer, fit=config, seed=config.init_seed))
+        variants, record = editor.variants(requests, pool)
+        print(f"wordings per edit: {record['mean_wordings']:.2f} ({record['edits_with_paraphrases']} edits with pool paraphrases)")
+    result = fit_neurons(model, tokenizer, requests, fmt, config, progress=args.progress,
+                         work_dir=args.work_dir, part=part, variants=variants)
     result.save(args.out)
     s = result.summary()
     print(f"fitted {s['n']} edits at layer {result.spec.layer}: success {s['success_rate']:.1f}%, median steps "

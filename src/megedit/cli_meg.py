@@ -21,7 +21,8 @@ def _add_config_args(p) -> None:
     p.add_argument("--layer", type=int, default=None, help="neuron layer (default: 24 on SmolLM2)")
     p.add_argument("--generator", choices=("mlp", "dit"), default=None,
                    help="weight generator (default mlp; dit is the paper's diffusion transformer)")
-    p.add_argument("--generator-steps", type=int, default=None, help="generator training steps")
+    p.add_argument("--generator-steps", type=int, default=None,
+                   help="generator training steps (default: 100 passes over the training pairs)")
     p.add_argument("--router", choices=("nearest", "entropy"), default=None, help="router kind (default nearest)")
     p.add_argument("--epsilon", type=float, default=None, help="router threshold by hand (no calibration)")
     p.add_argument("--seed", type=int, default=None, help="the run's one seed (default 0)")
@@ -38,6 +39,8 @@ def _config(args, prompt_format: str | None = None):
                                 (config, "prompt_format", prompt_format)):
         if value is not None:
             setattr(target, name, value)
+    if args.generator_steps is not None:
+        config.generator.passes = None  # the budget is the steps given
     return config
 
 
@@ -72,7 +75,7 @@ def _run_demo(args) -> int:
     model, tokenizer = load_model(args.model)
     config = _config(args)
     if args.generator_steps is None:
-        config.generator.train_steps = 1000  # 12 edits: the validation distance is lowest by then
+        config.generator.train_steps, config.generator.passes = 1000, None  # 12 edits: lowest validation distance by then
     start = time.perf_counter()
     edited = MeGEditor(model, tokenizer, config, progress=args.progress).fit(
         edits, args.work_dir or cache_root() / "demo", pool, pool_name="megedit demo pool")

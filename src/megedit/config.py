@@ -16,8 +16,10 @@ from .stages.routing import RoutingConfig
 
 def _default_generator() -> GeneratorConfig:
     # The MLP, not the DiT, by default: on the CPU budget of 4,000 steps the DiT reaches
-    # Reliability AG 47 on 1,024 CounterFact edits, the MLP 100 (README, stage D).
-    return GeneratorConfig(kind="mlp")
+    # Reliability AG 47 on 1,024 CounterFact edits, the MLP 100 (docs/method.md, stage D).
+    # 100 passes over the (wording, vector) pairs: 4,000 steps at 1,024 edits of 5 wordings,
+    # growing linearly with the edits.
+    return GeneratorConfig(kind="mlp", passes=100.0)
 
 
 @dataclass
@@ -58,8 +60,10 @@ class MeGConfig:
         kwargs = {}
         for key, value in d.items():
             if key in nested:
-                kwargs[key] = _build(nested[key], value, f"{where}.{key}",
-                                     base=asdict(_default_generator()) if key == "generator" else {})
+                base = asdict(_default_generator()) if key == "generator" else {}
+                if isinstance(value, dict) and "train_steps" in value and "passes" not in value:
+                    base["passes"] = None  # a budget in steps given alone replaces the default's passes
+                kwargs[key] = _build(nested[key], value, f"{where}.{key}", base=base)
             elif key == "routing":
                 _check_keys(value, {f.name for f in fields(RoutingConfig)}, f"{where}.routing")
                 kwargs[key] = RoutingConfig(

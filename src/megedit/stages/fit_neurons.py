@@ -49,10 +49,10 @@ class FitConfig:
     lr: float = 0.1
     max_steps: int = 100
     batch_size: int = 64
-    margin: float = 1.0
+    margin: float = 3.0  # 1 fits the prompt alone; 3 carries the edit to paraphrases (docs/method.md, stage A)
     init_seed: int = 0  # seeds the one initial vector every edit starts from
     # other wordings fitted with the prompt, all sharing its vector (stages/variants.py; MeGEditor builds them)
-    paraphrases: int = 0  # pool paraphrases per edit
+    paraphrases: int = 4  # pool paraphrases per edit
     prefixes: int = 0  # context prefixes per edit, drawn from `prefix_pool` sentences the model writes
     prefix_pool: int = 12
     prefix_tokens: int = 10
