@@ -10,13 +10,16 @@ router: the Generality the vectors carry on their own, which bounds MeG's), with
 took. Every setting runs with the variant builder told to leave out the wordings of the
 evaluated records' own rephrases (`--exclude`, default "all": no edit trains on any wording a
 test rephrase uses), so the table measures transfer to wordings no variant used.
-Results: bench/results/generality-levers[-swap]-<N>.json; bench/update_readme.py shows them.
+Each row is written as it finishes (a killed run keeps them and runs the rest; `--only` reruns
+the rows named). Results: bench/results/generality-levers[-swap][-<exclude>]-<N>.json;
+bench/update_readme.py shows them.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -40,9 +43,10 @@ LEVERS = [
 ]
 
 
-def levers(args) -> dict:
+def levers(args, path: Path) -> dict:
     from megedit import MeGConfig, MeGEditor, evaluate, load_model, load_requests
     from megedit.data.prompts import get_format
+    from megedit.io import atomic_write_json
     from megedit.stages.fit_neurons import fit_neurons, fitted_subject
 
     edits_path, pool_path = FILES[::-1] if args.swap else FILES
@@ -50,9 +54,15 @@ def levers(args) -> dict:
     pool = load_requests("counterfact", pool_path)
     scored = [dataclasses.replace(r, locality=()) for r in requests]  # the static neuron's locality is not the question
     model, tokenizer = load_model("smollm2", device="cpu")
-    rows = []
+    out = {"n": args.limit, "edits": edits_path.name, "pool": pool_path.name, "exclude_eval_templates": args.exclude,
+           "layer": None, "seed": args.seed, "threads": torch.get_num_threads(), "rows": []}
+    done = {r["setting"]: r for r in json.loads(path.read_text())["rows"]} if path.exists() else {}
     for label, overrides in LEVERS:
-        if args.only and label not in args.only:
+        rerun = bool(args.only) and label in args.only
+        if label in done and not rerun:  # a killed run resumes: rows already measured are kept
+            out["rows"].append(done[label])
+            continue
+        if args.only and not rerun:
             continue
         config = MeGConfig(seed=args.seed)
         config.fit = dataclasses.replace(config.fit, **{"paraphrases": 0, "prefixes": 0, **overrides,
@@ -73,12 +83,13 @@ def levers(args) -> dict:
                "median_steps": summary["median_steps"], "wordings_passed": summary["wordings_passed"],
                "mean_wordings": record["mean_wordings"], "edits_with_paraphrases": record["edits_with_paraphrases"],
                "fit_s": result.timing["total_s"], "build_s": build_s, "metrics": report.metrics}
-        rows.append(row)
+        out["rows"].append(row)
+        out["layer"] = editor.config.fit.layer
+        atomic_write_json(path, out)
         print(f"{label:40s} GenAG {report.metrics['generality']['ag']:5.1f} GenTF {report.metrics['generality']['tf']:5.1f} "
               f"RelAG {report.metrics['reliability']['ag']:5.1f} steps {summary['median_steps']} fit {row['fit_s']:.0f} s "
               f"wordings {record['mean_wordings']:.1f}", flush=True)
-    return {"n": args.limit, "edits": edits_path.name, "pool": pool_path.name, "exclude_eval_templates": args.exclude,
-            "layer": editor.config.fit.layer, "seed": args.seed, "threads": torch.get_num_threads(), "rows": rows}
+    return out
 
 
 def main() -> int:
@@ -91,12 +102,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from megedit.io import atomic_write_json
-
-    out = levers(args)
     name = f"generality-levers{'-swap' if args.swap else ''}{'' if args.exclude == 'all' else '-' + args.exclude}-{args.limit}"
     path = HERE / "results" / f"{name}.json"
-    atomic_write_json(path, out)
+    levers(args, path)
     print(f"wrote {path}")
     return 0
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -57,6 +59,7 @@ class MeGConfig:
             raise ConfigError(f"{where}: expected a mapping of settings, found {type(d).__name__}")
         nested = {"fit": FitConfig, "generator": GeneratorConfig}
         _check_keys(d, {f.name for f in fields(cls)}, where)
+        _check_types(cls, {k: v for k, v in d.items() if k not in (*nested, "routing")}, where)
         kwargs = {}
         for key, value in d.items():
             if key in nested:
@@ -66,6 +69,8 @@ class MeGConfig:
                 kwargs[key] = _build(nested[key], value, f"{where}.{key}", base=base)
             elif key == "routing":
                 _check_keys(value, {f.name for f in fields(RoutingConfig)}, f"{where}.routing")
+                _check_types(RoutingConfig, {k: v for k, v in value.items() if k not in ("encoder", "router")},
+                             f"{where}.routing")
                 kwargs[key] = RoutingConfig(
                     _build(EncoderConfig, value.get("encoder", {}), f"{where}.routing.encoder"),
                     _build(RouterConfig, value.get("router", {}), f"{where}.routing.router"),
@@ -98,7 +103,28 @@ def _check_keys(d, allowed: set[str], where: str) -> None:
 
 def _build(cls, d, where: str, base: dict | None = None):
     _check_keys(d, {f.name for f in fields(cls)}, where)
+    _check_types(cls, d, where)
     try:
         return cls(**{**(base or {}), **d})
     except TypeError as error:
         raise ConfigError(f"{where}: {error}") from None
+
+
+_PLAIN = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}
+
+
+def _check_types(cls, d: dict, where: str) -> None:
+    """Each given value has its field's declared type (int, float, str, bool, dict, or None where
+    the field allows it); a float where an int is declared, or a string for a number, is an error
+    naming the setting."""
+    hints = typing.get_type_hints(cls)
+    for key, value in d.items():
+        allowed = typing.get_args(hints[key]) if isinstance(hints[key], types.UnionType) else (hints[key],)
+        plain = [t for t in allowed if t in _PLAIN]
+        if not plain or (value is None and type(None) in allowed):
+            continue
+        ok = any(isinstance(value, t) and not (t in (int, float) and isinstance(value, bool)) for t in plain)
+        ok = ok or (float in plain and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            expected = " or ".join(_PLAIN[t] for t in plain) + (" or null" if type(None) in allowed else "")
+            raise ConfigError(f"{where}.{key}: expected {expected}, found {type(value).__name__} {value!r}")
