@@ -91,6 +91,10 @@ def test_a_batch_with_wordings_equals_fitting_each_edit_alone_with_them(lm):
     assert batched.steps.tolist() == [int(a.steps) for a in alone]
     assert batched.wordings.tolist() == [1 + len(v) for v in VARIANTS]
     assert batched.success.any()
+    # an edit with no other wording is fitted exactly as a prompt-only fit fits it
+    prompt_only = fit_neurons(model, tok, [REQUESTS[1]], FMT, _fit_config(), progress=False)
+    torch.testing.assert_close(batched.vectors[1:2], prompt_only.vectors, atol=1e-4, rtol=1e-4)
+    assert bool(batched.success[1]) == bool(prompt_only.success[0])
 
 
 def test_an_edit_is_done_when_every_wording_passes_with_its_one_vector(lm):
