@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from .cli_types import layer_list, positive_int
+
 log = logging.getLogger("megedit")
 
 METHODS = ("none", "ft", "memit", "alphaedit")
@@ -27,7 +29,8 @@ def _add_eval(sub) -> None:
     _add_data_args(p, "edit the first N records")
     p.add_argument("--layer", type=int, default=None,
                    help="layer whose MLP the method edits (ft; default: where MeG's neuron goes, 24 on SmolLM2)")
-    p.add_argument("--layers", default=None, help="memit / alphaedit: comma-separated layers (default 4..8 on SmolLM2)")
+    p.add_argument("--layers", type=layer_list, default=None,
+                   help="memit / alphaedit: comma-separated layers (default 4..8 on SmolLM2)")
     p.add_argument("--pseudo", metavar="KIND:PATH", default=None,
                    help="memit / alphaedit: text for the key covariance (prompts, rephrases, locality prompts of "
                    "these records; default: the records of --data after the edited ones)")
@@ -37,8 +40,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--save-edit", type=Path, default=None, help="ft / memit / alphaedit: save the weight deltas here")
     p.add_argument("--load-edit", type=Path, default=None, help="evaluate saved weight deltas instead of editing")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64, help="evaluation batch size")
-    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="evaluation batch size")
+    p.add_argument("--max-new-tokens", type=positive_int, default=20)
     p.add_argument("--json", type=Path, default=None,
                    help="write the eval JSON here (a killed run resumes from JSON.partial beside it)")
     p.set_defaults(run=_run_eval)
@@ -94,7 +97,7 @@ def _weight_edit(args, model, tokenizer, requests, fmt, kind, path):
         return fine_tune(model, tokenizer, requests, fmt, config, progress=args.progress)
     from .baselines.memit import MemitConfig, batch_edit, pool_texts
 
-    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
+    layers = tuple(args.layers) if args.layers else None
     pool_name, pool = _load_pool(args, kind, path)
     texts = pool_texts(pool)[: args.cov_texts]
     log.info("%s: %d edits, key covariance from %d texts of %s", args.method, len(requests), len(texts), pool_name)
@@ -107,7 +110,7 @@ def _add_data_args(p, limit_help: str = "use the first N records", lm: bool = Tr
         p.add_argument("--model", default=None, help="'smollm2' (embedded, the default), a local folder or a hub id")
     p.add_argument("--data", required=True, metavar="KIND:PATH",
                    help="edit data, e.g. counterfact:../shared/data/counterfact/counterfact-edit.json")
-    p.add_argument("--limit", type=int, default=None, help=limit_help)
+    p.add_argument("--limit", type=positive_int, default=None, help=limit_help)
     p.add_argument("--offset", type=int, default=0, help="skip this many records first")
     p.add_argument("--skip-invalid", action="store_true",
                    help="leave out malformed records (with a warning) instead of stopping")
@@ -148,7 +151,7 @@ def _add_fit_args(p) -> None:
     p.add_argument("--optimizer", choices=("adam", "sgd"), default=None, help="default adam")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="edits fitted side by side")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="edits fitted side by side")
     p.add_argument("--margin", type=float, default=None, help="logit margin the success test asks for")
     p.add_argument("--paraphrases", type=int, default=None, help="pool paraphrases fitted per edit (needs --pseudo)")
     p.add_argument("--prefixes", type=int, default=None, help="context-prefixed prompts fitted per edit (needs --pseudo)")
@@ -238,7 +241,7 @@ def _add_sweep_layers(sub) -> None:
         "fitted vectors' Reliability / Generality / Locality.",
     )
     _add_data_args(p, "edits to fit per layer (default 64)")
-    p.add_argument("--layers", default="2,4,6,8,10,12,14,16,18,20,22,24,26",
+    p.add_argument("--layers", type=layer_list, default="2,4,6,8,10,12,14,16,18,20,22,24,26",
                    help="comma-separated 0-based layers")
     _add_fit_args(p)
     p.add_argument("--json", type=Path, default=None)
@@ -253,8 +256,7 @@ def _run_sweep_layers(args) -> int:
 
     kind, path, requests, fmt = _load_data(args)
     model, tokenizer = load_model(args.model)
-    layers = [int(x) for x in args.layers.split(",")]
-    rows = sweep_layers(model, tokenizer, requests, fmt, layers, _fit_config(args, layers[0]), args.progress)
+    rows = sweep_layers(model, tokenizer, requests, fmt, args.layers, _fit_config(args, args.layers[0]), args.progress)
     table = [[str(r["layer"]), f"{r['success_rate']:.1f}", f"{r['median_steps']}", f"{r['fit_s']:.0f}"]
              + [f"{r['metrics'][k][s]:.1f}" for k in ("reliability", "generality", "locality") for s in ("ag", "tf")]
              for r in rows]
@@ -329,8 +331,15 @@ def _run_fit_router(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes in one line, like every other error (`megedit VERB --help` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="megedit",
         description="Massive knowledge editing of language models with MeG (generated dynamic neurons).",
     )

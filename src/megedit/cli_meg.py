@@ -6,6 +6,8 @@ import logging
 import time
 from pathlib import Path
 
+from .cli_types import non_empty, positive_int
+
 log = logging.getLogger("megedit")
 
 
@@ -72,8 +74,8 @@ def _run_demo(args) -> int:
     if args.out:
         check_pack_target(args.out)  # before the fit, not after it
     edits, pool = demo_requests()
-    model, tokenizer = load_model(args.model)
     config = _config(args)
+    model, tokenizer = load_model(args.model)
     if args.generator_steps is None:
         config.generator.train_steps, config.generator.passes = 1000, None  # 12 edits: lowest validation distance by then
     start = time.perf_counter()
@@ -141,8 +143,9 @@ def _run_fit(args, load_data, load_pool) -> int:
     check_pack_target(args.out)  # before the fit, not after it
     kind, path, requests, fmt = load_data(args)
     pool_name, pool = load_pool(args, kind, path)
+    config = _config(args, fmt.name)  # a bad --config file stops the run before the model loads
     model, tokenizer = load_model(args.model)
-    editor = MeGEditor(model, tokenizer, _config(args, fmt.name), progress=args.progress)
+    editor = MeGEditor(model, tokenizer, config, progress=args.progress)
     edited = editor.fit(requests, args.work_dir or args.out.with_name(args.out.name + ".work"), pool, pool_name)
     edited.save_pretrained(args.out)
     r = edited.record
@@ -170,9 +173,9 @@ def _add_generate(sub) -> None:
                        description="Greedy answers of the edited model for each prompt, next to the base model's, "
                        "with the router's decision.")
     p.add_argument("pack", type=Path, help="edit pack folder")
-    p.add_argument("prompts", nargs="+", help="raw prompts (the pack's prompt format wraps them)")
+    p.add_argument("prompts", nargs="+", type=non_empty, help="raw prompts (the pack's prompt format wraps them)")
     p.add_argument("--model", default=None, help="base model (default: the one the pack names)")
-    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--max-new-tokens", type=positive_int, default=20)
     p.add_argument("--chat", action="store_true", help="use the tokenizer's chat template")
     p.set_defaults(run=_run_generate)
 
@@ -199,7 +202,7 @@ def _add_inspect(sub, add_data_args) -> None:
                        "histogram of router distance with epsilon marked (--png).")
     p.add_argument("pack", type=Path)
     p.add_argument("--data", default=None, metavar="KIND:PATH")
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=positive_int, default=None)
     p.add_argument("--png", type=Path, default=None, help="histogram file (default: PACK/router-distance.png)")
     p.set_defaults(run=_run_inspect)
 

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import ConfigError
+from .io import parse_text
 from .stages.encoder import EncoderConfig
 from .stages.fit_neurons import FitConfig
 from .stages.generator import GeneratorConfig
@@ -86,8 +87,8 @@ class MeGConfig:
 
         path = Path(path)
         try:
-            text = path.read_text()
-            data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+            text = path.read_text(encoding="utf-8")
+            data = parse_text(text, yaml.safe_load if path.suffix in (".yaml", ".yml") else json.loads)
         except (OSError, ValueError, yaml.YAMLError) as error:
             raise ConfigError(f"{path}: not a readable config file ({str(error).splitlines()[0]})") from None
         return cls.from_dict(data or {}, where=str(path))

@@ -20,9 +20,9 @@ from typing import Sequence
 import torch
 
 from .data.prompts import PRESETS, PromptFormat, get_format
-from .errors import MeGError
+from .errors import ConfigError, MeGError
 from .eval.subject import NeuronSubject, Query
-from .io import atomic_write_json
+from .io import atomic_write_json, parse_text
 from .models import SentenceEncoder, model_fingerprint
 from .neuron import NeuronSpec, attach_neuron
 from .stages.encoder import load_encoder_delta, write_encoder_delta
@@ -31,7 +31,7 @@ from .stages.router import Router
 
 log = logging.getLogger(__name__)
 
-PACK_FORMAT, PACK_VERSION = "megedit-pack", 1
+PACK_FORMAT, PACK_VERSION = "megedit-pack", 2  # 2: pack.json holds its own checksum
 PACK_FILES = ("encoder.safetensors", "encoder.json", "router.safetensors", "router.json",
               "generator.safetensors", "generator.json")
 
@@ -132,7 +132,7 @@ class EditedModel(NeuronSubject):
             write_encoder_delta(self.encoder, self.encoder_record, tmp / "encoder.safetensors")
             self.router.save(tmp / "router.safetensors")
             self.generator.save(tmp / "generator.safetensors")
-            atomic_write_json(tmp / "pack.json", {
+            manifest = {
                 "format": PACK_FORMAT, "version": PACK_VERSION,
                 "base_model": {"fingerprint": self.fingerprint, "model_type": self.model.config.model_type,
                                "source": getattr(self.model, "megedit_source", None) or self.model.config._name_or_path},
@@ -140,7 +140,8 @@ class EditedModel(NeuronSubject):
                 "sample_seed": self.sample_seed, "epsilon": self.router.epsilon, "config": self.config,
                 "record": self.record, "files": {name: _sha256(tmp / name) for name in PACK_FILES},
                 "versions": {"megedit": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
-            })
+            }
+            atomic_write_json(tmp / "pack.json", {**manifest, "manifest_sha256": manifest_sha256(manifest)})
             _replace_dir(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -165,16 +166,13 @@ class EditedModel(NeuronSubject):
             if _sha256(directory / name) != digest:
                 raise MeGError(f"{directory / name}: corrupt or changed since the pack was written (checksum mismatch)")
         tuned, encoder_record = load_encoder_delta(directory / "encoder.safetensors", encoder)
-        try:
-            spec = NeuronSpec(**manifest["spec"])
-            fmt = PromptFormat(**manifest["prompt_format"])
-        except TypeError as error:
-            raise MeGError(f"{directory / 'pack.json'}: malformed spec or prompt_format ({error})") from None
+        generator = Generator.load(directory / "generator.safetensors")
+        spec, fmt = _spec_and_format(directory / "pack.json", manifest, generator)
         device = next(model.parameters()).device
         return cls(model, tokenizer, spec, tuned.to(device), encoder_record,
-                   Router.load(directory / "router.safetensors"), Generator.load(directory / "generator.safetensors").to(device),
+                   Router.load(directory / "router.safetensors"), generator.to(device),
                    prompt_format=fmt, config=manifest.get("config", {}), record=manifest.get("record", {}),
-                   sample_seed=int(manifest.get("sample_seed", 0)), fingerprint=fingerprint)
+                   sample_seed=manifest.get("sample_seed", 0), fingerprint=fingerprint)
 
     def close(self) -> None:
         """Take the neuron off the model (the model object is then the plain base model again)."""
@@ -187,17 +185,40 @@ def read_manifest(directory: Path) -> dict:
     if not directory.is_dir():
         raise MeGError(f"{directory}: no such edit pack folder")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = parse_text(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise MeGError(f"{path}: not a readable edit pack manifest ({error})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != PACK_FORMAT:
         raise MeGError(f"{path}: not a megedit edit pack (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
     if manifest.get("version") != PACK_VERSION:
         raise MeGError(f"{path}: pack version {manifest.get('version')!r}; this megedit reads version {PACK_VERSION}")
+    if manifest.get("manifest_sha256") != manifest_sha256(manifest):  # a hand edit would load and answer wrongly
+        raise MeGError(f"{path}: changed since the pack was written (its checksum does not match its content)")
     missing = [k for k in ("base_model", "spec", "prompt_format", "files") if k not in manifest]
     if missing or set(manifest.get("files", {})) != set(PACK_FILES):
         raise MeGError(f"{path}: incomplete manifest (missing {missing or 'file checksums'})")
+    if type(manifest.get("sample_seed", 0)) is not int:  # not a bool, a float or a string either
+        raise MeGError(f"{path}: sample_seed must be an integer, found {manifest['sample_seed']!r}")
     return manifest
+
+
+def manifest_sha256(manifest: dict) -> str:
+    """Checksum of pack.json's content (all but this checksum), as JSON reads it back, keys sorted."""
+    content = json.loads(json.dumps({k: v for k, v in manifest.items() if k != "manifest_sha256"}))
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _spec_and_format(path: Path, manifest: dict, generator: Generator) -> tuple[NeuronSpec, PromptFormat]:
+    """The pack's neuron spec and prompt format; the spec must fit the generator's vectors."""
+    try:
+        spec = NeuronSpec(**manifest["spec"])
+        fmt = PromptFormat(**manifest["prompt_format"])
+    except (TypeError, ConfigError) as error:
+        raise MeGError(f"{path}: malformed spec or prompt_format ({error})") from None
+    if spec.size != generator.length:
+        raise MeGError(f"{path}: the spec ({spec.variant} neuron, hidden size {spec.hidden}) takes vectors of length "
+                       f"{spec.size}, the generator makes vectors of length {generator.length}")
+    return spec, fmt
 
 
 def _sha256(path: Path) -> str:
@@ -234,7 +255,7 @@ def _pack_target_problem(directory: Path) -> str | None:
     try:
         if not any(directory.iterdir()):
             return None
-        manifest = json.loads((directory / "pack.json").read_text())
+        manifest = parse_text((directory / "pack.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         manifest = None
     if not isinstance(manifest, dict) or manifest.get("format") != PACK_FORMAT:

@@ -6,7 +6,16 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+
+def parse_text(text: str, parse: Callable[[str], Any] = json.loads) -> Any:
+    """`parse(text)` (json.loads, yaml.safe_load); nesting too deep for Python's stack is a
+    ValueError like any other malformed text, so callers' one-line errors cover it."""
+    try:
+        return parse(text)
+    except RecursionError:
+        raise ValueError("nested too deeply to read") from None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -60,6 +69,6 @@ def read_record(path: str | Path, what: str, parse=lambda meta: meta):
 
     record = Path(path).with_suffix(".json")
     try:
-        return parse(json.loads(record.read_text()))
+        return parse(parse_text(record.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError, KeyError, ConfigError) as error:
         raise MeGError(f"{record}: not a readable {what} record ({error})") from None

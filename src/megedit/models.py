@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -75,6 +76,9 @@ def _from_pretrained(loader, source: str, **kwargs):
     """Try local files first (works offline), then the hub; one clear error if both fail."""
     try:
         return loader.from_pretrained(source, local_files_only=True, **kwargs)
+    except pickle.UnpicklingError:  # torch's weights-only load refused it: unpickling the rest could run any code
+        raise ModelLoadError(f"could not load {source!r}: its pickle checkpoint (.bin) holds more than tensors, "
+                             "which megedit does not unpickle; save the model as safetensors") from None
     except (OSError, ValueError) as local_error:
         if os.environ.get("HF_HUB_OFFLINE") == "1" or Path(source).exists():
             raise ModelLoadError(f"could not load {source!r}: {local_error}".splitlines()[0]) from None

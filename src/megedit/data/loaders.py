@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import DataError
+from ..io import parse_text
+from .prompts import format_fields
 from .requests import EditRequest, LocalityQuery
 
 log = logging.getLogger(__name__)
@@ -93,8 +95,9 @@ def _easyedit_counterfact(r: _Record) -> EditRequest:
 
 def _rome_counterfact(r: _Record) -> EditRequest:
     template, subject = r.text("requested_rewrite.prompt"), r.text("requested_rewrite.subject")
-    if "{}" not in template:
-        r.fail("requested_rewrite.prompt", f"expected a '{{}}' where the subject goes, found {template[:40]!r}")
+    if format_fields(template) != [""]:  # template.format(subject) fails on, or is changed by, any other field
+        r.fail("requested_rewrite.prompt",
+               f"expected a '{{}}' where the subject goes and no other '{{...}}' field, found {template[:60]!r}")
     truth = r.text("requested_rewrite.target_true.str", optional=True)
     return EditRequest(
         case_id=r.identifier("case_id"),
@@ -171,23 +174,31 @@ KINDS: dict[str, Callable[[_Record], EditRequest]] = {
 def _read_records(path: Path, kind: str) -> list:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    if kind == "jsonl":
-        records = []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path.name}: line {line_no}: not valid JSON ({e.msg})") from None
-        return records
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path.name}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path.name}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    if kind == "jsonl":
+        return [_parse_json(line, path.name, n) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    data = _parse_json(text, path.name)
     if not isinstance(data, list):
         raise DataError(f"{path.name}: expected a JSON list of records, found {type(data).__name__}")
     return data
+
+
+def _parse_json(text: str, where: str, line: int | None = None) -> Any:
+    """One JSON document: a whole file, or (with `line`) one line of a JSONL file."""
+    if line:
+        where = f"{where}: line {line}"
+    try:
+        return parse_text(text)
+    except json.JSONDecodeError as e:
+        problem = f"column {e.colno}: {e.msg}" if line else f"line {e.lineno} column {e.colno}: {e.msg}"
+    except ValueError as e:  # nested too deeply
+        problem = str(e)
+    raise DataError(f"{where}: not valid JSON ({problem})")
 
 
 def load_requests(kind: str, path: str | Path, limit: int | None = None, offset: int = 0,

@@ -6,9 +6,20 @@ prompt, and says which tokens end an answer. It is recorded in every report.
 
 from __future__ import annotations
 
+import string
 from dataclasses import asdict, dataclass
 
 from ..errors import ConfigError
+
+
+def format_fields(template: str) -> list[str] | None:
+    """The replacement fields of a str.format template as written ('{}' -> '', '{query}' -> 'query',
+    '{0!r:>5}' -> '0!r:>5'); None when its braces do not parse."""
+    try:
+        return [name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+                for _, name, spec, conversion in string.Formatter().parse(template) if name is not None]
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -18,6 +29,11 @@ class PromptFormat:
     chat: bool = False  # use the tokenizer's chat template (instruct models)
     system: str | None = None  # chat only: a system message
     answer_prefix: str = " "  # text between the wrapped prompt and the answer
+
+    def __post_init__(self) -> None:
+        if set(format_fields(self.template) or ()) != {"query"}:
+            raise ConfigError(f"prompt format {self.name!r}: the template must hold '{{query}}' and no other "
+                              f"'{{...}}' field, found {self.template!r}")
 
     def text(self, query: str, tokenizer) -> str:
         if not self.chat:
