@@ -31,15 +31,16 @@ HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared/data/counterfact"
 FILES = (SHARED / "counterfact-edit.json", SHARED / "counterfact-train.json")
 
-# (label, FitConfig overrides); the first row is the pre-issue default
+# (label, FitConfig overrides); the first row is the default of before, the last today's default
 LEVERS = [
-    ("prompt only, margin 1", {"margin": 1.0}),
-    ("prompt only, margin 3", {"margin": 3.0}),
-    ("margin 1, 4 paraphrases", {"margin": 1.0, "paraphrases": 4}),
-    ("margin 3, 4 paraphrases", {"margin": 3.0, "paraphrases": 4}),
-    ("margin 3, 2 prefixes", {"margin": 3.0, "prefixes": 2}),
-    ("margin 3, 4 paraphrases + 2 prefixes", {"margin": 3.0, "paraphrases": 4, "prefixes": 2}),
-    ("margin 3, 2 paraphrases + 1 prefix", {"margin": 3.0, "paraphrases": 2, "prefixes": 1}),
+    ("prompt only, margin 1", {"margin": 1.0, "lr": 0.1}),
+    ("prompt only, margin 3", {"margin": 3.0, "lr": 0.1}),
+    ("margin 1, 4 paraphrases", {"margin": 1.0, "paraphrases": 4, "lr": 0.1}),
+    ("margin 3, 4 paraphrases", {"margin": 3.0, "paraphrases": 4, "lr": 0.1}),
+    ("margin 3, 2 prefixes", {"margin": 3.0, "prefixes": 2, "lr": 0.1}),
+    ("margin 3, 4 paraphrases + 2 prefixes", {"margin": 3.0, "paraphrases": 4, "prefixes": 2, "lr": 0.1}),
+    ("margin 3, 2 paraphrases + 1 prefix", {"margin": 3.0, "paraphrases": 2, "prefixes": 1, "lr": 0.1}),
+    ("margin 3, 4 paraphrases, lr 0.3 (default)", {"margin": 3.0, "paraphrases": 4, "lr": 0.3}),
 ]
 
 
