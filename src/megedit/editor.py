@@ -103,7 +103,7 @@ class MeGEditor:
         pool = [r for r in pool if r.prompt not in edit_prompts]  # ids are left out by build_variants
         variants = build_variants(requests, pool, prefixes, fit.paraphrases, fit.prefixes,
                                   fit.exclude_eval_templates, self.config.seed)
-        with_paraphrases = sum(any(not v.endswith(r.prompt) for v in vs) for r, vs in zip(requests, variants))
+        with_paraphrases = sum(any(not v.endswith(" " + r.prompt) for v in vs) for r, vs in zip(requests, variants))
         return variants, {"paraphrases": fit.paraphrases, "prefixes": fit.prefixes, "context_prefixes": prefixes,
                           "exclude_eval_templates": fit.exclude_eval_templates,
                           "edits_with_paraphrases": with_paraphrases,
