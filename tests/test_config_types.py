@@ -26,4 +26,4 @@ def test_well_typed_settings_load_and_a_step_budget_replaces_the_default_passes(
                                   "generator": {"train_steps": 50}})
     assert config.fit.lr == 1 and config.fit.paraphrases == 2 and config.routing.router.epsilon is None
     assert config.generator.train_steps == 50 and config.generator.passes is None
-    assert MeGConfig.from_dict({"generator": {"kind": "dit"}}).generator.passes == 100
+    assert MeGConfig.from_dict({"generator": {"kind": "dit"}}).generator.passes == 500

@@ -183,7 +183,7 @@ def test_config_from_files_checks_names_and_spreads_the_seed(tmp_path):
                                      "routing: {router: {kind: entropy}}\n")
     config = MeGConfig.from_file(tmp_path / "c.yaml").resolved()
     assert config.fit.layer == 3 and config.generator.kind == "dit" and config.generator.train_steps == 10
-    assert config.generator.passes is None and MeGConfig().generator.passes == 100
+    assert config.generator.passes is None and MeGConfig().generator.passes == 500
     assert config.routing.router.kind == "entropy"
     assert {config.fit.init_seed, config.routing.seed, config.routing.encoder.seed, config.routing.router.seed,
             config.generator.seed} == {7}

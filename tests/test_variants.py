@@ -152,13 +152,15 @@ def test_the_lookup_generator_returns_the_nearest_conditions_vector_and_round_tr
     assert torch.equal(loaded.generate(near), generator.generate(near))
 
 
-def test_the_budget_in_passes_grows_with_the_pairs():
+def test_the_budget_in_passes_grows_with_the_edits():
     config = GeneratorConfig(kind="mlp", passes=10, batch_size=32)
     assert config.steps_for(64) == 20 and config.steps_for(640) == 200
     assert GeneratorConfig(kind="mlp", train_steps=7).steps_for(640) == 7
     with pytest.raises(ConfigError, match="passes"):
         GeneratorConfig(passes=0).validate()
     cond, vectors = _pairs(8)
-    generator = train_generator(cond, vectors, GeneratorConfig(kind="mlp", passes=8, batch_size=4, validate_every=16,
-                                                              mlp={"hidden": 16, "depth": 1}), progress=False)
-    assert generator.record["steps"] == 16
+    config = GeneratorConfig(kind="mlp", passes=8, batch_size=4, validate_every=16, mlp={"hidden": 16, "depth": 1})
+    # 16 pairs from 8 edits (two wordings each): 8 passes over the edits are 16 steps of 4
+    generator = train_generator(torch.cat([cond, cond]), torch.cat([vectors, vectors]), config, n_edits=8,
+                                progress=False)
+    assert generator.record["steps"] == 16 and generator.record["n_pairs"] == 16

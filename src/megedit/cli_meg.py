@@ -24,7 +24,7 @@ def _add_config_args(p) -> None:
     p.add_argument("--generator", choices=("mlp", "dit"), default=None,
                    help="weight generator (default mlp; dit is the paper's diffusion transformer)")
     p.add_argument("--generator-steps", type=int, default=None,
-                   help="generator training steps (default: 100 passes over the training pairs)")
+                   help="generator training steps (default: 500 passes over the edits)")
     p.add_argument("--router", choices=("nearest", "entropy"), default=None, help="router kind (default nearest)")
     p.add_argument("--epsilon", type=float, default=None, help="router threshold by hand (no calibration)")
     p.add_argument("--seed", type=int, default=None, help="the run's one seed (default 0)")

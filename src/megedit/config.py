@@ -20,9 +20,9 @@ from .stages.routing import RoutingConfig
 def _default_generator() -> GeneratorConfig:
     # The MLP, not the DiT, by default: on the CPU budget of 4,000 steps the DiT reaches
     # Reliability AG 47 on 1,024 CounterFact edits, the MLP 100 (docs/method.md, stage D).
-    # 100 passes over the (wording, vector) pairs: 4,000 steps at 1,024 edits of 5 wordings,
-    # growing linearly with the edits.
-    return GeneratorConfig(kind="mlp", passes=100.0)
+    # 500 passes over the edits (each edit's vector drawn 500 times through any of its wordings):
+    # the 4,000 steps of before at 1,024 edits, growing linearly with the edits.
+    return GeneratorConfig(kind="mlp", passes=500.0)
 
 
 @dataclass

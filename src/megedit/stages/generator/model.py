@@ -33,7 +33,8 @@ class GeneratorConfig:
     weight_decay: float = 0.0
     batch_size: int = 128
     train_steps: int = 4000  # the budget, unless `passes` is set
-    passes: float | None = None  # the budget in passes over the training pairs (steps grow with N)
+    passes: float | None = None  # the budget in passes over the edits (each edit's vector drawn this often, through
+    # any of its wordings): steps grow linearly with the edits, not with the wordings per edit
     augment: bool = True  # also train on every other fitted wording of an edit -> the edit's vector
     ema_decay: float = 0.999
     grad_clip: float = 1.0
@@ -71,11 +72,11 @@ class GeneratorConfig:
             raise ConfigError("generator config: " + "; ".join(problems))
         return self
 
-    def steps_for(self, n_pairs: int) -> int:
-        """Training steps for `n_pairs` training pairs: `passes` over them, else `train_steps`."""
+    def steps_for(self, n_edits: int) -> int:
+        """Training steps for pairs from `n_edits` edits: `passes` over the edits, else `train_steps`."""
         if self.passes is None:
             return self.train_steps
-        return max(1, math.ceil(self.passes * n_pairs / self.batch_size))
+        return max(1, math.ceil(self.passes * n_edits / self.batch_size))
 
     def dit_config(self) -> DiTConfig:
         return replace(DIT_PRESETS[self.preset], **self.dit)

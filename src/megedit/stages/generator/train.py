@@ -82,8 +82,9 @@ def train_generator(embeddings: torch.Tensor, vectors: torch.Tensor, config: Gen
     val_cond, val_vectors = embeddings[: config.validation_size].float(), vectors[: config.validation_size].float().cpu()
     if config.kind == "lookup":
         return _lookup(generator, cond, x, val_cond, val_vectors, validate, start, n_edits or len(vectors))
-    total = config.steps_for(len(x))
-    log.info("generator: %d steps of %d pairs (%.0f passes over %d pairs)", total, config.batch_size,
+    total = config.steps_for(n_edits or len(vectors))
+    log.info("generator: %d steps of %d pairs (%.0f passes over %d edits, %.0f over their %d pairs)", total,
+             config.batch_size, total * config.batch_size / (n_edits or len(vectors)), n_edits or len(vectors),
              total * config.batch_size / len(x), len(x))
 
     net = generator.net
