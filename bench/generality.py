@@ -40,7 +40,7 @@ LEVERS = [
     ("margin 3, 2 prefixes", {"margin": 3.0, "prefixes": 2, "lr": 0.1}),
     ("margin 3, 4 paraphrases + 2 prefixes", {"margin": 3.0, "paraphrases": 4, "prefixes": 2, "lr": 0.1}),
     ("margin 3, 2 paraphrases + 1 prefix", {"margin": 3.0, "paraphrases": 2, "prefixes": 1, "lr": 0.1}),
-    ("margin 3, 4 paraphrases, lr 0.3 (default)", {"margin": 3.0, "paraphrases": 4, "lr": 0.3}),
+    ("margin 3, 4 paraphrases, lr 0.3 (today's default)", {"margin": 3.0, "paraphrases": 4, "lr": 0.3}),
 ]
 
 
