@@ -66,7 +66,10 @@ def meg_stage_seconds(summary: dict) -> tuple[dict[str, float], list[str]]:
     timing = summary["fit"]["timing"]
     a, encoder = timing["A"], timing["BC"].get("encoder", {})
     seconds, notes = {k: timing[k]["seconds"] for k in ("A", "BC", "D")}, []
-    if a.get("reused_s"):  # some edits' vectors came from an earlier fit's shards: add what fitting them took
+    if a.get("cached") and "reused_s" in a and (a.get("fit_s") or 0) > 60:  # a fit restored whole: add what it took then
+        seconds["A"] += a["fit_s"] + a["reused_s"]
+        notes.append("stage A restored from cache, its fit time added")
+    elif a.get("reused_s"):  # some edits' vectors came from an earlier fit's shards: add what fitting them took
         seconds["A"] += a["reused_s"]
         notes.append("fitting of reused edits added")
     elif a.get("cached") is not False or a["seconds"] <= 5:  # older runs: stage A restored whole
