@@ -46,7 +46,7 @@ class FitConfig:
     layer: int | None = None  # None: arch.default_layer (24 on SmolLM2)
     variant: str | None = None  # None: the architecture's default (linear for gated MLPs)
     optimizer: str = "adam"  # "sgd" is the authors' setting (lr 0.01-0.07)
-    lr: float = 0.3  # Adam; 0.1 takes half again as many steps to the margin for +2 GenAG (docs/method.md, stage A)
+    lr: float = 0.3  # Adam; 0.1 takes about half again as many steps to margin 3 (docs/method.md, stage A)
     max_steps: int = 100
     batch_size: int = 64
     margin: float = 3.0  # 1 fits the prompt alone; 3 carries the edit to paraphrases (docs/method.md, stage A)
@@ -339,13 +339,16 @@ class _FitState:
         passed = torch.zeros(len(live), device=device).index_add_(0, owner, row_ok.float())
         first = torch.cat([owner.new_zeros(1), count.long().cumsum(0)[:-1]])  # each edit's prompt row
         loss.sum().backward()  # edits are independent: each edit's gradient reaches only its own w
+        # read the per-edit outcomes once (not one device sync per edit)
+        all_passed, prompt_ok = (passed == count).tolist(), row_ok[first].tolist()
+        share_ok, edit_loss = (passed / count).tolist(), loss.detach().tolist()
         finished = []
         for k, r in enumerate(live):
             i = slots[r]
-            if passed[k] == count[k] or taken[r] >= self.config.max_steps:
-                self.vectors[i], self.success[i] = edit_w[k].detach().cpu(), bool(row_ok[first[k]])
-                self.steps[i], self.loss[i], self.done[i] = int(taken[r]), float(loss[k].detach()), True
-                self.wordings_ok[i] = float(passed[k] / count[k])
+            if all_passed[k] or taken[r] >= self.config.max_steps:
+                self.vectors[i], self.success[i] = edit_w[k].detach().cpu(), prompt_ok[k]
+                self.steps[i], self.loss[i], self.done[i] = int(taken[r]), edit_loss[k], True
+                self.wordings_ok[i] = share_ok[k]
                 self.shards and self.shards.pending.append(i)
                 finished.append(r)
         active = torch.zeros(w.shape[0], 1, device=device)
