@@ -3,6 +3,8 @@ paraphrases).
 
     .venv/bin/python bench/generality.py levers --limit 128       # stage A settings -> fitted vectors' GenAG
     .venv/bin/python bench/generality.py levers --limit 128 --swap # the two CounterFact files' roles swapped
+    .venv/bin/python bench/generality.py levers --limit 1024 --exclude own --only "prompt only, margin 1" \
+        "defaults: margin 3, 4 paraphrases, lr 0.3" "margin 3, 2 paraphrases, lr 0.3"   # stage A's cost
 
 `levers` fits the first N edits under each stage A setting (margin, pool paraphrases, context
 prefixes) and scores each edit's fitted vector on its own prompt and rephrase (no generator, no
@@ -31,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared/data/counterfact"
 FILES = (SHARED / "counterfact-edit.json", SHARED / "counterfact-train.json")
 
-# (label, FitConfig overrides); the first row is the default of before (today's: margin 3, 4 paraphrases, lr 0.3)
+# (label, FitConfig overrides); the first row is the default of before, the cost baseline
 LEVERS = [
     ("prompt only, margin 1", {"margin": 1.0, "lr": 0.1}),
     ("prompt only, margin 3", {"margin": 3.0, "lr": 0.1}),
@@ -40,6 +42,8 @@ LEVERS = [
     ("margin 3, 2 prefixes", {"margin": 3.0, "prefixes": 2, "lr": 0.1}),
     ("margin 3, 4 paraphrases + 2 prefixes", {"margin": 3.0, "paraphrases": 4, "prefixes": 2, "lr": 0.1}),
     ("margin 3, 2 paraphrases + 1 prefix", {"margin": 3.0, "paraphrases": 2, "prefixes": 1, "lr": 0.1}),
+    ("defaults: margin 3, 4 paraphrases, lr 0.3", {"margin": 3.0, "paraphrases": 4, "lr": 0.3}),
+    ("margin 3, 2 paraphrases, lr 0.3", {"margin": 3.0, "paraphrases": 2, "lr": 0.3}),
 ]
 
 

@@ -1,11 +1,12 @@
-"""MeG end to end on the benchmark sets with SmolLM2: fit (stages A-D), evaluate with the shared
-harness, and measure the inference cost against the unedited model on the same queries.
+"""MeG end to end on the benchmark sets with SmolLM2 (or --model): fit (stages A-D), evaluate with
+the shared harness, and measure the inference cost against the unedited model on the same queries.
 
     .venv/bin/python bench/meg.py counterfact      # first 1,024 CounterFact edits, pool counterfact-train
     .venv/bin/python bench/meg.py zsre             # the ZsRE edits (malformed records skipped), same pool
     .venv/bin/python bench/meg.py counterfact --limit 4096 --no-speed   # a point of bench/scale_curve.py
     .venv/bin/python bench/meg.py counterfact --exclude all   # no variant uses a wording of a test rephrase
     .venv/bin/python bench/meg.py counterfact-swap            # edits from counterfact-train, pool counterfact-edit
+    .venv/bin/python bench/meg.py counterfact --model gemma3-270m --limit 256 --no-speed   # the second embedded model
 
 Stages are cached in bench/results/cases/meg-<setting>[-<generator>]/, one folder for every N, so
 a larger run reuses what does not depend on the edits (the tuned encoder), and a killed run
@@ -14,13 +15,17 @@ cost: greedy answers (up to 20 tokens) for the first `--speed-n` edits' prompt, 
 locality query, with the edited model and with the base model (the neuron taken off), in
 alternating rounds in one process; queries per second of each and the share of the edited
 model's time spent routing and generating neuron vectors.
-Results: bench/results/meg-<cf|zs>[-<N> when not the default][-<generator> when not mlp].json (bench/update_readme.py shows them beside the baselines).
+Stages cached for one model never serve another (their keys hold the model's fingerprint); the
+encoder (stage B) depends on the pool alone and is shared.
+Results: bench/results/meg-<cf|zs>[-<N> when not the default][-<model> when not smollm2][-<generator> when not mlp].json
+(bench/update_readme.py shows them beside the baselines); the JSON's "model" names the base model.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -75,6 +80,8 @@ def speed(edited, requests, rounds: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("setting", choices=sorted(SETTINGS))
+    parser.add_argument("--model", default="smollm2",
+                        help="base model: smollm2 (embedded, default), gemma3-270m (embedded, optional), a folder or a hub id")
     parser.add_argument("--generator", default="mlp")
     parser.add_argument("--limit", type=int, default=None, help="first N edits (default: the setting's)")
     parser.add_argument("--train-steps", type=int, default=None, help="the generator's training steps (default: MeGConfig's)")
@@ -99,7 +106,9 @@ def main() -> int:
     limit = args.limit or limit
     requests = load_requests(kind, path, limit=limit, skip_invalid=True)
     pool = load_requests("counterfact", pool_path)
-    model, tokenizer = load_model("smollm2", device="cpu")
+    model, tokenizer = load_model(args.model, device="cpu")
+    if args.model != "smollm2":  # its own result and evaluation files
+        suffix += "-" + re.sub(r"[^A-Za-z0-9._-]+", "-", args.model.rstrip("/")).strip("-.")
     config = MeGConfig(prompt_format=DEFAULT_FOR_KIND[kind], seed=args.seed)
     config.generator.kind = args.generator
     if args.exclude != "none":

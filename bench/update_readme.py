@@ -60,6 +60,8 @@ def _meg_label(r: dict) -> str:
 
     generator, fit = r["config"]["generator"], r["config"]["fit"]
     parts = [f"{generator['kind']} generator"]
+    if r.get("model", "smollm2") != "smollm2":
+        parts.insert(0, r["model"])
     if "paraphrases" not in fit:
         parts.append("prompt-only defaults of before")
     if generator.get("passes") is None:

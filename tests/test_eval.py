@@ -164,3 +164,10 @@ def test_per_row_neuron_subject_only_changes_its_own_rows(lm, tmp_path):
     rel = lambda r: [c["got"] for c in r.cases if c["kind"] == "reliability"]
     gen = lambda r: [c["got"] for c in r.cases if c["kind"] == "generality"]
     assert rel(report) != rel(base) and gen(report) == gen(base)
+
+
+def test_a_token_budget_shorter_than_a_target_is_refused_in_one_line(lm, tmp_path):
+    from megedit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^max_new_tokens 2 is shorter than the target of edit 0 \(3 tokens"):
+        evaluate(lm, _requests(), max_new_tokens=2, progress=False, cache_dir=tmp_path)

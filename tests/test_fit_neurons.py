@@ -125,3 +125,17 @@ def test_bad_settings_are_refused():
         FitConfig(optimizer="lbfgs")
     with pytest.raises(ConfigError, match="max_steps >= 1"):
         FitConfig(max_steps=0)
+
+
+def test_an_edit_wording_longer_than_the_limit_is_refused_in_one_line_before_fitting(lm, monkeypatch):
+    from megedit.errors import MeGError
+
+    model, tok = lm
+    steps = []
+    monkeypatch.setattr(stage._FitState, "_step", lambda self, *a: steps.append(1))
+    edits = [*_requests(2), EditRequest("long", "q" * 40 + ":", "a")]
+    with pytest.raises(MeGError, match=r"^edit long: wording 0 \(with its answer\) is 44 tokens long; the limit is 20") as err:
+        fit_neurons(model, tok, edits, FMT, _config(max_prompt_tokens=20), progress=False)
+    assert "\n" not in str(err.value) and not steps
+    with pytest.raises(MeGError, match="wording 1"):  # other wordings too
+        fit_neurons(model, tok, _requests(1), FMT, _config(max_prompt_tokens=20), progress=False, variants=[["x" * 30]])

@@ -97,6 +97,31 @@ def test_a_batch_with_wordings_equals_fitting_each_edit_alone_with_them(lm):
     assert bool(batched.success[1]) == bool(prompt_only.success[0])
 
 
+def test_rows_split_by_length_into_several_passes_fit_as_one_padded_pass(lm, monkeypatch):
+    from megedit.stages import fit_neurons as stage
+
+    model, tok = lm
+    one_pass = fit_neurons(model, tok, REQUESTS, FMT, _fit_config(), progress=False, variants=VARIANTS)
+    monkeypatch.setattr(stage._FitState, "MIN_GROUP_ROWS", 1)  # a pass per distinct length
+    passes = []
+    original = stage._FitState._rows_forward
+    monkeypatch.setattr(stage._FitState, "_rows_forward", lambda self, *a: passes.append(1) or original(self, *a))
+    split = fit_neurons(model, tok, REQUESTS, FMT, _fit_config(), progress=False, variants=VARIANTS)
+    assert len(passes) > int(split.steps.max()) + 1  # more than one pass per step
+    torch.testing.assert_close(split.vectors, one_pass.vectors, atol=1e-4, rtol=1e-4)
+    assert torch.equal(split.steps, one_pass.steps) and torch.equal(split.success, one_pass.success)
+
+
+def test_length_groups_hold_at_least_the_minimum_and_end_where_the_length_changes():
+    from megedit.stages.fit_neurons import _length_groups
+
+    lengths = [5, 3, 3, 9, 5, 3, 7, 7]
+    groups = _length_groups(lengths, 2)
+    assert sorted(i for g in groups for i in g) == list(range(8))
+    assert [[lengths[i] for i in g] for g in groups] == [[3, 3, 3], [5, 5], [7, 7, 9]]
+    assert _length_groups(lengths, 100) == [sorted(range(8), key=lambda i: lengths[i])]
+
+
 def test_an_edit_is_done_when_every_wording_passes_with_its_one_vector(lm):
     model, tok = lm
     result = fit_neurons(model, tok, REQUESTS, FMT, _fit_config(), progress=False, variants=VARIANTS)

@@ -14,15 +14,19 @@ import logging
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
+import jinja2
 import torch
+from torch import nn
 
-from .data.prompts import PRESETS, PromptFormat, get_format
+from .data.prompts import PromptFormat, get_format, stop_tokens
 from .errors import ConfigError, MeGError
 from .eval.subject import NeuronSubject, Query
 from .io import atomic_write_json, parse_text
+from .lm import check_prompt_lengths, hf_generate, model_device, prompt_limit
 from .models import SentenceEncoder, model_fingerprint
 from .neuron import NeuronSpec, attach_neuron
 from .stages.encoder import load_encoder_delta, write_encoder_delta
@@ -38,7 +42,10 @@ PACK_FILES = ("encoder.safetensors", "encoder.json", "router.safetensors", "rout
 
 class EditedModel(NeuronSubject):
     """A base model edited by MeG. Use it like the model: `generate`, `chat`, `evaluate(edited, ...)`;
-    `edited.enabled = False` (or `with edited.unedited():`) gives back the exact base model."""
+    `edited.enabled = False` (or `with edited.unedited():`) gives back the exact base model.
+    `edited.model` called directly is the base model (its neuron has no vectors) except inside
+    `with edited.routed(texts):`. Prompts longer than `max_prompt_tokens` (None: the model's
+    context) are refused."""
 
     method = "meg"
 
@@ -54,6 +61,7 @@ class EditedModel(NeuronSubject):
         self.prompt_format = get_format(prompt_format)
         self.config, self.record, self.sample_seed = config or {}, record or {}, sample_seed
         self.stats = {"queries": 0, "familiar": 0, "route_s": 0.0, "generate_s": 0.0}
+        self.max_prompt_tokens: int | None = None
 
     # -- the per-query neuron ------------------------------------------------------------------
 
@@ -97,23 +105,122 @@ class EditedModel(NeuronSubject):
 
     # -- use -----------------------------------------------------------------------------------
 
+    @contextmanager
+    def routed(self, texts: Sequence[str]) -> Iterator[nn.Module]:
+        """Inside the block the wrapped model, called directly (forward or HF `generate`), is the
+        edited model for a batch whose rows are `texts` (raw queries, in order; beams and return
+        sequences follow their row). Yields the model."""
+        with self.neuron.applied(self.vectors_for(list(texts)).to(model_device(self.model))):
+            yield self.model
+
     def generate(self, prompts: Sequence[str] | str, max_new_tokens: int = 20, batch_size: int = 32,
-                 prompt_format: str | PromptFormat | None = None) -> list[str]:
-        """Greedy answers (up to the first newline) for raw prompts, wrapped in the pack's format."""
+                 prompt_format: str | PromptFormat | None = None, *, max_prompt_tokens: int | None = None,
+                 seed: int | None = None, **generation_kwargs) -> list:
+        """Answers for raw prompts, wrapped in the pack's format, each routed on its own text.
+
+        With no generation arguments: greedy decoding up to the first newline (the harness's own
+        decoder). With any argument of HF `generate()` (do_sample, temperature, top_p, top_k,
+        num_beams, num_return_sequences, repetition_penalty, stop_strings, eos_token_id, streamer,
+        generation_config, ...) HF's generate runs (greedy unless do_sample=True), each prompt's
+        neuron vector following its rows; answers still end at a newline (the end-of-turn token
+        for chat formats) unless `eos_token_id` or `generation_config` says otherwise. `seed` makes sampling reproducible
+        without touching the global RNG. Returns one text per prompt, a list of texts per prompt
+        when num_return_sequences > 1, or HF's output as is with return_dict_in_generate=True
+        (all prompts in one batch). Prompts longer than `max_prompt_tokens` (default: the
+        attribute, else the model's context) are refused."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not all(isinstance(p, str) for p in prompts):
+            raise ConfigError(f"prompts must be strings, found {[type(p).__name__ for p in prompts]}")
+        _check_count("max_new_tokens", max_new_tokens)
+        _check_count("batch_size", batch_size)
+        fmt = get_format(prompt_format or self.prompt_format)
+        ids = [fmt.prompt_ids(p, self.tokenizer) for p in prompts]
+        self._check_prompts(ids, max_prompt_tokens)
+        if not generation_kwargs:
+            return self._greedy(prompts, ids, fmt, max_new_tokens, batch_size)
+        stops = self.end_of_turn_ids() if fmt.chat else sorted(stop_tokens(self.tokenizer))
+        return self._hf_generate(prompts, ids, stops, max_new_tokens, batch_size, seed, generation_kwargs)
+
+    def chat(self, messages: str | Sequence[dict], max_new_tokens: int = 48, *, max_prompt_tokens: int | None = None,
+             seed: int | None = None, **generation_kwargs):
+        """The assistant's reply to one user message (a string) or a conversation (a list of
+        {"role", "content"} ending with a user turn), through the tokenizer's chat template, up to
+        the end-of-turn token (not the first newline). The router sees the last user message's
+        text, as edits are routed on their raw query. Takes generate()'s generation arguments."""
+        _check_count("max_new_tokens", max_new_tokens)
+        messages = _conversation(messages, self.prompt_format)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except (ValueError, jinja2.TemplateError) as error:
+            raise ConfigError(f"chat needs the tokenizer's chat template, which failed: {error}") from None
+        ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"]]  # the template wrote the special tokens
+        self._check_prompts(ids, max_prompt_tokens)
+        out = self._hf_generate([messages[-1]["content"]], ids, self.end_of_turn_ids(), max_new_tokens, 1, seed,
+                                generation_kwargs)
+        return out if generation_kwargs.get("return_dict_in_generate") else out[0]
+
+    def end_of_turn_ids(self) -> list[int]:
+        """Tokens that end an assistant turn: the tokenizer's EOS and the model's generation EOS
+        (e.g. <|im_end|> for SmolLM2, <end_of_turn> besides <eos> for Gemma)."""
+        ids = _id_set(self.tokenizer.eos_token_id)
+        return sorted(ids | _id_set(getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)))
+
+    def _check_prompts(self, ids: list[list[int]], max_prompt_tokens: int | None) -> None:
+        limit = max_prompt_tokens if max_prompt_tokens is not None else self.max_prompt_tokens
+        check_prompt_lengths(ids, prompt_limit(self.model, limit))
+
+    def _greedy(self, prompts: list[str], ids: list[list[int]], fmt: PromptFormat, max_new_tokens: int,
+                batch_size: int) -> list[str]:
+        """Greedy answers up to the first newline, decoded exactly as the evaluation harness does."""
         from .eval.runner import DecodeSettings, run_queries
 
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        fmt = get_format(prompt_format or self.prompt_format)
         queries = [Query("", "generate", p, None) for p in prompts]
-        ids = [fmt.prompt_ids(p, self.tokenizer) for p in prompts]
         with torch.inference_mode():
             out = run_queries(self, queries, ids, [[] for _ in prompts], DecodeSettings(fmt, max_new_tokens, batch_size),
                               progress=False, desc="generating")
         return [self.tokenizer.decode(g, skip_special_tokens=True).strip() for g in out.generated]
 
-    def chat(self, message: str, max_new_tokens: int = 48) -> str:
-        """One user turn through the tokenizer's chat template; the router sees the message itself."""
-        return self.generate([message], max_new_tokens, prompt_format=PRESETS["chat"])[0]
+    def _hf_generate(self, texts: list[str], ids: list[list[int]], stops: list[int], max_new_tokens: int,
+                     batch_size: int, seed: int | None, kwargs: dict):
+        """HF generate() on prompt token ids, the neuron routed on `texts` (one per prompt)."""
+        if kwargs.get("streamer") is not None and len(ids) != 1:
+            raise ConfigError(f"a streamer takes one prompt at a time, found {len(ids)} prompts")
+        if "generation_config" not in kwargs:  # greedy and the format's stops unless the caller says otherwise
+            kwargs = {"do_sample": False, "eos_token_id": stops, **kwargs}
+        if kwargs.get("stop_strings") and "tokenizer" not in kwargs:
+            kwargs["tokenizer"] = self.tokenizer  # HF needs it to match stop strings
+        raw = bool(kwargs.get("return_dict_in_generate"))
+        device = model_device(self.model)
+        vectors = self.vectors_for(texts).to(device) if ids else None
+
+        def rows(idx: list[int], repeat: int):
+            return self.neuron.applied(vectors[idx].repeat_interleave(repeat, dim=0))
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        with _seeded(seed, device):
+            batches = hf_generate(self.model, ids, pad, len(ids) if raw else batch_size, rows,
+                                  **kwargs, max_new_tokens=max_new_tokens)
+        if raw:
+            return batches[0][2] if batches else None
+        config = kwargs.get("generation_config") or self.model.generation_config
+        return self._answers(batches, len(ids), _id_set(kwargs.get("eos_token_id", config.eos_token_id)))
+
+    def _answers(self, batches: list, n: int, ends: set[int]) -> list:
+        """Each output row's new tokens up to its first end token, decoded; grouped per prompt
+        when generate() returned several rows per prompt."""
+        texts: list[list[str]] = [[] for _ in range(n)]
+        per = 1
+        for idx, width, out in batches:
+            rows = out[:, width:].tolist()
+            per = len(rows) // len(idx)
+            for k, i in enumerate(idx):
+                texts[i] = [self._decode_answer(r, ends) for r in rows[k * per : (k + 1) * per]]
+        return [t[0] for t in texts] if per == 1 else texts
+
+    def _decode_answer(self, tokens: list[int], ends: set[int]) -> str:
+        # rows that stop early are padded by generate(); the first end token closes the answer
+        cut = next((j + 1 for j, t in enumerate(tokens) if t in ends), len(tokens))
+        return self.tokenizer.decode(tokens[:cut], skip_special_tokens=True).strip()
 
     # -- edit packs ----------------------------------------------------------------------------
 
@@ -135,7 +242,8 @@ class EditedModel(NeuronSubject):
             manifest = {
                 "format": PACK_FORMAT, "version": PACK_VERSION,
                 "base_model": {"fingerprint": self.fingerprint, "model_type": self.model.config.model_type,
-                               "source": getattr(self.model, "megedit_source", None) or self.model.config._name_or_path},
+                               "source": getattr(self.model, "megedit_source", None) or self.model.config._name_or_path,
+                               "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.")},
                 "spec": self.spec.to_dict(), "prompt_format": self.prompt_format.to_dict(),
                 "sample_seed": self.sample_seed, "epsilon": self.router.epsilon, "config": self.config,
                 "record": self.record, "files": {name: _sha256(tmp / name) for name in PACK_FILES},
@@ -177,6 +285,51 @@ class EditedModel(NeuronSubject):
     def close(self) -> None:
         """Take the neuron off the model (the model object is then the plain base model again)."""
         self.neuron.detach()
+
+
+def _check_count(name: str, value) -> None:
+    if type(value) is not int or value < 1:  # not a bool or a float either
+        raise ConfigError(f"{name} must be a positive integer, found {value!r}")
+
+
+def _id_set(ids) -> set[int]:
+    """Token ids given as None, one int, or a list/tensor of them, as a set."""
+    if ids is None:
+        return set()
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    return {ids} if isinstance(ids, int) else {int(i) for i in ids}
+
+
+def _conversation(messages, fmt: PromptFormat) -> list[dict]:
+    """Chat messages checked: a string is one user turn; the last turn must be the user's. A
+    pack fitted under a chat format with a system message gets it when the caller gives none."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if not isinstance(messages, (list, tuple)) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise ConfigError(f"chat takes a string or a list of {{'role': str, 'content': str}} messages, "
+                          f"found {messages!r:.80}")
+    if not messages or messages[-1]["role"] != "user":
+        raise ConfigError(f"chat needs a conversation that ends with a user message, found roles "
+                          f"{[m['role'] for m in messages]}")
+    if fmt.chat and fmt.system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": fmt.system}, *messages]
+    return list(messages)
+
+
+@contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Seed the sampling RNG for one call, leaving the caller's RNG state as it was."""
+    if seed is None:
+        yield
+        return
+    if type(seed) is not int:
+        raise ConfigError(f"seed must be an integer, found {seed!r}")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def read_manifest(directory: Path) -> dict:

@@ -52,7 +52,7 @@ class MeGEditor:
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.model)
+            self._fingerprint = model_fingerprint(self.model, self.progress)
         return self._fingerprint
 
     @property
@@ -98,7 +98,7 @@ class MeGEditor:
 
         fit = self.config.fit
         prefixes = context_prefixes(self.model, self.tokenizer, fit.prefix_pool if fit.prefixes else 0,
-                                    fit.prefix_tokens, self.config.seed)
+                                    fit.prefix_tokens, self.config.seed, progress=self.progress)
         edit_prompts = {r.prompt for r in requests}
         pool = [r for r in pool if r.prompt not in edit_prompts]  # ids are left out by build_variants
         variants = build_variants(requests, pool, prefixes, fit.paraphrases, fit.prefixes,
@@ -151,7 +151,8 @@ class MeGEditor:
             encoder, record = load_encoder_delta(path, self.base_encoder)
         else:
             log.info("stage B (encoder): tuning the encoder on %d pool records", len(train_pool))
-            encoder, training = train_encoder(self.base_encoder, *paraphrase_pairs(train_pool), settings, self.progress)
+            encoder, training = train_encoder(self.base_encoder, *paraphrase_pairs(train_pool), settings, self.progress,
+                                             checkpoint_dir=path.parent)  # a killed stage B resumes
             record = encoder_delta_record(training, self.config.encoder)
             write_encoder_delta(encoder, record, path)
         return encoder, record, {"seconds": time.perf_counter() - start, "cached": cached, "train_s": record["timing"]["total_s"]}
@@ -202,7 +203,7 @@ class MeGEditor:
             texts = [requests[i].prompt for i in ok] + ([v for i in ok for v in variants[i]] if config.augment else [])
             log.info("stage D (generator): training the %s generator on %d fitted edits (%d pairs)", config.kind,
                      len(ok), len(texts))
-            generator = train_generator(routing["encoder"].encode(texts), fit.vectors[owners], config,
+            generator = train_generator(routing["encoder"].encode(texts, progress=self.progress), fit.vectors[owners], config,
                                         work_dir=folder, progress=self.progress, n_edits=len(ok),
                                         validate=self._validation(fit.spec, [requests[i] for i in ok[: config.validation_size]]))
             generator.save(path)

@@ -1,5 +1,6 @@
 """Running a causal LM on batches of token sequences: left padding, greedy decoding,
-teacher-forced scoring, and running only the layers above a cached hidden state.
+teacher-forced scoring, HF `generate()` over batches with per-row state, the prompt-length
+limit, and running only the layers above a cached hidden state.
 
 Everything here is architecture-generic (it goes through the model's own forward); the one
 table in `arch.py` says where the decoder layers are.
@@ -8,14 +9,15 @@ table in `arch.py` says where the decoder layers are.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .arch import layer_stack_path
+from .errors import ConfigError, MeGError
 
 
 @dataclass
@@ -155,6 +157,68 @@ def _append(generated: list[int], token: int, stop_ids: set[int], max_new_tokens
     """Add a decoded token; True while the row should go on decoding."""
     generated.append(token)
     return token not in stop_ids and len(generated) < max_new_tokens
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The most positions the model takes (config.max_position_embeddings; gpt2 maps n_positions
+    to it), None where the config does not say."""
+    value = getattr(model.config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def prompt_limit(model: nn.Module, max_prompt_tokens: int | None = None) -> int | None:
+    """The longest prompt allowed, in tokens: `max_prompt_tokens` when set, else the model's context."""
+    if max_prompt_tokens is None:
+        return context_length(model)
+    if type(max_prompt_tokens) is not int or max_prompt_tokens < 1:
+        raise ConfigError(f"max_prompt_tokens must be a positive integer, found {max_prompt_tokens!r}")
+    return max_prompt_tokens
+
+
+def check_prompt_lengths(prompt_ids: Sequence[Sequence[int]], limit: int | None,
+                         names: Sequence[str] | None = None) -> None:
+    """Refuse the first prompt longer than `limit` tokens with a one-line error naming it (its
+    index, or `names[i]`) and its length: past the model's context a forward pass is slow (minutes
+    for tens of thousands of tokens) and its output meaningless."""
+    if limit is None:
+        return
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) > limit:
+            name = names[i] if names is not None else f"prompt {i}"
+            raise MeGError(f"{name} is {len(ids)} tokens long; the limit is {limit} tokens (the model's context, "
+                           f"or max_prompt_tokens where set): shorten it")
+
+
+def generation_rows(model: nn.Module, kwargs: dict) -> int:
+    """Rows HF `generate()` runs per prompt: it repeats each prompt's row (repeat_interleave)
+    max(num_beams, num_return_sequences) times, so per-row state must be repeated the same way."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+
+    def setting(name: str) -> int:
+        value = kwargs.get(name, getattr(config, name, None))
+        return value if isinstance(value, int) and value > 0 else 1
+
+    return max(setting("num_beams"), setting("num_return_sequences"))
+
+
+def hf_generate(model: nn.Module, prompt_ids: Sequence[Sequence[int]], pad_id: int, batch_size: int,
+                rows_context: Callable[[list[int], int], ContextManager] | None = None,
+                **kwargs) -> list[tuple[list[int], int, Any]]:
+    """HF `generate()` over left-padded batches of `prompt_ids`, in the given order (a single batch
+    keeps the caller's order in HF's output). `rows_context(idx, repeat)` is entered around each
+    batch (prompts `idx`, each run as `repeat` rows), e.g. to set per-row neuron vectors.
+    Returns (idx, prompt width, generate's output) per batch."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, found {batch_size!r}")
+    kwargs.setdefault("pad_token_id", pad_id)
+    repeat, device, results = generation_rows(model, kwargs), model_device(model), []
+    for start in range(0, len(prompt_ids), batch_size):
+        idx = list(range(start, min(start + batch_size, len(prompt_ids))))
+        batch = left_pad([prompt_ids[i] for i in idx], pad_id, device)
+        with rows_context(idx, repeat) if rows_context else nullcontext():
+            out = model.generate(input_ids=batch.ids, attention_mask=batch.mask, **kwargs)
+        results.append((idx, batch.ids.shape[1], out))
+    return results
 
 
 class _Captured(Exception):

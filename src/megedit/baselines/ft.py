@@ -96,7 +96,8 @@ def fine_tune(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptForm
     originals = {prefix + n: p.detach().clone() for n, p in mlp.named_parameters()}
     batches = [b for _, b in edit_batches(model, tokenizer, requests, fmt, config.batch_size)]
     with torch.no_grad():
-        hidden = [layer_input(model, config.layer, b.batch) for b in batches]
+        hidden = [layer_input(model, config.layer, b.batch)
+                  for b in tqdm(batches, desc="FT layer inputs", disable=not progress or len(batches) < 2, leave=False)]
 
     params = list(mlp.parameters())
     for p in params:

@@ -170,11 +170,11 @@ def _row_nll(tb, logits: torch.Tensor) -> torch.Tensor:
     return (ce.view_as(valid) * valid).sum(dim=1) / valid.sum(dim=1)
 
 
-def _values_dir(model, fmt, last: int, config: MemitConfig):
+def _values_dir(model, fmt, last: int, config: MemitConfig, progress: bool = False):
     """Where target values are cached: the same for MEMIT and AlphaEdit (their value search is
     identical) and for any set of edits, since each edit's search is its own (a per-row delta,
     a summed loss, element-wise Adam): a larger run reuses a smaller one's edits."""
-    key = {"model": model_fingerprint(model), "format": asdict(fmt), "last": last,
+    key = {"model": model_fingerprint(model, progress), "format": asdict(fmt), "last": last,
            **{k: getattr(config, k) for k in ("v_steps", "v_lr", "v_weight_decay", "clamp_norm", "v_tol", "batch_size")}}
     return cache_root() / "memit-values" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -245,7 +245,7 @@ def target_values(model, tokenizer, fmt, requests, positions, last: int, config:
     search resumes and edits searched before (in any run with these settings) are not searched again."""
     if last + 1 >= num_layers(model):
         raise ConfigError(f"the edited span must end below the last layer ({num_layers(model) - 1}), got {last}")
-    folder = _values_dir(model, fmt, last, config)
+    folder = _values_dir(model, fmt, last, config, progress)
     found = _cached_values(folder)
     digests = [_edit_digest(r) for r in requests]
     reused = {d for d in digests if d in found}
@@ -289,7 +289,7 @@ def key_covariances(model, tokenizer, layers: Sequence[int], texts: Sequence[str
                     progress: bool = True) -> tuple[dict[int, torch.Tensor], int]:
     """E[k k^T] of the output-projection inputs at each layer over every token of `texts`, and
     the token count; cached on disk by (model, layers, texts)."""
-    key = hashlib.sha256(json.dumps({"model": model_fingerprint(model), "layers": list(layers),
+    key = hashlib.sha256(json.dumps({"model": model_fingerprint(model, progress), "layers": list(layers),
                                      "texts": hashlib.sha256("\n".join(texts).encode()).hexdigest()}).encode())
     path = cache_root() / "key-covariance" / f"{key.hexdigest()[:24]}.safetensors"
     if path.exists():
@@ -333,7 +333,7 @@ def batch_edit(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFor
     z, v_record = target_values(model, tokenizer, fmt, requests, positions, last, config, progress)
     covs, n_tokens = key_covariances(model, tokenizer, layers, cov_texts, progress=progress)
     originals, record = {}, {"per_layer": {}}
-    for layer in layers:
+    for layer in tqdm(layers, desc=f"{config.method} layers", disable=not progress, leave=False):
         name = mlp_out_path(model, layer)
         weight = _out_weight(model.get_submodule(name))
         keys, h = keys_and_hidden(model, tokenizer, fmt, requests, positions, layer, last, config.batch_size)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..data.prompts import DEFAULT_FOR_KIND, PromptFormat, get_format, stop_tokens
 from ..data.requests import EditRequest
+from ..errors import ConfigError
 from ..io import atomic_write_json
 from ..lm import Decoded, decode, length_batches
 from ..models import cache_root, model_fingerprint
@@ -140,7 +141,7 @@ def locality_reference(subject: Subject, queries: Sequence[Query], prompt_ids, s
     (beside the cache file). Also returns the seconds those earlier batches took."""
     with subject.unedited():
         key = hashlib.sha256(json.dumps({
-            "model": model_fingerprint(subject.model), "prompts": prompt_ids,
+            "model": model_fingerprint(subject.model, progress), "prompts": prompt_ids,
             "format": s.prompt_format.to_dict(), "max_new_tokens": s.max_new_tokens, "batch_size": s.batch_size,
         }).encode()).hexdigest()[:24]
         path = (cache_dir or cache_root()) / "locality-references" / f"{key}.json"
@@ -154,6 +155,15 @@ def locality_reference(subject: Subject, queries: Sequence[Query], prompt_ids, s
     atomic_write_json(path, {"tokens": tokens})
     resume.remove()
     return tokens, earlier_s
+
+
+def _check_answer_room(queries: Sequence[Query], fmt, tok, max_new_tokens: int) -> None:
+    """Refuse a token budget shorter than a target: its answer could never be produced in full."""
+    for q in queries:
+        need = len(fmt.answer_ids(q.target, tok))
+        if need > max_new_tokens:
+            raise ConfigError(f"max_new_tokens {max_new_tokens} is shorter than the target of edit {q.case_id} "
+                              f"({need} tokens, {q.target!r}): raise it to at least the longest target")
 
 
 def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | PromptFormat | None = None,
@@ -175,6 +185,7 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
     s = DecodeSettings(fmt, max_new_tokens, batch_size)
     queries = build_queries(requests)
     prompts = {k: [fmt.prompt_ids(q.text, tok) for q in qs] for k, qs in queries.items()}
+    _check_answer_room(queries["reliability"], fmt, tok, max_new_tokens)
     timing: dict[str, float] = {}
 
     start = time.perf_counter()
@@ -183,7 +194,7 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
     resume = None
     if checkpoint is not None:
         key = hashlib.sha256(json.dumps({
-            "method": subject.method, "edit": subject.describe(), "model": model_fingerprint(subject.model),
+            "method": subject.method, "edit": subject.describe(), "model": model_fingerprint(subject.model, progress),
             "prompts": prompts, "targets": [q.target for q in queries["reliability"]], "reference": ref_tokens,
             "format": fmt.to_dict(), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
         }, sort_keys=True, default=str).encode()).hexdigest()

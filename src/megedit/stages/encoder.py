@@ -6,16 +6,20 @@ disjoint from the edits (their real paraphrases are unknown at edit time). Only 
 output is cached (`lm.layer_input`); each step then runs just the trainable layers.
 
 The tuned encoder is saved as a delta: the trained layers' weights plus the base encoder's name,
-never the whole encoder.
+never the whole encoder. Given a checkpoint folder, training saves its state (trained weights,
+Adam's moments, shuffle order and generator, position) after each epoch, so a killed run resumes
+to the weights an uninterrupted one gives; the sentence cache is rebuilt, not saved (it is large).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +30,7 @@ from tqdm.auto import tqdm
 from ..arch import layer_stack_path
 from ..data.requests import EditRequest
 from ..errors import ConfigError, MeGError
-from ..io import atomic_save_tensors, atomic_write_json, load_tensors, read_record
+from ..io import atomic_save_tensors, atomic_write_bytes, atomic_write_json, load_tensors, read_record
 from ..lm import layer_input, starting_at_layer
 from ..models import SentenceEncoder
 
@@ -71,14 +75,16 @@ class _CachedInputs:
     """Every distinct sentence tokenised once, with the hidden state entering the first trainable
     layer (trimmed to the sentence's own tokens)."""
 
-    def __init__(self, encoder: SentenceEncoder, texts: list[str], first_trained: int, batch_size: int = 128) -> None:
+    def __init__(self, encoder: SentenceEncoder, texts: list[str], first_trained: int, batch_size: int = 128,
+                 progress: bool = False) -> None:
         self.index = {t: i for i, t in enumerate(texts)}
         self.ids: list[torch.Tensor] = []
         self.hidden: list[torch.Tensor] = []
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # little padding per batch
         slots: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(texts)  # type: ignore[list-item]
+        starts = range(0, len(order), batch_size)
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
+            for start in tqdm(starts, desc="encoding sentences", disable=not progress or len(starts) < 2, leave=False):
                 rows = order[start : start + batch_size]
                 inputs = encoder.tokenize([texts[i] for i in rows])
                 hidden = layer_input(encoder.model, first_trained, inputs)
@@ -128,9 +134,137 @@ class EncoderTraining:
     timing: dict[str, float]
 
 
+CHECKPOINT = "encoder-checkpoint.safetensors"
+
+
+@dataclass
+class _Position:
+    """Where training stands; with the weights and Adam's moments, all that a checkpoint restores."""
+
+    order: list[int]  # the pairs' order, shuffled in place at each epoch's start
+    rng: random.Random  # the shuffle's generator
+    epoch: int = 0  # epochs finished
+    step: int = 0  # batches finished in the current epoch
+    total: float = 0.0  # the current epoch's summed loss so far
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0  # training time spent before the last checkpoint
+
+
+class _Checkpoint:
+    """Stage B's training state in one safetensors file, the position as JSON in its header: one
+    atomic write, so a kill leaves the previous checkpoint whole. `digest` names the inputs; a
+    checkpoint of other inputs is ignored (and overwritten by the next save)."""
+
+    def __init__(self, folder: str | Path, digest: str, every_s: float) -> None:
+        self.path, self.digest, self.every_s = Path(folder) / CHECKPOINT, digest, every_s
+        self.saved_at = time.perf_counter()
+
+    def due(self) -> bool:
+        return time.perf_counter() - self.saved_at >= self.every_s
+
+    def save(self, at: _Position, params: dict[str, nn.Parameter], optimiser, seconds: float) -> None:
+        from safetensors.torch import save
+
+        names = list(params)  # the optimiser numbers its parameters in this order
+        tensors = {f"param.{n}": p for n, p in params.items()} | {"order": torch.tensor(at.order)}
+        for i, state in optimiser.state_dict()["state"].items():
+            tensors |= {f"adam.{names[i]}.{k}": v for k, v in state.items()}
+        meta = {"digest": self.digest, "epoch": at.epoch, "step": at.step, "total": at.total, "losses": at.losses,
+                "seconds": seconds, "rng": at.rng.getstate()}
+        blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                    metadata={"megedit": json.dumps(meta)})
+        atomic_write_bytes(self.path, blob)
+        self.saved_at = time.perf_counter()
+
+    def restore(self, at: _Position, params: dict[str, nn.Parameter], optimiser) -> bool:
+        """Load the checkpoint into `at`, `params` and `optimiser`; False (nothing changed) if there
+        is none for these inputs or it cannot be read."""
+        from safetensors import safe_open
+
+        if not self.path.exists():
+            return False
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                meta, tensors = json.loads(f.metadata()["megedit"]), {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as error:  # a damaged file only costs the work it held
+            log.warning("stage B: ignoring unreadable checkpoint %s (%s)", self.path, error)
+            return False
+        if meta["digest"] != self.digest or {f"param.{n}" for n in params} - set(tensors):
+            log.info("stage B: ignoring %s, a checkpoint of other inputs", self.path)
+            return False
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors[f"param.{name}"].to(p.device, p.dtype))
+        index = {name: i for i, name in enumerate(params)}
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("adam."):
+                name, field_name = key[len("adam."):].rsplit(".", 1)
+                state.setdefault(index[name], {})[field_name] = value
+        optimiser.load_state_dict({**optimiser.state_dict(), "state": state})
+        version, internal, gauss = meta["rng"]
+        at.rng.setstate((version, tuple(internal), gauss))
+        at.order, at.epoch, at.step, at.total = tensors["order"].tolist(), meta["epoch"], meta["step"], meta["total"]
+        at.losses, at.seconds = list(meta["losses"]), meta["seconds"]
+        return True
+
+
+def _inputs_digest(encoder: SentenceEncoder, queries, paraphrases, config: EncoderConfig, progress: bool) -> str:
+    """What a checkpoint's training depends on: the base encoder's weights, the pairs, the settings."""
+    from ..models import model_fingerprint
+
+    blob = {"encoder": model_fingerprint(encoder.model, progress), "max_length": encoder.max_length,
+            "config": asdict(config), "queries": list(queries), "paraphrases": list(paraphrases)}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def _step(tuned: SentenceEncoder, cache: _CachedInputs, first: int, chunk: list[tuple[str, str]], optimiser,
+          temperature: float) -> float:
+    """One InfoNCE step on a batch of (query, paraphrase) pairs; returns the batch's loss."""
+    inputs, hidden = cache.batch([q for q, _ in chunk] + [p for _, p in chunk], tuned.tokenizer.pad_token_id)
+    with starting_at_layer(tuned.model, first, hidden):
+        emb = tuned(**inputs)
+    loss = info_nce(emb[len(chunk) :], emb[: len(chunk)], temperature)
+    optimiser.zero_grad()
+    loss.backward()
+    optimiser.step()
+    return loss.item()
+
+
+def _run_epochs(tuned, cache, first, pairs, params, optimiser, config: EncoderConfig, at: _Position,
+                checkpoint: _Checkpoint | None, progress: bool) -> None:
+    """Train from `at` to the last epoch; checkpoint after every epoch and every `every_s` seconds."""
+    n_batches, size, start = -(-len(pairs) // config.batch_size), config.batch_size, time.perf_counter()
+    bar = tqdm(total=config.epochs * n_batches, initial=at.epoch * n_batches + at.step, desc="training encoder",
+               disable=not progress)
+    for epoch in range(at.epoch, config.epochs):
+        if at.step == 0:
+            at.rng.shuffle(at.order)
+        while at.step < n_batches:
+            rows = at.order[at.step * size : (at.step + 1) * size]
+            if len(rows) >= 2:  # in-batch negatives need a second pair
+                chunk = [pairs[i] for i in rows]
+                at.total += _step(tuned, cache, first, chunk, optimiser, config.temperature) * len(rows)
+            at.step += 1
+            bar.update()
+            if checkpoint and at.step < n_batches and checkpoint.due():
+                checkpoint.save(at, params, optimiser, at.seconds + time.perf_counter() - start)
+        at.losses.append(at.total / len(pairs))
+        at.epoch, at.step, at.total = epoch + 1, 0, 0.0
+        bar.set_postfix(loss=f"{at.losses[-1]:.3f}")
+        if checkpoint:
+            checkpoint.save(at, params, optimiser, at.seconds + time.perf_counter() - start)
+    bar.close()
+
+
 def train_encoder(encoder: SentenceEncoder, queries: Sequence[str], paraphrases: Sequence[str],
-                  config: EncoderConfig | None = None, progress: bool = True) -> tuple[SentenceEncoder, EncoderTraining]:
-    """A tuned copy of `encoder` (the original is left as it was) and a record of the training."""
+                  config: EncoderConfig | None = None, progress: bool = True, checkpoint_dir: str | Path | None = None,
+                  checkpoint_s: float = 300.0) -> tuple[SentenceEncoder, EncoderTraining]:
+    """A tuned copy of `encoder` (the original is left as it was) and a record of the training.
+
+    With `checkpoint_dir`, the training state is saved there after every epoch and every
+    `checkpoint_s` seconds, a later call with the same inputs resumes from it to the same weights
+    an uninterrupted run gives, and the checkpoint is removed once training is done."""
     config = (config or EncoderConfig()).validate()
     if len(queries) != len(paraphrases) or len(queries) < 2:
         raise ConfigError(f"train_encoder needs at least 2 (query, paraphrase) pairs, got {len(queries)}")
@@ -141,37 +275,27 @@ def train_encoder(encoder: SentenceEncoder, queries: Sequence[str], paraphrases:
     for p in params.values():
         p.requires_grad_(True)
     first = len(tuned.model.get_submodule(layer_stack_path(tuned.model))) - config.trainable_layers
-    cache = _CachedInputs(tuned, list(dict.fromkeys([*queries, *paraphrases])), first)
+    cache = _CachedInputs(tuned, list(dict.fromkeys([*queries, *paraphrases])), first, progress=progress)
     cached_s = time.perf_counter() - start
     optimiser = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
-    order = random.Random(config.seed)
     pairs = list(zip(queries, paraphrases))
-    losses = []
-    bar = tqdm(total=config.epochs * -(-len(pairs) // config.batch_size), desc="training encoder", disable=not progress)
-    for _ in range(config.epochs):
-        order.shuffle(pairs)
-        total = 0.0
-        for b in range(0, len(pairs), config.batch_size):
-            chunk = pairs[b : b + config.batch_size]
-            if len(chunk) < 2:
-                continue
-            inputs, hidden = cache.batch([q for q, _ in chunk] + [p for _, p in chunk], tuned.tokenizer.pad_token_id)
-            with starting_at_layer(tuned.model, first, hidden):
-                emb = tuned(**inputs)
-            loss = info_nce(emb[len(chunk) :], emb[: len(chunk)], config.temperature)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(chunk)
-            bar.update()
-        losses.append(total / len(pairs))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
+    at = _Position(list(range(len(pairs))), random.Random(config.seed))
+    checkpoint = None if checkpoint_dir is None else _Checkpoint(
+        checkpoint_dir, _inputs_digest(encoder, queries, paraphrases, config, progress), checkpoint_s)
+    resumed = checkpoint is not None and checkpoint.restore(at, params, optimiser)
+    if resumed:
+        log.info("stage B: resuming the encoder's training at epoch %d, batch %d", at.epoch + 1, at.step + 1)
+    resumed_at, before_s = [at.epoch, at.step], at.seconds
+    _run_epochs(tuned, cache, first, pairs, params, optimiser, config, at, checkpoint, progress)
     tuned.requires_grad_(False)
-    timing = {"cache_s": cached_s, "total_s": time.perf_counter() - start}
+    timing = {"cache_s": cached_s, "total_s": time.perf_counter() - start + before_s}
+    if resumed:
+        timing["resumed_at"] = resumed_at  # [epoch, batch]; total_s includes the time before the kill
+    if checkpoint:
+        checkpoint.path.unlink(missing_ok=True)  # the caller saves the result; the state is not needed
     log.info("encoder tuned on %d pairs in %.0f s (loss %s)", len(pairs), timing["total_s"],
-             " -> ".join(f"{x:.3f}" for x in losses[:1] + losses[-1:]))
-    return tuned, EncoderTraining(config, len(pairs), losses, timing)
+             " -> ".join(f"{x:.3f}" for x in at.losses[:1] + at.losses[-1:]))
+    return tuned, EncoderTraining(config, len(pairs), at.losses, timing)
 
 
 def encoder_delta_record(training: EncoderTraining, base: str) -> dict:

@@ -32,7 +32,8 @@ from ..data.prompts import PromptFormat
 from ..data.requests import EditRequest
 from ..errors import ConfigError, MeGError
 from ..io import atomic_save_tensors, atomic_write_json, load_tensors, read_record
-from ..lm import Batch, layer_input, left_pad, length_batches, model_device, starting_at_layer
+from ..lm import (Batch, check_prompt_lengths, context_length, layer_input, left_pad, length_batches, model_device,
+                  starting_at_layer)
 from ..neuron import NeuronSpec, attach_neuron
 from .variants import EXCLUDE_MODES
 
@@ -57,12 +58,15 @@ class FitConfig:
     prefix_pool: int = 12
     prefix_tokens: int = 10
     exclude_eval_templates: str = "none"  # benchmark only: "own" / "all" keep the test rephrases' wordings out
+    max_prompt_tokens: int = 512  # longer edit wordings are refused: fitting one costs minutes and says nothing
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, found {self.optimizer!r}")
         if self.lr <= 0 or self.max_steps < 1 or self.batch_size < 1 or self.margin < 0:
             raise ConfigError(f"fit needs lr > 0, max_steps >= 1, batch_size >= 1, margin >= 0: {self}")
+        if self.max_prompt_tokens < 1:
+            raise ConfigError(f"fit needs max_prompt_tokens >= 1, found {self.max_prompt_tokens}")
         if min(self.paraphrases, self.prefixes, self.prefix_pool, self.prefix_tokens) < 0:
             raise ConfigError(f"fit needs paraphrases, prefixes, prefix_pool, prefix_tokens >= 0: {self}")
         if self.exclude_eval_templates not in EXCLUDE_MODES:
@@ -189,6 +193,20 @@ def _rows_batch(rows, answers, pad_id, device) -> tuple[Batch, torch.Tensor, tor
     return batch, h, labels
 
 
+def _length_groups(lengths: Sequence[int], min_rows: int) -> list[list[int]]:
+    """Indices sorted by length and cut into groups of at least `min_rows` (the last may hold
+    fewer), each group ending where the length changes: little padding, few forward passes."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = [[]]
+    for k, i in enumerate(order):
+        if len(groups[-1]) >= min_rows and lengths[i] != lengths[order[k - 1]]:
+            groups.append([])
+        groups[-1].append(i)
+    if len(groups) > 1 and len(groups[-1]) < min_rows:  # a short tail joins the group before
+        groups[-2].extend(groups.pop())
+    return groups
+
+
 def _row_loss_and_success(logits, labels, margin) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row mean answer cross-entropy, and whether every answer token wins by `margin`."""
     mask = labels >= 0
@@ -242,10 +260,15 @@ def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFo
 class _FitState:
     """The edits, their wordings' token sequences, and what is known of each edit (done or not)."""
 
+    MIN_GROUP_ROWS = 32  # smaller forward passes lose more to overhead than padding costs
+
     def __init__(self, model, tokenizer, requests, variants, fmt, config, spec, work_dir, part=None) -> None:
         self.model, self.config, self.spec = model, config, spec
         self.case_ids = [r.case_id for r in requests]
         self.seqs, self.answers = _encode(requests, variants, tokenizer, fmt)
+        limit = min(filter(None, (config.max_prompt_tokens, context_length(model))))
+        for r, seqs in zip(requests, self.seqs):
+            check_prompt_lengths(seqs, limit, [f"edit {r.case_id}: wording {j} (with its answer)" for j in range(len(seqs))])
         # what an edit's fit depends on besides the settings: its tokens (a prompt alone hashes as before variants existed)
         self.digests = [hashlib.sha256(json.dumps([s[0], a] if len(s) == 1 else [s, a]).encode()).digest()
                         for s, a in zip(self.seqs, self.answers)]
@@ -326,19 +349,20 @@ class _FitState:
         edits = [slots[r] for r in live]
         rows = [(seq, h, i) for i in edits for seq, h in zip(self.seqs[i], self.hidden[i])]
         owner = torch.tensor([k for k, i in enumerate(edits) for _ in self.seqs[i]], device=device)
-        batch, h, labels = _rows_batch(rows, self.answers, self.pad_id, device)
+        count = torch.zeros(len(live), device=device).index_add_(0, owner, torch.ones(len(rows), device=device))
         edit_w = w[live].clone().requires_grad_(True)
-        neuron.set_weights(edit_w[owner])  # every wording of an edit uses the edit's one vector
-        with starting_at_layer(self.model, self.config.layer, h):
-            # the LM head (49K x 576 on SmolLM2) costs as much as the layers: run it only where an answer is predicted
-            keep = torch.arange(batch.ids.shape[1] - labels.shape[1] - 1, batch.ids.shape[1] - 1, device=device)
-            logits = self.model(**batch.model_inputs, use_cache=False, logits_to_keep=keep).logits
-        row_loss, row_ok = _row_loss_and_success(logits, labels, self.config.margin)
-        count = torch.zeros(len(live), device=device).index_add_(0, owner, torch.ones_like(row_loss))
+        row_loss = torch.zeros(len(rows), device=device)
+        row_ok = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        # rows of similar length together (wordings differ in length; padding them to the longest costs
+        # about 40% of the compute), one forward and backward each, the gradients adding up in edit_w
+        for group in _length_groups([len(seq) for seq, _, _ in rows], self.MIN_GROUP_ROWS):
+            idx = torch.tensor(group, device=device)
+            loss, ok = self._rows_forward(neuron, [rows[j] for j in group], edit_w[owner[idx]], device)
+            (loss / count[owner[idx]]).sum().backward()  # each edit's loss: the mean over its wordings
+            row_loss[idx], row_ok[idx] = loss.detach(), ok
         loss = torch.zeros(len(live), device=device).index_add(0, owner, row_loss) / count
         passed = torch.zeros(len(live), device=device).index_add_(0, owner, row_ok.float())
         first = torch.cat([owner.new_zeros(1), count.long().cumsum(0)[:-1]])  # each edit's prompt row
-        loss.sum().backward()  # edits are independent: each edit's gradient reaches only its own w
         # read the per-edit outcomes once (not one device sync per edit)
         all_passed, prompt_ok = (passed == count).tolist(), row_ok[first].tolist()
         share_ok, edit_loss = (passed / count).tolist(), loss.detach().tolist()
@@ -361,6 +385,16 @@ class _FitState:
         taken[[r for r in live if r not in finished]] += 1
         return finished
 
+    def _rows_forward(self, neuron, rows, row_w, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row answer loss and success test of `rows` with vectors `row_w`."""
+        batch, h, labels = _rows_batch(rows, self.answers, self.pad_id, device)
+        neuron.set_weights(row_w)
+        with starting_at_layer(self.model, self.config.layer, h):
+            # the LM head (49K x 576 on SmolLM2) costs as much as the layers: run it only where an answer is predicted
+            keep = torch.arange(batch.ids.shape[1] - labels.shape[1] - 1, batch.ids.shape[1] - 1, device=device)
+            logits = self.model(**batch.model_inputs, use_cache=False, logits_to_keep=keep).logits
+        return _row_loss_and_success(logits, labels, self.config.margin)
+
     def result(self) -> FitResult:
         mine = torch.tensor(self.mine, dtype=torch.long)
         if not bool(self.done[mine].all()):
@@ -372,7 +406,8 @@ class _FitState:
 
 
 # FitConfig fields that only say how MeGEditor builds the wordings: a fit depends on the wordings' tokens
-_BUILDER_FIELDS = ("paraphrases", "prefixes", "prefix_pool", "prefix_tokens", "exclude_eval_templates")
+_BUILDER_FIELDS = ("paraphrases", "prefixes", "prefix_pool", "prefix_tokens", "exclude_eval_templates",
+                   "max_prompt_tokens")  # the limit only refuses
 
 
 class _Shards:
@@ -437,7 +472,7 @@ def sweep_layers(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptF
     from ..eval import evaluate
 
     rows = []
-    for layer in layers:
+    for layer in tqdm(layers, desc="sweeping layers", disable=not progress):
         cfg = FitConfig(**{**asdict(config or FitConfig()), "layer": layer})
         result = fit_neurons(model, tokenizer, requests, fmt, cfg, progress=progress)
         subject = fitted_subject(model, tokenizer, result)

@@ -81,7 +81,7 @@ def fit_router(edits: Sequence[EditRequest], tuned: SentenceEncoder, train_pool:
                calibration: Sequence[EditRequest], config: RoutingConfig, progress: bool = True) -> tuple[Router, dict]:
     """Stage C: the router on the edits' prompts, epsilon from the calibration slice; and its record."""
     start = time.perf_counter()
-    router = train_router(tuned.encode([r.prompt for r in edits]), config.router,
+    router = train_router(tuned.encode([r.prompt for r in edits], progress=progress), config.router,
                           calibration=calibration_embeddings(tuned, calibration, train_pool), progress=progress)
     return router, {"config": asdict(config), "query_text": "raw prompts (no LM wrapping)", "n_edits": len(edits),
                     "n_pool": len(train_pool) + len(calibration), "n_encoder_pool": len(train_pool),

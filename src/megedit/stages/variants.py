@@ -22,6 +22,7 @@ from collections import Counter, defaultdict
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data.requests import EditRequest
 from ..errors import ConfigError
@@ -104,11 +105,12 @@ def build_variants(requests: Sequence[EditRequest], pool: Sequence[EditRequest],
 
 
 @torch.no_grad()
-def context_prefixes(model, tokenizer, n: int, tokens: int = 10, seed: int = 0) -> list[str]:
+def context_prefixes(model, tokenizer, n: int, tokens: int = 10, seed: int = 0, progress: bool = False) -> list[str]:
     """`n` short sentences the model writes from plain starts (seeded top-10 sampling), each cut
     at its first line break and ended with a full stop. The starts follow a document-start token
     (`<|endoftext|>` where the vocabulary has one, else the BOS): without one an instruct model
-    continues a bare word with code or hyphenated fragments."""
+    continues a bare word with code or hyphenated fragments. `progress`: a bar over the tokens
+    (off by default, as for every helper that callers without bars use)."""
     if n <= 0:
         return []
     starts = [PREFIX_STARTS[i % len(PREFIX_STARTS)] for i in range(n)]
@@ -117,7 +119,7 @@ def context_prefixes(model, tokenizer, n: int, tokens: int = 10, seed: int = 0) 
     seqs = [ids if ids[:1] == lead else lead + ids for ids in (tokenizer(s)["input_ids"] for s in starts)]
     rng = torch.Generator().manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for _ in range(tokens):
+    for _ in tqdm(range(tokens), desc="context prefixes", disable=not progress, leave=False):
         batch = left_pad(seqs, pad, model_device(model))
         logits = model(**batch.model_inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float().cpu()
         top = logits.topk(min(10, logits.shape[-1]))

@@ -1,4 +1,5 @@
-"""The verbs that make and use MeG edit packs: demo, fit, generate, inspect (and `eval DIR`)."""
+"""The verbs that make and use MeG edit packs: demo, fit, generate, inspect, and config (the
+effective settings as YAML)."""
 
 from __future__ import annotations
 
@@ -6,78 +7,46 @@ import logging
 import time
 from pathlib import Path
 
-from .cli_types import non_empty, positive_int
+from .common import add_data_args, add_model_args, add_pool_arg, add_verb, load_data, load_lm, load_pack, load_pool
+from .options import add_meg_flags, meg_config
+from .types import non_empty, positive_int
 
 log = logging.getLogger("megedit")
 
-
-def add_meg_verbs(sub, add_data_args, load_data, load_pool) -> None:
-    _add_demo(sub)
-    _add_fit(sub, add_data_args, load_data, load_pool)
-    _add_generate(sub)
-    _add_inspect(sub, add_data_args)
-
-
-def _add_config_args(p) -> None:
-    p.add_argument("--config", type=Path, default=None, help="MeGConfig settings (YAML or JSON; any subset)")
-    p.add_argument("--layer", type=int, default=None, help="neuron layer (default: 24 on SmolLM2)")
-    p.add_argument("--generator", choices=("mlp", "dit"), default=None,
-                   help="weight generator (default mlp; dit is the paper's diffusion transformer)")
-    p.add_argument("--generator-steps", type=int, default=None,
-                   help="generator training steps (default: 500 passes over the edits)")
-    p.add_argument("--router", choices=("nearest", "entropy"), default=None, help="router kind (default nearest)")
-    p.add_argument("--epsilon", type=float, default=None, help="router threshold by hand (no calibration)")
-    p.add_argument("--seed", type=int, default=None, help="the run's one seed (default 0)")
-
-
-def _config(args, prompt_format: str | None = None):
-    from .config import MeGConfig
-
-    config = MeGConfig.from_file(args.config) if args.config else MeGConfig()
-    for target, name, value in ((config, "layer", args.layer), (config.generator, "kind", args.generator),
-                                (config.generator, "train_steps", args.generator_steps),
-                                (config.routing.router, "kind", args.router),
-                                (config.routing.router, "epsilon", args.epsilon), (config, "seed", args.seed),
-                                (config, "prompt_format", prompt_format)):
-        if value is not None:
-            setattr(target, name, value)
-    if args.generator_steps is not None:
-        config.generator.passes = None  # the budget is the steps given
-    return config
+# 12 edits: the generator's validation distance is lowest by about 1,000 steps
+DEMO_DEFAULTS = {"generator": {"train_steps": 1000, "passes": None}}
 
 
 # -- demo ---------------------------------------------------------------------------------------
 
 
-def _add_demo(sub) -> None:
-    p = sub.add_parser(
-        "demo", help="the main job: edit SmolLM2 with 12 built-in counterfactual edits and show before/after",
-        description="Fit MeG on the built-in demo edits (12 counterfactual facts written for megedit) with the "
+def add_demo(sub) -> None:
+    p = add_verb(
+        sub, "demo", "the main job: edit SmolLM2 with 12 built-in counterfactual edits and show before/after",
+        "Fit MeG on the built-in demo edits (12 counterfactual facts written for megedit) with the "
         "embedded SmolLM2 and MiniLM, then print each edit's prompt, paraphrase and an unrelated question "
-        "before and after editing, and the scores. Stages are cached in --work-dir: a rerun is quick.",
+        "before and after editing, and the scores. Stages are cached in --work-dir: a rerun is quick. "
+        "Without --config the generator trains 1,000 steps (enough for 12 edits).",
     )
-    p.add_argument("--model", default="smollm2")
-    _add_config_args(p)
+    add_model_args(p)
     p.add_argument("--work-dir", type=Path, default=None, help="stage cache (default: <megedit cache>/demo)")
     p.add_argument("--out", type=Path, default=None, help="also save the edit pack here")
-    p.set_defaults(run=_run_demo)
+    add_meg_flags(p)
+    p.set_defaults(run=run_demo)
 
 
-def _run_demo(args) -> int:
-    from .data.demo import DEMO_EDITS, demo_requests
-    from .editor import MeGEditor
-    from .eval import evaluate
-    from .models import cache_root, load_model
-
-    from .edited import check_pack_target
+def run_demo(args) -> int:
+    from ..data.demo import DEMO_EDITS, demo_requests
+    from ..edited import check_pack_target
+    from ..editor import MeGEditor
+    from ..eval import evaluate
+    from ..models import cache_root
 
     if args.out:
         check_pack_target(args.out)  # before the fit, not after it
+    config = meg_config(args, DEMO_DEFAULTS)
     edits, pool = demo_requests()
-    config = _config(args)
-    model, tokenizer = load_model(args.model)
-    if args.generator_steps is None:
-        config.generator.train_steps, config.generator.passes = 1000, None  # 12 edits: lowest validation distance by then
+    model, tokenizer = load_lm(args)
     start = time.perf_counter()
     edited = MeGEditor(model, tokenizer, config, progress=args.progress).fit(
         edits, args.work_dir or cache_root() / "demo", pool, pool_name="megedit demo pool")
@@ -99,7 +68,7 @@ def _run_demo(args) -> int:
 
 def _before_after(edited, requests) -> str:
     """One row per query: its kind, text, the base model's answer, the edited model's, the goal."""
-    from .eval.report import markdown_table
+    from ..eval.report import markdown_table
 
     rows, texts = [], []
     for r in requests:
@@ -118,33 +87,31 @@ def _before_after(edited, requests) -> str:
 # -- fit ----------------------------------------------------------------------------------------
 
 
-def _add_fit(sub, add_data_args, load_data, load_pool) -> None:
-    p = sub.add_parser(
-        "fit", help="edit a model with MeG and save the edit pack",
-        description="Run stages A-D (fit neurons, tune the encoder, train and calibrate the router, train the "
+def add_fit(sub) -> None:
+    p = add_verb(
+        sub, "fit", "edit a model with MeG and save the edit pack",
+        "Run stages A-D (fit neurons, tune the encoder, train and calibrate the router, train the "
         "generator) on the edits and write the edit pack (only the added parts) to --out. Stages are cached "
         "under --work-dir by a hash of their inputs; a killed run resumes.",
     )
     add_data_args(p, "edit the first N records")
-    p.add_argument("--pseudo", metavar="KIND:PATH", default=None,
-                   help="pseudo-edit pool (default: the records of --data after the edited ones)")
-    _add_config_args(p)
-    p.add_argument("--out", type=Path, required=True, help="the edit pack folder")
+    add_pool_arg(p)
+    add_model_args(p)
+    p.add_argument("--out", type=Path, required=True, help="the edit pack folder (only an earlier pack is replaced)")
     p.add_argument("--work-dir", type=Path, default=None, help="stage cache (default: OUT.work)")
-    p.set_defaults(run=lambda args: _run_fit(args, load_data, load_pool))
+    add_meg_flags(p)
+    p.set_defaults(run=run_fit)
 
 
-def _run_fit(args, load_data, load_pool) -> int:
-    from .editor import MeGEditor
-    from .models import load_model
-
-    from .edited import check_pack_target
+def run_fit(args) -> int:
+    from ..edited import check_pack_target
+    from ..editor import MeGEditor
 
     check_pack_target(args.out)  # before the fit, not after it
     kind, path, requests, fmt = load_data(args)
     pool_name, pool = load_pool(args, kind, path)
-    config = _config(args, fmt.name)  # a bad --config file stops the run before the model loads
-    model, tokenizer = load_model(args.model)
+    config = meg_config(args, prompt_format=fmt.name)  # bad settings stop the run before the model loads
+    model, tokenizer = load_lm(args)
     editor = MeGEditor(model, tokenizer, config, progress=args.progress)
     edited = editor.fit(requests, args.work_dir or args.out.with_name(args.out.name + ".work"), pool, pool_name)
     edited.save_pretrained(args.out)
@@ -158,32 +125,22 @@ def _run_fit(args, load_data, load_pool) -> int:
 # -- using a pack -------------------------------------------------------------------------------
 
 
-def load_pack(directory: Path, model_name: str | None):
-    """The EditedModel of a pack, on the base model it names (or `model_name`)."""
-    from .edited import EditedModel, read_manifest
-    from .models import load_model
-
-    manifest = read_manifest(directory)
-    model, tokenizer = load_model(model_name or manifest["base_model"]["source"])
-    return EditedModel.from_pretrained(directory, model, tokenizer)
-
-
-def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="answer prompts with an edited model (and the base model beside it)",
-                       description="Greedy answers of the edited model for each prompt, next to the base model's, "
-                       "with the router's decision.")
+def add_generate(sub) -> None:
+    p = add_verb(sub, "generate", "answer prompts with an edited model (and the base model beside it)",
+                 "Greedy answers of the edited model for each prompt, next to the base model's, "
+                 "with the router's decision.")
     p.add_argument("pack", type=Path, help="edit pack folder")
     p.add_argument("prompts", nargs="+", type=non_empty, help="raw prompts (the pack's prompt format wraps them)")
-    p.add_argument("--model", default=None, help="base model (default: the one the pack names)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=20)
+    add_model_args(p, None, pack=True)
+    p.add_argument("--max-new-tokens", type=positive_int, default=20, help="at most this many new tokens per answer")
     p.add_argument("--chat", action="store_true", help="use the tokenizer's chat template")
-    p.set_defaults(run=_run_generate)
+    p.set_defaults(run=run_generate)
 
 
-def _run_generate(args) -> int:
-    from .data.prompts import PRESETS
+def run_generate(args) -> int:
+    from ..data.prompts import PRESETS
 
-    edited = load_pack(args.pack, args.model)
+    edited = load_pack(args)
     fmt = PRESETS["chat"] if args.chat else None
     after = edited.generate(args.prompts, args.max_new_tokens, prompt_format=fmt)
     with edited.unedited():
@@ -195,27 +152,28 @@ def _run_generate(args) -> int:
     return 0
 
 
-def _add_inspect(sub, add_data_args) -> None:
-    p = sub.add_parser("inspect", help="what an edit pack holds; router distances on edit data as a PNG",
-                       description="Print an edit pack's base model, neuron, router, generator, settings and stage "
-                       "times. With --data, route the data's prompts, rephrases and locality prompts and write a "
-                       "histogram of router distance with epsilon marked (--png).")
-    p.add_argument("pack", type=Path)
-    p.add_argument("--data", default=None, metavar="KIND:PATH")
-    p.add_argument("--limit", type=positive_int, default=None)
+def add_inspect(sub) -> None:
+    p = add_verb(sub, "inspect", "what an edit pack holds; router distances on edit data as a PNG",
+                 "Print an edit pack's base model, neuron, router, generator, settings and stage "
+                 "times. With --data, route the data's prompts, rephrases and locality prompts and write a "
+                 "histogram of router distance with epsilon marked (--png); only then is the model loaded.")
+    p.add_argument("pack", type=Path, help="edit pack folder")
+    p.add_argument("--data", default=None, metavar="KIND:PATH", help="edit data whose queries are routed")
+    p.add_argument("--limit", type=positive_int, default=None, help="route the first N records")
     p.add_argument("--png", type=Path, default=None, help="histogram file (default: PACK/router-distance.png)")
-    p.set_defaults(run=_run_inspect)
+    add_model_args(p, None, pack=True)
+    p.set_defaults(run=run_inspect)
 
 
-def _run_inspect(args) -> int:
+def run_inspect(args) -> int:
     import json
 
-    from .edited import read_manifest
-    from .stages.generator import Generator
-    from .stages.router import Router
+    from ..edited import read_manifest
+    from ..stages.generator import Generator
+    from ..stages.router import Router
 
     m = read_manifest(args.pack)
-    edited = load_pack(args.pack, None) if args.data else None  # routing the data needs the whole pack
+    edited = load_pack(args) if args.data else None  # routing the data needs the whole pack
     router, generator = ((edited.router, edited.generator) if edited else
                          (Router.load(args.pack / "router.safetensors"), Generator.load(args.pack / "generator.safetensors")))
     r = m.get("record", {})
@@ -235,9 +193,9 @@ def _run_inspect(args) -> int:
 
 
 def _route_histogram(args, edited) -> None:
-    from .data import load_requests, parse_data_arg
-    from .plots import router_histogram
-    from .stages.router import route_stats
+    from ..data import load_requests, parse_data_arg
+    from ..plots import router_histogram
+    from ..stages.router import route_stats
 
     kind, path = parse_data_arg(args.data)
     requests = load_requests(kind, path, limit=args.limit, skip_invalid=True)
@@ -251,3 +209,23 @@ def _route_histogram(args, edited) -> None:
     router_histogram({k: edited.router.distance(v).cpu().tolist() for k, v in embedded.items()}, edited.router.epsilon,
                      edited.router.config.max_distance, "router distance", png, title=f"{kind}:{path.name}")
     print(f"wrote {png}")
+
+
+# -- config -------------------------------------------------------------------------------------
+
+
+def add_config(sub) -> None:
+    p = add_verb(sub, "config", "print the effective MeG settings as YAML (defaults, --config, flags)",
+                 "Print every MeG setting as `fit` would use it: the defaults, overridden by --config, overridden "
+                 "by the flags given, with the run's layer and seed copied into each stage. The output is a valid "
+                 "--config file.")
+    add_meg_flags(p, formats=True)
+    p.set_defaults(run=run_config)
+
+
+def run_config(args) -> int:
+    import yaml
+
+    config = meg_config(args).resolved()
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False), end="")
+    return 0

@@ -1,0 +1,87 @@
+"""The `megedit` command: one verb per job, each a thin call into the library.
+
+Verbs are listed in the order a user meets them: demo, fit, generate, eval, inspect, config,
+then the stage verbs (fit-neurons, sweep-layers, fit-router). Global flags (--quiet, --debug) go
+before or after the verb; every verb that loads a model takes --model, --device and --dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from . import eval as eval_verbs
+from . import meg, stages
+from .common import Formatter, Parser, global_flags
+from .common import load_data as _load_data  # noqa: F401  (bench/router_kinds.py reads --data as the CLI does)
+from .common import load_pool as _load_pool  # noqa: F401
+
+VERBS = (meg.add_demo, meg.add_fit, meg.add_generate, eval_verbs.add_eval, meg.add_inspect, meg.add_config,
+         stages.add_fit_neurons, stages.add_sweep_layers, stages.add_fit_router)
+
+
+def version() -> str:
+    """The installed distribution's version, else the package's own (a source checkout)."""
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("megedit")
+    except PackageNotFoundError:
+        from .. import __version__
+
+        return __version__
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="megedit", formatter_class=Formatter,
+                    description="Massive knowledge editing of language models with MeG (generated dynamic neurons).",
+                    epilog="`megedit VERB --help` shows a verb's options.")
+    parser.add_argument("--version", action="version", version=f"megedit {version()}")
+    global_flags(parser, top=True)
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for add in VERBS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.progress = not args.quiet and sys.stderr.isatty()
+    _configure_output(args)
+    from ..errors import MeGError
+
+    try:
+        return args.run(args)
+    except MeGError as error:
+        if args.debug:
+            raise
+        print(f"megedit: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("megedit: interrupted", file=sys.stderr)
+        return 130
+
+
+def _configure_output(args) -> None:
+    """The CLI, not the library, decides what reaches the terminal."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logging.getLogger("megedit").setLevel(level)
+    _quiet_transformers()
+
+
+def _quiet_transformers() -> None:
+    """The library's own loading bars and notices drown the CLI's output."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
+    except ImportError:
+        pass

@@ -1,0 +1,7 @@
+"""`python -m megedit.cli`, the same as the `megedit` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

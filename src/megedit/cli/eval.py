@@ -1,0 +1,109 @@
+"""`megedit eval`: an edit pack, the unedited model or a baseline, through the one harness."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from .common import add_data_args, add_model_args, add_verb, load_data, load_lm, load_pack, load_pool
+from .types import layer_list, positive_int
+
+log = logging.getLogger("megedit")
+
+METHODS = ("none", "ft", "memit", "alphaedit")
+
+
+def add_eval(sub) -> None:
+    p = add_verb(
+        sub, "eval", "score a pack or a method on edit data (Rel/Gen/Loc x AG/TF + Score)",
+        "Edit N facts with a method (or none), or load an edit pack, and score the result with the shared "
+        "harness. Writes the eval JSON (metrics, protocol, timing, one row per query) with --json.",
+    )
+    p.add_argument("pack", type=Path, nargs="?", default=None,
+                   help="an edit pack folder (MeG; the base model is the one the pack names unless --model)")
+    p.add_argument("--method", choices=METHODS, default="none",
+                   help="none: the unedited model; ft: fine-tuning; memit / alphaedit: batch weight editing")
+    add_data_args(p, "edit the first N records")
+    add_model_args(p, None, pack=True)
+    p.add_argument("--layer", type=int, default=None,
+                   help="layer whose MLP the method edits (ft; default: where MeG's neuron goes, 24 on SmolLM2)")
+    p.add_argument("--layers", type=layer_list, default=None,
+                   help="memit / alphaedit: comma-separated layers (default 4..8 on SmolLM2)")
+    p.add_argument("--pseudo", metavar="KIND:PATH", default=None,
+                   help="memit / alphaedit: text for the key covariance (prompts, rephrases, locality prompts of "
+                   "these records; default: the records of --data after the edited ones)")
+    p.add_argument("--cov-texts", type=int, default=4000, help="memit / alphaedit: at most this many covariance texts")
+    p.add_argument("--lr", type=float, default=None, help="ft learning rate (default: FTConfig's)")
+    p.add_argument("--epochs", type=int, default=None, help="ft epochs (default: FTConfig's)")
+    p.add_argument("--save-edit", type=Path, default=None, help="ft / memit / alphaedit: save the weight deltas here")
+    p.add_argument("--load-edit", type=Path, default=None, help="evaluate saved weight deltas instead of editing")
+    p.add_argument("--seed", type=int, default=0, help="seed of the baseline edit (ft, memit, alphaedit)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="evaluation batch size")
+    p.add_argument("--max-new-tokens", type=positive_int, default=20,
+                   help="at most this many new tokens per answer (AG)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write the eval JSON here (a killed run resumes from JSON.partial beside it)")
+    p.set_defaults(run=run_eval)
+
+
+def _subject(args, requests, fmt, kind, path):
+    """What is scored, and the prompt format it answers in."""
+    from ..eval import PlainSubject
+
+    if args.pack is not None:
+        if args.method != "none" or args.load_edit:
+            from ..errors import ConfigError
+
+            raise ConfigError("eval: give an edit pack, or --method / --load-edit, not both")
+        subject = load_pack(args)
+        return subject, subject.prompt_format
+    model, tokenizer = load_lm(args, args.model or "smollm2")
+    if args.load_edit is not None:
+        from ..eval.subject import WeightEditSubject
+
+        return WeightEditSubject.load(args.load_edit, model, tokenizer), fmt
+    if args.method == "none":
+        return PlainSubject(model, tokenizer), fmt
+    subject = _weight_edit(args, model, tokenizer, requests, fmt, kind, path)
+    if args.save_edit:
+        subject.save(args.save_edit)
+    return subject, fmt
+
+
+def run_eval(args) -> int:
+    from ..eval import evaluate
+
+    kind, path, requests, fmt = load_data(args)
+    subject, fmt = _subject(args, requests, fmt, kind, path)
+    start = time.perf_counter()
+    report = evaluate(subject, requests, prompt_format=fmt, data_kind=kind, data_name=f"{kind}:{path.name}",
+                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=args.progress,
+                      checkpoint=args.json and args.json.with_name(args.json.name + ".partial"))
+    log.info("evaluated %d edits in %.0f s", len(requests), time.perf_counter() - start)
+    print(report.table())
+    print(f"N={report.n}  data={report.data}  model={report.model}  format={fmt.name}  seed={args.seed}")
+    if args.json:
+        report.save(args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _weight_edit(args, model, tokenizer, requests, fmt, kind, path):
+    """Edit the model's weights with a baseline (ft, memit, alphaedit)."""
+    if args.method == "ft":
+        from ..arch import resolve_layer
+        from ..baselines.ft import FTConfig, fine_tune
+
+        overrides = {k: v for k, v in (("lr", args.lr), ("epochs", args.epochs)) if v is not None}
+        config = FTConfig(layer=resolve_layer(model, args.layer), seed=args.seed, **overrides)
+        log.info("fine-tuning layer %d on %d edits", config.layer, len(requests))
+        return fine_tune(model, tokenizer, requests, fmt, config, progress=args.progress)
+    from ..baselines.memit import MemitConfig, batch_edit, pool_texts
+
+    layers = tuple(args.layers) if args.layers else None
+    pool_name, pool = load_pool(args, kind, path)
+    texts = pool_texts(pool)[: args.cov_texts]
+    log.info("%s: %d edits, key covariance from %d texts of %s", args.method, len(requests), len(texts), pool_name)
+    return batch_edit(model, tokenizer, requests, fmt, texts, MemitConfig(method=args.method, layers=layers, seed=args.seed),
+                      progress=args.progress)
