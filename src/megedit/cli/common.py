@@ -124,7 +124,7 @@ def add_model_args(p, model_default: str | None = "smollm2", pack: bool = False)
     """--model, --device, --dtype: every verb that loads a language model takes them."""
     p.add_argument("--model", default=model_default,
                    help="base model (default: the one the pack names)" if pack and model_default is None else
-                   "'smollm2' (embedded), a local folder or a hub id")
+                   "'smollm2' or 'gemma3-270m' (embedded), a local folder or a hub id")
     p.add_argument("--device", type=device, default="auto", metavar="DEVICE",
                    help="cpu, cuda, cuda:N, mps or auto (a GPU when there is one, else the CPU)")
     p.add_argument("--dtype", type=dtype, default=None if pack else "float32", metavar="DTYPE",

@@ -22,7 +22,7 @@ DEMO_DEFAULTS = {"generator": {"train_steps": 1000, "passes": None}}
 
 def add_demo(sub) -> None:
     p = add_verb(
-        sub, "demo", "the main job: edit SmolLM2 with 12 built-in counterfactual edits and show before/after",
+        sub, "demo", "the main job: edit SmolLM2 (or --model) with 12 built-in counterfactual edits and show before/after",
         "Fit MeG on the built-in demo edits (12 counterfactual facts written for megedit) with the "
         "embedded SmolLM2 and MiniLM, then print each edit's prompt, paraphrase and an unrelated question "
         "before and after editing, and the scores. Stages are cached in --work-dir: a rerun is quick. "
