@@ -193,24 +193,14 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
     timing["locality_reference_s"] = time.perf_counter() - start + earlier_s
     resume = None
     if checkpoint is not None:
-        key = hashlib.sha256(json.dumps({
-            "method": subject.method, "edit": subject.describe(), "model": model_fingerprint(subject.model, progress),
-            "prompts": prompts, "targets": [q.target for q in queries["reliability"]], "reference": ref_tokens,
-            "format": fmt.to_dict(), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-        }, sort_keys=True, default=str).encode()).hexdigest()
+        key = _checkpoint_key(subject, queries, prompts, ref_tokens, s, progress)
         resume = _Checkpoint(Path(checkpoint), key)
 
     cases, credits = [], {}
     for kind, qs in queries.items():
         if not qs:
             continue
-        if kind == "locality":
-            expected = drafts = ref_tokens
-            goals = [tok.decode(t, skip_special_tokens=True) for t in ref_tokens]
-        else:
-            expected = [fmt.answer_ids(q.target, tok) for q in qs]
-            drafts = [e + [fmt.stop_token(tok)] for e in expected]
-            goals = [q.target for q in qs]
+        expected, drafts, goals = _answers_sought(kind, qs, ref_tokens, fmt, tok)
         start = time.perf_counter()
         earlier = resume.seconds(kind) if resume else {}  # batches a killed run finished
         out = run_queries(subject, qs, prompts[kind], drafts, s, progress, kind, goals, resume)
@@ -239,6 +229,25 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
         cases=cases,
         edit=subject.describe(),
     )
+
+
+def _checkpoint_key(subject, queries: dict, prompts: dict, ref_tokens, s: DecodeSettings, progress: bool) -> str:
+    """What a resumable evaluation depends on: the subject (method, settings, weights), every query and setting."""
+    return hashlib.sha256(json.dumps({
+        "method": subject.method, "edit": subject.describe(), "model": model_fingerprint(subject.model, progress),
+        "prompts": prompts, "targets": [q.target for q in queries["reliability"]], "reference": ref_tokens,
+        "format": s.prompt_format.to_dict(), "max_new_tokens": s.max_new_tokens, "batch_size": s.batch_size,
+    }, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _answers_sought(kind: str, qs: Sequence[Query], ref_tokens, fmt: PromptFormat, tok):
+    """(expected tokens, teacher-forcing drafts, AG goal texts) of one query kind: the target for
+    reliability and generality (its draft ends with the stop token), the pre-edit model's own
+    output for locality."""
+    if kind == "locality":
+        return ref_tokens, ref_tokens, [tok.decode(t, skip_special_tokens=True) for t in ref_tokens]
+    expected = [fmt.answer_ids(q.target, tok) for q in qs]
+    return expected, [e + [fmt.stop_token(tok)] for e in expected], [q.target for q in qs]
 
 
 def _protocol(fmt: PromptFormat, s: DecodeSettings, queries: dict, n_metrics: int) -> dict:
