@@ -70,7 +70,6 @@ def train_generator(embeddings: torch.Tensor, vectors: torch.Tensor, config: Gen
     `unrelated` embeddings feed the zero-vector augmentation; `n_edits` (recorded) is how many
     edits the pairs come from when an edit has several wordings."""
     from accelerate import Accelerator
-    from accelerate.utils import broadcast_object_list
 
     config = (config or GeneratorConfig()).validate()
     if len(embeddings) != len(vectors) or len(vectors) < 1:
@@ -94,21 +93,11 @@ def train_generator(embeddings: torch.Tensor, vectors: torch.Tensor, config: Gen
     ema.to(accelerator.device)
     noise = torch.Generator().manual_seed(config.seed * 1000 + accelerator.process_index)
     dropout_seed = config.seed * 1000 + accelerator.process_index
-    state, best_weights, rng = {"step": 0, "best": None, "history": []}, None, None
     checkpoint = Path(work_dir) / "generator-train.pt" if work_dir else None
     key = _run_key(config, cond, x)
-    if checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=True)
-        if saved.get("key") == key:
-            accelerator.unwrap_model(net).load_state_dict(saved["net"])
-            ema.load_state_dict(saved["ema"])
-            optimizer.load_state_dict(saved["optimizer"])
-            noise.set_state(saved["noise"])
-            state = {"step": saved["step"], "best": saved["best"], "history": saved["history"]}
-            best_weights, rng = saved["best_weights"], saved["torch_rng"]
-            if state["history"]:  # count the time of the earlier sessions too
-                start -= state["history"][-1]["seconds"]
-            log.info("generator: resuming at step %d", state["step"])
+    state, best_weights, rng = _resume(checkpoint, key, accelerator.unwrap_model(net), ema, optimizer, noise)
+    if state["history"]:  # count the time of the earlier sessions too
+        start -= state["history"][-1]["seconds"]
 
     ema_params = list(ema.parameters())
     per_epoch = max(1, -(-len(x) // config.batch_size))
@@ -124,28 +113,14 @@ def train_generator(embeddings: torch.Tensor, vectors: torch.Tensor, config: Gen
             order = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
             rows = order[offset * config.batch_size : (offset + 1) * config.batch_size]
             rows = rows[accelerator.process_index :: accelerator.num_processes]
-            net.train()
-            loss = generator.loss(net, x[rows].to(accelerator.device), cond[rows].to(accelerator.device), noise)
-            optimizer.zero_grad()
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(net.parameters(), config.grad_clip)
-            optimizer.step()
-            decay = min(config.ema_decay, (1 + step) / (10 + step))  # warm-up: early weights fade fast
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, list(accelerator.unwrap_model(net).parameters()), 1 - decay)
+            loss = _train_step(generator, net, optimizer, ema_params, accelerator, (x[rows], cond[rows]), noise, step)
             state["step"] = step + 1
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if state["step"] % config.validate_every == 0 or state["step"] == total:
-                numbers = None
-                if accelerator.is_main_process:  # validation on one process, its numbers shared with all
-                    generated, numbers = validation_numbers(generator, ema, val_cond, val_vectors, config.seed)
-                    if validate is not None:
-                        numbers |= validate(generated)
-                    numbers |= {"step": state["step"], "loss": loss.item(), "seconds": time.perf_counter() - start}
-                    log.info("generator step %d: %s", state["step"],
-                             ", ".join(f"{k} {v:.4g}" for k, v in numbers.items() if k != "step"))
-                numbers = broadcast_object_list([numbers])[0]
+                numbers = _validation_point(generator, ema, (val_cond, val_vectors), validate, accelerator,
+                                            {"step": state["step"], "loss": loss.item(),
+                                             "seconds": time.perf_counter() - start})
                 state["history"].append(numbers)
                 if state["best"] is None or numbers["rel_l2"] < state["best"]["rel_l2"]:
                     state["best"] = numbers
@@ -155,16 +130,73 @@ def train_generator(embeddings: torch.Tensor, vectors: torch.Tensor, config: Gen
                                      best_weights)
                 accelerator.wait_for_everyone()
     bar.close()
-    final = Generator(config, generator.length, generator.cond_dim, generator.mean, generator.std,
-                      net=copy.deepcopy(ema).cpu())
-    if best_weights is not None:
-        final.net.load_state_dict(best_weights)
-    final.net.eval().requires_grad_(False)
+    final = _with_weights(generator, ema, best_weights)
     final.record = {"n_pairs": len(x), "n_edits": n_edits or len(vectors), "steps": state["step"], "best": state["best"],
                     "history": state["history"], "processes": accelerator.num_processes,
                     "seconds": time.perf_counter() - start,
                     "parameters": sum(p.numel() for p in final.net.parameters())}
     return final
+
+
+def _train_step(generator: Generator, net, optimizer, ema_params: list, accelerator, batch: tuple, noise,
+                step: int) -> torch.Tensor:
+    """One optimiser step on `batch` (targets, conditions) and the EMA update after it; the loss."""
+    config = generator.config
+    net.train()
+    loss = generator.loss(net, batch[0].to(accelerator.device), batch[1].to(accelerator.device), noise)
+    optimizer.zero_grad()
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(net.parameters(), config.grad_clip)
+    optimizer.step()
+    decay = min(config.ema_decay, (1 + step) / (10 + step))  # warm-up: early weights fade fast
+    with torch.no_grad():
+        torch._foreach_lerp_(ema_params, list(accelerator.unwrap_model(net).parameters()), 1 - decay)
+    return loss
+
+
+def _with_weights(generator: Generator, ema, best_weights: dict | None) -> Generator:
+    """A frozen CPU copy of `generator` on the EMA network, with the best validation's weights where known."""
+    final = Generator(generator.config, generator.length, generator.cond_dim, generator.mean, generator.std,
+                      net=copy.deepcopy(ema).cpu())
+    if best_weights is not None:
+        final.net.load_state_dict(best_weights)
+    final.net.eval().requires_grad_(False)
+    return final
+
+
+def _resume(checkpoint: Path | None, key: str, net, ema, optimizer, noise) -> tuple[dict, dict | None, torch.Tensor | None]:
+    """(progress state, best EMA weights, dropout RNG state) of a checkpoint this same run left, its
+    weights, optimiser and noise restored in place; a fresh start otherwise."""
+    fresh = ({"step": 0, "best": None, "history": []}, None, None)
+    if checkpoint is None or not checkpoint.exists():
+        return fresh
+    saved = torch.load(checkpoint, weights_only=True)
+    if saved.get("key") != key:
+        return fresh
+    net.load_state_dict(saved["net"])
+    ema.load_state_dict(saved["ema"])
+    optimizer.load_state_dict(saved["optimizer"])
+    noise.set_state(saved["noise"])
+    log.info("generator: resuming at step %d", saved["step"])
+    return ({"step": saved["step"], "best": saved["best"], "history": saved["history"]}, saved["best_weights"],
+            saved["torch_rng"])
+
+
+def _validation_point(generator: Generator, ema, validation: tuple, validate: Validate | None, accelerator,
+                      progress: dict) -> dict:
+    """The validation numbers of the EMA weights now (with `progress`: step, loss, seconds),
+    computed on the main process and shared with all."""
+    from accelerate.utils import broadcast_object_list
+
+    numbers = None
+    if accelerator.is_main_process:
+        generated, numbers = validation_numbers(generator, ema, *validation, generator.config.seed)
+        if validate is not None:
+            numbers |= validate(generated)
+        numbers |= progress
+        log.info("generator step %d: %s", progress["step"],
+                 ", ".join(f"{k} {v:.4g}" for k, v in numbers.items() if k != "step"))
+    return broadcast_object_list([numbers])[0]
 
 
 def _lookup(generator: Generator, cond, x, val_cond, val_vectors, validate: Validate | None, start: float,
