@@ -37,13 +37,18 @@ FILES = (SHARED / "counterfact-edit.json", SHARED / "counterfact-train.json")
 LEVERS = [
     ("prompt only, margin 1", {"margin": 1.0, "lr": 0.1}),
     ("prompt only, margin 3", {"margin": 3.0, "lr": 0.1}),
-    ("margin 1, 4 paraphrases", {"margin": 1.0, "paraphrases": 4, "lr": 0.1}),
-    ("margin 3, 4 paraphrases", {"margin": 3.0, "paraphrases": 4, "lr": 0.1}),
-    ("margin 3, 2 prefixes", {"margin": 3.0, "prefixes": 2, "lr": 0.1}),
-    ("margin 3, 4 paraphrases + 2 prefixes", {"margin": 3.0, "paraphrases": 4, "prefixes": 2, "lr": 0.1}),
-    ("margin 3, 2 paraphrases + 1 prefix", {"margin": 3.0, "paraphrases": 2, "prefixes": 1, "lr": 0.1}),
-    ("defaults: margin 3, 4 paraphrases, lr 0.3", {"margin": 3.0, "paraphrases": 4, "lr": 0.3}),
-    ("margin 3, 2 paraphrases, lr 0.3", {"margin": 3.0, "paraphrases": 2, "lr": 0.3}),
+    ("margin 1, 4 paraphrases", {"margin": 1.0, "paraphrases": 4, "lr": 0.1, "wording_schedule": "all"}),
+    ("margin 3, 4 paraphrases", {"margin": 3.0, "paraphrases": 4, "lr": 0.1, "wording_schedule": "all"}),
+    ("margin 3, 2 prefixes", {"margin": 3.0, "prefixes": 2, "lr": 0.1, "wording_schedule": "all"}),
+    ("margin 3, 4 paraphrases + 2 prefixes", {"margin": 3.0, "paraphrases": 4, "prefixes": 2, "lr": 0.1,
+                                              "wording_schedule": "all"}),
+    ("margin 3, 2 paraphrases + 1 prefix", {"margin": 3.0, "paraphrases": 2, "prefixes": 1, "lr": 0.1,
+                                            "wording_schedule": "all"}),
+    ("margin 3, 4 paraphrases, lr 0.3, all wordings every step", {"margin": 3.0, "paraphrases": 4, "lr": 0.3,
+                                                                  "wording_schedule": "all"}),
+    ("margin 3, 2 paraphrases, lr 0.3", {"margin": 3.0, "paraphrases": 2, "lr": 0.3, "wording_schedule": "all"}),
+    ("defaults: margin 3, 4 paraphrases, lr 0.3, prompt first", {"margin": 3.0, "paraphrases": 4, "lr": 0.3,
+                                                                 "wording_schedule": "prompt-first"}),
 ]
 
 

@@ -12,7 +12,7 @@ from megedit.data import EditRequest
 from megedit.data.prompts import PromptFormat
 from megedit.errors import ConfigError
 from megedit.neuron import attach_neuron
-from megedit.stages.fit_neurons import FitConfig, _row_loss_and_success, fit_neurons
+from megedit.stages.fit_neurons import WORDING_SCHEDULES, FitConfig, _row_loss_and_success, fit_neurons
 from megedit.stages.generator import Generator, GeneratorConfig, train_generator
 from megedit.stages.variants import (build_variants, context_prefixes, excluded_templates, paraphrase_templates,
                                      rephrase_template)
@@ -82,17 +82,22 @@ REQUESTS = [EditRequest(str(i), f"q{i}:", "ab"[i % 2]) for i in range(5)]
 VARIANTS = [("Q0:", "x. q0:"), (), ("q2 ?",), ("z3:", "y3:", "w3:"), ("Q4:",)]
 
 
-def test_a_batch_with_wordings_equals_fitting_each_edit_alone_with_them(lm):
+@pytest.mark.parametrize("schedule", WORDING_SCHEDULES)
+def test_a_batch_with_wordings_equals_fitting_each_edit_alone_with_them(lm, schedule):
     model, tok = lm
-    batched = fit_neurons(model, tok, REQUESTS, FMT, _fit_config(), progress=False, variants=VARIANTS)
-    alone = [fit_neurons(model, tok, [r], FMT, _fit_config(batch_size=1), progress=False, variants=[v])
+    config = _fit_config(wording_schedule=schedule)
+    batched = fit_neurons(model, tok, REQUESTS, FMT, config, progress=False, variants=VARIANTS)
+    alone = [fit_neurons(model, tok, [r], FMT, _fit_config(batch_size=1, wording_schedule=schedule), progress=False,
+                         variants=[v])
              for r, v in zip(REQUESTS, VARIANTS)]
     torch.testing.assert_close(batched.vectors, torch.cat([a.vectors for a in alone]), atol=1e-4, rtol=1e-4)
     assert batched.steps.tolist() == [int(a.steps) for a in alone]
     assert batched.wordings.tolist() == [1 + len(v) for v in VARIANTS]
-    assert batched.success.any()
+    # not a vacuous equality: with every wording trained some of these tiny edits fit; the prompt first
+    # fits none of them in 40 steps here, but its prompts pass and the other wordings get tested
+    assert bool(batched.success.any()) if schedule == "all" else batched.timing["tested_rows"] > 0
     # an edit with no other wording is fitted exactly as a prompt-only fit fits it
-    prompt_only = fit_neurons(model, tok, [REQUESTS[1]], FMT, _fit_config(), progress=False)
+    prompt_only = fit_neurons(model, tok, [REQUESTS[1]], FMT, config, progress=False)
     torch.testing.assert_close(batched.vectors[1:2], prompt_only.vectors, atol=1e-4, rtol=1e-4)
     assert bool(batched.success[1]) == bool(prompt_only.success[0])
 
@@ -122,9 +127,11 @@ def test_length_groups_hold_at_least_the_minimum_and_end_where_the_length_change
     assert _length_groups(lengths, 100) == [sorted(range(8), key=lambda i: lengths[i])]
 
 
-def test_an_edit_is_done_when_every_wording_passes_with_its_one_vector(lm):
+@pytest.mark.parametrize("schedule", WORDING_SCHEDULES)
+def test_an_edit_is_done_when_every_wording_passes_with_its_one_vector(lm, schedule):
     model, tok = lm
-    result = fit_neurons(model, tok, REQUESTS, FMT, _fit_config(), progress=False, variants=VARIANTS)
+    result = fit_neurons(model, tok, REQUESTS, FMT, _fit_config(wording_schedule=schedule), progress=False,
+                         variants=VARIANTS)
     neuron = attach_neuron(model, 1)
     try:
         for i, (r, v) in enumerate(zip(REQUESTS, VARIANTS)):
@@ -141,6 +148,25 @@ def test_an_edit_is_done_when_every_wording_passes_with_its_one_vector(lm):
             assert bool(result.success[i]) == passed[0]
     finally:
         neuron.detach()
+
+
+def test_prompt_first_trains_the_prompt_alone_until_it_passes_then_each_wording_found_failing_too(lm, monkeypatch):
+    from megedit.stages import fit_neurons as stage
+
+    model, tok = lm
+    calls = []
+    original = stage._FitState._rows_outcome
+    monkeypatch.setattr(stage._FitState, "_rows_outcome",
+                        lambda self, n, edits, pairs, *a, train: calls.append((train, [(edits[k], j) for k, j in pairs]))
+                        or original(self, n, edits, pairs, *a, train=train))
+    config = _fit_config(wording_schedule="prompt-first", max_steps=60)
+    result = fit_neurons(model, tok, REQUESTS[:1], FMT, config, progress=False, variants=[("x. q0:",)])
+    calls = [c for c in calls if c[1]]
+    first_test = next(k for k, (train, _) in enumerate(calls) if not train)
+    assert all(pairs == [(0, 0)] for _, pairs in calls[:first_test])  # the prompt alone until it passes
+    assert calls[first_test][1] == [(0, 1)]  # tested once the prompt passed, failed, and trains from then on
+    assert all(pairs == [(0, 0), (0, 1)] for _, pairs in calls[first_test + 1 :])
+    assert bool(result.success[0]) and float(result.wordings_ok[0]) == 1.0 and int(result.steps[0]) < 60
 
 
 def test_the_editor_fits_wordings_and_pairs_each_with_its_edits_vector(tmp_path):

@@ -40,6 +40,11 @@ from .variants import EXCLUDE_MODES
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "sgd")
+# which of an edit's wordings train (all of them pass a test at one vector before the edit is done):
+# all - every wording from the first step; prompt-first - the prompt alone at first, each other wording
+# joining for good when a test finds it failing (tests come when the trained wordings all pass), so a
+# wording the vector already carries costs a forward pass, not a backward one
+WORDING_SCHEDULES = ("all", "prompt-first")
 
 
 @dataclass
@@ -52,6 +57,7 @@ class FitConfig:
     batch_size: int = 64
     margin: float = 3.0  # 1 fits the prompt alone; 3 carries the edit to paraphrases (docs/method.md, stage A)
     init_seed: int = 0  # seeds the one initial vector every edit starts from
+    wording_schedule: str = "prompt-first"  # WORDING_SCHEDULES; about half the cost of "all" (docs/method.md, stage A)
     # other wordings fitted with the prompt, all sharing its vector (stages/variants.py; MeGEditor builds them)
     paraphrases: int = 4  # pool paraphrases per edit
     prefixes: int = 0  # context prefixes per edit, drawn from `prefix_pool` sentences the model writes
@@ -69,6 +75,9 @@ class FitConfig:
             raise ConfigError(f"fit needs max_prompt_tokens >= 1, found {self.max_prompt_tokens}")
         if min(self.paraphrases, self.prefixes, self.prefix_pool, self.prefix_tokens) < 0:
             raise ConfigError(f"fit needs paraphrases, prefixes, prefix_pool, prefix_tokens >= 0: {self}")
+        if self.wording_schedule not in WORDING_SCHEDULES:
+            raise ConfigError(f"wording_schedule must be one of {', '.join(WORDING_SCHEDULES)}, "
+                              f"found {self.wording_schedule!r}")
         if self.exclude_eval_templates not in EXCLUDE_MODES:
             raise ConfigError(f"exclude_eval_templates must be one of {', '.join(EXCLUDE_MODES)}, "
                               f"found {self.exclude_eval_templates!r}")
@@ -231,8 +240,9 @@ def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFo
 
     `variants[i]`: other wordings of edit i's query (stages/variants.py), fitted with its prompt
     as extra batch rows that all share the edit's one vector: the loss is the mean over the
-    wordings, and the edit is done once every wording passes the success test. An edit that
-    reaches `max_steps` first counts as fitted if its prompt passes.
+    wordings (those `config.wording_schedule` trains at the step), and the edit is done once
+    every wording passes the success test at the same vector. An edit that reaches `max_steps`
+    first counts as fitted if its prompt passes.
 
     `part=(k, n)` fits only the k-th of n parts of the edits (0-based, chosen by each edit's
     digest) into `work_dir` and returns those edits: n processes or machines sharing one
@@ -284,7 +294,10 @@ class _FitState:
         self.wordings_ok = torch.zeros(n)  # share of the edit's wordings (prompt included) that pass
         self.done = torch.zeros(n, dtype=torch.bool)
         self.hidden: dict[int, list[torch.Tensor]] = {}
-        self.timing: dict = {"reused_edits": 0, "reused_s": 0.0, "hidden_cache_s": 0.0}
+        self.training: dict[int, list[bool]] = {}  # per wording of an edit in the batch: in its loss or not
+        # row counts: wordings through the lower layers once, and the per-step forwards with and without backward
+        self.timing: dict = {"reused_edits": 0, "reused_s": 0.0, "hidden_cache_s": 0.0, "cached_rows": 0,
+                             "trained_rows": 0, "tested_rows": 0}
         self.shards = _Shards(work_dir, self._key(fmt)) if work_dir else None
         if self.shards:
             self.shards.restore(self)
@@ -304,6 +317,7 @@ class _FitState:
         flat = [(i, j) for i in edits for j in range(len(self.seqs[i]))]
         states = _cache_hidden(self.model, self.config.layer, [self.seqs[i][j] for i, j in flat], self.pad_id,
                                self.config.batch_size)
+        self.timing["cached_rows"] += len(flat)
         for (i, j), h in zip(flat, states):
             self.hidden.setdefault(i, []).append(h)
         self.timing["hidden_cache_s"] += time.perf_counter() - start
@@ -330,6 +344,7 @@ class _FitState:
                     if queue[0] not in self.hidden:
                         self._cache(queue[:chunk])
                     slots[r], taken[r] = queue.pop(0), 0
+                    self.training[slots[r]] = [True] + [self.config.wording_schedule == "all"] * (len(self.seqs[slots[r]]) - 1)
                     w[r] = initial
                     opt.reset(r)
             live = [r for r in range(rows) if slots[r] is not None]
@@ -338,6 +353,7 @@ class _FitState:
             finished = self._step(neuron, w, opt, live, slots, taken, device)
             for r in finished:
                 self.hidden.pop(slots[r], None)
+                self.training.pop(slots[r], None)
                 slots[r] = None
             bar.update(len(finished))
             if finished and self.shards:
@@ -347,43 +363,62 @@ class _FitState:
 
     def _step(self, neuron, w, opt, live, slots, taken, device) -> list[int]:
         edits = [slots[r] for r in live]
-        rows = [(seq, h, i) for i in edits for seq, h in zip(self.seqs[i], self.hidden[i])]
-        owner = torch.tensor([k for k, i in enumerate(edits) for _ in self.seqs[i]], device=device)
-        count = torch.zeros(len(live), device=device).index_add_(0, owner, torch.ones(len(rows), device=device))
+        count = torch.tensor([float(len(self.seqs[i])) for i in edits], device=device)
         edit_w = w[live].clone().requires_grad_(True)
-        row_loss = torch.zeros(len(rows), device=device)
-        row_ok = torch.zeros(len(rows), dtype=torch.bool, device=device)
-        # rows of similar length together (wordings differ in length; padding them to the longest costs
-        # about 40% of the compute), one forward and backward each, the gradients adding up in edit_w
-        for group in _length_groups([len(seq) for seq, _, _ in rows], self.MIN_GROUP_ROWS):
-            idx = torch.tensor(group, device=device)
-            loss, ok = self._rows_forward(neuron, [rows[j] for j in group], edit_w[owner[idx]], device)
-            (loss / count[owner[idx]]).sum().backward()  # each edit's loss: the mean over its wordings
-            row_loss[idx], row_ok[idx] = loss.detach(), ok
-        loss = torch.zeros(len(live), device=device).index_add(0, owner, row_loss) / count
-        passed = torch.zeros(len(live), device=device).index_add_(0, owner, row_ok.float())
-        first = torch.cat([owner.new_zeros(1), count.long().cumsum(0)[:-1]])  # each edit's prompt row
-        # read the per-edit outcomes once (not one device sync per edit)
-        all_passed, prompt_ok = (passed == count).tolist(), row_ok[first].tolist()
-        share_ok, edit_loss = (passed / count).tolist(), loss.detach().tolist()
+        trained = [(k, j) for k, i in enumerate(edits) for j, on in enumerate(self.training[i]) if on]
+        outcome = self._rows_outcome(neuron, edits, trained, edit_w, count, device, train=True)
+        # an edit whose trained wordings all pass may be done: its other wordings are checked at the same vector
+        failing = {k for (k, _), (_, ok) in outcome.items() if not ok}
+        capped = {k for k, r in enumerate(live) if taken[r] >= self.config.max_steps}
+        candidates = [k for k in range(len(edits)) if k not in failing or k in capped]
+        checks = [(k, j) for k in candidates for j in range(len(self.seqs[edits[k]])) if (k, j) not in outcome]
+        tested = self._rows_outcome(neuron, edits, checks, edit_w.detach(), count, device, train=False)
+        for (k, j), (_, ok) in tested.items():
+            self.training[edits[k]][j] |= not ok
+        outcome.update(tested)
         finished = []
-        for k, r in enumerate(live):
-            i = slots[r]
-            if all_passed[k] or taken[r] >= self.config.max_steps:
-                self.vectors[i], self.success[i] = edit_w[k].detach().cpu(), prompt_ok[k]
-                self.steps[i], self.loss[i], self.done[i] = int(taken[r]), edit_loss[k], True
-                self.wordings_ok[i] = share_ok[k]
+        for k in candidates:
+            i, r = edits[k], live[k]
+            losses, oks = zip(*(outcome[k, j] for j in range(len(self.seqs[i]))))
+            if all(oks) or k in capped:
+                self.vectors[i], self.success[i] = edit_w[k].detach().cpu(), oks[0]
+                self.steps[i], self.loss[i], self.done[i] = int(taken[r]), sum(losses) / len(losses), True
+                self.wordings_ok[i] = sum(oks) / len(oks)
                 self.shards and self.shards.pending.append(i)
                 finished.append(r)
         active = torch.zeros(w.shape[0], 1, device=device)
         grad = torch.zeros_like(w)
         idx = torch.tensor(live, device=device)
-        grad[idx] = edit_w.grad
+        if edit_w.grad is not None:
+            grad[idx] = edit_w.grad
         active[idx] = 1.0
         active[torch.tensor(finished, dtype=torch.long, device=device)] = 0.0
         opt.step(w, grad, active)
         taken[[r for r in live if r not in finished]] += 1
         return finished
+
+    def _rows_outcome(self, neuron, edits, pairs, edit_w, count, device, train: bool) -> dict:
+        """{(k, j): (loss, passed)} for wording j of edit slot k, each pair in `pairs`, with the
+        vectors `edit_w`; with `train` the gradient of each edit's loss (the mean over all its
+        wordings, these pairs' terms) is added to edit_w.grad."""
+        if not pairs:
+            return {}
+        self.timing["trained_rows" if train else "tested_rows"] += len(pairs)
+        rows = [(self.seqs[edits[k]][j], self.hidden[edits[k]][j], edits[k]) for k, j in pairs]
+        owner = torch.tensor([k for k, _ in pairs], device=device)
+        row_loss = torch.zeros(len(rows), device=device)
+        row_ok = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        # rows of similar length together (wordings differ in length; padding them to the longest costs
+        # about 40% of the compute), one forward (and backward) each, the gradients adding up in edit_w
+        with torch.set_grad_enabled(train):
+            for group in _length_groups([len(seq) for seq, _, _ in rows], self.MIN_GROUP_ROWS):
+                idx = torch.tensor(group, device=device)
+                loss, ok = self._rows_forward(neuron, [rows[j] for j in group], edit_w[owner[idx]], device)
+                if train:
+                    (loss / count[owner[idx]]).sum().backward()
+                row_loss[idx], row_ok[idx] = loss.detach(), ok
+        # read the outcomes once (not one device sync per row)
+        return dict(zip(pairs, zip(row_loss.tolist(), row_ok.tolist())))
 
     def _rows_forward(self, neuron, rows, row_w, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row answer loss and success test of `rows` with vectors `row_w`."""
