@@ -6,6 +6,13 @@ paraphrases).
     .venv/bin/python bench/generality.py levers --limit 1024 --exclude own --only "prompt only, margin 1" \
         "defaults: margin 3, 4 paraphrases, lr 0.3" "margin 3, 2 paraphrases, lr 0.3"   # stage A's cost
 
+`cost` times stage A on the first N edits three ways, one after the other in one job, each in a
+process of its own: the code of the revision where the Generality issue was filed (`--before`,
+its own defaults: the prompt alone, margin 1, lr 0.1), today's code with those settings, and
+today's defaults (building the wordings included). Model loading is not timed.
+
+    .venv/bin/python bench/generality.py cost --limit 1024      # -> bench/results/stage-a-cost-<N>.json
+
 `levers` fits the first N edits under each stage A setting (margin, pool paraphrases, context
 prefixes) and scores each edit's fitted vector on its own prompt and rephrase (no generator, no
 router: the Generality the vectors carry on their own, which bounds MeG's), with the time the fit
@@ -23,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -101,9 +109,70 @@ def levers(args, path: Path) -> dict:
     return out
 
 
+# one stage A fit, run in a process of its own: argv = edits file, pool file, N, overrides (JSON; null: the
+# revision's own FitConfig defaults, no wordings, the only call an older revision understands)
+COST_DRIVER = r"""
+import dataclasses, json, sys, time
+import torch
+from megedit import load_model, load_requests
+from megedit.data.prompts import get_format
+from megedit.stages.fit_neurons import FitConfig, fit_neurons
+edits, pool, limit, overrides = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+requests = load_requests("counterfact", edits, limit=limit)
+model, tokenizer = load_model("smollm2", device="cpu")
+start = time.perf_counter()
+if overrides is None:
+    config, variants = FitConfig(), {}
+else:
+    from megedit import MeGConfig, MeGEditor
+    pool = load_requests("counterfact", pool)
+    start = time.perf_counter()
+    settings = MeGConfig()
+    settings.fit = dataclasses.replace(settings.fit, **overrides)
+    editor = MeGEditor(model, tokenizer, settings, progress=False)
+    config, variants = editor.config.fit, {"variants": editor.variants(requests, pool)[0]}
+result = fit_neurons(model, tokenizer, requests, get_format("raw"), config, progress=False, **variants)
+summary = result.summary()
+print(json.dumps({"stage_a_s": time.perf_counter() - start, "success_rate": summary["success_rate"],
+                  "median_steps": summary["median_steps"], "mean_wordings": summary.get("mean_wordings", 1.0),
+                  "config": summary["config"], "threads": torch.get_num_threads()}))
+"""
+
+
+def cost(args, path: Path) -> dict:
+    import subprocess
+    import tarfile
+    import tempfile
+
+    from megedit.io import atomic_write_json
+
+    def git(*cmd) -> bytes:
+        return subprocess.run(["git", *cmd], cwd=HERE.parent, check=True, capture_output=True).stdout
+
+    out = {"n": args.limit, "edits": FILES[0].name, "pool": FILES[1].name, "revision": git("rev-parse", "HEAD").decode().strip(),
+           "before": git("rev-parse", args.before).decode().strip(), "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "before.tar").write_bytes(git("archive", args.before, "src"))
+        with tarfile.open(Path(tmp) / "before.tar") as tar:
+            tar.extractall(tmp, filter="data")
+        runs = [("stage A when the issue was filed (its defaults: prompt only, margin 1, lr 0.1)", Path(tmp) / "src", None),
+                ("today's code, the settings of before", HERE.parent / "src", {"paraphrases": 0, "margin": 1.0, "lr": 0.1}),
+                ("today's defaults (wordings built and fitted)", HERE.parent / "src", {})]
+        for label, src, overrides in runs:
+            proc = subprocess.run([sys.executable, "-c", COST_DRIVER, *map(str, FILES), str(args.limit), json.dumps(overrides)],
+                                  env={**os.environ, "PYTHONPATH": str(src)}, check=True, capture_output=True, text=True)
+            row = {"setting": label, **json.loads(proc.stdout.strip().splitlines()[-1])}
+            out["rows"].append(row)
+            atomic_write_json(path, out)
+            print(f"{label:70s} {row['stage_a_s']:7.0f} s  success {row['success_rate']:5.1f}%  "
+                  f"median steps {row['median_steps']}", flush=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["levers"])
+    parser.add_argument("what", choices=["levers", "cost"])
+    parser.add_argument("--before", default="e130282", help="cost: the revision to time beside today's code")
     parser.add_argument("--limit", type=int, default=128)
     parser.add_argument("--swap", action="store_true", help="edits from counterfact-train, pool from counterfact-edit")
     parser.add_argument("--exclude", default="all", choices=["none", "own", "all"])
@@ -111,6 +180,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.what == "cost":
+        path = HERE / "results" / f"stage-a-cost-{args.limit}.json"
+        cost(args, path)
+        print(f"wrote {path}")
+        return 0
     name = f"generality-levers{'-swap' if args.swap else ''}{'' if args.exclude == 'all' else '-' + args.exclude}-{args.limit}"
     path = HERE / "results" / f"{name}.json"
     levers(args, path)

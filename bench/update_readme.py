@@ -145,6 +145,20 @@ def generality_levers_table() -> str:
                    "cost", "RelAG", "RelTF", "GenAG", "GenTF"], rows)
 
 
+def stage_a_cost_table() -> str:
+    """Stage A's time: the code when the Generality issue was filed, today's code with its settings,
+    today's defaults; one job, one after the other (bench/generality.py cost)."""
+    rows = []
+    for r in _load("stage-a-cost-*.json"):
+        before, old_settings = (r["rows"][k]["stage_a_s"] if len(r["rows"]) > k else None for k in (0, 1))
+        for row in r["rows"]:
+            rows.append([str(r["n"]), row["setting"], f"{row['mean_wordings']:.1f}", f"{row['median_steps']:.0f}",
+                         f"{row['success_rate']:.1f}", f"{row['stage_a_s']:.0f}", f"{row['stage_a_s'] / before:.1f}x",
+                         f"{row['stage_a_s'] / old_settings:.1f}x" if old_settings else "", str(row["threads"])])
+    return _table(["N", "stage A", "wordings / edit", "median steps", "success %", "s", "vs when filed",
+                   "vs today's code, settings of before", "threads"], rows)
+
+
 def headline_table() -> str:
     """MeG with the defaults (each data setting) and the baselines at 1,024 CounterFact edits."""
     rows = []
@@ -294,7 +308,7 @@ def memit_sweep_table() -> str:
                    "LocTF", "Score", "edit s"], rows)
 
 
-TABLES = {"headline": headline_table, "generality-levers": generality_levers_table, "scale-curve": scale_curve_table, "memit-sweep": memit_sweep_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
+TABLES = {"headline": headline_table, "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table, "scale-curve": scale_curve_table, "memit-sweep": memit_sweep_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
           "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table,
           "routing": routing_table, "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table,
           "denoising": denoising_table}

@@ -57,7 +57,7 @@ class FitConfig:
     batch_size: int = 64
     margin: float = 3.0  # 1 fits the prompt alone; 3 carries the edit to paraphrases (docs/method.md, stage A)
     init_seed: int = 0  # seeds the one initial vector every edit starts from
-    wording_schedule: str = "prompt-first"  # WORDING_SCHEDULES; about half the cost of "all" (docs/method.md, stage A)
+    wording_schedule: str = "prompt-first"  # or "all": which wordings train at a step; prompt-first costs about half
     # other wordings fitted with the prompt, all sharing its vector (stages/variants.py; MeGEditor builds them)
     paraphrases: int = 4  # pool paraphrases per edit
     prefixes: int = 0  # context prefixes per edit, drawn from `prefix_pool` sentences the model writes
