@@ -55,7 +55,7 @@ def baselines_table() -> str:
 def _meg_label(r: dict) -> str:
     """'meg (mlp generator)', naming what differs from the defaults: a generator budget other than
     the default passes, the edits' wordings left out (benchmark switch), or a run made with the
-    defaults from before stage A fitted other wordings."""
+    defaults from before stage A fitted other wordings, or with another wording schedule."""
     from megedit import MeGConfig
 
     generator, fit = r["config"]["generator"], r["config"]["fit"]
@@ -64,6 +64,8 @@ def _meg_label(r: dict) -> str:
         parts.insert(0, r["model"])
     if "paraphrases" not in fit:
         parts.append("prompt-only defaults of before")
+    elif fit.get("wording_schedule", "all") != MeGConfig().fit.wording_schedule:
+        parts.append(f"stage A trains {fit.get('wording_schedule', 'all')} wordings each step")
     if generator.get("passes") is None:
         parts.append(f"{r['fit']['generator']['steps']:,} steps")
     elif generator["passes"] != MeGConfig().generator.passes:

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -38,6 +39,19 @@ log = logging.getLogger(__name__)
 PACK_FORMAT, PACK_VERSION = "megedit-pack", 2  # 2: pack.json holds its own checksum
 PACK_FILES = ("encoder.safetensors", "encoder.json", "router.safetensors", "router.json",
               "generator.safetensors", "generator.json")
+
+
+@dataclass
+class Routing:
+    """How a batch of raw queries was routed (`EditedModel.routing`), per query: its neuron vector
+    (zero where no edit fires), the router's distance, whether an edit fires, and which one: the
+    index, in the order the edits were fitted, of the edit prompt nearest to the query. The
+    "entropy" router knows familiarity, not which edit, so there `edits` holds None throughout."""
+
+    vectors: torch.Tensor  # (B, size), on the CPU
+    distance: torch.Tensor  # (B,)
+    fired: torch.Tensor  # (B,) bool
+    edits: list[int | None]  # None where no edit fires or the router cannot name one
 
 
 class EditedModel(NeuronSubject):
@@ -83,8 +97,14 @@ class EditedModel(NeuronSubject):
     @torch.no_grad()
     def vectors_for(self, texts: Sequence[str]) -> torch.Tensor:
         """(B, size) neuron vectors: generated for familiar queries, zero for the rest."""
+        return self.routing(texts).vectors
+
+    @torch.no_grad()
+    def routing(self, texts: Sequence[str]) -> Routing:
+        """The neuron vectors of raw queries (as `vectors_for`) with the routing behind them: the
+        distances, which queries fire an edit and which edit (see `Routing`)."""
         start = time.perf_counter()
-        emb, _, familiar = self.route(texts)
+        emb, distance, familiar = self.route(texts)
         routed = time.perf_counter()
         out = torch.zeros(len(texts), self.spec.size)
         if familiar.any():
@@ -93,7 +113,8 @@ class EditedModel(NeuronSubject):
         self.stats["familiar"] += int(familiar.sum())
         self.stats["route_s"] += routed - start
         self.stats["generate_s"] += time.perf_counter() - routed
-        return out
+        nearest = self.router.nearest_edit(emb)
+        return Routing(out, distance, familiar, [i if f else None for i, f in zip(nearest, familiar.tolist())])
 
     def describe(self) -> dict:
         return {"method": "meg", "spec": self.spec.to_dict(), "epsilon": self.router.epsilon,
@@ -115,7 +136,7 @@ class EditedModel(NeuronSubject):
 
     def generate(self, prompts: Sequence[str] | str, max_new_tokens: int = 20, batch_size: int = 32,
                  prompt_format: str | PromptFormat | None = None, *, max_prompt_tokens: int | None = None,
-                 seed: int | None = None, **generation_kwargs) -> list:
+                 seed: int | None = None, vectors: torch.Tensor | None = None, **generation_kwargs) -> list:
         """Answers for raw prompts, wrapped in the pack's format, each routed on its own text.
 
         With no generation arguments: greedy decoding up to the first newline (the harness's own
@@ -127,7 +148,12 @@ class EditedModel(NeuronSubject):
         without touching the global RNG. Returns one text per prompt, a list of texts per prompt
         when num_return_sequences > 1, or HF's output as is with return_dict_in_generate=True
         (all prompts in one batch). Prompts longer than `max_prompt_tokens` (default: the
-        attribute, else the model's context) are refused."""
+        attribute, else the model's context) are refused.
+
+        `vectors` (one row per prompt, e.g. `routing(texts).vectors`) replaces the routing: a zero
+        row runs that prompt on the exact base model while the others stay edited (HF's generate
+        runs). A streamer of HF's TextStreamer family takes one prompt; another `BaseStreamer` gets
+        every prompt's row in one batch: put() with the (rows, width) prompts, then (rows,) tokens."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not all(isinstance(p, str) for p in prompts):
             raise ConfigError(f"prompts must be strings, found {[type(p).__name__ for p in prompts]}")
@@ -136,28 +162,41 @@ class EditedModel(NeuronSubject):
         fmt = get_format(prompt_format or self.prompt_format)
         ids = [fmt.prompt_ids(p, self.tokenizer) for p in prompts]
         self._check_prompts(ids, max_prompt_tokens)
-        if not generation_kwargs:
+        if not generation_kwargs and vectors is None:
             return self._greedy(prompts, ids, fmt, max_new_tokens, batch_size)
-        stops = self.end_of_turn_ids() if fmt.chat else sorted(stop_tokens(self.tokenizer))
-        return self._hf_generate(prompts, ids, stops, max_new_tokens, batch_size, seed, generation_kwargs)
+        return self._hf_generate(prompts, ids, self.answer_end_ids(fmt), max_new_tokens, batch_size, seed,
+                                 generation_kwargs, vectors)
 
-    def chat(self, messages: str | Sequence[dict], max_new_tokens: int = 48, *, max_prompt_tokens: int | None = None,
-             seed: int | None = None, **generation_kwargs):
+    def chat(self, messages: str | Sequence[dict] | Sequence[str | Sequence[dict]], max_new_tokens: int = 48, *,
+             max_prompt_tokens: int | None = None, seed: int | None = None, vectors: torch.Tensor | None = None,
+             **generation_kwargs):
         """The assistant's reply to one user message (a string) or a conversation (a list of
         {"role", "content"} ending with a user turn), through the tokenizer's chat template, up to
         the end-of-turn token (not the first newline). The router sees the last user message's
-        text, as edits are routed on their raw query. Takes generate()'s generation arguments."""
+        text, as edits are routed on their raw query. Takes generate()'s generation arguments
+        (`vectors` included: one row per conversation). A list of conversations (each a string or
+        a message list) gives a list of replies, the conversations run as one batch."""
         _check_count("max_new_tokens", max_new_tokens)
-        messages = _conversation(messages, self.prompt_format)
+        batch = _is_batch(messages)
+        conversations = [_conversation(m, self.prompt_format) for m in (messages if batch else [messages])]
+        ids = [self._chat_ids(c) for c in conversations]
+        self._check_prompts(ids, max_prompt_tokens)
+        out = self._hf_generate([c[-1]["content"] for c in conversations], ids, self.end_of_turn_ids(),
+                                max_new_tokens, len(ids), seed, generation_kwargs, vectors)
+        return out if batch or generation_kwargs.get("return_dict_in_generate") else out[0]
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
         try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except (ValueError, jinja2.TemplateError) as error:
             raise ConfigError(f"chat needs the tokenizer's chat template, which failed: {error}") from None
-        ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"]]  # the template wrote the special tokens
-        self._check_prompts(ids, max_prompt_tokens)
-        out = self._hf_generate([messages[-1]["content"]], ids, self.end_of_turn_ids(), max_new_tokens, 1, seed,
-                                generation_kwargs)
-        return out if generation_kwargs.get("return_dict_in_generate") else out[0]
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote the special tokens
+
+    def answer_end_ids(self, prompt_format: str | PromptFormat | None = None) -> list[int]:
+        """Tokens that end generate()'s answers under a prompt format (default: the pack's):
+        the end-of-turn tokens for chat formats, else EOS and every token holding a newline."""
+        fmt = get_format(prompt_format or self.prompt_format)
+        return self.end_of_turn_ids() if fmt.chat else sorted(stop_tokens(self.tokenizer))
 
     def end_of_turn_ids(self) -> list[int]:
         """Tokens that end an assistant turn: the tokenizer's EOS and the model's generation EOS
@@ -181,17 +220,27 @@ class EditedModel(NeuronSubject):
         return [self.tokenizer.decode(g, skip_special_tokens=True).strip() for g in out.generated]
 
     def _hf_generate(self, texts: list[str], ids: list[list[int]], stops: list[int], max_new_tokens: int,
-                     batch_size: int, seed: int | None, kwargs: dict):
-        """HF generate() on prompt token ids, the neuron routed on `texts` (one per prompt)."""
-        if kwargs.get("streamer") is not None and len(ids) != 1:
-            raise ConfigError(f"a streamer takes one prompt at a time, found {len(ids)} prompts")
+                     batch_size: int, seed: int | None, kwargs: dict, vectors: torch.Tensor | None = None):
+        """HF generate() on prompt token ids, the neuron routed on `texts` (one per prompt) unless
+        `vectors` gives each prompt's vector."""
+        from transformers import TextStreamer
+
+        if kwargs.get("streamer") is not None:
+            if isinstance(kwargs["streamer"], TextStreamer) and len(ids) != 1:  # HF's text streamers take one row
+                raise ConfigError(f"a streamer takes one prompt at a time, found {len(ids)} prompts (a "
+                                  f"BaseStreamer of your own can take them all as one batch)")
+            batch_size = max(1, len(ids))  # one generate() call: the streamer sees each row once
+        if vectors is not None and tuple(vectors.shape) != (len(ids), self.spec.size):
+            raise ConfigError(f"vectors must have shape ({len(ids)}, {self.spec.size}) (one row per prompt), "
+                              f"found {tuple(vectors.shape)}")
         if "generation_config" not in kwargs:  # greedy and the format's stops unless the caller says otherwise
             kwargs = {"do_sample": False, "eos_token_id": stops, **kwargs}
         if kwargs.get("stop_strings") and "tokenizer" not in kwargs:
             kwargs["tokenizer"] = self.tokenizer  # HF needs it to match stop strings
         raw = bool(kwargs.get("return_dict_in_generate"))
         device = model_device(self.model)
-        vectors = self.vectors_for(texts).to(device) if ids else None
+        if ids:
+            vectors = (self.vectors_for(texts) if vectors is None else vectors).to(device)
 
         def rows(idx: list[int], repeat: int):
             return self.neuron.applied(vectors[idx].repeat_interleave(repeat, dim=0))
@@ -299,6 +348,12 @@ def _id_set(ids) -> set[int]:
     if isinstance(ids, torch.Tensor):
         ids = ids.tolist()
     return {ids} if isinstance(ids, int) else {int(i) for i in ids}
+
+
+def _is_batch(messages) -> bool:
+    """Whether chat() was given several conversations (a list of strings or of message lists)."""
+    return (isinstance(messages, (list, tuple)) and bool(messages)
+            and all(isinstance(m, (str, list, tuple)) for m in messages))
 
 
 def _conversation(messages, fmt: PromptFormat) -> list[dict]:

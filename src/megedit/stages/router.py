@@ -197,10 +197,22 @@ class Router:
         """(B,) distance of each query from the edits: entropy, or 1 - cosine to the nearest edit prompt."""
         if self.net is not None:
             return self.net.entropy(embeddings.to(next(self.net.parameters()).device))
+        return 1.0 - self._nearest(embeddings)[0]
+
+    @torch.no_grad()
+    def nearest_edit(self, embeddings: torch.Tensor) -> list[int | None]:
+        """Per query, the index (in fit order) of the nearest edit prompt; None throughout for the
+        entropy router, which knows familiarity but not which edit."""
+        return [None] * len(embeddings) if self.bank is None else self._nearest(embeddings)[1].tolist()
+
+    def _nearest(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosine to the nearest edit prompt of the bank, and its index, per query (in chunks: the
+        (B, N) similarity matrix of a large batch against 10,000 edits would be big)."""
         queries = nn.functional.normalize(embeddings.to(self.bank.device, self.bank.dtype), dim=-1)
-        nearest = torch.cat([(chunk @ self.bank.T).amax(dim=1) for chunk in queries.split(1024)]) if len(queries) \
-            else queries.new_zeros(0)
-        return 1.0 - nearest
+        if not len(queries):
+            return queries.new_zeros(0), torch.zeros(0, dtype=torch.long)
+        best = [(chunk @ self.bank.T).max(dim=1) for chunk in queries.split(1024)]
+        return torch.cat([b.values for b in best]), torch.cat([b.indices for b in best])
 
     def familiar(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Bool (B,): which queries should get a generated neuron."""
