@@ -20,7 +20,7 @@ from megedit.config import MeGConfig
 
 MEGEDIT = [sys.executable, "-m", "megedit.cli"]
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"
-MODEL_VERBS = ("demo", "fit", "generate", "eval", "serve", "inspect", "fit-neurons", "sweep-layers")
+MODEL_VERBS = ("demo", "fit", "add", "remove", "generate", "eval", "serve", "inspect", "fit-neurons", "sweep-layers")
 
 
 def _run(*args, timeout=120):
@@ -66,7 +66,8 @@ def test_the_entry_point_and_python_m_agree():
 def test_verbs_are_listed_in_the_order_users_meet_them():
     out = _run("--help")
     assert out.returncode == 0
-    order = ["demo", "fit", "generate", "eval", "serve", "inspect", "config", "fit-neurons", "sweep-layers", "fit-router"]
+    order = ["demo", "fit", "add", "remove", "generate", "eval", "serve", "inspect", "config", "fit-neurons",
+             "sweep-layers", "fit-router"]
     section = out.stdout.split("positional arguments:")[1].split("options:")[0]
     listed = re.findall(r"^    (\S+)", section, re.MULTILINE)  # a verb's row; its help's wrapped lines are deeper
     assert listed == order

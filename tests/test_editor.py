@@ -124,7 +124,7 @@ def test_pack_round_trip_gives_identical_answers_in_a_fresh_process(fitted, tmp_
     pack = edited.save_pretrained(tmp_path / "pack")
     assert sorted(p.name for p in pack.iterdir()) == sorted(
         ["pack.json", "encoder.safetensors", "encoder.json", "router.safetensors", "router.json",
-         "generator.safetensors", "generator.json"])
+         "generator.safetensors", "generator.json", "edits.safetensors", "edits.json"])
     prompts = [r.prompt for r in EDITS] + [r.rephrases[0] for r in EDITS] + ["zzzz"]
     here = edited.generate(prompts, max_new_tokens=4)
     script = (f"import sys, json; sys.path.insert(0, {str(HERE)!r})\n"

@@ -9,7 +9,7 @@ import threading
 import pytest
 from test_editor import fitted  # noqa: F401  (the module-scoped fitted pack)
 
-from megedit.edited import _sha256, check_pack_target, read_manifest
+from megedit.pack import check_pack_target, file_sha256, read_manifest
 from megedit.errors import MeGError
 
 MEGEDIT = [sys.executable, "-m", "megedit.cli"]
@@ -62,7 +62,7 @@ def test_concurrent_writers_end_with_one_intact_pack(fitted, tmp_path):  # noqa:
     assert errors == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pack"]
     manifest = read_manifest(tmp_path / "pack")  # whole: every file there with its recorded checksum
-    assert all(_sha256(tmp_path / "pack" / name) == digest for name, digest in manifest["files"].items())
+    assert all(file_sha256(tmp_path / "pack" / name) == digest for name, digest in manifest["files"].items())
 
 
 @pytest.mark.parametrize("make", ["folder", "file"])

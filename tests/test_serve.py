@@ -102,14 +102,15 @@ def test_a_completion_answers_the_edit_and_names_it(client, edit):
     out, header = _complete(client, prompt)
     choice = out.choices[0]
     assert choice.text == after and choice.finish_reason == "stop"
-    assert choice.megedit["edit_fired"] is True and choice.megedit["edit_id"] == str(k) and header == str(k)
+    case = EDITS[k].case_id  # the edit is named by its case id
+    assert choice.megedit["edit_fired"] is True and choice.megedit["edit_id"] == case and header == case
     assert choice.megedit["distance"] == pytest.approx(0.0, abs=1e-4)  # an edit prompt is its own nearest
     out, header = _complete(client, prompt, model=BASE)
     assert out.choices[0].text == before and header == "none"
     assert out.choices[0].megedit == {"edit_fired": False, "edit_id": None, "distance": None}
     out, header = _complete(client, [prompt, UNRELATED])  # a list of prompts: a choice each
     assert [c.index for c in out.choices] == [0, 1] and out.choices[0].text == after
-    assert out.choices[1].megedit["edit_fired"] is False and header == f"{k},none"
+    assert out.choices[1].megedit["edit_fired"] is False and header == f"{case},none"
 
 
 def test_a_chat_completion_routes_the_last_user_message(client, edited, edit, monkeypatch):
@@ -123,7 +124,7 @@ def test_a_chat_completion_routes_the_last_user_message(client, edited, edit, mo
     out = raw.parse()
     expected = edited.chat(messages, 6, do_sample=False)  # the server is idle: the model is free
     assert out.choices[0].message.content == expected and out.choices[0].message.role == "assistant"
-    assert out.choices[0].megedit["edit_id"] == str(k) and raw.headers["x-megedit-edit"] == str(k)
+    assert out.choices[0].megedit["edit_id"] == EDITS[k].case_id == raw.headers["x-megedit-edit"]
     base = client.chat.completions.create(model=BASE, messages=messages, max_tokens=6, temperature=0)
     with edited.unedited():
         assert base.choices[0].message.content == edited.chat(messages, 6, do_sample=False)
@@ -173,7 +174,7 @@ def test_concurrent_requests_are_batched_and_each_row_keeps_its_routing(client, 
         replies = list(pool.map(ask, jobs))
     for (model, text), (out, header) in zip(jobs, replies):
         fired = model == MODEL and text == prompt
-        assert out.choices[0].megedit["edit_fired"] is fired and header == (str(k) if fired else "none")
+        assert out.choices[0].megedit["edit_fired"] is fired and header == (EDITS[k].case_id if fired else "none")
         assert (out.choices[0].text == after) is fired
     assert stats["rows"] - rows == len(jobs) and stats["batches"] - batches < len(jobs)  # some had several rows
 
@@ -259,7 +260,7 @@ def test_the_cli_refuses_a_public_host_without_a_key_in_one_line():
 def test_routing_names_the_nearest_edit_and_a_zero_vector_row_is_the_base_model(edited, edit):
     k, prompt, after, before = edit
     routing = edited.routing([r.prompt for r in EDITS] + [UNRELATED])
-    assert routing.edits == [0, 1, 2, 3, None] and routing.fired.tolist() == [True] * 4 + [False]
+    assert routing.edits == ["e0", "e1", "e2", "e3", None] and routing.fired.tolist() == [True] * 4 + [False]
     assert torch.equal(routing.vectors, edited.vectors_for([r.prompt for r in EDITS] + [UNRELATED]))
     vectors = torch.stack([routing.vectors[k], torch.zeros(edited.spec.size)])
     assert edited.generate([prompt, prompt], 8, vectors=vectors) == [after, before]

@@ -8,50 +8,49 @@ neuron vector for the familiar ones, apply the vectors per batch row, decode.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import jinja2
 import torch
 from torch import nn
 
 from .data.prompts import PromptFormat, get_format, stop_tokens
+from .edit_table import EDIT_FILES, EditTable
 from .errors import ConfigError, MeGError
 from .eval.subject import NeuronSubject, Query
-from .io import atomic_write_json, parse_text
 from .lm import check_prompt_lengths, hf_generate, model_device, prompt_limit
 from .models import SentenceEncoder, model_fingerprint
 from .neuron import NeuronSpec, attach_neuron
+from .pack import (PACK_FILES, PACK_FORMAT, PACK_VERSION, check_pack_target, file_sha256,  # noqa: F401
+                   manifest_sha256, read_manifest, write_pack)  # check_pack_target, manifest_sha256: re-exported
 from .stages.encoder import load_encoder_delta, write_encoder_delta
 from .stages.generator import Generator
 from .stages.router import Router
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from .data.requests import EditRequest
+    from .living import AddConfig
 
-PACK_FORMAT, PACK_VERSION = "megedit-pack", 2  # 2: pack.json holds its own checksum
-PACK_FILES = ("encoder.safetensors", "encoder.json", "router.safetensors", "router.json",
-              "generator.safetensors", "generator.json")
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class Routing:
     """How a batch of raw queries was routed (`EditedModel.routing`), per query: its neuron vector
     (zero where no edit fires), the router's distance, whether an edit fires, and which one: the
-    index, in the order the edits were fitted, of the edit prompt nearest to the query. The
-    "entropy" router knows familiarity, not which edit, so there `edits` holds None throughout."""
+    case id of the edit whose prompt is nearest to the query (a pack from before packs listed
+    their edits gives its index in fit order, as a string). The "entropy" router knows
+    familiarity, not which edit, so there `edits` holds None throughout."""
 
     vectors: torch.Tensor  # (B, size), on the CPU
     distance: torch.Tensor  # (B,)
     fired: torch.Tensor  # (B,) bool
-    edits: list[int | None]  # None where no edit fires or the router cannot name one
+    edits: list[str | None]  # None where no edit fires or the router cannot name one
 
 
 class EditedModel(NeuronSubject):
@@ -59,14 +58,17 @@ class EditedModel(NeuronSubject):
     `edited.enabled = False` (or `with edited.unedited():`) gives back the exact base model.
     `edited.model` called directly is the base model (its neuron has no vectors) except inside
     `with edited.routed(texts):`. Prompts longer than `max_prompt_tokens` (None: the model's
-    context) are refused."""
+    context) are refused. `edits`: the edits it holds, in the router's order (what adding and
+    removing edits needs; None for a pack from before packs listed them); `history`: the
+    additions and removals since the fit."""
 
     method = "meg"
 
     def __init__(self, model, tokenizer, spec: NeuronSpec, encoder: SentenceEncoder, encoder_record: dict,
                  router: Router, generator: Generator, *, prompt_format: str | PromptFormat = "raw",
                  config: dict | None = None, record: dict | None = None, sample_seed: int = 0,
-                 fingerprint: str | None = None) -> None:
+                 fingerprint: str | None = None, edits: EditTable | None = None,
+                 history: list[dict] | None = None) -> None:
         self.fingerprint = fingerprint or model_fingerprint(model)
         super().__init__(model, tokenizer, attach_neuron(model, spec.layer, spec.variant),
                          lambda queries: self.vectors_for([q.text for q in queries]), "meg")
@@ -74,6 +76,7 @@ class EditedModel(NeuronSubject):
         self.router, self.generator = router, generator
         self.prompt_format = get_format(prompt_format)
         self.config, self.record, self.sample_seed = config or {}, record or {}, sample_seed
+        self.edits, self.history = edits, list(history or [])
         self.stats = {"queries": 0, "familiar": 0, "route_s": 0.0, "generate_s": 0.0}
         self.max_prompt_tokens: int | None = None
 
@@ -114,7 +117,9 @@ class EditedModel(NeuronSubject):
         self.stats["route_s"] += routed - start
         self.stats["generate_s"] += time.perf_counter() - routed
         nearest = self.router.nearest_edit(emb)
-        return Routing(out, distance, familiar, [i if f else None for i, f in zip(nearest, familiar.tolist())])
+        ids = self.edits.case_ids if self.edits is not None else None
+        named = [None if i is None else ids[i] if ids is not None else str(i) for i in nearest]
+        return Routing(out, distance, familiar, [e if f else None for e, f in zip(named, familiar.tolist())])
 
     def describe(self) -> dict:
         return {"method": "meg", "spec": self.spec.to_dict(), "epsilon": self.router.epsilon,
@@ -280,31 +285,27 @@ class EditedModel(NeuronSubject):
 
         from . import __version__
 
-        directory = Path(directory)
-        check_pack_target(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-        try:
-            write_encoder_delta(self.encoder, self.encoder_record, tmp / "encoder.safetensors")
-            self.router.save(tmp / "router.safetensors")
-            self.generator.save(tmp / "generator.safetensors")
-            manifest = {
-                "format": PACK_FORMAT, "version": PACK_VERSION,
-                "base_model": {"fingerprint": self.fingerprint, "model_type": self.model.config.model_type,
-                               "source": getattr(self.model, "megedit_source", None) or self.model.config._name_or_path,
-                               "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.")},
-                "spec": self.spec.to_dict(), "prompt_format": self.prompt_format.to_dict(),
-                "sample_seed": self.sample_seed, "epsilon": self.router.epsilon, "config": self.config,
-                "record": self.record, "files": {name: _sha256(tmp / name) for name in PACK_FILES},
-                "versions": {"megedit": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
-            }
-            atomic_write_json(tmp / "pack.json", {**manifest, "manifest_sha256": manifest_sha256(manifest)})
-            _replace_dir(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        def write(folder: Path) -> list[str]:
+            write_encoder_delta(self.encoder, self.encoder_record, folder / "encoder.safetensors")
+            self.router.save(folder / "router.safetensors")
+            self.generator.save(folder / "generator.safetensors")
+            if self.edits is not None:
+                self.edits.save(folder)
+            return [*PACK_FILES, *(EDIT_FILES if self.edits is not None else ())]
+
+        manifest = {
+            "format": PACK_FORMAT, "version": PACK_VERSION,
+            "base_model": {"fingerprint": self.fingerprint, "model_type": self.model.config.model_type,
+                           "source": getattr(self.model, "megedit_source", None) or self.model.config._name_or_path,
+                           "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.")},
+            "spec": self.spec.to_dict(), "prompt_format": self.prompt_format.to_dict(),
+            "sample_seed": self.sample_seed, "epsilon": self.router.epsilon, "config": self.config,
+            "record": self.record, "history": self.history,
+            "versions": {"megedit": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        }
+        write_pack(Path(directory), manifest, write)
         log.info("saved edit pack to %s", directory)
-        return directory
+        return Path(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, model, tokenizer, *, encoder: SentenceEncoder | None = None,
@@ -320,16 +321,42 @@ class EditedModel(NeuronSubject):
                            f"fingerprint {expected['fingerprint'][:12]}); the model given has fingerprint "
                            f"{fingerprint[:12]}")
         for name, digest in manifest["files"].items():
-            if _sha256(directory / name) != digest:
+            if file_sha256(directory / name) != digest:
                 raise MeGError(f"{directory / name}: corrupt or changed since the pack was written (checksum mismatch)")
         tuned, encoder_record = load_encoder_delta(directory / "encoder.safetensors", encoder)
         generator = Generator.load(directory / "generator.safetensors")
         spec, fmt = _spec_and_format(directory / "pack.json", manifest, generator)
+        router = Router.load(directory / "router.safetensors")
+        edits = _edit_table(directory, manifest, spec, router)
         device = next(model.parameters()).device
-        return cls(model, tokenizer, spec, tuned.to(device), encoder_record,
-                   Router.load(directory / "router.safetensors"), generator.to(device),
+        return cls(model, tokenizer, spec, tuned.to(device), encoder_record, router, generator.to(device),
                    prompt_format=fmt, config=manifest.get("config", {}), record=manifest.get("record", {}),
-                   sample_seed=manifest.get("sample_seed", 0), fingerprint=fingerprint)
+                   sample_seed=manifest.get("sample_seed", 0), fingerprint=fingerprint, edits=edits,
+                   history=manifest.get("history", []))
+
+    # -- living edits (living.py) --------------------------------------------------------------
+
+    def add_edits(self, requests: Sequence["EditRequest"], work_dir: str | Path, *,
+                  pool: Sequence["EditRequest"] | None = None, replace: bool = True,
+                  config: "AddConfig | None" = None, progress: bool = True) -> "EditedModel":
+        """This pack with `requests` added, without a refit (docs/living-edits.md): stage A for
+        them alone, their prompts added to the router, the generator fine-tuned on their pairs
+        with the old edits' replayed. An edit whose case id or prompt the pack holds replaces it
+        (`replace=False` refuses instead). `pool`: pseudo-edit records for the new edits' other
+        wordings (and for `config.recalibrate`). `work_dir` caches the steps: a killed call
+        resumes. The returned model takes over the base model; this one is closed."""
+        from .living import add_edits
+
+        return add_edits(self, requests, work_dir, pool=pool, replace=replace, config=config, progress=progress)
+
+    def remove_edits(self, ids: Sequence[str], work_dir: str | Path, *, config: "AddConfig | None" = None,
+                     progress: bool = True) -> "EditedModel":
+        """This pack without the edits of these case ids: their router rows dropped (their prompts
+        stop firing), the generator fine-tuned on the remaining edits. As `add_edits`, the
+        returned model takes over the base model."""
+        from .living import remove_edits
+
+        return remove_edits(self, ids, work_dir, config=config, progress=progress)
 
     def close(self) -> None:
         """Take the neuron off the model (the model object is then the plain base model again)."""
@@ -387,33 +414,17 @@ def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
         yield
 
 
-def read_manifest(directory: Path) -> dict:
-    """pack.json of an edit pack, checked for the fields a pack must have."""
-    path = directory / "pack.json"
-    if not directory.is_dir():
-        raise MeGError(f"{directory}: no such edit pack folder")
-    try:
-        manifest = parse_text(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise MeGError(f"{path}: not a readable edit pack manifest ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != PACK_FORMAT:
-        raise MeGError(f"{path}: not a megedit edit pack (format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
-    if manifest.get("version") != PACK_VERSION:
-        raise MeGError(f"{path}: pack version {manifest.get('version')!r}; this megedit reads version {PACK_VERSION}")
-    if manifest.get("manifest_sha256") != manifest_sha256(manifest):  # a hand edit would load and answer wrongly
-        raise MeGError(f"{path}: changed since the pack was written (its checksum does not match its content)")
-    missing = [k for k in ("base_model", "spec", "prompt_format", "files") if k not in manifest]
-    if missing or set(manifest.get("files", {})) != set(PACK_FILES):
-        raise MeGError(f"{path}: incomplete manifest (missing {missing or 'file checksums'})")
-    if type(manifest.get("sample_seed", 0)) is not int:  # not a bool, a float or a string either
-        raise MeGError(f"{path}: sample_seed must be an integer, found {manifest['sample_seed']!r}")
-    return manifest
-
-
-def manifest_sha256(manifest: dict) -> str:
-    """Checksum of pack.json's content (all but this checksum), as JSON reads it back, keys sorted."""
-    content = json.loads(json.dumps({k: v for k, v in manifest.items() if k != "manifest_sha256"}))
-    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def _edit_table(directory: Path, manifest: dict, spec: NeuronSpec, router: Router) -> EditTable | None:
+    """The pack's edit table (None for a pack from before packs listed their edits); it must name
+    one edit per row of a nearest router's bank and hold vectors of the neuron's size."""
+    if EDIT_FILES[0] not in manifest["files"]:
+        return None
+    table = EditTable.load(directory)
+    rows = None if router.bank is None else len(router.bank)
+    if table.vectors.shape[1] != spec.size or rows not in (None, len(table)):
+        raise MeGError(f"{directory}: the edit table ({len(table)} edits, vectors of length {table.vectors.shape[1]}) "
+                       f"does not match the pack (router bank of {rows} edits, neuron vectors of length {spec.size})")
+    return table
 
 
 def _spec_and_format(path: Path, manifest: dict, generator: Generator) -> tuple[NeuronSpec, PromptFormat]:
@@ -427,69 +438,3 @@ def _spec_and_format(path: Path, manifest: dict, generator: Generator) -> tuple[
         raise MeGError(f"{path}: the spec ({spec.variant} neuron, hidden size {spec.hidden}) takes vectors of length "
                        f"{spec.size}, the generator makes vectors of length {generator.length}")
     return spec, fmt
-
-
-def _sha256(path: Path) -> str:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError as error:
-        raise MeGError(f"{path}: missing from the edit pack ({error.strerror})") from None
-
-
-def check_pack_target(directory: str | Path) -> None:
-    """Refuse a destination that holds anything but a megedit pack: only an absent path, an empty
-    folder or an earlier pack (recognised by its pack.json) may be replaced. A folder that another
-    writer swaps while it is looked at is looked at again."""
-    directory = Path(directory)
-    for _ in range(20):
-        try:
-            before = directory.lstat().st_ino
-        except FileNotFoundError:
-            return
-        verdict = _pack_target_problem(directory)
-        try:
-            swapped = directory.lstat().st_ino != before
-        except FileNotFoundError:
-            swapped = True
-        if verdict is None or not swapped:
-            break
-    if verdict is not None:
-        raise MeGError(f"{directory}: {verdict}; refusing to replace it")
-
-
-def _pack_target_problem(directory: Path) -> str | None:
-    if directory.is_symlink() or not directory.is_dir():
-        return "exists and is not an edit pack folder"
-    try:
-        if not any(directory.iterdir()):
-            return None
-        manifest = parse_text((directory / "pack.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        manifest = None
-    if not isinstance(manifest, dict) or manifest.get("format") != PACK_FORMAT:
-        return "folder is not empty and holds no megedit edit pack"
-    return None
-
-
-def _replace_dir(tmp: Path, directory: Path, tries: int = 50) -> None:
-    """Move the finished `tmp` folder to `directory`; an old pack there is removed only after.
-    Concurrent writers race on the renames: each retries until its folder is in place, so the
-    last one wins and every reader sees one whole pack."""
-    for _ in range(tries):
-        old = None
-        if directory.exists():
-            check_pack_target(directory)
-            old = directory.with_name(f".{directory.name}.old-{time.time_ns()}")
-            try:
-                directory.rename(old)
-            except FileNotFoundError:  # another writer moved it first
-                continue
-        try:
-            tmp.rename(directory)
-            return
-        except OSError:  # another writer's folder arrived in between: try again
-            continue
-        finally:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-    raise MeGError(f"{directory}: could not put the pack in place ({tries} concurrent writers in the way)")

@@ -22,6 +22,7 @@ import torch
 
 from .config import MeGConfig
 from .data.requests import EditRequest
+from .edit_table import EditTable
 from .edited import EditedModel
 from .errors import ConfigError
 from .io import atomic_write_json
@@ -74,9 +75,10 @@ class MeGEditor:
         work_dir = Path(work_dir)
         start, timing = time.perf_counter(), {}
         variants, variants_record = self.variants(requests, pool)
-        fit, key_a, timing["A"] = self._stage_a(requests, variants, work_dir)
+        fit, key_a, timing["A"] = self.stage_a(requests, variants, work_dir)
+        edits = EditTable.from_fit(requests, variants, fit.vectors, fit.success)
         routing, key_bc, timing["BC"] = self._stage_bc(requests, pool, work_dir)
-        generator, timing["D"] = self._stage_d(requests, variants, fit, routing, f"{key_a}-{key_bc}", work_dir)
+        generator, timing["D"] = self._stage_d(edits, fit.spec, routing, f"{key_a}-{key_bc}", work_dir)
         timing["total_s"] = time.perf_counter() - start
         log.info("MeG fitted %d edits in %.0f s (A %.0f s, B+C %.0f s, D %.0f s)", len(requests), timing["total_s"],
                  *(timing[k]["seconds"] for k in ("A", "BC", "D")))
@@ -87,7 +89,7 @@ class MeGEditor:
         return EditedModel(self.model, self.tokenizer, fit.spec, routing["encoder"], routing["encoder_record"],
                            routing["router"], generator, prompt_format=self.config.prompt_format,
                            config=self.config.to_dict(), record=record, sample_seed=self.config.seed,
-                           fingerprint=self.fingerprint)
+                           fingerprint=self.fingerprint, edits=edits)
 
     # -- stage A: one fitted neuron vector per edit, on its prompt and other wordings ----------
 
@@ -110,7 +112,9 @@ class MeGEditor:
                           "edits_with_subject_wording": sum(bool(relation_template(r.prompt, r.subject)) for r in requests),
                           "mean_wordings": 1 + sum(map(len, variants)) / max(1, len(variants))}
 
-    def _stage_a(self, requests, variants, work_dir: Path):
+    def stage_a(self, requests, variants, work_dir: Path):
+        """Stage A on `requests` and their other wordings, cached in `work_dir`: (the FitResult,
+        its cache key, its timing record). Adding edits to a pack runs it on the new edits alone."""
         from .data.prompts import get_format
         from .stages.fit_neurons import FitResult, fit_neurons
 
@@ -183,7 +187,7 @@ class MeGEditor:
 
     # -- stage D: the generator -----------------------------------------------------------------
 
-    def _stage_d(self, requests, variants, fit, routing: dict, upstream: str, work_dir: Path):
+    def _stage_d(self, edits: EditTable, spec, routing: dict, upstream: str, work_dir: Path):
         from .stages.generator import Generator, train_generator
 
         config = self.config.generator
@@ -195,23 +199,24 @@ class MeGEditor:
             log.info("stage D (generator): done before, %s", folder)
             generator = Generator.load(path)
         else:
-            ok = fit.success.nonzero().flatten().tolist()
-            if not ok:
+            # the fitted edits' prompts first (the first ones validate), then, augmented, every other wording
+            texts, owners = edits.pairs(range(len(edits)), config.augment)
+            if not texts:
                 raise ConfigError("stage D: no edit was fitted successfully in stage A; nothing to train on")
-            # the edits' prompts first (the first ones validate), then, augmented, every other wording
-            owners = ok + ([i for i in ok for _ in variants[i]] if config.augment else [])
-            texts = [requests[i].prompt for i in ok] + ([v for i in ok for v in variants[i]] if config.augment else [])
+            n_ok = int(edits.fitted.sum())
             log.info("stage D (generator): training the %s generator on %d fitted edits (%d pairs)", config.kind,
-                     len(ok), len(texts))
-            generator = train_generator(routing["encoder"].encode(texts, progress=self.progress), fit.vectors[owners], config,
-                                        work_dir=folder, progress=self.progress, n_edits=len(ok),
-                                        validate=self._validation(fit.spec, [requests[i] for i in ok[: config.validation_size]]))
+                     n_ok, len(texts))
+            validation = edits.requests(owners[: min(n_ok, config.validation_size)])
+            generator = train_generator(routing["encoder"].encode(texts, progress=self.progress), edits.vectors[owners],
+                                        config, work_dir=folder, progress=self.progress, n_edits=n_ok,
+                                        validate=self.validation(spec, validation))
             generator.save(path)
         generator.to(next(self.model.parameters()).device)
         return generator, {"seconds": time.perf_counter() - start, "train_s": generator.record.get("seconds")}
 
-    def _validation(self, spec, requests: list[EditRequest]):
-        """Reliability AG of the generated vectors on the validation edits' own prompts."""
+    def validation(self, spec, requests: list[EditRequest]):
+        """Reliability AG of the generated vectors on the validation edits' own prompts (a
+        callback for train_generator: the first pairs it validates are these prompts, in order)."""
         from .eval import evaluate
         from .eval.subject import vector_table_subject
 

@@ -1,7 +1,7 @@
 """The `megedit` command: one verb per job, each a thin call into the library.
 
-Verbs are listed in the order a user meets them: demo, fit, generate, eval, serve, inspect,
-config, then the stage verbs (fit-neurons, sweep-layers, fit-router). Global flags (--quiet,
+Verbs are listed in the order a user meets them: demo, fit, add, remove, generate, eval, serve,
+inspect, config, then the stage verbs (fit-neurons, sweep-layers, fit-router). Global flags (--quiet,
 --debug) go before or after the verb; every verb that loads a model takes --model, --device and
 --dtype.
 """
@@ -12,13 +12,14 @@ import logging
 import sys
 
 from . import eval as eval_verbs
-from . import meg, serve, stages
+from . import living, meg, serve, stages
 from .common import Formatter, Parser, global_flags
 from .common import load_data as _load_data  # noqa: F401  (bench/router_kinds.py reads --data as the CLI does)
 from .common import load_pool as _load_pool  # noqa: F401
 
-VERBS = (meg.add_demo, meg.add_fit, meg.add_generate, eval_verbs.add_eval, serve.add_serve, meg.add_inspect,
-         meg.add_config, stages.add_fit_neurons, stages.add_sweep_layers, stages.add_fit_router)
+VERBS = (meg.add_demo, meg.add_fit, living.add_add, living.add_remove, meg.add_generate, eval_verbs.add_eval,
+         serve.add_serve, meg.add_inspect, meg.add_config, stages.add_fit_neurons, stages.add_sweep_layers,
+         stages.add_fit_router)
 
 
 def version() -> str:

@@ -186,6 +186,8 @@ def run_inspect(args) -> int:
           f"{generator.config.sample_steps} {generator.config.sampler} steps)")
     if "timing" in r:
         print("stage times: " + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in r["timing"].items() if isinstance(v, dict)))
+    for h in m.get("history", []):  # `megedit add` / `remove` since the fit
+        print(f"{h['time']}: {h['op']} {len(h['ids'])} edits ({h['n_before']} -> {h['n_after']})")
     print("versions: " + json.dumps(m.get("versions", {})))
     if edited:
         _route_histogram(args, edited)

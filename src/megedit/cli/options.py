@@ -233,3 +233,24 @@ def routing_config(args, seed: int):
     encoder = EncoderConfig(**{**given.pop("encoder", {}), "seed": seed}).validate()
     router = RouterConfig(**{**given.pop("router", {}), "seed": seed}).validate()
     return RoutingConfig(encoder, router, seed=seed, **given)
+
+
+LIVING = Section(("add",), "", "adding and removing edits (living.AddConfig)")
+
+
+def add_living_flags(parser, skip=()) -> None:
+    """The settings of adding and removing edits: --passes, --replay, --recalibrate (less `skip`)."""
+    parser.defer(lambda p: _living_flags(p, skip))
+
+
+def _living_flags(parser, skip) -> None:
+    from ..living import AddConfig
+
+    add_dataclass_flags(parser, AddConfig(), LIVING, skip=skip)
+
+
+def living_config(args):
+    """AddConfig of the flags given (typed by argparse), validated before any model loads."""
+    from ..living import AddConfig
+
+    return AddConfig(**overrides(args).get("add", {})).validate()

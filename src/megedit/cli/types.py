@@ -37,6 +37,14 @@ def layer_list(text: str) -> list[int]:
     return layers
 
 
+def id_list(text: str) -> list[str]:
+    """Comma-separated case ids, e.g. 'e1,e7' (spaces around each are dropped)."""
+    ids = [x.strip() for x in text.split(",")]
+    if not all(ids):
+        raise ArgumentTypeError(f"expected comma-separated case ids, found {text!r}")
+    return ids
+
+
 def non_empty(text: str) -> str:
     """Text with something in it besides spaces."""
     if not text.strip():

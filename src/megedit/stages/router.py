@@ -192,6 +192,17 @@ class Router:
         net, record = train_familiarity_net(edit_embeddings, config, progress, desc)
         return cls(config, epsilon, net=net, record={"training": record})
 
+    def with_edits(self, keep: list[int], embeddings: torch.Tensor) -> "Router":
+        """A nearest router whose bank is rows `keep` of this one's, then these new edit prompts'
+        embeddings, at the same epsilon (adding or removing edits without a refit). The entropy
+        net memorises its edit set, so it has no such change short of training it again."""
+        if self.bank is None:
+            raise ConfigError("router: the entropy router cannot take or drop edits without training it again")
+        new = nn.functional.normalize(embeddings.detach().float().to(self.bank.device), dim=-1)
+        bank = torch.cat([self.bank[torch.tensor(keep, dtype=torch.long)], new.reshape(-1, self.bank.shape[1])])
+        return Router(self.config, self.epsilon, bank=bank,
+                      record={**self.record, "training": {"n": len(bank), "seconds": 0.0}})
+
     @torch.no_grad()
     def distance(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(B,) distance of each query from the edits: entropy, or 1 - cosine to the nearest edit prompt."""
@@ -201,7 +212,7 @@ class Router:
 
     @torch.no_grad()
     def nearest_edit(self, embeddings: torch.Tensor) -> list[int | None]:
-        """Per query, the index (in fit order) of the nearest edit prompt; None throughout for the
+        """Per query, the bank row (the edits' order) of the nearest edit prompt; None throughout for the
         entropy router, which knows familiarity but not which edit."""
         return [None] * len(embeddings) if self.bank is None else self._nearest(embeddings)[1].tolist()
 

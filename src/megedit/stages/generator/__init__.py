@@ -5,10 +5,11 @@ dit.py        the Diffusion Transformer over 1-D vectors, with size presets
 mlp.py        the plain MLP alternative
 lookup.py     no network: the nearest training condition's vector (what learning adds is measured against it)
 model.py      Generator: network + normalisation + sampling, save/load
-train.py      train_generator: AdamW, EMA, clipping, validation, best kept, resumable, accelerate
+train.py      train_generator: AdamW, EMA, clipping, validation, best kept, resumable, accelerate;
+              FineTune: go on from a trained generator (adding edits to a pack)
 """
 
 from .model import Generator, GeneratorConfig
-from .train import train_generator
+from .train import FineTune, train_generator
 
-__all__ = ["Generator", "GeneratorConfig", "train_generator"]
+__all__ = ["FineTune", "Generator", "GeneratorConfig", "train_generator"]

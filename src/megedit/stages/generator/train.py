@@ -15,6 +15,7 @@ import hashlib
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +29,31 @@ from .model import Generator, GeneratorConfig
 log = logging.getLogger(__name__)
 
 Validate = Callable[[torch.Tensor], dict]  # generated vectors of the validation edits -> extra numbers
+
+
+@dataclass
+class FineTune:
+    """Go on training `generator` (its weights and its normalisation) instead of a fresh one, for
+    `steps` optimiser steps; each batch is drawn with replacement, pair i with probability
+    proportional to `weights[i]`, so a few new pairs and many replayed ones mix at a set ratio
+    whatever their counts. Adding edits to a pack uses it (living.py)."""
+
+    generator: Generator
+    steps: int
+    weights: torch.Tensor  # (pairs,) >= 0
+
+    def start(self) -> Generator:
+        """A trainable copy of the generator on the CPU."""
+        g = self.generator
+        net = copy.deepcopy(g.net).cpu().train().requires_grad_(True)
+        return Generator(g.config, g.length, g.cond_dim, g.mean, g.std, net=net)
+
+    def digest(self) -> str:
+        """What a resumed fine-tune must share with the saved one besides the pairs: start and draws."""
+        h = hashlib.sha256(repr(self.steps).encode())
+        for v in (*self.generator.net.state_dict().values(), self.weights):
+            h.update(v.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
 
 
 def _training_pairs(generator: Generator, embeddings: torch.Tensor, vectors: torch.Tensor,
@@ -54,34 +80,37 @@ def validation_numbers(generator: Generator, net: torch.nn.Module, cond: torch.T
                        if len(norm_l2) > 1 else 0.0}
 
 
-def _run_key(config: GeneratorConfig, cond: torch.Tensor, x: torch.Tensor) -> str:
+def _run_key(config: GeneratorConfig, cond: torch.Tensor, x: torch.Tensor, fine_tune: FineTune | None) -> str:
     """What a resumed run must share with the saved one (not its length or validation cadence)."""
     fixed = {k: v for k, v in vars(config).items() if k not in ("train_steps", "passes", "validate_every")}
-    h = hashlib.sha256(repr(sorted(fixed.items())).encode())
+    h = hashlib.sha256(repr(sorted(fixed.items())).encode() + (fine_tune.digest().encode() if fine_tune else b""))
     h.update(cond.numpy().tobytes()), h.update(x.numpy().tobytes())
     return h.hexdigest()[:16]
 
 
 def train_generator(embeddings: torch.Tensor, vectors: torch.Tensor, config: GeneratorConfig | None = None, *,
                     unrelated: torch.Tensor | None = None, work_dir: str | Path | None = None,
-                    validate: Validate | None = None, progress: bool = True, n_edits: int | None = None) -> Generator:
+                    validate: Validate | None = None, progress: bool = True, n_edits: int | None = None,
+                    fine_tune: FineTune | None = None) -> Generator:
     """A generator trained on the pairs (embeddings[i], vectors[i]); with the EMA weights of the
     best validation (the first `validation_size` pairs, which should be edits' own prompts).
     `unrelated` embeddings feed the zero-vector augmentation; `n_edits` (recorded) is how many
-    edits the pairs come from when an edit has several wordings."""
+    edits the pairs come from when an edit has several wordings. `fine_tune`: start from a trained
+    generator (its config is then the one used) with its own step budget and draws."""
     from accelerate import Accelerator
 
-    config = (config or GeneratorConfig()).validate()
-    if len(embeddings) != len(vectors) or len(vectors) < 1:
-        raise ConfigError(f"train_generator: {len(embeddings)} embeddings for {len(vectors)} vectors")
+    config = (fine_tune.generator.config if fine_tune else config or GeneratorConfig()).validate()
+    if len(embeddings) != len(vectors) or len(vectors) < 1 or (fine_tune and len(fine_tune.weights) != len(vectors)):
+        raise ConfigError(f"train_generator: {len(embeddings)} embeddings for {len(vectors)} vectors"
+                          + (f" and {len(fine_tune.weights)} draw weights" if fine_tune else ""))
     start = time.perf_counter()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo data parallel when launched so
-    generator = Generator.for_vectors(config, vectors, embeddings.shape[1])
+    generator = fine_tune.start() if fine_tune else Generator.for_vectors(config, vectors, embeddings.shape[1])
     cond, x = _training_pairs(generator, embeddings, vectors, unrelated)
     val_cond, val_vectors = embeddings[: config.validation_size].float(), vectors[: config.validation_size].float().cpu()
-    if config.kind == "lookup":
+    if config.kind == "lookup":  # no training: the table is the pairs
         return _lookup(generator, cond, x, val_cond, val_vectors, validate, start, n_edits or len(vectors))
-    total = config.steps_for(n_edits or len(vectors))
+    total = fine_tune.steps if fine_tune else config.steps_for(n_edits or len(vectors))
     log.info("generator: %d steps of %d pairs (%.0f passes over %d edits, %.0f over their %d pairs)", total,
              config.batch_size, total * config.batch_size / (n_edits or len(vectors)), n_edits or len(vectors),
              total * config.batch_size / len(x), len(x))
@@ -94,13 +123,13 @@ def train_generator(embeddings: torch.Tensor, vectors: torch.Tensor, config: Gen
     noise = torch.Generator().manual_seed(config.seed * 1000 + accelerator.process_index)
     dropout_seed = config.seed * 1000 + accelerator.process_index
     checkpoint = Path(work_dir) / "generator-train.pt" if work_dir else None
-    key = _run_key(config, cond, x)
+    key = _run_key(config, cond, x, fine_tune)
     state, best_weights, rng = _resume(checkpoint, key, accelerator.unwrap_model(net), ema, optimizer, noise)
     if state["history"]:  # count the time of the earlier sessions too
         start -= state["history"][-1]["seconds"]
 
     ema_params = list(ema.parameters())
-    per_epoch = max(1, -(-len(x) // config.batch_size))
+    weights = _draw_weights(fine_tune, len(x))
     bar = tqdm(total=total, initial=state["step"], desc=f"training {config.kind} generator",
                disable=not progress or not accelerator.is_main_process)
     with torch.random.fork_rng(devices=[]):  # dropout draws, seeded, without touching the caller's RNG
@@ -109,10 +138,7 @@ def train_generator(embeddings: torch.Tensor, vectors: torch.Tensor, config: Gen
             torch.set_rng_state(rng)
         while state["step"] < total:
             step = state["step"]
-            epoch, offset = divmod(step, per_epoch)
-            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
-            rows = order[offset * config.batch_size : (offset + 1) * config.batch_size]
-            rows = rows[accelerator.process_index :: accelerator.num_processes]
+            rows = _batch_rows(step, len(x), config, weights)[accelerator.process_index :: accelerator.num_processes]
             loss = _train_step(generator, net, optimizer, ema_params, accelerator, (x[rows], cond[rows]), noise, step)
             state["step"] = step + 1
             bar.update()
@@ -136,6 +162,26 @@ def train_generator(embeddings: torch.Tensor, vectors: torch.Tensor, config: Gen
                     "seconds": time.perf_counter() - start,
                     "parameters": sum(p.numel() for p in final.net.parameters())}
     return final
+
+
+def _draw_weights(fine_tune: FineTune | None, n_pairs: int) -> torch.Tensor | None:
+    """A fine-tune's draw weight per training pair; the zero-vector rows of zero_augment come last
+    and are drawn as often as an average pair."""
+    if fine_tune is None:
+        return None
+    weights = fine_tune.weights.float()
+    return torch.cat([weights, weights.mean().expand(n_pairs - len(weights))])
+
+
+def _batch_rows(step: int, n: int, config: GeneratorConfig, weights: torch.Tensor | None) -> torch.Tensor:
+    """The pairs of batch `step`, the same in every process and on a resume: a seeded permutation
+    per epoch, or (with draw weights) a seeded draw with replacement per step."""
+    if weights is not None:
+        draw = torch.Generator().manual_seed(config.seed * 100003 + step)
+        return torch.multinomial(weights, config.batch_size, replacement=True, generator=draw)
+    epoch, offset = divmod(step, max(1, -(-n // config.batch_size)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
+    return order[offset * config.batch_size : (offset + 1) * config.batch_size]
 
 
 def _train_step(generator: Generator, net, optimizer, ema_params: list, accelerator, batch: tuple, noise,

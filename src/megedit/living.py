@@ -1,0 +1,284 @@
+"""Living edits: add edits to an edit pack, or remove some, without refitting it
+(docs/living-edits.md).
+
+Adding runs stage A on the new edits alone (the pack's own settings; their other wordings built
+from a pool as a fit builds them), appends their prompts to the nearest router's bank (epsilon
+kept unless recalibrated on a pool), and fine-tunes the generator from its saved weights on the
+new edits' pairs with the old edits' pairs replayed beside them, so the old mappings are not
+forgotten. Removing drops the edits' bank rows, which stops their prompts firing at once, and
+fine-tunes the generator on the remaining edits. Either way the generator's budget follows the
+edits changed, not the pack's size: `passes` over each changed edit, times 1 + `replay`.
+
+The pack's edit table (edit_table.py) supplies the old edits' fitted vectors and wordings; the
+pack's encoder embeds the wordings again. The entropy router memorises its edit set, so it
+cannot change without being trained again: such packs are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .config import MeGConfig
+from .data.requests import EditRequest
+from .edit_table import EditTable
+from .edited import EditedModel
+from .editor import MeGEditor
+from .errors import ConfigError, MeGError
+from .stages.generator import FineTune, Generator, train_generator
+from .stages.router import Router
+
+log = logging.getLogger(__name__)
+
+GERUND = {"add": "adding", "remove": "removing"}
+
+
+@dataclass
+class AddConfig:
+    passes: float | None = None  # generator passes over each added or removed edit (None: the pack's own, its
+    # generator's passes, else the steps x batch size per edit its fit trained)
+    replay: float = 1.0  # old edits' pairs drawn per new edits' pair while the generator is fine-tuned
+    recalibrate: bool = False  # choose epsilon again on the pool (adding needs one then); else keep the pack's
+
+    def validate(self) -> "AddConfig":
+        if self.passes is not None and not self.passes > 0:
+            raise ConfigError(f"add config: passes must be > 0 (or null: the pack's own), found {self.passes!r}")
+        if not self.replay >= 0:
+            raise ConfigError(f"add config: replay must be >= 0, found {self.replay!r}")
+        return self
+
+
+def add_edits(edited: EditedModel, requests: Sequence[EditRequest], work_dir: str | Path, *,
+              pool: Sequence[EditRequest] | None = None, replace: bool = True, config: AddConfig | None = None,
+              progress: bool = True) -> EditedModel:
+    """`edited` with `requests` added (see `EditedModel.add_edits`)."""
+    config, table = (config or AddConfig()).validate(), _editable(edited, "add")
+    requests = _checked(requests)
+    replaced = table.rows_matching(requests)
+    if replaced and not replace:
+        raise ConfigError(f"add: the pack already holds {', '.join(repr(table.case_ids[i]) for i in replaced)} "
+                          f"(same case id or prompt); pass replace=True to replace them")
+    if config.recalibrate and not pool:
+        raise ConfigError("add: recalibrate needs a pseudo-edit pool to choose epsilon on")
+    if replaced:
+        log.info("add: replacing %d edits the pack holds (same case id or prompt; the later fact wins): %s",
+                 len(replaced), ", ".join(table.case_ids[i] for i in replaced))
+    start, editor = time.perf_counter(), _editor(edited, progress)
+    with _handed_over(edited):
+        new, fit_record = _fit_new(editor, edited, requests, pool, Path(work_dir))
+        kept = sorted(set(range(len(table))) - set(replaced))
+        edits = table.select(kept) + new
+        router = _router(edited, edits, kept, new, pool if config.recalibrate else None, editor.config, progress)
+        generator, tuned = _tune(edited, editor, edits, range(len(kept), len(edits)), int(new.fitted.sum()), config,
+                                 Path(work_dir), progress)
+    entry = {"op": "add", "ids": [r.case_id for r in requests], "replaced": [table.case_ids[i] for i in replaced],
+             "fit": fit_record, "recalibrated": config.recalibrate}
+    return _successor(edited, edits, router, generator, _history(entry, len(table), edits, router, tuned, start))
+
+
+def remove_edits(edited: EditedModel, ids: Sequence[str], work_dir: str | Path, *, config: AddConfig | None = None,
+                 progress: bool = True) -> EditedModel:
+    """`edited` without the edits of these case ids (see `EditedModel.remove_edits`)."""
+    config, table = (config or AddConfig()).validate(), _editable(edited, "remove")
+    ids = list(dict.fromkeys(str(i) for i in ids))
+    if not ids:
+        raise ConfigError("remove: no edit ids given")
+    unknown = sorted(set(ids) - set(table.case_ids), key=ids.index)
+    if unknown:
+        shown = ", ".join(table.case_ids[:8]) + (", ..." if len(table) > 8 else "")
+        raise ConfigError(f"remove: no edit with id {', '.join(map(repr, unknown))} in the pack "
+                          f"(its {len(table)} ids: {shown})")
+    gone = set(table.rows_of(ids))
+    if len(gone) == len(table):
+        raise ConfigError(f"remove: that is all {len(table)} edits of the pack; an edit pack needs at least one "
+                          f"(the base model alone is the pack without edits)")
+    kept = [i for i in range(len(table)) if i not in gone]
+    start, editor = time.perf_counter(), _editor(edited, progress)
+    with _handed_over(edited):
+        edits = table.select(kept)
+        router = edited.router.with_edits(kept, torch.zeros(0, edited.router.bank.shape[1]))
+        generator, tuned = _tune(edited, editor, edits, (), len(gone), config, Path(work_dir), progress)
+    log.info("remove: %d edits removed, %d left", len(gone), len(edits))
+    entry = {"op": "remove", "ids": ids}
+    return _successor(edited, edits, router, generator, _history(entry, len(table), edits, router, tuned, start))
+
+
+# -- checks -------------------------------------------------------------------------------------
+
+
+def _editable(edited: EditedModel, verb: str) -> EditTable:
+    """The pack's edit table, once the pack is known to be one whose edits can change."""
+    if edited.edits is None:
+        raise ConfigError(f"{verb}: this pack does not list its edits (it was written before packs did); "
+                          f"refit it to change its edits")
+    if edited.router.bank is None:
+        raise ConfigError(f"{verb}: this pack's router is the entropy net, which memorises its edit set: "
+                          f"{GERUND[verb]} edits means training it again; refit the pack (the nearest router takes "
+                          f"added and removed edits)")
+    if not edited.neuron.attached:
+        raise ConfigError(f"{verb}: this EditedModel is closed: an earlier add or remove handed its base model to "
+                          f"the model it returned; use that one")
+    return edited.edits
+
+
+def _checked(requests: Sequence[EditRequest]) -> list[EditRequest]:
+    requests = list(requests)
+    if not requests:
+        raise ConfigError("add: no edit requests")
+    twice = [i for i, n in Counter(r.case_id for r in requests).items() if n > 1]
+    if twice:
+        raise ConfigError(f"add: case id {twice[0]!r} is given twice among the new edits")
+    return requests
+
+
+def _editor(edited: EditedModel, progress: bool) -> MeGEditor:
+    """A MeGEditor with the pack's own settings on its base model (for stage A and validation)."""
+    return MeGEditor(edited.model, edited.tokenizer, MeGConfig.from_dict(edited.config, where="the pack's config"),
+                     progress=progress)
+
+
+@contextmanager
+def _handed_over(edited: EditedModel) -> Iterator[None]:
+    """The pack's neuron off the base model while stage A and the generator's validation attach
+    their own at its layer; put back if anything fails, so the pack is then as it was. On success
+    it stays off: the model returned attaches its own."""
+    edited.neuron.detach()
+    try:
+        yield
+    except BaseException:
+        edited.neuron.attach()
+        raise
+
+
+# -- the parts ----------------------------------------------------------------------------------
+
+
+def _fit_new(editor: MeGEditor, edited: EditedModel, requests: list[EditRequest], pool, work_dir: Path):
+    """Stage A on the new edits, their other wordings built from the pool as a fit builds them
+    (the pack's edits left out of it, as a fit leaves out its own): (their table rows, a record)."""
+    if not pool and editor.config.fit.paraphrases:
+        log.warning("add: no pseudo-edit pool given: the new edits get no pool paraphrases, so they may carry less "
+                    "well to paraphrases than the pack's")
+    ids, prompts = set(edited.edits.case_ids), set(edited.edits.prompts)
+    pool = [r for r in pool or () if r.case_id not in ids and r.prompt not in prompts]
+    variants, variants_record = editor.variants(requests, pool)
+    fit, _, timing = editor.stage_a(requests, variants, work_dir)
+    if fit.spec != edited.spec:  # the pack's settings should give its own neuron back; anything else is no edit of it
+        raise MeGError(f"add: stage A fitted a {fit.spec.variant} neuron at layer {fit.spec.layer}, the pack's is a "
+                       f"{edited.spec.variant} neuron at layer {edited.spec.layer}")
+    failed = fit.summary()["failed"]
+    if failed:
+        log.warning("add: stage A did not fit %d of the new edits (%s): the router takes them, the generator does "
+                    "not learn them", len(failed), ", ".join(failed[:8]))
+    record = {"success_rate": fit.success_rate, "failed": failed, "mean_wordings": variants_record["mean_wordings"],
+              "seconds": timing["seconds"]}
+    return EditTable.from_fit(requests, variants, fit.vectors, fit.success), record
+
+
+def _router(edited: EditedModel, edits: EditTable, kept: list[int], new: EditTable, pool, meg: MeGConfig,
+            progress: bool) -> Router:
+    """The pack's router on the kept edits' rows and the new prompts at its epsilon; with a pool,
+    epsilon chosen again on it the way a fit chooses it."""
+    if pool is None:
+        return edited.router.with_edits(kept, edited.encoder.encode(new.prompts))
+    from .stages.routing import fit_router, split_for_edits
+
+    requests = edits.requests()
+    train_pool, calibration = split_for_edits(requests, pool, meg.routing)
+    router, _ = fit_router(requests, edited.encoder, train_pool, calibration, meg.routing, progress)
+    log.info("add: epsilon %.3f -> %.3f (recalibrated)", edited.router.epsilon, router.epsilon)
+    return router
+
+
+def _tune(edited: EditedModel, editor: MeGEditor, edits: EditTable, new_rows: Sequence[int], changed: int,
+          config: AddConfig, work_dir: Path, progress: bool) -> tuple[Generator, dict]:
+    """The generator fine-tuned from its weights for `changed` edits' worth of passes, drawing the
+    new rows' pairs and the others' at 1 : replay (only the others' when no row is new); kept as
+    it is when nothing changed or no fitted edit is left. Cached in `work_dir` (a killed run resumes)."""
+    generator, new_rows = edited.generator, set(new_rows)
+    texts, owners = edits.pairs(sorted(new_rows) + [i for i in range(len(edits)) if i not in new_rows],
+                                generator.config.augment)
+    passes = _passes(edited, config)
+    if not changed or not texts:
+        log.info("generator: nothing to learn or unlearn; kept as it is")
+        return generator, {"steps": 0, "passes": passes}
+    is_new = torch.tensor([o in new_rows for o in owners])
+    weights, replay = _draws(is_new, config.replay)
+    fine_tune = FineTune(generator, max(1, math.ceil(passes * changed * (1 + replay) / generator.config.batch_size)),
+                         weights)
+    folder = work_dir / "generator-tune" / _key(edited.fingerprint, edits, fine_tune)
+    path, start = folder / "generator.safetensors", time.perf_counter()
+    if path.exists():
+        log.info("generator fine-tune: done before, %s", folder)
+        tuned = Generator.load(path)
+    else:
+        n_ok = int(edits.fitted.sum())
+        validate = editor.validation(edited.spec, edits.requests(owners[: min(n_ok, generator.config.validation_size)]))
+        tuned = train_generator(edited.encoder.encode(texts, progress=progress), edits.vectors[owners], work_dir=folder,
+                                progress=progress, n_edits=n_ok, validate=validate, fine_tune=fine_tune)
+        tuned.save(path)
+    return tuned.to(next(edited.model.parameters()).device), {
+        "steps": fine_tune.steps, "passes": passes, "replay": replay, "n_pairs": len(texts),
+        "new_pairs": int(is_new.sum()), "seconds": time.perf_counter() - start}
+
+
+def _draws(is_new: torch.Tensor, replay: float) -> tuple[torch.Tensor, float]:
+    """Draw weights of the pairs, new ones and old ones at 1 : replay whatever their counts (each
+    pair of a group equally likely), and the replay ratio that holds (0 when a group is empty)."""
+    n_new, n_old = int(is_new.sum()), int((~is_new).sum())
+    if not n_new or not n_old:
+        return torch.ones(len(is_new)), 0.0
+    return torch.where(is_new, 1.0 / n_new, replay / n_old), replay
+
+
+def _passes(edited: EditedModel, config: AddConfig) -> float:
+    """Generator passes over each changed edit: the config's, else the pack generator's, else the
+    steps x batch size per fitted edit its fit trained with (a budget given in steps)."""
+    g = edited.generator.config
+    if config.passes is not None:
+        return config.passes
+    if g.passes is not None:
+        return g.passes
+    fitted = edited.record.get("generator", {}).get("n_edits") or max(1, int(edited.edits.fitted.sum()))
+    return g.train_steps * g.batch_size / fitted
+
+
+def _key(fingerprint: str, edits: EditTable, fine_tune: FineTune) -> str:
+    """The fine-tune's cache folder: the base model, the edits and their vectors, the start and the draws."""
+    h = hashlib.sha256(json.dumps([fingerprint, edits.case_ids, edits.prompts, edits.targets, edits.wordings,
+                                   dataclasses.asdict(fine_tune.generator.config)]).encode())
+    h.update(edits.vectors.float().numpy().tobytes())
+    h.update(fine_tune.digest().encode())
+    return h.hexdigest()[:16]
+
+
+# -- the result ---------------------------------------------------------------------------------
+
+
+def _history(entry: dict, n_before: int, edits: EditTable, router: Router, generator: dict, start: float) -> dict:
+    """One entry of the pack's history (pack.json): what changed, when, the counts, the cost."""
+    return {"op": entry["op"], "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **entry,
+            "n_before": n_before, "n_after": len(edits), "epsilon": router.epsilon, "generator": generator,
+            "seconds": time.perf_counter() - start}
+
+
+def _successor(edited: EditedModel, edits: EditTable, router: Router, generator: Generator, entry: dict) -> EditedModel:
+    """The changed pack on the same base model, with the change in its history."""
+    successor = EditedModel(edited.model, edited.tokenizer, edited.spec, edited.encoder, edited.encoder_record, router,
+                            generator, prompt_format=edited.prompt_format, config=edited.config,
+                            record={**edited.record, "n_edits": len(edits)}, sample_seed=edited.sample_seed,
+                            fingerprint=edited.fingerprint, edits=edits, history=[*edited.history, entry])
+    successor.max_prompt_tokens = edited.max_prompt_tokens
+    return successor
