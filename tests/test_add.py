@@ -6,12 +6,11 @@ import dataclasses
 import json
 import logging
 import shutil
-import subprocess
-import sys
 from datetime import datetime
 
 import pytest
 import torch
+from test_cli_interface import _error_line, _run
 from test_editor import POOL
 from tiny import char_tokenizer, tiny_encoder, tiny_model
 
@@ -23,7 +22,6 @@ from megedit.pack import PACK_FILES, manifest_sha256, read_manifest
 from megedit.stages.fit_neurons import FitConfig
 from megedit.stages.router import Router, RouterConfig
 
-MEGEDIT = [sys.executable, "-m", "megedit.cli"]
 
 
 def _edit(case_id: str, prompt: str, target: str) -> EditRequest:
@@ -251,18 +249,6 @@ def test_an_entropy_router_pack_is_refused(setup, load, tmp_path):
 
 
 # -- the verbs ----------------------------------------------------------------------------------
-
-
-def _run(*args, timeout=180):
-    return subprocess.run([*MEGEDIT, *map(str, args)], capture_output=True, text=True, timeout=timeout)
-
-
-def _error_line(*args) -> str:
-    out = _run(*args)
-    assert out.returncode == 2, out.stderr
-    lines = out.stderr.splitlines()
-    assert len(lines) == 1, out.stderr
-    return lines[0]
 
 
 def test_add_and_remove_through_the_cli(setup, load, tmp_path):

@@ -17,27 +17,16 @@ import openai
 import pytest
 import torch
 import uvicorn
-from test_editor import EDITS, POOL, _config, _lm
-from test_generation import CHAT_TEMPLATE
-from tiny import tiny_encoder
+from test_editor import EDITS
+from test_generation import CHAT_TEMPLATE, edited  # noqa: F401  (the module's tiny pack fixture)
 from transformers.generation.streamers import BaseStreamer
 
-from megedit import MeGEditor
 from megedit.errors import ConfigError
 from megedit.serve import create_app
 
 MODEL = "megedit/tiny"
 BASE = f"{MODEL}-base"
 UNRELATED = "zzzz"  # routed off: the base model answers it on either id
-
-
-@pytest.fixture(scope="module")
-def edited(tmp_path_factory):
-    model, tok = _lm()
-    edited = MeGEditor(model, tok, _config(), encoder=tiny_encoder(), progress=False).fit(
-        EDITS, tmp_path_factory.mktemp("work"), POOL)
-    yield edited
-    edited.close()
 
 
 @pytest.fixture(scope="module")
