@@ -46,10 +46,10 @@ def baselines_table() -> str:
         edit_s = edit_seconds(r)[0]
         cells = [r["data"].split(":")[0], str(r["n"]), method, _where(r["edit"])]
         cells += [f"{r['metrics'][k][s]:.2f}" for k, s in METRICS] + [f"**{r['score']:.2f}**"]
-        cells += [f"{edit_s:.0f}", f"{r['timing']['total_s']:.0f}", fmt, str(r["seed"])]
+        cells += [f"{edit_s:.0f}", f"{r['timing']['total_s']:.0f}", str(r.get("threads", "")), fmt, str(r["seed"])]
         rows.append(cells)
     return _table(["data", "N", "method", "layer", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG", "LocTF", "Score",
-                   "edit s", "eval s", "format", "seed"], rows)
+                   "edit s", "eval s", "threads", "format", "seed"], rows)
 
 
 def _meg_label(r: dict) -> str:
