@@ -149,18 +149,20 @@ def cost(args, path: Path) -> dict:
     def git(*cmd) -> bytes:
         return subprocess.run(["git", *cmd], cwd=HERE.parent, check=True, capture_output=True).stdout
 
-    out = {"n": args.limit, "edits": FILES[0].name, "pool": FILES[1].name, "revision": git("rev-parse", "HEAD").decode().strip(),
-           "before": git("rev-parse", args.before).decode().strip(), "rows": []}
+    revision = {name: git("rev-parse", rev).decode().strip() for name, rev in (("revision", "HEAD"), ("before", args.before))}
+    out = {"n": args.limit, "edits": FILES[0].name, "pool": FILES[1].name, **revision, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "before.tar").write_bytes(git("archive", args.before, "src"))
         with tarfile.open(Path(tmp) / "before.tar") as tar:
             tar.extractall(tmp, filter="data")
-        runs = [("stage A when the issue was filed (its defaults: prompt only, margin 1, lr 0.1)", Path(tmp) / "src", None),
-                ("today's code, the settings of before", HERE.parent / "src", {"paraphrases": 0, "margin": 1.0, "lr": 0.1}),
-                ("today's defaults (wordings built and fitted)", HERE.parent / "src", {})]
+        before, now = Path(tmp) / "src", HERE.parent / "src"
+        runs = [("stage A when the issue was filed (its defaults: prompt only, margin 1, lr 0.1)", before, None),
+                ("today's code, the settings of before", now, {"paraphrases": 0, "margin": 1.0, "lr": 0.1}),
+                ("today's defaults (wordings built and fitted)", now, {})]
         for label, src, overrides in runs:
-            proc = subprocess.run([sys.executable, "-c", COST_DRIVER, *map(str, FILES), str(args.limit), json.dumps(overrides)],
-                                  env={**os.environ, "PYTHONPATH": str(src)}, check=True, capture_output=True, text=True)
+            command = [sys.executable, "-c", COST_DRIVER, *map(str, FILES), str(args.limit), json.dumps(overrides)]
+            proc = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(src)}, check=True, capture_output=True,
+                                  text=True)
             row = {"setting": label, **json.loads(proc.stdout.strip().splitlines()[-1])}
             out["rows"].append(row)
             atomic_write_json(path, out)

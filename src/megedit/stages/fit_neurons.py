@@ -344,7 +344,8 @@ class _FitState:
                     if queue[0] not in self.hidden:
                         self._cache(queue[:chunk])
                     slots[r], taken[r] = queue.pop(0), 0
-                    self.training[slots[r]] = [True] + [self.config.wording_schedule == "all"] * (len(self.seqs[slots[r]]) - 1)
+                    others = len(self.seqs[slots[r]]) - 1  # the prompt always trains; the others per the schedule
+                    self.training[slots[r]] = [True] + [self.config.wording_schedule == "all"] * others
                     w[r] = initial
                     opt.reset(r)
             live = [r for r in range(rows) if slots[r] is not None]
