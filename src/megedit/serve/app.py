@@ -242,14 +242,7 @@ class _Pending:
     async def started(self) -> tuple[list[dict], list]:
         """Each row's label, once every row has started; the events that came meanwhile."""
         labels, early = [None] * self.n, []
-        while any(x is None for x in labels):
-            i, (kind, data) = await self.events.get()
-            if kind == "error":
-                raise _api_error(data)
-            if kind == "start":
-                labels[i] = data
-            else:
-                early.append((i, (kind, data)))
+        await self._until_each("start", labels, early)
         return labels, early
 
     async def finished(self) -> tuple[list[dict], list[dict]]:
@@ -257,13 +250,20 @@ class _Pending:
         results = [None] * self.n
         for i, (kind, data) in early:
             results[i] = data if kind == "done" else results[i]
-        while any(r is None for r in results):
-            i, (kind, data) = await self.events.get()
-            if kind == "error":
-                raise _api_error(data)
-            if kind == "done":
-                results[i] = data
+        await self._until_each("done", results)
         return labels, results
+
+    async def _until_each(self, kind: str, found: list, other: list | None = None) -> None:
+        """Take events until every row has one of `kind` (its data goes to found[i]); an error
+        raises; events of other kinds go to `other` when given."""
+        while any(x is None for x in found):
+            i, (event, data) = await self.events.get()
+            if event == "error":
+                raise _api_error(data)
+            if event == kind:
+                found[i] = data
+            elif other is not None:
+                other.append((i, (event, data)))
 
 
 async def _events(pending: _Pending, reply: "_Reply", labels: list[dict], early: list) -> AsyncIterator[str]:
