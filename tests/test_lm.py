@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from tiny import VOCAB, tiny_model
@@ -69,6 +71,17 @@ def test_rows_leave_the_batch_and_per_row_state_follows():
     assert out.generated == singles
     if len({len(s) for s in singles}) > 1:  # rows finished at different steps, so some left early
         assert selections
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_step_by_step_decoding_passes_the_cache_under_its_current_name(model_type):
+    """transformers 5.x renamed past_key_values to cache; the old name warns on every later call
+    (it showed in `megedit generate` output even with --quiet)."""
+    model = tiny_model(model_type)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        out = decode(model, _prompts(), [[]] * 4, 6, STOP, pad_id=0)
+    assert [len(g) for g in out.generated] == [len(_reference_greedy(model, p, 6)) for p in _prompts()]
 
 
 def test_length_batches_group_similar_lengths_and_cover_everything():
