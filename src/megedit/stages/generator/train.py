@@ -97,71 +97,103 @@ def train_generator(embeddings: torch.Tensor, vectors: torch.Tensor, config: Gen
     `unrelated` embeddings feed the zero-vector augmentation; `n_edits` (recorded) is how many
     edits the pairs come from when an edit has several wordings. `fine_tune`: start from a trained
     generator (its config is then the one used) with its own step budget and draws."""
-    from accelerate import Accelerator
-
     config = (fine_tune.generator.config if fine_tune else config or GeneratorConfig()).validate()
     if len(embeddings) != len(vectors) or len(vectors) < 1 or (fine_tune and len(fine_tune.weights) != len(vectors)):
         raise ConfigError(f"train_generator: {len(embeddings)} embeddings for {len(vectors)} vectors"
                           + (f" and {len(fine_tune.weights)} draw weights" if fine_tune else ""))
-    start = time.perf_counter()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo data parallel when launched so
+    start, n_edits = time.perf_counter(), n_edits or len(vectors)
     generator = fine_tune.start() if fine_tune else Generator.for_vectors(config, vectors, embeddings.shape[1])
     cond, x = _training_pairs(generator, embeddings, vectors, unrelated)
-    val_cond, val_vectors = embeddings[: config.validation_size].float(), vectors[: config.validation_size].float().cpu()
+    validation = embeddings[: config.validation_size].float(), vectors[: config.validation_size].float().cpu()
     if config.kind == "lookup":  # no training: the table is the pairs
-        return _lookup(generator, cond, x, val_cond, val_vectors, validate, start, n_edits or len(vectors))
-    total = fine_tune.steps if fine_tune else config.steps_for(n_edits or len(vectors))
+        return _lookup(generator, cond, x, *validation, validate, start, n_edits)
+    total = fine_tune.steps if fine_tune else config.steps_for(n_edits)
     log.info("generator: %d steps of %d pairs (%.0f passes over %d edits, %.0f over their %d pairs)", total,
-             config.batch_size, total * config.batch_size / (n_edits or len(vectors)), n_edits or len(vectors),
-             total * config.batch_size / len(x), len(x))
-
-    net = generator.net
-    ema = copy.deepcopy(net).requires_grad_(False)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    net, optimizer = accelerator.prepare(net, optimizer)
-    ema.to(accelerator.device)
-    noise = torch.Generator().manual_seed(config.seed * 1000 + accelerator.process_index)
-    dropout_seed = config.seed * 1000 + accelerator.process_index
-    checkpoint = Path(work_dir) / "generator-train.pt" if work_dir else None
-    key = _run_key(config, cond, x, fine_tune)
-    state, best_weights, rng = _resume(checkpoint, key, accelerator.unwrap_model(net), ema, optimizer, noise)
-    if state["history"]:  # count the time of the earlier sessions too
-        start -= state["history"][-1]["seconds"]
-
-    ema_params = list(ema.parameters())
-    weights = _draw_weights(fine_tune, len(x))
-    bar = tqdm(total=total, initial=state["step"], desc=f"training {config.kind} generator",
-               disable=not progress or not accelerator.is_main_process)
-    with torch.random.fork_rng(devices=[]):  # dropout draws, seeded, without touching the caller's RNG
-        torch.manual_seed(dropout_seed)
-        if rng is not None:
-            torch.set_rng_state(rng)
-        while state["step"] < total:
-            step = state["step"]
-            rows = _batch_rows(step, len(x), config, weights)[accelerator.process_index :: accelerator.num_processes]
-            loss = _train_step(generator, net, optimizer, ema_params, accelerator, (x[rows], cond[rows]), noise, step)
-            state["step"] = step + 1
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if state["step"] % config.validate_every == 0 or state["step"] == total:
-                numbers = _validation_point(generator, ema, (val_cond, val_vectors), validate, accelerator,
-                                            {"step": state["step"], "loss": loss.item(),
-                                             "seconds": time.perf_counter() - start})
-                state["history"].append(numbers)
-                if state["best"] is None or numbers["rel_l2"] < state["best"]["rel_l2"]:
-                    state["best"] = numbers
-                    best_weights = {k: v.detach().cpu().clone() for k, v in ema.state_dict().items()}
-                if checkpoint is not None and accelerator.is_main_process:
-                    _save_checkpoint(checkpoint, key, state, accelerator.unwrap_model(net), ema, optimizer, noise,
-                                     best_weights)
-                accelerator.wait_for_everyone()
-    bar.close()
-    final = _with_weights(generator, ema, best_weights)
-    final.record = {"n_pairs": len(x), "n_edits": n_edits or len(vectors), "steps": state["step"], "best": state["best"],
-                    "history": state["history"], "processes": accelerator.num_processes,
+             config.batch_size, total * config.batch_size / n_edits, n_edits, total * config.batch_size / len(x), len(x))
+    run = _Run.start(generator, work_dir, _run_key(config, cond, x, fine_tune), validation, validate)
+    if run.state["history"]:  # count the time of the earlier sessions too
+        start -= run.state["history"][-1]["seconds"]
+    run.train(cond, x, total, _draw_weights(fine_tune, len(x)), start, progress)
+    final = _with_weights(generator, run.ema, run.best_weights)
+    final.record = {"n_pairs": len(x), "n_edits": n_edits, "steps": run.state["step"], "best": run.state["best"],
+                    "history": run.state["history"], "processes": run.accelerator.num_processes,
                     "seconds": time.perf_counter() - start,
                     "parameters": sum(p.numel() for p in final.net.parameters())}
     return final
+
+
+@dataclass
+class _Run:
+    """One training run's moving parts: the network (prepared by accelerate), its EMA copy, the
+    optimiser, the noise generator, where it checkpoints, and its progress (step, best, history)."""
+
+    generator: Generator
+    net: torch.nn.Module
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    accelerator: object
+    noise: torch.Generator
+    checkpoint: Path | None
+    key: str
+    validation: tuple  # (conditions, fitted vectors) of the validation edits
+    validate: Validate | None
+    state: dict
+    best_weights: dict | None
+    rng: torch.Tensor | None  # the dropout RNG state of a resumed run
+
+    @classmethod
+    def start(cls, generator: Generator, work_dir, key: str, validation: tuple, validate: Validate | None) -> "_Run":
+        """A fresh run, or the one a checkpoint in `work_dir` with the same key left."""
+        from accelerate import Accelerator
+
+        config = generator.config
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: gloo data parallel when launched so
+        net, ema = generator.net, copy.deepcopy(generator.net).requires_grad_(False)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        net, optimizer = accelerator.prepare(net, optimizer)
+        ema.to(accelerator.device)
+        noise = torch.Generator().manual_seed(config.seed * 1000 + accelerator.process_index)
+        checkpoint = Path(work_dir) / "generator-train.pt" if work_dir else None
+        state, best_weights, rng = _resume(checkpoint, key, accelerator.unwrap_model(net), ema, optimizer, noise)
+        return cls(generator, net, ema, optimizer, accelerator, noise, checkpoint, key, validation, validate, state,
+                   best_weights, rng)
+
+    def train(self, cond: torch.Tensor, x: torch.Tensor, total: int, weights: torch.Tensor | None, start: float,
+              progress: bool) -> None:
+        """Steps until `total`, validating (and checkpointing) every `validate_every` and at the end."""
+        config, accelerator, state = self.generator.config, self.accelerator, self.state
+        ema_params = list(self.ema.parameters())
+        bar = tqdm(total=total, initial=state["step"], desc=f"training {config.kind} generator",
+                   disable=not progress or not accelerator.is_main_process)
+        with torch.random.fork_rng(devices=[]):  # dropout draws, seeded, without touching the caller's RNG
+            torch.manual_seed(config.seed * 1000 + accelerator.process_index)
+            if self.rng is not None:
+                torch.set_rng_state(self.rng)
+            while state["step"] < total:
+                step = state["step"]
+                rows = _batch_rows(step, len(x), config, weights)[accelerator.process_index :: accelerator.num_processes]
+                loss = _train_step(self.generator, self.net, self.optimizer, ema_params, accelerator,
+                                   (x[rows], cond[rows]), self.noise, step)
+                state["step"] = step + 1
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if state["step"] % config.validate_every == 0 or state["step"] == total:
+                    self._validation(loss.item(), start)
+        bar.close()
+
+    def _validation(self, loss: float, start: float) -> None:
+        """Validate the EMA weights, keep them if best, checkpoint."""
+        state = self.state
+        numbers = _validation_point(self.generator, self.ema, self.validation, self.validate, self.accelerator,
+                                    {"step": state["step"], "loss": loss, "seconds": time.perf_counter() - start})
+        state["history"].append(numbers)
+        if state["best"] is None or numbers["rel_l2"] < state["best"]["rel_l2"]:
+            state["best"] = numbers
+            self.best_weights = {k: v.detach().cpu().clone() for k, v in self.ema.state_dict().items()}
+        if self.checkpoint is not None and self.accelerator.is_main_process:
+            _save_checkpoint(self.checkpoint, self.key, state, self.accelerator.unwrap_model(self.net), self.ema,
+                             self.optimizer, self.noise, self.best_weights)
+        self.accelerator.wait_for_everyone()
 
 
 def _draw_weights(fine_tune: FineTune | None, n_pairs: int) -> torch.Tensor | None:
