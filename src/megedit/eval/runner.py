@@ -198,20 +198,10 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
 
     cases, credits = [], {}
     for kind, qs in queries.items():
-        if not qs:
-            continue
-        expected, drafts, goals = _answers_sought(kind, qs, ref_tokens, fmt, tok)
-        start = time.perf_counter()
-        earlier = resume.seconds(kind) if resume else {}  # batches a killed run finished
-        out = run_queries(subject, qs, prompts[kind], drafts, s, progress, kind, goals, resume)
-        timing[f"{kind}_s"] = time.perf_counter() - start + earlier.get("seconds", 0.0)
-        timing["forward_pass_s"] = timing.get("forward_pass_s", 0.0) + out.forward_s + earlier.get("forward_s", 0.0)
-        timing["decoding_steps_s"] = timing.get("decoding_steps_s", 0.0) + out.steps_s + earlier.get("steps_s", 0.0)
-        if resume:
-            resume.save()
-        rows = _score(kind, qs, out, expected, tok)
-        credits[kind] = {"ag": percent([r["ag"] for r in rows]), "tf": percent([r["tf"] for r in rows])}
-        cases.extend(rows)
+        if qs:
+            rows = _run_kind(subject, kind, qs, prompts[kind], ref_tokens, s, progress, resume, timing)
+            credits[kind] = {"ag": percent([r["ag"] for r in rows]), "tf": percent([r["tf"] for r in rows])}
+            cases.extend(rows)
 
     if resume:
         resume.remove()
@@ -229,6 +219,21 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
         cases=cases,
         edit=subject.describe(),
     )
+
+
+def _run_kind(subject, kind: str, qs: Sequence[Query], prompts: list, ref_tokens, s: DecodeSettings, progress: bool,
+              resume: "_Checkpoint | None", timing: dict) -> list[dict]:
+    """The scored rows of one query kind; its times added to `timing` (a killed run's batches included)."""
+    expected, drafts, goals = _answers_sought(kind, qs, ref_tokens, s.prompt_format, subject.tokenizer)
+    start = time.perf_counter()
+    earlier = resume.seconds(kind) if resume else {}  # batches a killed run finished
+    out = run_queries(subject, qs, prompts, drafts, s, progress, kind, goals, resume)
+    timing[f"{kind}_s"] = time.perf_counter() - start + earlier.get("seconds", 0.0)
+    timing["forward_pass_s"] = timing.get("forward_pass_s", 0.0) + out.forward_s + earlier.get("forward_s", 0.0)
+    timing["decoding_steps_s"] = timing.get("decoding_steps_s", 0.0) + out.steps_s + earlier.get("steps_s", 0.0)
+    if resume:
+        resume.save()
+    return _score(kind, qs, out, expected, subject.tokenizer)
 
 
 def _checkpoint_key(subject, queries: dict, prompts: dict, ref_tokens, s: DecodeSettings, progress: bool) -> str:
