@@ -311,10 +311,98 @@ def memit_sweep_table() -> str:
                    "LocTF", "Score", "edit s"], rows)
 
 
+def _ags(m: dict) -> list[str]:
+    """RelAG, GenAG, LocAG and the Score of one scored set."""
+    return [f"{m['metrics'][k]['ag']:.1f}" for k in ("reliability", "generality", "locality")] + [f"{m['score']:.1f}"]
+
+
+def living_add_table() -> str:
+    """Edits added to a fitted pack against a refit of all of them (bench/living.py add)."""
+    rows = []
+    for r in _load("living-add.json"):
+        n, k = r["n_pack"], r["n_new"]
+        refit = r["refit"]["seconds"]
+        rows += [[f"{n:,}-edit pack", f"old {n:,}", *_ags(r["before_old"]), "—", ""],
+                 [f"+ {k} added (`megedit add`)", f"old {n:,}", *_ags(r["after_old"]), f"{r['add']['seconds']:.0f}",
+                  f"{100 * r['cost_ratio']:.1f}% of the refit"],
+                 [f"+ {k} added (`megedit add`)", f"new {k}", *_ags(r["after_new"]), "", ""],
+                 [f"refit of all {n + k:,} (`megedit fit`, encoder reused)", f"old {n:,}", *_ags(r["refit_old"]),
+                  f"{refit:.0f}", "1.0x"],
+                 [f"refit of all {n + k:,}", f"new {k}", *_ags(r["refit_new"]), "", ""]]
+    return _table(["pack", "edits scored", "RelAG", "GenAG", "LocAG", "Score", "wall s", "cost"], rows)
+
+
+def living_successive_table() -> str:
+    """The old edits after each of several additions (bench/living.py successive)."""
+    rows = []
+    for r in _load("living-successive.json"):
+        for step in r["steps"]:
+            new = step.get("new")
+            rows.append([str(step["added"]), f"{step['n_edits']:,}", f"{step['seconds']:.0f}" if "seconds" in step else "—",
+                         str(step.get("generator_steps", "—")), *_ags(step["old"]),
+                         f"{new['metrics']['reliability']['ag']:.1f}" if new else "—",
+                         f"{new['metrics']['generality']['ag']:.1f}" if new else "—"])
+    return _table(["additions", "edits in the pack", "add s", "generator steps", "old RelAG", "old GenAG", "old LocAG",
+                   "old Score", "batch just added: RelAG", "its GenAG"], rows)
+
+
+def serve_load_table() -> str:
+    """Edited against base model under the same concurrent load on one server (bench/serve_load.py)."""
+    rows = []
+    for r in _load("serve-load-*.json"):
+        for name in ("edited", "base"):
+            m, lat = r[name], r[name]["latency_s"]
+            ratio = r["ratio"]["requests_per_s"] if name == "edited" else 1.0
+            rows.append([f"{r['n_edits']:,}", name, str(r["clients"]), f"{r['seconds']:.0f}", str(m["requests"]),
+                         str(m["errors"]), f"{m['requests_per_s']:.2f}", f"{ratio:.2f}", f"{lat['p50']:.2f}",
+                         f"{lat['p95']:.2f}", f"{m['tokens_per_s']:.1f}", f"{100 * m['edit_fired_share']:.0f}%",
+                         f"{m['rows_per_batch']:.1f}", str(r["threads"])])
+    return _table(["pack edits", "model", "clients", "s", "requests", "errors", "req/s", "vs base", "p50 s", "p95 s",
+                   "tokens/s", "edit fired", "rows / batch", "threads"], rows)
+
+
+def pipeline_table() -> str:
+    """`megedit fit` + `megedit eval` as a user runs them, timed (bench/pipeline.py)."""
+    rows = []
+    for r in _load("pipeline-cf-*.json"):
+        st = r["stages"]
+        rows.append([f"{r['n']:,}", str(r["threads"]), f"{r['load_before']:.1f}", f"{st.get('A', 0):.0f}",
+                     f"{st.get('BC', 0):.0f}", f"{st.get('D', 0):.0f}", f"{r['fit_s']:.0f}", f"{r['eval_s']:.0f}",
+                     f"**{r['total_s'] / 60:.1f}**", f"{r['score']:.1f}", r["date"][:10]])
+    return _table(["N", "threads", "load average before", "A s", "B+C s", "D s", "fit s (process)", "eval s (process)",
+                   "total min", "Score", "date"], rows)
+
+
+def living_headline_table() -> str:
+    """The README's rows for living edits and serving."""
+    rows = []
+    for r in _load("living-add.json"):
+        change = r["old_change"]
+        rows.append([f"add {r['n_new']} edits to a {r['n_pack']:,}-edit pack",
+                     f"{r['add']['seconds']:.0f} s = {100 * r['cost_ratio']:.1f}% of a refit ({r['refit']['seconds']:.0f} s); "
+                     f"new edits RelAG {r['after_new']['metrics']['reliability']['ag']:.1f}; old edits RelAG / GenAG / "
+                     f"LocAG {change['reliability']['ag']:+.1f} / {change['generality']['ag']:+.1f} / "
+                     f"{change['locality']['ag']:+.1f} points", f"{r['threads']} thread"])
+    for r in _load("living-successive.json"):
+        first, last = r["steps"][0]["old"], r["steps"][-1]["old"]
+        rows.append([f"{r['times']} additions of {r['n_new']} to a {r['n_pack']:,}-edit pack",
+                     f"old edits' Score {first['score']:.1f} -> {last['score']:.1f} (GenAG "
+                     f"{first['metrics']['generality']['ag']:.1f} -> {last['metrics']['generality']['ag']:.1f})",
+                     f"{r['threads']} thread"])
+    for r in _load("serve-load-*.json"):
+        e, b = r["edited"], r["base"]
+        rows.append([f"`megedit serve`, {r['clients']} clients for {r['seconds']:.0f} s per model",
+                     f"edited {e['requests_per_s']:.2f} req/s = {r['ratio']['requests_per_s']:.2f}x the base model's "
+                     f"(p50 {e['latency_s']['p50']:.1f} s, p95 {e['latency_s']['p95']:.1f} s); "
+                     f"{e['errors'] + b['errors']} failed requests", f"{r['threads']} thread"])
+    return _table(["living edits and serving (SmolLM2, CounterFact)", "measured", "threads"], rows)
+
+
 TABLES = {"headline": headline_table, "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table, "scale-curve": scale_curve_table, "memit-sweep": memit_sweep_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
           "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table,
           "routing": routing_table, "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table,
-          "denoising": denoising_table}
+          "denoising": denoising_table, "living-add": living_add_table, "living-successive": living_successive_table,
+          "serve-load": serve_load_table, "pipeline": pipeline_table, "living-headline": living_headline_table}
 
 
 def main() -> int:

@@ -16,9 +16,9 @@ from tiny import char_tokenizer, tiny_encoder, tiny_model
 
 from megedit import EditedModel, MeGConfig, MeGEditor, load_encoder, load_model
 from megedit.data import EditRequest, LocalityQuery
-from megedit.errors import ConfigError
+from megedit.errors import ConfigError, MeGError
 from megedit.living import AddConfig
-from megedit.pack import PACK_FILES, manifest_sha256, read_manifest
+from megedit.pack import PACK_FILES, file_sha256, manifest_sha256, read_manifest
 from megedit.stages.fit_neurons import FitConfig
 from megedit.stages.router import Router, RouterConfig
 
@@ -208,6 +208,63 @@ def test_a_rerun_in_the_same_work_dir_reuses_stage_a_and_the_fine_tune(setup, gr
         assert torch.equal(again.vectors_for(["Lo&o"]), grown[1].vectors_for(["Lo&o"]))
     finally:
         again.close()
+
+
+def test_the_pack_keeps_its_pairs_embeddings_and_an_add_encodes_only_the_new_texts(setup, load, tmp_path, monkeypatch):
+    edited = load(setup[3])
+    table, encoder = edited.edits, edited.encoder
+    for i in range(len(table)):  # float16 copies of the encoder's embeddings of the prompt, then each wording
+        texts = [table.prompts[i], *table.wordings[i]]
+        assert torch.allclose(table.embeddings[i], encoder.encode(texts, progress=False).float(), atol=2e-3)
+    encoded = []
+    original = encoder.encode
+
+    def counting(texts, **kwargs):
+        encoded.extend(texts)
+        return original(texts, **kwargs)
+
+    monkeypatch.setattr(encoder, "encode", counting)
+    grown = edited.add_edits(NEW, tmp_path / "work", pool=POOL, progress=False)
+    try:
+        assert encoded and not set(encoded) & set(table.prompts) - {r.prompt for r in NEW}
+        assert set(encoded) == {t for i in range(len(table), len(grown.edits))
+                                for t in (grown.edits.prompts[i], *grown.edits.wordings[i])}
+    finally:
+        grown.close()
+
+
+def test_a_pack_saved_without_embeddings_computes_them_when_edits_are_added(setup, load, tmp_path):
+    folder = _without_embeddings(setup[3], tmp_path / "plain")
+    edited = load(folder)
+    assert all(e is None for e in edited.edits.embeddings)
+    grown = edited.add_edits(NEW, tmp_path / "work", pool=POOL, progress=False)
+    try:
+        assert all(e is not None for e in grown.edits.embeddings)
+        assert _answers(grown, [r.prompt for r in NEW]) == [r.target for r in NEW]
+    finally:
+        grown.close()
+
+
+def test_an_embeddings_table_that_does_not_fit_the_edits_is_a_one_line_error(setup, load, tmp_path):
+    folder = _without_embeddings(setup[3], tmp_path / "short", lambda t: {**t, "embeddings": t["embeddings"][1:]})
+    with pytest.raises(MeGError, match=r"edits.safetensors: 'embeddings' has \d+ rows for 4 edits") as error:
+        load(folder)
+    assert "\n" not in str(error.value)
+
+
+def _without_embeddings(pack, folder, change=lambda t: {k: t[k] for k in ("vectors", "fitted")}):
+    """A copy of `pack` as version 3 packs were written before they kept the embeddings (or with
+    its edit table's tensors changed otherwise), its manifest's checksums made to match."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(pack, folder)
+    path = folder / "edits.safetensors"
+    save_file(change(load_file(path)), path)
+    manifest = json.loads((folder / "pack.json").read_text())
+    manifest["files"]["edits.safetensors"] = file_sha256(path)
+    manifest["manifest_sha256"] = manifest_sha256(manifest)
+    (folder / "pack.json").write_text(json.dumps(manifest))
+    return folder
 
 
 def _old_pack(pack, folder):

@@ -3,9 +3,10 @@ pack without refitting it (docs/living-edits.md).
 
 Row i is the edit whose prompt is row i of the nearest router's bank, so the router's nearest
 index names an edit. Per edit: its case id, prompt and target, the other wordings stage A fitted
-with the prompt, its fitted neuron vector and whether the fit passed. The generator's training
-pairs are rebuilt from these: the pack's encoder embeds the wordings again, each mapped to its
-edit's vector (storing the texts costs far less than their embeddings would).
+with the prompt, its fitted neuron vector and whether the fit passed; and, where known, the
+condition embeddings of its prompt and wordings (the pack's encoder's, stored as float16), so that
+adding edits to a pack encodes only the new edits' wordings, not the whole pack's again. The
+generator's training pairs are built from these, each wording mapped to its edit's vector.
 """
 
 from __future__ import annotations
@@ -31,10 +32,15 @@ class EditTable:
     wordings: list[tuple[str, ...]]  # per edit, its other wordings (stage A's variants), the prompt not among them
     vectors: torch.Tensor  # (N, size): the fitted neuron vectors
     fitted: torch.Tensor  # (N,) bool: stage A's success test passed (only these train the generator)
+    # per edit, the encoder's embeddings of its prompt and then its wordings ((1 + wordings, d)), or None: not computed
+    embeddings: list[torch.Tensor | None] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.case_ids)
-        sizes = {len(self.prompts), len(self.targets), len(self.wordings), len(self.vectors), len(self.fitted)}
+        if self.embeddings is None:
+            self.embeddings = [None] * n
+        sizes = {len(self.prompts), len(self.targets), len(self.wordings), len(self.vectors), len(self.fitted),
+                 len(self.embeddings)}
         if sizes != {n} or self.vectors.ndim != 2:
             raise MeGError(f"edit table: {n} case ids but {sorted(sizes)} rows elsewhere "
                            f"(vectors of shape {tuple(self.vectors.shape)})")
@@ -67,24 +73,40 @@ class EditTable:
         idx = torch.tensor(list(rows), dtype=torch.long)
         return EditTable([self.case_ids[i] for i in rows], [self.prompts[i] for i in rows],
                          [self.targets[i] for i in rows], [self.wordings[i] for i in rows],
-                         self.vectors[idx], self.fitted[idx])
+                         self.vectors[idx], self.fitted[idx], [self.embeddings[i] for i in rows])
 
     def __add__(self, other: "EditTable") -> "EditTable":
         return EditTable(self.case_ids + other.case_ids, self.prompts + other.prompts, self.targets + other.targets,
                          self.wordings + other.wordings, torch.cat([self.vectors, other.vectors]),
-                         torch.cat([self.fitted, other.fitted]))
+                         torch.cat([self.fitted, other.fitted]), self.embeddings + other.embeddings)
 
-    def pairs(self, rows: Sequence[int], augment: bool) -> tuple[list[str], list[int]]:
-        """The generator's training conditions among `rows` and the row each maps to: the fitted
-        edits' prompts first (the first ones validate), then, with `augment`, their other wordings."""
+    def pairs(self, rows: Sequence[int], augment: bool, encoder, progress: bool = True) -> tuple[torch.Tensor, list[int]]:
+        """The generator's training pairs among `rows`: their condition embeddings and the row each
+        maps to, the fitted edits' prompts first (the first ones validate), then, with `augment`,
+        their other wordings. Embeddings the table holds are used; the others are computed by
+        `encoder` (a SentenceEncoder) and kept in the table."""
         ok = [i for i in rows if self.fitted[i]]
-        extra = [(w, i) for i in ok for w in self.wordings[i]] if augment else []
-        return [self.prompts[i] for i in ok] + [w for w, _ in extra], ok + [i for _, i in extra]
+        missing = [i for i in ok if self.embeddings[i] is None]
+        if missing:
+            texts = [t for i in missing for t in (self.prompts[i], *self.wordings[i])]
+            blocks = encoder.encode(texts, progress=progress).float().cpu().split([1 + len(self.wordings[i]) for i in missing])
+            for i, block in zip(missing, blocks):
+                self.embeddings[i] = block
+        extra = [(i, j) for i in ok for j in range(1, 1 + len(self.wordings[i]))] if augment else []
+        cond = [self.embeddings[i][0] for i in ok] + [self.embeddings[i][j] for i, j in extra]
+        if not cond:
+            return torch.zeros(0, 0), []
+        return torch.stack([c.float() for c in cond]), ok + [i for i, _ in extra]
 
     def save(self, directory: Path) -> None:
-        """edits.safetensors (vectors, fitted) and edits.json (ids, prompts, targets, wordings)."""
-        atomic_save_tensors(directory / EDIT_FILES[0], {"vectors": self.vectors.float(),
-                                                        "fitted": self.fitted.to(torch.uint8)})
+        """edits.safetensors (vectors, fitted; the embeddings known, float16, and which edits they are
+        of) and edits.json (ids, prompts, targets, wordings)."""
+        tensors = {"vectors": self.vectors.float(), "fitted": self.fitted.to(torch.uint8)}
+        known = [e for e in self.embeddings if e is not None]
+        if known:
+            tensors["embedded"] = torch.tensor([e is not None for e in self.embeddings], dtype=torch.uint8)
+            tensors["embeddings"] = torch.cat(known).half()
+        atomic_save_tensors(directory / EDIT_FILES[0], tensors)
         atomic_write_json(directory / EDIT_FILES[1], {"edits": [
             {"case_id": c, "prompt": p, "target": t, "wordings": list(w)}
             for c, p, t, w in zip(self.case_ids, self.prompts, self.targets, self.wordings)]})
@@ -95,7 +117,21 @@ class EditTable:
         tensors = load_tensors(path, "edit table")
         rows = read_record(path, "edit table", lambda m: [
             (str(e["case_id"]), str(e["prompt"]), str(e["target"]), tuple(map(str, e["wordings"]))) for e in m["edits"]])
-        if set(tensors) != {"vectors", "fitted"}:
-            raise MeGError(f"{path}: expected tensors 'vectors' and 'fitted', found {sorted(tensors)}")
+        if set(tensors) - {"embeddings", "embedded"} != {"vectors", "fitted"} or len(set(tensors) & {"embeddings", "embedded"}) == 1:
+            raise MeGError(f"{path}: expected tensors 'vectors' and 'fitted' (and 'embeddings' with 'embedded'), "
+                           f"found {sorted(tensors)}")
         columns = [list(c) for c in zip(*rows)] if rows else [[], [], [], []]
-        return cls(*columns, tensors["vectors"].float(), tensors["fitted"].bool())
+        return cls(*columns, tensors["vectors"].float(), tensors["fitted"].bool(), _embeddings(path, tensors, columns[3]))
+
+
+def _embeddings(path: Path, tensors: dict, wordings: list[tuple[str, ...]]) -> list[torch.Tensor | None]:
+    """Per edit, its block of the stored embeddings (1 + its wordings rows), or None."""
+    if "embedded" not in tensors:
+        return [None] * len(wordings)
+    embedded, flat = tensors["embedded"].bool().tolist(), tensors["embeddings"]
+    sizes = [1 + len(w) for w, e in zip(wordings, embedded) if e]
+    if len(embedded) != len(wordings) or flat.ndim != 2 or sum(sizes) != len(flat):
+        raise MeGError(f"{path}: 'embeddings' has {len(flat)} rows for {len(embedded)} edits marked in 'embedded', "
+                       f"whose prompts and wordings need {sum(sizes)} ({len(wordings)} edits in edits.json)")
+    blocks = iter(flat.float().split(sizes))
+    return [next(blocks) if e else None for e in embedded]

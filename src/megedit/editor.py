@@ -200,14 +200,14 @@ class MeGEditor:
             generator = Generator.load(path)
         else:
             # the fitted edits' prompts first (the first ones validate), then, augmented, every other wording
-            texts, owners = edits.pairs(range(len(edits)), config.augment)
-            if not texts:
+            if not bool(edits.fitted.any()):
                 raise ConfigError("stage D: no edit was fitted successfully in stage A; nothing to train on")
+            conditions, owners = edits.pairs(range(len(edits)), config.augment, routing["encoder"], self.progress)
             n_ok = int(edits.fitted.sum())
             log.info("stage D (generator): training the %s generator on %d fitted edits (%d pairs)", config.kind,
-                     n_ok, len(texts))
+                     n_ok, len(owners))
             validation = edits.requests(owners[: min(n_ok, config.validation_size)])
-            generator = train_generator(routing["encoder"].encode(texts, progress=self.progress), edits.vectors[owners],
+            generator = train_generator(conditions, edits.vectors[owners],
                                         config, work_dir=folder, progress=self.progress, n_edits=n_ok,
                                         validate=self.validation(spec, validation))
             generator.save(path)

@@ -9,8 +9,8 @@ forgotten. Removing drops the edits' bank rows, which stops their prompts firing
 fine-tunes the generator on the remaining edits. Either way the generator's budget follows the
 edits changed, not the pack's size: `passes` over each changed edit, times 1 + `replay`.
 
-The pack's edit table (edit_table.py) supplies the old edits' fitted vectors and wordings; the
-pack's encoder embeds the wordings again. The entropy router memorises its edit set, so it
+The pack's edit table (edit_table.py) supplies the old edits' fitted vectors, wordings and their
+embeddings (computed by the pack's encoder where the pack does not hold them). The entropy router memorises its edit set, so it
 cannot change without being trained again: such packs are refused.
 """
 
@@ -207,30 +207,31 @@ def _tune(edited: EditedModel, editor: MeGEditor, edits: EditTable, new_rows: Se
     """The generator fine-tuned from its weights for `changed` edits' worth of passes, drawing the
     new rows' pairs and the others' at 1 : replay (only the others' when no row is new); kept as
     it is when nothing changed or no fitted edit is left. Cached in `work_dir` (a killed run resumes)."""
-    generator, new_rows = edited.generator, set(new_rows)
-    texts, owners = edits.pairs(sorted(new_rows) + [i for i in range(len(edits)) if i not in new_rows],
-                                generator.config.augment)
+    generator, new_rows, start = edited.generator, set(new_rows), time.perf_counter()
     passes = _passes(edited, config)
-    if not changed or not texts:
+    if not changed or not bool(edits.fitted.any()):
         log.info("generator: nothing to learn or unlearn; kept as it is")
         return generator, {"steps": 0, "passes": passes}
+    # every pair's condition embedding: the pack's own where it stored them, the encoder's for the rest
+    conditions, owners = edits.pairs(sorted(new_rows) + [i for i in range(len(edits)) if i not in new_rows],
+                                     generator.config.augment, edited.encoder, progress)
     is_new = torch.tensor([o in new_rows for o in owners])
     weights, replay = _draws(is_new, config.replay)
     fine_tune = FineTune(generator, max(1, math.ceil(passes * changed * (1 + replay) / generator.config.batch_size)),
                          weights)
     folder = work_dir / "generator-tune" / _key(edited.fingerprint, edits, fine_tune)
-    path, start = folder / "generator.safetensors", time.perf_counter()
+    path = folder / "generator.safetensors"
     if path.exists():
         log.info("generator fine-tune: done before, %s", folder)
         tuned = Generator.load(path)
     else:
         n_ok = int(edits.fitted.sum())
         validate = editor.validation(edited.spec, edits.requests(owners[: min(n_ok, generator.config.validation_size)]))
-        tuned = train_generator(edited.encoder.encode(texts, progress=progress), edits.vectors[owners], work_dir=folder,
+        tuned = train_generator(conditions, edits.vectors[owners], work_dir=folder,
                                 progress=progress, n_edits=n_ok, validate=validate, fine_tune=fine_tune)
         tuned.save(path)
     return tuned.to(next(edited.model.parameters()).device), {
-        "steps": fine_tune.steps, "passes": passes, "replay": replay, "n_pairs": len(texts),
+        "steps": fine_tune.steps, "passes": passes, "replay": replay, "n_pairs": len(owners),
         "new_pairs": int(is_new.sum()), "seconds": time.perf_counter() - start}
 
 

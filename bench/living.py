@@ -1,0 +1,229 @@
+"""Living edits (docs/living-edits.md): what adding edits to a fitted pack costs and what it does
+to the edits already there. SmolLM2, CounterFact: the pack is bench/meg.py's (the first 1,024
+records of counterfact-edit.json, pool counterfact-train.json, defaults, seed 0; its stages are
+loaded from bench/meg.py's cache, fitting them first if they are not there); added edits are the
+records after those.
+
+    .venv/bin/python bench/living.py add          # 128 edits added, against a refit of all 1,152
+    .venv/bin/python bench/living.py successive   # 10 additions of 100 edits, one after another
+
+add: the pack is scored on its 1,024 edits; 128 edits are added (`EditedModel.add_edits`, the
+pack's settings, the same pool) and the grown pack is scored on the old edits and on the new
+ones; then all 1,152 are fitted again in one fit (the encoder reused, as a refit in the same work
+dir reuses it: it depends on the pool alone) and that pack is scored too. The cost ratio is the
+add's wall time over the refit's, measured in this one process.
+successive: 10 additions of 100 edits each to the 1,024 pack; after each, the old 1,024 edits and
+the 100 just added are scored. The curve goes to living-successive.png.
+
+Every step's result is kept in bench/results/cases/living/<bench>.state.json as it finishes, and
+packs after each addition are saved there, so a killed run resumes without timing anything twice.
+Results: bench/results/living-add.json, living-successive.json (+ .png); bench/update_readme.py
+shows them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parents[1] / "shared/data"
+CF_EDIT, CF_TRAIN = SHARED / "counterfact/counterfact-edit.json", SHARED / "counterfact/counterfact-train.json"
+RESULTS, CASES = HERE / "results", HERE / "results" / "cases"
+WORK = CASES / "living"
+N_PACK = 1024
+
+
+class Bench:
+    """The base model, the records, the pool, and this bench's state file (finished steps)."""
+
+    def __init__(self, name: str, n_new: int) -> None:
+        from megedit import load_model, load_requests
+
+        self.name = name
+        self.requests = load_requests("counterfact", CF_EDIT, limit=N_PACK + n_new)
+        self.pool = load_requests("counterfact", CF_TRAIN)
+        self.model, self.tokenizer = load_model("smollm2", device="cpu")
+        self.state_path = WORK / f"{name}.state.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+
+    def done(self, key: str, value: dict) -> dict:
+        from megedit.io import atomic_write_json
+
+        self.state[key] = value
+        atomic_write_json(self.state_path, self.state)
+        return value
+
+    def config(self):
+        from megedit import MeGConfig
+        from megedit.data.prompts import DEFAULT_FOR_KIND
+
+        return MeGConfig(prompt_format=DEFAULT_FOR_KIND["counterfact"], seed=0)  # bench/meg.py's, so its cache serves
+
+    def fit(self, requests, work: Path):
+        """A pack fitted on `requests` from scratch in `work` (stages cached there) and its wall time."""
+        from megedit import MeGEditor
+
+        start = time.perf_counter()
+        edited = MeGEditor(self.model, self.tokenizer, self.config()).fit(requests, work, self.pool,
+                                                                          f"counterfact:{CF_TRAIN.name}")
+        return edited, time.perf_counter() - start
+
+    def pack(self):
+        """The 1,024-edit pack of bench/meg.py counterfact (its cached stages), holding its training
+        pairs' embeddings as a pack from a fresh fit does (a cached stage D does not compute them)."""
+        edited = self.fit(self.requests[:N_PACK], CASES / "meg-counterfact")[0]
+        edited.edits.pairs(range(len(edited.edits)), edited.generator.config.augment, edited.encoder, progress=False)
+        return edited
+
+    def load(self, folder: Path):
+        from megedit import EditedModel
+
+        return EditedModel.from_pretrained(folder, self.model, self.tokenizer)
+
+    def score(self, edited, requests, key: str) -> dict:
+        """The harness's metrics of `edited` on `requests` (kept in the state: scored once)."""
+        from megedit import evaluate
+
+        if key in self.state:
+            return self.state[key]
+        report = evaluate(edited, requests, data_kind="counterfact", data_name=f"counterfact:{CF_EDIT.name}",
+                          batch_size=64, checkpoint=WORK / f"{self.name}-{key}.partial.json")
+        summary = report.to_dict()
+        return self.done(key, {"n": summary["n"], "metrics": summary["metrics"], "score": summary["score"],
+                               "eval_s": summary["timing"]["total_s"]})
+
+    def added(self, edited, requests, key: str):
+        """`edited` with `requests` added, saved as WORK/<key>; timed once (a resumed run loads it)."""
+        folder, work = WORK / key, WORK / f"{key}-work"
+        if f"{key}-cost" in self.state and folder.exists():
+            edited.close()
+            return self.load(folder), self.state[f"{key}-cost"]
+        if work.exists():  # a killed add: start over, or its cached steps would make it look cheap
+            shutil.rmtree(work)
+        start = time.perf_counter()
+        grown = edited.add_edits(requests, work, pool=self.pool)
+        seconds = time.perf_counter() - start
+        grown.save_pretrained(folder)
+        return grown, self.done(f"{key}-cost", {"seconds": seconds, "history": grown.history[-1]})
+
+
+def run_add(n_new: int) -> dict:
+    bench = Bench("add", n_new)
+    old, new = bench.requests[:N_PACK], bench.requests[N_PACK:]
+    pack = bench.pack()
+    before = bench.score(pack, old, "before-old")
+    grown, cost = bench.added(pack, new, f"pack-{N_PACK}+{n_new}")
+    after_old, after_new = bench.score(grown, old, "after-old"), bench.score(grown, new, "after-new")
+    grown.close()
+    refit_cost = bench.state.get("refit-cost") or bench.done("refit-cost", _refit(bench, old + new))
+    refit = bench.load(WORK / f"refit-{len(old) + len(new)}")
+    refit_old, refit_new = bench.score(refit, old, "refit-old"), bench.score(refit, new, "refit-new")
+    return {"n_pack": N_PACK, "n_new": n_new, "before_old": before, "after_old": after_old, "after_new": after_new,
+            "refit_old": refit_old, "refit_new": refit_new, "add": cost, "refit": refit_cost,
+            "cost_ratio": cost["seconds"] / refit_cost["seconds"],
+            "old_change": _change(before, after_old)}
+
+
+def _refit(bench: Bench, requests) -> dict:
+    """All edits fitted again from scratch in a fresh work dir with the pack's encoder (stage B
+    depends on the pool alone, so a refit in the same work dir reuses it); the pack saved."""
+    work = WORK / f"refit-{len(requests)}-work"
+    if work.exists():  # a killed refit: start over, or its cached stages would make it look cheap
+        shutil.rmtree(work)
+    shutil.copytree(CASES / "meg-counterfact" / "encoder", work / "encoder")
+    edited, seconds = bench.fit(requests, work)
+    edited.save_pretrained(WORK / f"refit-{len(requests)}")
+    edited.close()
+    return {"seconds": seconds, "timing": edited.record["timing"], "encoder": "reused"}
+
+
+def _change(before: dict, after: dict) -> dict:
+    """After minus before, in points, for each metric and kind and the Score."""
+    delta = {m: {k: after["metrics"][m][k] - v for k, v in kinds.items()} for m, kinds in before["metrics"].items()}
+    return delta | {"score": after["score"] - before["score"]}
+
+
+def run_successive(n_new: int, times: int) -> dict:
+    bench = Bench("successive", n_new * times)
+    old = bench.requests[:N_PACK]
+    edited = bench.pack()
+    steps = [{"added": 0, "n_edits": N_PACK, "old": bench.score(edited, old, "old-0")}]
+    for k in range(1, times + 1):
+        batch = bench.requests[N_PACK + n_new * (k - 1): N_PACK + n_new * k]
+        edited, cost = bench.added(edited, batch, f"pack-{k}")
+        steps.append({"added": k, "n_edits": N_PACK + n_new * k, "seconds": cost["seconds"],
+                      "generator_steps": cost["history"]["generator"]["steps"],
+                      "old": bench.score(edited, old, f"old-{k}"), "new": bench.score(edited, batch, f"new-{k}")})
+    return {"n_pack": N_PACK, "n_new": n_new, "times": times, "steps": steps}
+
+
+def draw(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megedit.io import atomic_write_bytes
+
+    steps = result["steps"]
+    x = [s["added"] for s in steps]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for metric in ("reliability", "generality", "locality"):
+        left.plot(x, [s["old"]["metrics"][metric]["ag"] for s in steps], marker="o", label=f"old {metric} AG")
+    left.plot(x, [s["old"]["score"] for s in steps], marker="s", color="black", label="old Score")
+    left.plot(x[1:], [s["new"]["metrics"]["reliability"]["ag"] for s in steps[1:]], marker="^", linestyle="--",
+              label="batch just added: reliability AG")
+    left.set_ylim(-3, 103)
+    left.set_xlabel(f"additions of {result['n_new']} edits")
+    left.set_title(f"the first {result['n_pack']:,} edits after each addition", fontsize=10)
+    left.legend(fontsize=7)
+    right.bar(x[1:], [s["seconds"] for s in steps[1:]])
+    right.set_xlabel("addition")
+    right.set_title(f"wall time of each addition (s, {result['threads']} thread)", fontsize=10)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.suptitle("SmolLM2-135M-Instruct, CounterFact, pack of the first 1,024 edits, seed 0 (megedit harness)",
+                 fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bench", choices=["add", "successive"])
+    parser.add_argument("--new", type=int, default=None, help="edits per addition (add: 128, successive: 100)")
+    parser.add_argument("--times", type=int, default=10, help="successive: how many additions")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("megedit").setLevel(logging.INFO)
+    from megedit.io import atomic_write_json
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    if args.bench == "add":
+        result = run_add(args.new or 128)
+    else:
+        result = run_successive(args.new or 100, args.times)
+    result |= {"model": "smollm2", "data": f"counterfact:{CF_EDIT.name}", "pool": f"counterfact:{CF_TRAIN.name}",
+               "seed": 0, "threads": torch.get_num_threads(), "protocol": "megedit-ag-tf-v1"}
+    path = atomic_write_json(RESULTS / f"living-{args.bench}.json", result)
+    if args.bench == "successive":
+        draw(result, RESULTS / "living-successive.png")
+    print(json.dumps({k: v for k, v in result.items() if k != "steps"}, indent=1)[:3000])
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The whole job a user runs, timed: `megedit fit` then `megedit eval` of the first 1,024
+CounterFact edits (pool counterfact-train.json, defaults, seed 0, SmolLM2) from an empty work
+dir, each command in a process of its own, as a user types them. Run it with nothing else on the
+machine: the machine's load average before and after is recorded beside the thread count so a
+contended run shows as one.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/pipeline.py          # -> bench/results/pipeline-cf-1024.json
+    .venv/bin/python bench/pipeline.py --limit 128                  # a quick look (-> pipeline-cf-128.json)
+
+The fit's own record (the pack's pack.json) gives each stage's time; the eval JSON gives the
+metrics, so the run doubles as a check that the CLI reproduces bench/meg.py's numbers.
+bench/update_readme.py shows the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parents[1] / "shared/data/counterfact"
+CF_EDIT, CF_TRAIN = SHARED / "counterfact-edit.json", SHARED / "counterfact-train.json"
+MEGEDIT = Path(sys.executable).with_name("megedit")
+
+
+def timed(args: list[str]) -> float:
+    """Wall seconds of one megedit command (its output shown; a failure stops the bench)."""
+    start = time.perf_counter()
+    subprocess.run([str(MEGEDIT), *args, "--quiet"], check=True)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--limit", type=int, default=1024)
+    args = parser.parse_args()
+    sys.path.insert(0, str(HERE.parent / "src"))
+    from megedit.io import atomic_write_json
+
+    work = HERE / "results" / "cases" / f"pipeline-{args.limit}"
+    if work.exists():  # from an empty work dir: nothing cached
+        shutil.rmtree(work)
+    data = ["--data", f"counterfact:{CF_EDIT}", "--limit", str(args.limit)]
+    load_before = os.getloadavg()
+    fit_s = timed(["fit", *data, "--pseudo", f"counterfact:{CF_TRAIN}", "--out", str(work / "pack"),
+                   "--work-dir", str(work / "work")])
+    eval_s = timed(["eval", str(work / "pack"), *data, "--json", str(work / "eval.json")])
+    report = json.loads((work / "eval.json").read_text())
+    record = json.loads((work / "pack" / "pack.json").read_text())
+    result = {"command": f"megedit fit {' '.join(data)} --pseudo counterfact:{CF_TRAIN.name}; megedit eval PACK "
+                         f"{' '.join(data)}", "n": args.limit, "data": f"counterfact:{CF_EDIT.name}",
+              "pool": f"counterfact:{CF_TRAIN.name}", "model": "smollm2", "seed": 0,
+              "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
+              "load_before": load_before[0], "load_after": os.getloadavg()[0], "cpus": os.cpu_count(),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "fit_s": fit_s, "eval_s": eval_s, "total_s": fit_s + eval_s, "stages": _stages(record),
+              "metrics": report["metrics"], "score": report["score"]}
+    path = atomic_write_json(HERE / "results" / f"pipeline-cf-{args.limit}.json", result)
+    print(f"fit {fit_s:.0f} s + eval {eval_s:.0f} s = {(fit_s + eval_s) / 60:.1f} min "
+          f"({result['threads']} threads; load {load_before[0]:.1f} before); Score {report['score']:.1f}; wrote {path}")
+    return 0
+
+
+def _stages(record: dict) -> dict:
+    """Each stage's seconds from the pack's fit record."""
+    timing = record.get("record", record).get("timing", {})
+    return {stage: round(t["seconds"], 1) for stage, t in timing.items() if isinstance(t, dict) and "seconds" in t}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""Load benchmark of `megedit serve`: concurrent clients send completions back to back, and we
+measure requests/s, latency and completion tokens/s of the edited model against the same server
+with the neuron off (the "-base" model id).
+
+    .venv/bin/python bench/serve_load.py runs/cf1k/pack          # 32 clients, one minute per model
+    .venv/bin/python bench/serve_load.py PACK --clients 4 --seconds 10 --rounds 1   # a quick check
+    .venv/bin/python bench/serve_load.py PACK --data counterfact:PATH --out bench/results/x.json
+
+The server is the real one (`megedit.serve.create_app` under uvicorn, on a free loopback port in
+a background thread of this process), with its default --max-batch and --max-queue. The pack
+loads as `megedit serve` loads it: on the base model its manifest names (the embedded SmolLM2 by
+default), or --model, --device, --dtype.
+
+Queries: for each edit the pack holds (its case ids, looked up in --data; for a pack that does not
+list its edits, the first N records), its prompt, first rephrase and first locality prompt, shuffled
+with a fixed seed, so some requests fire an edit and some do not. Every request is a non-streamed
+POST /v1/completions with temperature 0 and --max-tokens; client k starts at its own offset in the
+list and cycles through it.
+
+Load: --clients clients (asyncio, the `openai` package's AsyncOpenAI, no retries), each sending its
+next request as soon as the last one is answered. The edited and the base model are measured in
+alternating rounds on the same server, --rounds rounds each; --seconds is the time per model, so
+a round lasts --seconds / --rounds. Only requests that complete inside a round's window count; a
+request still in flight when the window closes is waited for and not counted. So the run takes
+2 x --seconds, plus each round's drain and a warm-up of one request per client per model (not
+counted): with 32 clients on a CPU, each adds several seconds. Errors (a non-200 answer or an
+exception) count wherever they happen, warm-up included. The clients share this process (and
+its GIL) with the server: their cost is small next to generation.
+
+Per model: requests completed, errors (and the first few messages), requests/s, latency p50/p95/
+max (seconds, as the client sees it), completion tokens/s (the returned text re-tokenized with the
+pack's tokenizer: the API has no `usage` field, and an answer's end token is not counted), the share
+of requests that fired an edit (each choice's `megedit` object), and the server's mean rows per
+batch (from /healthz). Then edited/base ratios of requests/s and tokens/s.
+Results: bench/results/serve-load-<pack folder name>.json (or --out). Exit status 1 if any request
+failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import socket
+import sys
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = f"counterfact:{HERE.parents[1] / 'shared/data/counterfact/counterfact-edit.json'}"
+MIX_SEED = 0
+SHOWN_ERRORS = 5  # error messages kept per model; the count has them all
+CLIENT_TIMEOUT_S = 600  # far above any sane latency: a timeout is an error, not a slow request
+
+
+@dataclass
+class Query:
+    kind: str  # "prompt", "rephrase" or "locality"
+    text: str
+
+
+@dataclass
+class Tally:
+    """One model's requests over all its rounds."""
+
+    latencies: list[float] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    fired: list[tuple[str, bool]] = field(default_factory=list)  # (query kind, edit fired)
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # measured window time
+    batches: int = 0
+    rows: int = 0
+
+
+# -- the pack, the queries, the server ----------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    from megedit.cli.common import add_model_args
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("pack", type=Path, help="edit pack folder")
+    parser.add_argument("--data", default=DEFAULT_DATA, metavar="KIND:PATH", help="the edit records of the pack")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent clients")
+    parser.add_argument("--seconds", type=float, default=60.0, help="measured time per model, over all rounds")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per model (edited and base alternate)")
+    parser.add_argument("--max-tokens", type=int, default=16, help="max_tokens of every request")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/serve-load-<pack name>.json")
+    add_model_args(parser, None, pack=True)  # --model, --device, --dtype, as `megedit serve`
+    args = parser.parse_args()
+    if args.clients < 1 or args.rounds < 1 or args.seconds <= 0 or args.max_tokens < 1:
+        parser.error("--clients, --rounds and --max-tokens must be at least 1, --seconds above 0")
+    return args
+
+
+def pack_edits(edited) -> tuple[list[str] | None, int]:
+    """(the pack's case ids, or None for a pack that does not list them; how many edits it holds)."""
+    if edited.edits is not None:
+        return list(edited.edits.case_ids), len(edited.edits)
+    return None, int(edited.record["n_edits"])  # such packs predate adding and removing edits
+
+
+def query_mix(data: str, case_ids: list[str] | None, n_edits: int) -> list[Query]:
+    """Each held edit's prompt, first rephrase and first locality prompt, shuffled with a fixed seed."""
+    from megedit import load_requests
+    from megedit.data import parse_data_arg
+
+    kind, path = parse_data_arg(data)
+    records = load_requests(kind, path, limit=None if case_ids else n_edits, skip_invalid=True)
+    if case_ids is not None:
+        wanted = set(case_ids)
+        records = [r for r in records if r.case_id in wanted]
+        if len(records) < len(wanted):
+            logging.warning("serve_load: %d of the pack's %d edits are not in %s", len(wanted) - len(records),
+                            len(wanted), data)
+    if not records:
+        sys.exit(f"serve_load: none of the pack's edits is in {data}")
+    mix = []
+    for r in records:
+        mix.append(Query("prompt", r.prompt))
+        mix += [Query("rephrase", r.rephrases[0])] if r.rephrases else []
+        mix += [Query("locality", r.locality[0].prompt)] if r.locality else []
+    random.Random(MIX_SEED).shuffle(mix)
+    return mix
+
+
+@contextmanager
+def serving(app):
+    """The app under uvicorn on a free loopback port, in a thread; yields the server's root URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            sys.exit("serve_load: the server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def server_counters(root: str) -> dict:
+    with urllib.request.urlopen(f"{root}/healthz", timeout=30) as answer:
+        return json.load(answer)
+
+
+# -- the load -----------------------------------------------------------------------------------
+
+
+async def ask(client, model: str, query: Query, max_tokens: int):
+    """One completion: (latency in s, text, edit fired) or the error's message."""
+    start = time.perf_counter()
+    try:
+        out = await client.completions.create(model=model, prompt=query.text, max_tokens=max_tokens, temperature=0)
+    except Exception as error:  # any failure is a result to report, not a reason to stop
+        return f"{type(error).__name__}: {error}"
+    choice = out.choices[0]
+    return time.perf_counter() - start, choice.text, bool((choice.megedit or {}).get("edit_fired"))
+
+
+async def client_loop(client, model: str, mix: list[Query], offset: int, end: float, max_tokens: int,
+                      tally: Tally) -> None:
+    """Back-to-back requests until `end`; those answered after `end` are not counted."""
+    i = offset
+    while time.perf_counter() < end:
+        query = mix[i % len(mix)]
+        i += 1
+        result = await ask(client, model, query, max_tokens)
+        if isinstance(result, str):
+            tally.errors.append(result)
+        elif time.perf_counter() <= end:
+            tally.latencies.append(result[0])
+            tally.texts.append(result[1])
+            tally.fired.append((query.kind, result[2]))
+
+
+async def run_round(client, root: str, model: str, mix: list[Query], args, seconds: float, tally: Tally) -> None:
+    before = server_counters(root)
+    end = time.perf_counter() + seconds
+    await asyncio.gather(*(client_loop(client, model, mix, k * len(mix) // args.clients, end, args.max_tokens, tally)
+                           for k in range(args.clients)))
+    after = server_counters(root)
+    tally.seconds += seconds
+    tally.batches += after["batches"] - before["batches"]
+    tally.rows += after["rows"] - before["rows"]
+
+
+async def warm_up(client, model: str, mix: list[Query], args, tally: Tally) -> None:
+    """One request per client, not counted: the first calls pay one-time costs."""
+    results = await asyncio.gather(*(ask(client, model, mix[k * len(mix) // args.clients], args.max_tokens)
+                                     for k in range(args.clients)))
+    tally.errors += [f"warm-up: {r}" for r in results if isinstance(r, str)]
+
+
+async def measure(root: str, models: dict[str, str], mix: list[Query], args) -> dict[str, Tally]:
+    """Warm up each model, then alternate rounds of edited and base."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"{root}/v1", api_key="unused", max_retries=0, timeout=CLIENT_TIMEOUT_S)
+    tallies = {name: Tally() for name in models}
+    try:
+        for name, model in models.items():
+            await warm_up(client, model, mix, args, tallies[name])
+        for r in range(args.rounds):
+            for name, model in models.items():
+                await run_round(client, root, model, mix, args, args.seconds / args.rounds, tallies[name])
+                print(f"round {r + 1}/{args.rounds} {name}: {len(tallies[name].latencies)} requests so far", flush=True)
+    finally:
+        await client.close()
+    return tallies
+
+
+def model_ids(root: str) -> dict[str, str]:
+    """{"edited": id, "base": id} from GET /v1/models."""
+    with urllib.request.urlopen(f"{root}/v1/models", timeout=30) as answer:
+        ids = [m["id"] for m in json.load(answer)["data"]]
+    edited = next(i for i in ids if not i.endswith("-base"))
+    return {"edited": edited, "base": f"{edited}-base"}
+
+
+# -- the results --------------------------------------------------------------------------------
+
+
+def summarize(tally: Tally, tokenizer) -> dict:
+    """One model's numbers; tokens counted here, after the load, so the clients stay light."""
+    n = len(tally.latencies)
+    tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in tally.texts)
+    kinds = sorted({k for k, _ in tally.fired})
+    return {"requests": n, "errors": len(tally.errors), "error_messages": tally.errors[:SHOWN_ERRORS],
+            "seconds": tally.seconds, "requests_per_s": n / tally.seconds,
+            "latency_s": latency(np.array(tally.latencies)),
+            "completion_tokens": tokens, "tokens_per_s": tokens / tally.seconds,
+            "edit_fired_share": sum(f for _, f in tally.fired) / max(1, n),
+            "edit_fired_share_by_kind": {k: float(np.mean([f for q, f in tally.fired if q == k])) for k in kinds},
+            "server_batches": tally.batches, "rows_per_batch": tally.rows / max(1, tally.batches)}
+
+
+def latency(seconds: np.ndarray) -> dict:
+    if not len(seconds):  # nothing completed: no numbers rather than NaN, which JSON lacks
+        return dict.fromkeys(("p50", "p95", "max", "mean"))
+    return {"p50": float(np.percentile(seconds, 50)), "p95": float(np.percentile(seconds, 95)),
+            "max": float(seconds.max()), "mean": float(seconds.mean())}
+
+
+def ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def report(edited, args, mix: list[Query], n_edits: int, batcher, models: dict, tallies: dict) -> dict:
+    per_model = {name: summarize(t, edited.tokenizer) for name, t in tallies.items()}
+    e, b = per_model["edited"], per_model["base"]
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "pack": str(args.pack.resolve()),
+            "n_edits": n_edits, "data": args.data, "n_queries": len(mix),
+            "query_kinds": {k: sum(q.kind == k for q in mix) for k in ("prompt", "rephrase", "locality")},
+            "model_ids": models, "device": str(edited.model.device), "dtype": str(edited.model.dtype),
+            "clients": args.clients, "seconds": args.seconds, "rounds": args.rounds,
+            "round_seconds": args.seconds / args.rounds, "max_tokens": args.max_tokens,
+            "max_batch": batcher.max_batch, "max_queue": batcher.max_queue,
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), **per_model,
+            "ratio": {"requests_per_s": ratio(e["requests_per_s"], b["requests_per_s"]),
+                      "tokens_per_s": ratio(e["tokens_per_s"], b["tokens_per_s"])}}
+
+
+def show(result: dict) -> None:
+    print(f"{result['clients']} clients, {result['seconds']:g} s per model in {result['rounds']} round(s), "
+          f"{result['n_queries']} queries from {result['n_edits']} edits, max_tokens {result['max_tokens']}, "
+          f"{result['threads']} torch thread(s) on {result['device']}")
+    for name in ("edited", "base"):
+        m = result[name]
+        lat = {k: "n/a" if v is None else f"{v:.3f} s" for k, v in m["latency_s"].items()}
+        print(f"  {name:6} {m['requests_per_s']:7.2f} req/s  {m['tokens_per_s']:7.1f} tok/s  p50 {lat['p50']}  "
+              f"p95 {lat['p95']}  max {lat['max']}  {m['requests']} requests, {m['errors']} errors, "
+              f"edit fired {100 * m['edit_fired_share']:.0f}%, {m['rows_per_batch']:.1f} rows/batch")
+    r = result["ratio"]
+    print(f"  edited/base: requests/s {_two(r['requests_per_s'])}, tokens/s {_two(r['tokens_per_s'])}")
+
+
+def _two(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def main() -> int:
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from megedit.cli.common import load_pack
+    from megedit.io import atomic_write_json
+    from megedit.serve import create_app
+
+    edited = load_pack(args)
+    case_ids, n_edits = pack_edits(edited)
+    mix = query_mix(args.data, case_ids, n_edits)
+    app = create_app(edited, model_id=f"megedit/{args.pack.resolve().name}")  # the server's default limits
+    with serving(app) as root:
+        models = model_ids(root)
+        tallies = asyncio.run(measure(root, models, mix, args))
+    result = report(edited, args, mix, n_edits, app.state.batcher, models, tallies)
+    out = args.out or HERE / "results" / f"serve-load-{args.pack.resolve().name}.json"
+    atomic_write_json(out, result)
+    show(result)
+    print(f"wrote {out}")
+    failed = [m for name in ("edited", "base") for m in result[name]["error_messages"]]
+    if failed:
+        print(f"{result['edited']['errors'] + result['base']['errors']} request(s) failed; first: {failed[0]}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
