@@ -24,13 +24,14 @@ shows them.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import shutil
 import sys
 import time
 from pathlib import Path
+
+from figures import pyplot, save_png
 
 import torch
 
@@ -167,13 +168,7 @@ def run_successive(n_new: int, times: int) -> dict:
 
 
 def draw(result: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from megedit.io import atomic_write_bytes
-
+    plt = pyplot()
     steps = result["steps"]
     x = [s["added"] for s in steps]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
@@ -193,11 +188,7 @@ def draw(result: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle("SmolLM2-135M-Instruct, CounterFact, pack of the first 1,024 edits, seed 0 (megedit harness)",
                  fontsize=10)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return save_png(fig, path)
 
 
 def main() -> int:

@@ -17,12 +17,13 @@ against N; bench/update_readme.py shows the table).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from figures import pyplot, save_png
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -125,13 +126,7 @@ def value(point: dict, metric: str, kind: str | None) -> float:
 
 
 def draw(points: list[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from megedit.io import atomic_write_bytes
-
+    plt = pyplot()
     fig, axes = plt.subplots(2, 4, figsize=(14, 6.5), dpi=100)
     for ax, (metric, kind) in zip(axes.flat, PANELS):
         for method in METHODS:
@@ -154,11 +149,7 @@ def draw(points: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("SmolLM2-135M-Instruct, first N CounterFact edits, seed 0 (megedit harness)", fontsize=10)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return save_png(fig, path)
 
 
 def main() -> int:

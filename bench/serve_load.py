@@ -44,12 +44,9 @@ import json
 import logging
 import os
 import random
-import socket
 import sys
-import threading
 import time
 import urllib.request
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -133,27 +130,6 @@ def query_mix(data: str, case_ids: list[str] | None, n_edits: int) -> list[Query
         mix += [Query("locality", r.locality[0].prompt)] if r.locality else []
     random.Random(MIX_SEED).shuffle(mix)
     return mix
-
-
-@contextmanager
-def serving(app):
-    """The app under uvicorn on a free loopback port, in a thread; yields the server's root URL."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            sys.exit("serve_load: the server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def server_counters(root: str) -> dict:
@@ -301,13 +277,13 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from megedit.cli.common import load_pack
     from megedit.io import atomic_write_json
-    from megedit.serve import create_app
+    from megedit.serve import create_app, in_thread
 
     edited = load_pack(args)
     case_ids, n_edits = pack_edits(edited)
     mix = query_mix(args.data, case_ids, n_edits)
     app = create_app(edited, model_id=f"megedit/{args.pack.resolve().name}")  # the server's default limits
-    with serving(app) as root:
+    with in_thread(app) as root:
         models = model_ids(root)
         tallies = asyncio.run(measure(root, models, mix, args))
     result = report(edited, args, mix, n_edits, app.state.batcher, models, tallies)

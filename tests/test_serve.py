@@ -4,7 +4,6 @@ in a background thread, over a tiny pack fitted in-process; and the EditedModel 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -16,13 +15,12 @@ from contextlib import contextmanager
 import openai
 import pytest
 import torch
-import uvicorn
 from test_editor import EDITS
 from test_generation import CHAT_TEMPLATE, edited  # noqa: F401  (the module's tiny pack fixture)
 from transformers.generation.streamers import BaseStreamer
 
 from megedit.errors import ConfigError
-from megedit.serve import create_app
+from megedit.serve import create_app, in_thread
 
 MODEL = "megedit/tiny"
 BASE = f"{MODEL}-base"
@@ -43,19 +41,8 @@ def edit(edited):
 @contextmanager
 def serving(app):
     """The app on a free loopback port, in a thread; yields the base URL of its API."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with in_thread(app) as root:
+        yield f"{root}/v1"
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,12 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
 from ..errors import MeGError
 
 EXTRA_HINT = "pip install 'megedit[serve]'"
@@ -26,4 +32,27 @@ def create_app(edited, **kwargs):
     return create(edited, **kwargs)
 
 
-__all__ = ["create_app", "require_extra", "EXTRA_HINT"]
+@contextmanager
+def in_thread(app, host: str = "127.0.0.1") -> Iterator[str]:
+    """Run `app` under uvicorn on a free port of `host` in a background thread (a notebook, a test,
+    a benchmark); yields the server's root URL, and stops the server on leaving."""
+    require_extra()
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind((host, 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise MeGError(f"the server did not start on {host}")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+__all__ = ["create_app", "in_thread", "require_extra", "EXTRA_HINT"]
