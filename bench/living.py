@@ -177,7 +177,10 @@ def draw(result: dict, path: Path) -> Path:
     left.plot(x, [s["old"]["score"] for s in steps], marker="s", color="black", label="old Score")
     left.plot(x[1:], [s["new"]["metrics"]["reliability"]["ag"] for s in steps[1:]], marker="^", linestyle="--",
               label="batch just added: reliability AG")
-    left.set_ylim(-3, 103)
+    shown = [line.get_ydata() for line in left.get_lines()]
+    left.set_ylim(max(0.0, min(min(y) for y in shown) - 5), 100.5)  # the changes are a few points: not 0-100
+    for ax in (left, right):
+        ax.set_xticks(x)
     left.set_xlabel(f"additions of {result['n_new']} edits")
     left.set_title(f"the first {result['n_pack']:,} edits after each addition", fontsize=10)
     left.legend(fontsize=7)
@@ -196,7 +199,11 @@ def main() -> int:
     parser.add_argument("bench", choices=["add", "successive"])
     parser.add_argument("--new", type=int, default=None, help="edits per addition (add: 128, successive: 100)")
     parser.add_argument("--times", type=int, default=10, help="successive: how many additions")
+    parser.add_argument("--draw", action="store_true", help="successive: only draw the PNG from its result file")
     args = parser.parse_args()
+    if args.draw:
+        print(draw(json.loads((RESULTS / "living-successive.json").read_text()), RESULTS / "living-successive.png"))
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("megedit").setLevel(logging.INFO)
     from megedit.io import atomic_write_json
