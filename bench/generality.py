@@ -57,6 +57,15 @@ LEVERS = [
     ("margin 3, 2 paraphrases, lr 0.3", {"margin": 3.0, "paraphrases": 2, "lr": 0.3, "wording_schedule": "all"}),
     ("defaults: margin 3, 4 paraphrases, lr 0.3, prompt first", {"margin": 3.0, "paraphrases": 4, "lr": 0.3,
                                                                  "wording_schedule": "prompt-first"}),
+    # cheaper stage A candidates, prompt first
+    ("margin 3, 3 paraphrases, lr 0.3, prompt first", {"margin": 3.0, "paraphrases": 3, "lr": 0.3,
+                                                       "wording_schedule": "prompt-first"}),
+    ("margin 3, 2 paraphrases, lr 0.3, prompt first", {"margin": 3.0, "paraphrases": 2, "lr": 0.3,
+                                                       "wording_schedule": "prompt-first"}),
+    ("margin 3, 4 paraphrases, lr 0.5, prompt first", {"margin": 3.0, "paraphrases": 4, "lr": 0.5,
+                                                       "wording_schedule": "prompt-first"}),
+    ("margin 2, 4 paraphrases, lr 0.3, prompt first", {"margin": 2.0, "paraphrases": 4, "lr": 0.3,
+                                                       "wording_schedule": "prompt-first"}),
 ]
 
 
