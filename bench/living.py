@@ -24,6 +24,7 @@ shows them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -46,10 +47,10 @@ N_PACK = 1024
 class Bench:
     """The base model, the records, the pool, and this bench's state file (finished steps)."""
 
-    def __init__(self, name: str, n_new: int) -> None:
+    def __init__(self, name: str, n_new: int, add_config=None) -> None:
         from megedit import load_model, load_requests
 
-        self.name = name
+        self.name, self.add_config = name, add_config
         self.requests = load_requests("counterfact", CF_EDIT, limit=N_PACK + n_new)
         self.pool = load_requests("counterfact", CF_TRAIN)
         self.model, self.tokenizer = load_model("smollm2", device="cpu")
@@ -111,24 +112,35 @@ class Bench:
         if work.exists():  # a killed add: start over, or its cached steps would make it look cheap
             shutil.rmtree(work)
         start = time.perf_counter()
-        grown = edited.add_edits(requests, work, pool=self.pool)
+        grown = edited.add_edits(requests, work, pool=self.pool, config=self.add_config)
         seconds = time.perf_counter() - start
         grown.save_pretrained(folder)
         return grown, self.done(f"{key}-cost", {"seconds": seconds, "history": grown.history[-1]})
 
 
-def run_add(n_new: int) -> dict:
-    bench = Bench("add", n_new)
+def run_add(n_new: int, name: str, add_config) -> dict:
+    from megedit.living import AddConfig
+
+    bench = Bench(name, n_new, add_config)
+    main = WORK / "add.state.json"
+    if name != "add" and main.exists() and "before-old" in json.loads(main.read_text()):  # the same pack, scored
+        bench.done("before-old", json.loads(main.read_text())["before-old"])
     old, new = bench.requests[:N_PACK], bench.requests[N_PACK:]
     pack = bench.pack()
     before = bench.score(pack, old, "before-old")
-    grown, cost = bench.added(pack, new, f"pack-{N_PACK}+{n_new}")
+    grown, cost = bench.added(pack, new, f"pack-{N_PACK}+{n_new}{name.removeprefix('add')}")
     after_old, after_new = bench.score(grown, old, "after-old"), bench.score(grown, new, "after-new")
     grown.close()
-    refit_cost = bench.state.get("refit-cost") or bench.done("refit-cost", _refit(bench, old + new))
-    refit = bench.load(WORK / f"refit-{len(old) + len(new)}")
-    refit_old, refit_new = bench.score(refit, old, "refit-old"), bench.score(refit, new, "refit-new")
-    return {"n_pack": N_PACK, "n_new": n_new, "before_old": before, "after_old": after_old, "after_new": after_new,
+    if name != "add":  # a variant of the add's settings: the refit is the default run's (bench/living.py add)
+        measured = json.loads(main.read_text())
+        refit_cost, refit_old, refit_new = (measured[k] for k in ("refit-cost", "refit-old", "refit-new"))
+        refit_cost = {**refit_cost, "measured_by": "bench/living.py add (the default settings' run)"}
+    else:
+        refit_cost = bench.state.get("refit-cost") or bench.done("refit-cost", _refit(bench, old + new))
+        refit = bench.load(WORK / f"refit-{len(old) + len(new)}")
+        refit_old, refit_new = bench.score(refit, old, "refit-old"), bench.score(refit, new, "refit-new")
+    return {"n_pack": N_PACK, "n_new": n_new, "add_config": dataclasses.asdict(add_config or AddConfig()),
+            "before_old": before, "after_old": after_old, "after_new": after_new,
             "refit_old": refit_old, "refit_new": refit_new, "add": cost, "refit": refit_cost,
             "cost_ratio": cost["seconds"] / refit_cost["seconds"],
             "old_change": _change(before, after_old)}
@@ -200,6 +212,8 @@ def main() -> int:
     parser.add_argument("--new", type=int, default=None, help="edits per addition (add: 128, successive: 100)")
     parser.add_argument("--times", type=int, default=10, help="successive: how many additions")
     parser.add_argument("--draw", action="store_true", help="successive: only draw the PNG from its result file")
+    parser.add_argument("--passes", type=float, default=None, help="add: AddConfig.passes (a variant: its own files)")
+    parser.add_argument("--replay", type=float, default=None, help="add: AddConfig.replay (a variant: its own files)")
     args = parser.parse_args()
     if args.draw:
         print(draw(json.loads((RESULTS / "living-successive.json").read_text()), RESULTS / "living-successive.png"))
@@ -207,15 +221,19 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("megedit").setLevel(logging.INFO)
     from megedit.io import atomic_write_json
+    from megedit.living import AddConfig
 
     WORK.mkdir(parents=True, exist_ok=True)
+    name = args.bench
     if args.bench == "add":
-        result = run_add(args.new or 128)
+        changes = {k: v for k, v in (("passes", args.passes), ("replay", args.replay)) if v is not None}
+        name += "".join(f"-{k}{v:g}" for k, v in changes.items())
+        result = run_add(args.new or 128, name, AddConfig(**changes).validate())
     else:
         result = run_successive(args.new or 100, args.times)
     result |= {"model": "smollm2", "data": f"counterfact:{CF_EDIT.name}", "pool": f"counterfact:{CF_TRAIN.name}",
                "seed": 0, "threads": torch.get_num_threads(), "protocol": "megedit-ag-tf-v1"}
-    path = atomic_write_json(RESULTS / f"living-{args.bench}.json", result)
+    path = atomic_write_json(RESULTS / f"living-{name}.json", result)
     if args.bench == "successive":
         draw(result, RESULTS / "living-successive.png")
     print(json.dumps({k: v for k, v in result.items() if k != "steps"}, indent=1)[:3000])
