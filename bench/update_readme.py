@@ -329,7 +329,7 @@ def living_add_table() -> str:
                   f"{100 * r['cost_ratio']:.1f}% of the refit"],
                  [added, f"new {k}", *_ags(r["after_new"]), "", ""]]
         if "measured_by" not in r["refit"]:
-            rows += [[f"refit of all {n + k:,} (`megedit fit`, encoder reused)", f"old {n:,}", *_ags(r["refit_old"]),
+            rows += [[f"refit of all {n + k:,} (`megedit fit`, from scratch)", f"old {n:,}", *_ags(r["refit_old"]),
                       f"{r['refit']['seconds']:.0f}", "1.0x"],
                      [f"refit of all {n + k:,}", f"new {k}", *_ags(r["refit_new"]), "", ""]]
     return _table(["pack", "edits scored", "RelAG", "GenAG", "LocAG", "Score", "wall s", "cost"], rows)
