@@ -146,7 +146,8 @@ async def ask(client, model: str, query: Query, max_tokens: int):
     try:
         out = await client.completions.create(model=model, prompt=query.text, max_tokens=max_tokens, temperature=0)
     except Exception as error:  # any failure is a result to report, not a reason to stop
-        return f"{type(error).__name__}: {error}"
+        cause = f" ({type(error.__cause__).__name__}: {error.__cause__})" if error.__cause__ else ""
+        return f"{type(error).__name__}: {error}{cause}"
     choice = out.choices[0]
     return time.perf_counter() - start, choice.text, bool((choice.megedit or {}).get("edit_fired"))
 

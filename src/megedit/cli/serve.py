@@ -55,7 +55,7 @@ def is_loopback(host: str) -> bool:
 
 def run_serve(args) -> int:
     from ..errors import ConfigError
-    from ..serve import create_app, require_extra
+    from ..serve import KEEP_ALIVE_S, create_app, require_extra
 
     key = args.api_key or os.environ.get(KEY_ENV) or None
     if key is None and not is_loopback(args.host):  # checked before the model loads
@@ -70,6 +70,6 @@ def run_serve(args) -> int:
     shown = f"[{args.host}]" if ":" in args.host else args.host
     log.info("serving %s and %s-base at http://%s:%d/v1%s", model_id, model_id, shown, args.port,
              " (API key required)" if key else "")
-    uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+    uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, timeout_keep_alive=KEEP_ALIVE_S,
                                   log_level="warning" if args.quiet else "info")).run()
     return 0

@@ -12,6 +12,10 @@ from typing import Iterator
 from ..errors import MeGError
 
 EXTRA_HINT = "pip install 'megedit[serve]'"
+# how long an idle client connection stays open (uvicorn's default is 5 s): on a CPU an answer under
+# load takes several seconds, and a pooled connection the server closes just as a client reuses it
+# fails that request (seen as 3 connection errors in 500 requests of bench/serve_load.py)
+KEEP_ALIVE_S = 75
 
 
 def require_extra() -> None:
@@ -41,7 +45,7 @@ def in_thread(app, host: str = "127.0.0.1") -> Iterator[str]:
 
     sock = socket.socket()
     sock.bind((host, 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
