@@ -170,9 +170,11 @@ def cost(args, path: Path) -> dict:
                 ("today's defaults (wordings built and fitted)", now, {})]
         for label, src, overrides in runs:
             command = [sys.executable, "-c", COST_DRIVER, *map(str, FILES), str(args.limit), json.dumps(overrides)]
+            load_before = os.getloadavg()[0]  # another job on the machine shows here (1 per busy core)
             proc = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(src)}, check=True, capture_output=True,
                                   text=True)
-            row = {"setting": label, **json.loads(proc.stdout.strip().splitlines()[-1])}
+            row = {"setting": label, **json.loads(proc.stdout.strip().splitlines()[-1]), "load_before": load_before,
+                   "load_after": os.getloadavg()[0]}
             out["rows"].append(row)
             atomic_write_json(path, out)
             print(f"{label:70s} {row['stage_a_s']:7.0f} s  success {row['success_rate']:5.1f}%  "

@@ -157,9 +157,9 @@ def stage_a_cost_table() -> str:
             rows.append([str(r["n"]), row["setting"], f"{row['mean_wordings']:.1f}", f"{row['median_steps']:.0f}",
                          f"{row['success_rate']:.1f}", f"{row['stage_a_s']:.0f}", f"{row['stage_a_s'] / before:.1f}x",
                          f"{row['stage_a_s'] / old_settings:.1f}x" if old_settings else "", str(row["threads"]),
-                         row.get("note", "")])
+                         f"{row['load_before']:.1f} / {row['load_after']:.1f}" if "load_before" in row else "—"])
     return _table(["N", "stage A", "wordings / edit", "median steps", "success %", "s", "vs when filed",
-                   "vs today's code, settings of before", "threads", "note"], rows)
+                   "vs today's code, settings of before", "threads", "load average before / after"], rows)
 
 
 def headline_table() -> str:
