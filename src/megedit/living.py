@@ -10,8 +10,8 @@ fine-tunes the generator on the remaining edits. Either way the generator's budg
 edits changed, not the pack's size: `passes` over each changed edit, times 1 + `replay`.
 
 The pack's edit table (edit_table.py) supplies the old edits' fitted vectors, wordings and their
-embeddings (computed by the pack's encoder where the pack does not hold them). The entropy router memorises its edit set, so it
-cannot change without being trained again: such packs are refused.
+embeddings (computed by the pack's encoder where the pack does not hold them). The entropy router
+memorises its edit set, so it cannot change without being trained again: such packs are refused.
 """
 
 from __future__ import annotations
