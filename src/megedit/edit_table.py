@@ -80,7 +80,8 @@ class EditTable:
                          self.wordings + other.wordings, torch.cat([self.vectors, other.vectors]),
                          torch.cat([self.fitted, other.fitted]), self.embeddings + other.embeddings)
 
-    def pairs(self, rows: Sequence[int], augment: bool, encoder, progress: bool = True) -> tuple[torch.Tensor, list[int]]:
+    def pairs(self, rows: Sequence[int], augment: bool, encoder,
+              progress: bool = True) -> tuple[torch.Tensor, list[int]]:
         """The generator's training pairs among `rows`: their condition embeddings and the row each
         maps to, the fitted edits' prompts first (the first ones validate), then, with `augment`,
         their other wordings. Embeddings the table holds are used; the others are computed by
@@ -89,7 +90,8 @@ class EditTable:
         missing = [i for i in ok if self.embeddings[i] is None]
         if missing:
             texts = [t for i in missing for t in (self.prompts[i], *self.wordings[i])]
-            blocks = encoder.encode(texts, progress=progress).float().cpu().split([1 + len(self.wordings[i]) for i in missing])
+            flat = encoder.encode(texts, progress=progress).float().cpu()
+            blocks = flat.split([1 + len(self.wordings[i]) for i in missing])
             for i, block in zip(missing, blocks):
                 self.embeddings[i] = block
         extra = [(i, j) for i in ok for j in range(1, 1 + len(self.wordings[i]))] if augment else []
@@ -117,11 +119,13 @@ class EditTable:
         tensors = load_tensors(path, "edit table")
         rows = read_record(path, "edit table", lambda m: [
             (str(e["case_id"]), str(e["prompt"]), str(e["target"]), tuple(map(str, e["wordings"]))) for e in m["edits"]])
-        if set(tensors) - {"embeddings", "embedded"} != {"vectors", "fitted"} or len(set(tensors) & {"embeddings", "embedded"}) == 1:
+        optional = {"embeddings", "embedded"}  # both or neither
+        if set(tensors) - optional != {"vectors", "fitted"} or len(set(tensors) & optional) == 1:
             raise MeGError(f"{path}: expected tensors 'vectors' and 'fitted' (and 'embeddings' with 'embedded'), "
                            f"found {sorted(tensors)}")
         columns = [list(c) for c in zip(*rows)] if rows else [[], [], [], []]
-        return cls(*columns, tensors["vectors"].float(), tensors["fitted"].bool(), _embeddings(path, tensors, columns[3]))
+        return cls(*columns, tensors["vectors"].float(), tensors["fitted"].bool(),
+                   _embeddings(path, tensors, columns[3]))
 
 
 def _embeddings(path: Path, tensors: dict, wordings: list[tuple[str, ...]]) -> list[torch.Tensor | None]:
@@ -131,7 +135,8 @@ def _embeddings(path: Path, tensors: dict, wordings: list[tuple[str, ...]]) -> l
     embedded, flat = tensors["embedded"].bool().tolist(), tensors["embeddings"]
     sizes = [1 + len(w) for w, e in zip(wordings, embedded) if e]
     if len(embedded) != len(wordings) or flat.ndim != 2 or sum(sizes) != len(flat):
-        raise MeGError(f"{path}: 'embeddings' has {len(flat)} rows for {len(embedded)} edits marked in 'embedded', "
-                       f"whose prompts and wordings need {sum(sizes)} ({len(wordings)} edits in edits.json)")
+        raise MeGError(f"{path}: 'embeddings' has {len(flat)} rows for {len(embedded)} edits marked in "
+                       f"'embedded', whose prompts and wordings need {sum(sizes)} ({len(wordings)} edits in "
+                       f"edits.json)")
     blocks = iter(flat.float().split(sizes))
     return [next(blocks) if e else None for e in embedded]
