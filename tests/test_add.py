@@ -252,6 +252,13 @@ def test_an_embeddings_table_that_does_not_fit_the_edits_is_a_one_line_error(set
     assert "\n" not in str(error.value)
 
 
+def test_embeddings_of_another_width_than_the_packs_encoder_are_a_one_line_error(setup, load, tmp_path):
+    folder = _without_embeddings(setup[3], tmp_path / "narrow", lambda t: {**t, "embeddings": t["embeddings"][:, :5].contiguous()})
+    with pytest.raises(MeGError, match=r"the edit table's embeddings are 5 wide, the pack's encoder's") as error:
+        load(folder)
+    assert "\n" not in str(error.value)
+
+
 def _without_embeddings(pack, folder, change=lambda t: {k: t[k] for k in ("vectors", "fitted")}):
     """A copy of `pack` as version 3 packs were written before they kept the embeddings (or with
     its edit table's tensors changed otherwise), its manifest's checksums made to match."""

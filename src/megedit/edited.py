@@ -424,6 +424,10 @@ def _edit_table(directory: Path, manifest: dict, spec: NeuronSpec, router: Route
     if table.vectors.shape[1] != spec.size or rows not in (None, len(table)):
         raise MeGError(f"{directory}: the edit table ({len(table)} edits, vectors of length {table.vectors.shape[1]}) "
                        f"does not match the pack (router bank of {rows} edits, neuron vectors of length {spec.size})")
+    widths = {e.shape[1] for e in table.embeddings if e is not None}
+    if router.bank is not None and widths - {router.bank.shape[1]}:  # both are the pack encoder's embeddings
+        raise MeGError(f"{directory}: the edit table's embeddings are {max(widths)} wide, the pack's encoder's "
+                       f"(its router's bank) {router.bank.shape[1]}")
     return table
 
 
