@@ -8,11 +8,11 @@ records after those.
     .venv/bin/python bench/living.py successive   # 10 additions of 100 edits, one after another
 
 add: the pack is scored on its 1,024 edits; 128 edits are added (`EditedModel.add_edits`, the
-pack's settings, the same pool) and the grown pack is scored on the old edits and on the new
-ones; then all 1,152 are fitted again from scratch in one fit (every stage: the encoder too, whose
-pool leaves out records that overlap the edits, so it changes when they do) and that pack is
-scored too. The cost ratio is the add's wall time over the refit's, measured in one process
-(variants of the add's settings, --passes / --replay, are set against that run's refit).
+pack's settings, the same pool) and the grown pack is scored on the old edits and on the new ones;
+then all 1,152 are fitted again from scratch in one fit (every stage: the encoder too, whose pool
+leaves out records that share a case id or a prompt with an edit, so it changes when they do) and
+that pack is scored too. The cost ratio is the add's wall time over the refit's, measured in one
+process (variants of the add's settings, --passes / --replay, are set against that run's refit).
 successive: 10 additions of 100 edits each to the 1,024 pack; after each, the old 1,024 edits and
 the 100 just added are scored. The curve goes to living-successive.png.
 
