@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from .config import MeGConfig
-from .data.requests import EditRequest
+from .data.requests import EditRequest, pool_apart_from
 from .edit_table import EditTable
 from .edited import EditedModel
 from .errors import ConfigError
@@ -101,9 +101,7 @@ class MeGEditor:
         fit = self.config.fit
         prefixes = context_prefixes(self.model, self.tokenizer, fit.prefix_pool if fit.prefixes else 0,
                                     fit.prefix_tokens, self.config.seed, progress=self.progress)
-        edit_prompts = {r.prompt for r in requests}
-        pool = [r for r in pool if r.prompt not in edit_prompts]  # ids are left out by build_variants
-        variants = build_variants(requests, pool, prefixes, fit.paraphrases, fit.prefixes,
+        variants = build_variants(requests, pool_apart_from(pool, requests), prefixes, fit.paraphrases, fit.prefixes,
                                   fit.exclude_eval_templates, self.config.seed)
         with_paraphrases = sum(any(not v.endswith(" " + r.prompt) for v in vs) for r, vs in zip(requests, variants))
         return variants, {"paraphrases": fit.paraphrases, "prefixes": fit.prefixes, "context_prefixes": prefixes,

@@ -32,7 +32,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .config import MeGConfig
-from .data.requests import EditRequest
+from .data.requests import EditRequest, pool_apart_from
 from .edit_table import EditTable
 from .edited import EditedModel
 from .editor import MeGEditor
@@ -171,9 +171,7 @@ def _fit_new(editor: MeGEditor, edited: EditedModel, requests: list[EditRequest]
     if not pool and editor.config.fit.paraphrases:
         log.warning("add: no pseudo-edit pool given: the new edits get no pool paraphrases, so they may carry less "
                     "well to paraphrases than the pack's")
-    ids, prompts = set(edited.edits.case_ids), set(edited.edits.prompts)
-    pool = [r for r in pool or () if r.case_id not in ids and r.prompt not in prompts]
-    variants, variants_record = editor.variants(requests, pool)
+    variants, variants_record = editor.variants(requests, pool_apart_from(pool or (), edited.edits.requests()))
     fit, _, timing = editor.stage_a(requests, variants, work_dir)
     if fit.spec != edited.spec:  # the pack's settings should give its own neuron back; anything else is no edit of it
         raise MeGError(f"add: stage A fitted a {fit.spec.variant} neuron at layer {fit.spec.layer}, the pack's is a "

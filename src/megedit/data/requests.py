@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -35,3 +36,10 @@ class EditRequest:
         record["rephrases"] = list(self.rephrases)
         record["locality"] = [asdict(q) for q in self.locality]
         return record
+
+
+def pool_apart_from(pool: Sequence[EditRequest], edits: Sequence[EditRequest]) -> list[EditRequest]:
+    """The pool records that share neither a case id nor a prompt with any of `edits`: a
+    pseudo-edit pool never stands in for the facts being edited."""
+    ids, prompts = {r.case_id for r in edits}, {r.prompt for r in edits}
+    return [r for r in pool if r.case_id not in ids and r.prompt not in prompts]

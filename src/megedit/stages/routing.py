@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from ..data.requests import EditRequest
+from ..data.requests import EditRequest, pool_apart_from
 from ..errors import ConfigError
 from ..models import SentenceEncoder
 from .encoder import EncoderConfig, EncoderTraining, paraphrase_pairs, retrieval_top1, train_encoder
@@ -52,9 +52,7 @@ def split_for_edits(edits: Sequence[EditRequest], pool: Sequence[EditRequest],
                     config: RoutingConfig) -> tuple[list, list]:
     """(encoder-training records, calibration records) of the pool, leaving out every record that
     shares an id or a prompt with an edit."""
-    edit_ids, edit_prompts = {r.case_id for r in edits}, {r.prompt for r in edits}
-    return split_pool([r for r in pool if r.case_id not in edit_ids and r.prompt not in edit_prompts],
-                      config.calibration_size, config.seed)
+    return split_pool(pool_apart_from(pool, edits), config.calibration_size, config.seed)
 
 
 def calibration_embeddings(encoder: SentenceEncoder, calibration: Sequence[EditRequest],
