@@ -116,16 +116,18 @@ class Bench:
         grown = edited.add_edits(requests, work, pool=self.pool, config=self.add_config)
         seconds = time.perf_counter() - start
         grown.save_pretrained(folder)
-        return grown, self.done(f"{key}-cost", {"seconds": seconds, "history": grown.history[-1]})
+        return grown, self.done(f"{key}-cost", {"seconds": seconds, "threads": torch.get_num_threads(),
+                                                "history": grown.history[-1]})
 
 
 def run_add(n_new: int, name: str, add_config) -> dict:
     from megedit.living import AddConfig
 
     bench = Bench(name, n_new, add_config)
-    main = WORK / "add.state.json"
-    if name != "add" and main.exists() and "before-old" in json.loads(main.read_text()):  # the same pack, scored
-        bench.done("before-old", json.loads(main.read_text())["before-old"])
+    main = WORK / "add.state.json"  # the default settings' run: a variant takes its pack's score and its refit
+    measured = json.loads(main.read_text()) if name != "add" and main.exists() else {}
+    if "before-old" in measured:  # the same pack, scored
+        bench.done("before-old", measured["before-old"])
     old, new = bench.requests[:N_PACK], bench.requests[N_PACK:]
     pack = bench.pack()
     before = bench.score(pack, old, "before-old")
@@ -133,7 +135,6 @@ def run_add(n_new: int, name: str, add_config) -> dict:
     after_old, after_new = bench.score(grown, old, "after-old"), bench.score(grown, new, "after-new")
     grown.close()
     if name != "add":  # a variant of the add's settings: the refit is the default run's (bench/living.py add)
-        measured = json.loads(main.read_text())
         refit_cost, refit_old, refit_new = (measured[k] for k in ("refit-cost", "refit-old", "refit-new"))
         refit_cost = {**refit_cost, "measured_by": "bench/living.py add (the default settings' run)"}
     else:
@@ -144,7 +145,7 @@ def run_add(n_new: int, name: str, add_config) -> dict:
             "before_old": before, "after_old": after_old, "after_new": after_new,
             "refit_old": refit_old, "refit_new": refit_new, "add": cost, "refit": refit_cost,
             "cost_ratio": cost["seconds"] / refit_cost["seconds"],
-            "old_change": _change(before, after_old)}
+            "old_change": _change(before, after_old), "threads": _threads(cost, refit_cost)}
 
 
 def _refit(bench: Bench, requests) -> dict:
@@ -155,7 +156,7 @@ def _refit(bench: Bench, requests) -> dict:
     edited, seconds = bench.fit(requests, work)
     edited.save_pretrained(WORK / f"refit-{len(requests)}")
     edited.close()
-    return {"seconds": seconds, "timing": edited.record["timing"]}
+    return {"seconds": seconds, "threads": torch.get_num_threads(), "timing": edited.record["timing"]}
 
 
 def _change(before: dict, after: dict) -> dict:
@@ -175,7 +176,16 @@ def run_successive(n_new: int, times: int) -> dict:
         steps.append({"added": k, "n_edits": N_PACK + n_new * k, "seconds": cost["seconds"],
                       "generator_steps": cost["history"]["generator"]["steps"],
                       "old": bench.score(edited, old, f"old-{k}"), "new": bench.score(edited, batch, f"new-{k}")})
-    return {"n_pack": N_PACK, "n_new": n_new, "times": times, "steps": steps}
+    costs = [bench.state[f"pack-{k}-cost"] for k in range(1, times + 1)]
+    return {"n_pack": N_PACK, "n_new": n_new, "times": times, "steps": steps, "threads": _threads(*costs)}
+
+
+def _threads(*costs: dict) -> int:
+    """The thread count the timed steps ran with (as measured, not as this process resumes them)."""
+    counts = {c["threads"] for c in costs}
+    if len(counts) != 1:
+        raise SystemExit(f"living: the timed steps ran with different thread counts {sorted(counts)}; time them again")
+    return counts.pop()
 
 
 def draw(result: dict, path: Path) -> Path:
@@ -231,7 +241,7 @@ def main() -> int:
     else:
         result = run_successive(args.new or 100, args.times)
     result |= {"model": "smollm2", "data": f"counterfact:{CF_EDIT.name}", "pool": f"counterfact:{CF_TRAIN.name}",
-               "seed": 0, "threads": torch.get_num_threads(), "protocol": "megedit-ag-tf-v1"}
+               "seed": 0, "protocol": "megedit-ag-tf-v1"}
     path = atomic_write_json(RESULTS / f"living-{name}.json", result)
     if args.bench == "successive":
         draw(result, RESULTS / "living-successive.png")

@@ -41,7 +41,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=1024)
     args = parser.parse_args()
-    sys.path.insert(0, str(HERE.parent / "src"))
     from megedit.io import atomic_write_json
 
     work = HERE / "results" / "cases" / f"pipeline-{args.limit}"
@@ -53,14 +52,14 @@ def main() -> int:
                    "--work-dir", str(work / "work")])
     eval_s = timed(["eval", str(work / "pack"), *data, "--json", str(work / "eval.json")])
     report = json.loads((work / "eval.json").read_text())
-    record = json.loads((work / "pack" / "pack.json").read_text())
+    manifest = json.loads((work / "pack" / "pack.json").read_text())
     result = {"command": f"megedit fit {' '.join(data)} --pseudo counterfact:{CF_TRAIN.name}; megedit eval PACK "
                          f"{' '.join(data)}", "n": args.limit, "data": f"counterfact:{CF_EDIT.name}",
               "pool": f"counterfact:{CF_TRAIN.name}", "model": "smollm2", "seed": 0,
               "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
               "load_before": load_before[0], "load_after": os.getloadavg()[0], "cpus": os.cpu_count(),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "fit_s": fit_s, "eval_s": eval_s, "total_s": fit_s + eval_s, "stages": _stages(record),
+              "fit_s": fit_s, "eval_s": eval_s, "total_s": fit_s + eval_s, "stages": _stages(manifest),
               "metrics": report["metrics"], "score": report["score"]}
     path = atomic_write_json(HERE / "results" / f"pipeline-cf-{args.limit}.json", result)
     print(f"fit {fit_s:.0f} s + eval {eval_s:.0f} s = {(fit_s + eval_s) / 60:.1f} min "
@@ -68,9 +67,9 @@ def main() -> int:
     return 0
 
 
-def _stages(record: dict) -> dict:
-    """Each stage's seconds from the pack's fit record."""
-    timing = record.get("record", record).get("timing", {})
+def _stages(manifest: dict) -> dict:
+    """Each stage's seconds from the fit record in the pack's pack.json."""
+    timing = manifest["record"]["timing"]
     return {stage: round(t["seconds"], 1) for stage, t in timing.items() if isinstance(t, dict) and "seconds" in t}
 
 
