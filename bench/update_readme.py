@@ -296,19 +296,53 @@ def scale_curve_table() -> str:
                    "edit time note", "eval s", "threads"], rows)
 
 
-def memit_sweep_table() -> str:
+def _sweep_setup(row: dict, cov_source: str | None) -> tuple[str, str, str]:
+    """(weight, layers, setup) of one bench/baseline_sweep.py row."""
+    settings = row["settings"]
+    if row["method"] == "ft":
+        box = settings.get("norm_constraint")
+        setup = (f"Adam, {len(settings['epoch_losses'])} of {settings['epochs']} epochs (stop at loss "
+                 f"{settings['stop_loss']:g})" + (f", box {box:g}" if box else ""))
+        return f"lr {row['weight']:g}", str(settings["layer"]), setup
+    weight = ("lambda " if row["method"] == "memit" else "a ") + f"{row['weight']:g}"
+    stop = f"loss < {settings['v_tol']:g}" if "v_tol" in settings else "all steps"  # runs before v_tol
+    source = settings.get("cov_source", cov_source or "")
+    cov = "model text" if "model wrote" in source else "pool prompts"
+    setup = (f"cov: {cov} ({settings['cov_tokens'] // 1000}K tok); {settings.get('context_prefixes', 0)} prefixes; "
+             f"KL {settings.get('kl_factor', 0):g}; values {settings['v_steps']} steps, {stop}")
+    return weight, f"{min(settings['layers'])}-{max(settings['layers'])}", setup
+
+
+def causal_trace_table() -> str:
+    """Per layer, the indirect effects of bench/causal_trace.py (two layers a row to keep it short)."""
+    path = RESULTS / "causal_trace-smollm2.json"
+    if not path.exists():
+        return "(not run yet: bench/causal_trace.py)"
+    r = json.loads(path.read_text())
+    mlp, hidden = r["mlp_indirect_effect"], r["hidden_indirect_effect"]
+    half = (len(mlp) + 1) // 2
+    rows = [[str(i), f"{mlp[i]:.4f}", f"{hidden[i]:.4f}"]
+            + ([str(i + half), f"{mlp[i + half]:.4f}", f"{hidden[i + half]:.4f}"] if i + half < len(mlp) else ["", "", ""])
+            for i in range(half)]
+    table = _table(["layer", "MLP (window)", "layer output"] * 2, rows)
+    return (table + f"\n\n{r['n_facts']} known facts, p(answer) clean {r['p_clean_mean']:.3f}, corrupted "
+            f"{r['p_corrupted_mean']:.3f}; MLP window {r['window']}, {r['samples']} noise draws; peak at layer "
+            f"{r['mlp_peak_layer']}, suggested span {r['suggested_span'][0]}-{r['suggested_span'][-1]}; "
+            f"{r['wall_s']:.0f} s on {r['torch_threads']} thread(s).")
+
+
+def baseline_sweep_table() -> str:
     rows = []
-    for r in _load("memit_sweep-*.json"):
+    for r in _load("baseline_sweep-*.json"):
         for row in r["rows"]:
-            settings = row["settings"]
-            weight = ("lambda " if row["method"] == "memit" else "a ") + f"{row['weight']:g}"
-            span = f"{min(settings['layers'])}-{max(settings['layers'])}"
-            stop = f"NLL < {settings['v_tol']:g}" if "v_tol" in settings else "all steps"  # runs before v_tol
-            edit_s = f"{row['edit_s']:.0f}" + (" (values cached)" if settings.get("values_reused_batches") or settings.get("values_reused_edits") else "")
-            rows.append([str(r["n"]), row["method"], weight, span, f"{settings['v_steps']}, {stop}"]
-                        + [f"{row['metrics'][k][s]:.1f}" for k, s in METRICS] + [f"{row['score']:.2f}", edit_s])
-    return _table(["N", "method", "weight", "layers", "value search steps", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG",
-                   "LocTF", "Score", "edit s"], rows)
+            weight, layers, setup = _sweep_setup(row, r.get("cov_source"))
+            reused = row["settings"].get("values_reused_batches") or row["settings"].get("values_reused_edits")
+            edit_s = f"{row['edit_s']:.0f}" + (" (values cached)" if reused else "")
+            rows.append([str(r["n"]), row["method"], weight, layers, setup]
+                        + [f"{row['metrics'][k][s]:.1f}" for k, s in METRICS]
+                        + [f"{row['score']:.2f}", edit_s, str(r.get("threads", 1))])
+    return _table(["N", "method", "weight", "layers", "setup", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG",
+                   "LocTF", "Score", "edit s", "threads"], rows)
 
 
 def _ags(m: dict) -> list[str]:
@@ -401,7 +435,7 @@ def living_headline_table() -> str:
     return _table(["living edits and serving (SmolLM2, CounterFact)", "measured", "threads"], rows)
 
 
-TABLES = {"headline": headline_table, "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table, "scale-curve": scale_curve_table, "memit-sweep": memit_sweep_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
+TABLES = {"headline": headline_table, "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table, "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table, "causal-trace": causal_trace_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
           "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table,
           "routing": routing_table, "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table,
           "denoising": denoising_table, "living-add": living_add_table, "living-successive": living_successive_table,

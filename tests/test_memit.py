@@ -1,5 +1,6 @@
 """MEMIT and AlphaEdit: the closed-form updates, and a batch edit of a tiny model."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -56,9 +57,9 @@ def test_subject_last_token_positions():
 
 def test_a_one_layer_memit_edit_writes_the_target_values_at_the_edited_layer():
     model, tok = tiny_model("llama", init_range=0.2), char_tokenizer()
-    config = MemitConfig(layers=(1,), mom2_weight=1e-6, v_steps=30)
+    config = MemitConfig(layers=(1,), mom2_weight=1e-6, v_steps=30, context_prefixes=0)
     positions = subject_positions(tok, FMT, EDITS)
-    z, _ = target_values(model, tok, FMT, EDITS, positions, 1, config, progress=False)  # deterministic
+    z, _ = target_values(model, tok, FMT, EDITS, 1, config, progress=False)  # deterministic
     _, before = keys_and_hidden(model, tok, FMT, EDITS, positions, 1, 1, 8)
     subject = batch_edit(model, tok, EDITS, FMT, TEXTS, config, progress=False)
     _, after = keys_and_hidden(model, tok, FMT, EDITS, positions, 1, 1, 8)
@@ -72,33 +73,33 @@ def test_a_one_layer_memit_edit_writes_the_target_values_at_the_edited_layer():
 
 def test_the_value_search_freezes_finished_rows_and_resumes_from_its_cached_batches():
     model, tok = tiny_model("llama", init_range=0.2), char_tokenizer()
-    positions = subject_positions(tok, FMT, EDITS)
     # the random tiny model's NLL floor is about 4 (one hidden state, char-level answers)
-    config = MemitConfig(layers=(1,), v_steps=200, v_tol=5.0, batch_size=2)
-    z, record = target_values(model, tok, FMT, EDITS, positions, 1, config, progress=False)
-    assert record["v_converged"] == 1.0 and record["final_nll_mean"] < 5.0
+    config = MemitConfig(layers=(1,), v_steps=200, v_tol=5.0, batch_size=2, context_prefixes=0, kl_factor=0.0)
+    z, record = target_values(model, tok, FMT, EDITS, 1, config, progress=False)
+    assert record["v_converged"] == 1.0 and record["final_loss_mean"] < 5.0
     assert record["v_steps_mean"] < 200  # every batch stopped early
     shards = sorted(Path(record["values_cache"]).glob("values-*.safetensors"))
     assert len(shards) == 2  # 3 edits in batches of 2
     shards[1].unlink()  # as if killed before the last batch
-    again, resumed = target_values(model, tok, FMT, EDITS, positions, 1, config, progress=False)
+    again, resumed = target_values(model, tok, FMT, EDITS, 1, config, progress=False)
     assert torch.equal(again, z)
     assert 0 < resumed["values_reused_edits"] < 3 and 0 < resumed["values_reused_s"] < resumed["values_search_s"]
 
 
 def test_a_larger_run_searches_only_the_edits_no_earlier_run_searched():
     model, tok = tiny_model("llama", init_range=0.2), char_tokenizer()
-    config = MemitConfig(layers=(1,), v_steps=200, v_tol=5.0, batch_size=2)
+    config = MemitConfig(layers=(1,), v_steps=200, v_tol=5.0, batch_size=2, context_prefixes=0)
     few = EDITS[:2]
-    z_few, _ = target_values(model, tok, FMT, few, subject_positions(tok, FMT, few), 1, config, progress=False)
+    z_few, _ = target_values(model, tok, FMT, few, 1, config, progress=False)
     more = [EDITS[2], *few, EDITS[0]]  # a new edit, the old ones in another order, one listed twice
-    z, record = target_values(model, tok, FMT, more, subject_positions(tok, FMT, more), 1, config, progress=False)
+    z, record = target_values(model, tok, FMT, more, 1, config, progress=False)
     assert record["values_reused_edits"] == 3
     assert len(list(Path(record["values_cache"]).glob("values-*.safetensors"))) == 2  # one more batch, of one edit
     assert torch.equal(z[1:3], z_few) and torch.equal(z[3], z_few[0])
     # each edit's search is its own: the same values as searching all three together from scratch
-    alone, _ = target_values(model, tok, FMT, EDITS, subject_positions(tok, FMT, EDITS), 1,
-                             MemitConfig(layers=(1,), v_steps=200, v_tol=5.0, batch_size=3), progress=False)
+    alone, _ = target_values(model, tok, FMT, EDITS, 1,
+                             MemitConfig(layers=(1,), v_steps=200, v_tol=5.0, batch_size=3, context_prefixes=0),
+                             progress=False)
     assert torch.allclose(alone, z[:3][[1, 2, 0]], atol=1e-4)
 
 
@@ -145,3 +146,72 @@ def test_weight_deltas_save_and_load_onto_the_same_base_only(tmp_path):
         assert torch.allclose(p, edited[n], atol=1e-6)
     with pytest.raises(MeGError, match="another base model"):
         WeightEditSubject.load(tmp_path / "memit.safetensors", tiny_model("llama", seed=3), tok)
+
+
+def test_keys_are_averaged_over_the_prompt_and_its_prefixed_copies():
+    from megedit.baselines.memit import context_keys
+
+    model, tok = tiny_model("llama", init_range=0.2), char_tokenizer()
+    prefixes = ["Hi there.", "So it goes."]
+    keys, hidden = context_keys(model, tok, FMT, EDITS, prefixes, 0, 1, 4)
+    for i, r in enumerate(EDITS):
+        copies = [r, *(EditRequest(r.case_id, f"{p} {r.prompt}", r.target, subject=r.subject) for p in prefixes)]
+        k, h = keys_and_hidden(model, tok, FMT, copies, subject_positions(tok, FMT, copies), 0, 1, 4)
+        assert torch.allclose(keys[i], k.mean(dim=0), atol=1e-6)
+        assert torch.allclose(hidden[i], h[0], atol=1e-6)  # the gap is measured on the prompt alone
+
+
+def _nll_after(model, tok, requests, z, last=1):
+    """The targets' mean NLL with z written at each subject after layer `last`."""
+    from megedit.baselines.memit import _at_subject, _row_nll, _run_shifted
+    from megedit.baselines.ft import TrainingBatch
+
+    tb = TrainingBatch.build([FMT.prompt_ids(r.prompt, tok) for r in requests],
+                             [FMT.answer_ids(r.target, tok, with_stop=True) for r in requests], tok.pad_token_id, "cpu")
+    base, pos = _at_subject(model, tb.batch, subject_positions(tok, FMT, requests), last)
+    shift = z.float() - base[torch.arange(len(requests)), pos]
+    with torch.no_grad():
+        return _row_nll(tb, _run_shifted(model, tb.batch, base, pos, shift, last, tb.span)).mean()
+
+
+def test_values_fitted_with_prefixes_carry_to_prefixed_prompts():
+    model, tok = tiny_model("llama", init_range=0.2), char_tokenizer()
+    prefixes = ["Hi there.", "So it goes.", "Well then."]
+    plain = MemitConfig(layers=(1,), v_steps=60, v_tol=0.0, context_prefixes=0, kl_factor=0.0)
+    z_plain, _ = target_values(model, tok, FMT, EDITS, 1, plain, progress=False)
+    z_ctx, record = target_values(model, tok, FMT, EDITS, 1, plain, prefixes, progress=False)
+    assert record["values_reused_edits"] == 0  # other prefixes: another cache
+    unseen = [EditRequest(r.case_id, f"Oh no. {r.prompt}", r.target, subject=r.subject) for r in EDITS]
+    assert _nll_after(model, tok, unseen, z_ctx) < _nll_after(model, tok, unseen, z_plain)
+
+
+def test_the_kl_term_keeps_the_subjects_essence_closer_to_the_base_model():
+    from megedit.baselines.memit import _Essence
+
+    model, tok = tiny_model("llama", init_range=0.2), char_tokenizer()
+    free = MemitConfig(layers=(1,), v_steps=60, v_tol=0.0, context_prefixes=0, kl_factor=0.0)
+    held = replace(free, kl_factor=10.0)
+    essence = _Essence(model, tok, FMT, EDITS, 1)
+    kls = []
+    for config in (free, held):
+        z, _ = target_values(model, tok, FMT, EDITS, 1, config, progress=False)
+        _, h = keys_and_hidden(model, tok, FMT, EDITS, subject_positions(tok, FMT, EDITS), 1, 1, 8)
+        with torch.no_grad():
+            kls.append(float(essence.kl((z - h).float(), torch.arange(len(EDITS))).sum()))
+    assert kls[1] < kls[0]
+    assert kls[0] > 0
+
+
+def test_generic_text_reaches_its_token_count_and_is_cached(monkeypatch):
+    from megedit.baselines import generic_text
+
+    model, tok = tiny_model("llama"), char_tokenizer()
+    texts = generic_text.sampled_text(model, tok, tokens=300, length=40, batch_size=4, progress=False)
+    assert sum(len(tok(t)["input_ids"]) for t in texts) >= 300
+    assert len(set(texts)) > 1  # sampled, not one text repeated
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(generic_text, "hf_generate", no_generation)
+    assert generic_text.sampled_text(model, tok, tokens=300, length=40, batch_size=4, progress=False) == texts

@@ -1,5 +1,7 @@
 """FT: the paper's fine-tuning baseline. All N edits at once, only the MLP of one layer trained
-(the layer MeG attaches its neuron to), plain SGD for a few epochs.
+(the layer MeG attaches its neuron to), plain SGD for a few epochs. Optionally as constrained
+fine-tuning (FT-L, Zhu et al. 2020): every weight kept within `norm_constraint` of its original
+value, and training stopped once an epoch's mean loss is below `stop_loss`.
 
 The layers below the trained MLP never change, so their output is computed once per batch and
 reused every epoch (`lm.layer_input` / `lm.starting_at_layer`).
@@ -33,11 +35,16 @@ class FTConfig:
     epochs: int = 8
     batch_size: int = 32
     max_grad_norm: float | None = 1.0  # clip: a few edits' gradients otherwise blow SGD up
+    optimizer: str = "sgd"  # or "adam" (momentum unused)
+    norm_constraint: float | None = None  # |w - w_original| <= this for every weight (L-infinity ball)
+    stop_loss: float | None = None  # stop after the first epoch whose mean loss is below this
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or not 0 <= self.momentum < 1:
             raise ConfigError(f"FT needs lr > 0, epochs >= 1, batch_size >= 1 and momentum in [0, 1): {self}")
+        if self.optimizer not in ("sgd", "adam") or (self.norm_constraint is not None and self.norm_constraint <= 0):
+            raise ConfigError(f"FT needs optimizer sgd or adam and norm_constraint > 0 where set: {self}")
 
 
 @dataclass
@@ -84,6 +91,38 @@ def edit_batches(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptF
     ]
 
 
+class _Training:
+    """The trained MLP's parameters, their optimiser and, for FT-L, the box each weight stays in."""
+
+    def __init__(self, mlp, config: FTConfig) -> None:
+        self.config = config
+        self.params = list(mlp.parameters())
+        self.optimiser = (torch.optim.Adam(self.params, lr=config.lr) if config.optimizer == "adam" else
+                          torch.optim.SGD(self.params, lr=config.lr, momentum=config.momentum))
+        eps = config.norm_constraint
+        self.box = [(p.detach() - eps, p.detach() + eps) for p in self.params] if eps else None
+        self.order = torch.Generator().manual_seed(config.seed)
+
+    def epoch(self, model, batches, hidden) -> float:
+        """One pass over the batches in a seeded order; the mean loss."""
+        total = 0.0
+        for i in torch.randperm(len(batches), generator=self.order).tolist():
+            with starting_at_layer(model, self.config.layer, hidden[i]):
+                logits = model(**batches[i].batch.model_inputs, use_cache=False, logits_to_keep=batches[i].span).logits
+            loss = batches[i].loss(logits)
+            self.optimiser.zero_grad()
+            loss.backward()
+            if self.config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            self.optimiser.step()
+            if self.box:
+                with torch.no_grad():
+                    for p, (low, high) in zip(self.params, self.box):
+                        torch.clamp(p, low, high, out=p)
+            total += loss.item()
+        return total / len(batches)
+
+
 def fine_tune(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFormat,
               config: FTConfig | None = None, progress: bool = True) -> WeightEditSubject:
     """Fine-tune the MLP of `config.layer` on all edits; returns the edited model as a subject
@@ -99,31 +138,17 @@ def fine_tune(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptForm
         hidden = [layer_input(model, config.layer, b.batch)
                   for b in tqdm(batches, desc="FT layer inputs", disable=not progress or len(batches) < 2, leave=False)]
 
-    params = list(mlp.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    optimiser = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
-    order = torch.Generator().manual_seed(config.seed)
+    training = _Training(mlp, config)
+    mlp.requires_grad_(True)
     losses = []
     try:
         for epoch in tqdm(range(config.epochs), desc="FT epochs", disable=not progress, leave=False):
-            total = 0.0
-            for i in torch.randperm(len(batches), generator=order).tolist():
-                with starting_at_layer(model, config.layer, hidden[i]):
-                    logits = model(**batches[i].batch.model_inputs, use_cache=False,
-                                   logits_to_keep=batches[i].span).logits
-                loss = batches[i].loss(logits)
-                optimiser.zero_grad()
-                loss.backward()
-                if config.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                optimiser.step()
-                total += loss.item()
-            losses.append(total / len(batches))
+            losses.append(training.epoch(model, batches, hidden))
             log.info("FT epoch %d: mean loss %.4f", epoch + 1, losses[-1])
+            if config.stop_loss is not None and losses[-1] < config.stop_loss:
+                break
     finally:
-        for p in params:
-            p.requires_grad_(False)
+        mlp.requires_grad_(False)
     settings = {**asdict(config), "method": "ft", "trained": prefix.rstrip("."), "epoch_losses": losses,
                 "edit_time_s": time.perf_counter() - start}
     return WeightEditSubject(model, tokenizer, "ft", originals, settings)

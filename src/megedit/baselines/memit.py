@@ -11,9 +11,12 @@ Both share every step but the last:
    AlphaEdit dW = R K^T P (K K^T P + a I)^-1  (P: projector on C's null space, so dW C = 0:
                                                the keys of ordinary text map exactly as before)
 
-Deviations from the published setups (see the README): the key covariance comes from a local
-text source (default: the CounterFact pseudo-edit pool's prompts) instead of ~100K Wikipedia
-samples, and the keys are taken on the prompt alone, without random context prefixes.
+As the authors do, the keys and the value search use the prompt behind context prefixes the
+model writes itself (`context_prefixes`: half of 5 tokens, half of 10), and the value search keeps
+the next-token distribution after "{subject} is a" near the base model's (`kl_factor`). One
+deviation: the key covariance comes from text the base model samples itself
+(`generic_text.sampled_text`, >= 100,000 tokens) instead of 100,000 Wikipedia samples, as
+nothing may be fetched at run time.
 """
 
 from __future__ import annotations
@@ -36,9 +39,10 @@ from ..data.requests import EditRequest
 from ..errors import ConfigError
 from ..eval.subject import WeightEditSubject
 from ..io import atomic_save_tensors, load_tensors
-from ..lm import layer_input, left_pad, length_batches, model_device, starting_at_layer
+from ..lm import Batch, layer_input, left_pad, length_batches, model_device, starting_at_layer
 from ..models import cache_root, model_fingerprint
-from .ft import edit_batches
+from ..stages.variants import context_prefixes
+from .ft import TrainingBatch
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +59,20 @@ class MemitConfig:
     v_steps: int = 25
     v_lr: float = 0.5
     v_weight_decay: float = 1e-3
-    v_tol: float = 0.05  # an edit's value search stops once its target NLL is below this
+    v_tol: float = 0.05  # an edit's value search stops once its loss (NLL + KL) is below this
     clamp_norm: float = 4.0  # |delta| <= clamp_norm * |h|
-    batch_size: int = 32
-    seed: int = 0
+    kl_factor: float = 0.0625  # weight of KL(edited || base) of the next token after "{subject} is a"
+    context_prefixes: int = 20  # prompts behind model-written prefixes (keys averaged, values fitted on all)
+    batch_size: int = 32  # value-search rows (an edit's prompt and its prefixed copies) per forward pass
+    seed: int = 0  # the context prefixes' sampling
 
     def validate(self) -> "MemitConfig":
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.mom2_weight < 0 or self.l2 <= 0 or self.v_steps < 1 or self.v_lr <= 0 or self.batch_size < 1:
-            raise ConfigError(f"{self.method} needs mom2_weight >= 0, l2 > 0, v_steps >= 1, v_lr > 0, batch_size >= 1")
+        if (self.mom2_weight < 0 or self.l2 <= 0 or self.v_steps < 1 or self.v_lr <= 0 or self.batch_size < 1
+                or self.kl_factor < 0 or self.context_prefixes < 0):
+            raise ConfigError(f"{self.method} needs mom2_weight >= 0, l2 > 0, v_steps >= 1, v_lr > 0, batch_size >= 1, "
+                              "kl_factor >= 0, context_prefixes >= 0")
         return self
 
 
@@ -160,6 +168,34 @@ def keys_and_hidden(model, tokenizer, fmt, requests, positions, layer: int, last
     return torch.stack(keys).double().cpu(), torch.stack(hidden).double().cpu()
 
 
+# -- context prefixes ----------------------------------------------------------------------------
+
+
+def context_templates(model, tokenizer, count: int, seed: int) -> list[str]:
+    """`count` sentences the model writes from plain starts, half of 5 tokens and half of 10 (the
+    authors' context templates), to put before each prompt."""
+    short = count // 2
+    return (context_prefixes(model, tokenizer, short, tokens=5, seed=seed)
+            + context_prefixes(model, tokenizer, count - short, tokens=10, seed=seed))
+
+
+def _prefixed(requests: Sequence[EditRequest], prefixes: Sequence[str]) -> list[EditRequest]:
+    """Each request's prompt alone, then behind every prefix (edit-major)."""
+    return [r if not p else replace(r, prompt=f"{p} {r.prompt}") for r in requests for p in ("", *prefixes)]
+
+
+@torch.no_grad()
+def context_keys(model, tokenizer, fmt, requests, prefixes: Sequence[str], layer: int, last: int,
+                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys at `layer` averaged over each edit's prompt and its prefixed copies (n, d_k), and the
+    hidden state after `last` at the subject of the prompt alone (n, d)."""
+    rows = _prefixed(requests, prefixes)
+    keys, hidden = keys_and_hidden(model, tokenizer, fmt, rows, subject_positions(tokenizer, fmt, rows), layer, last,
+                                   batch_size)
+    per = 1 + len(prefixes)
+    return keys.view(len(requests), per, -1).mean(dim=1), hidden[::per]
+
+
 # -- target values -------------------------------------------------------------------------------
 
 
@@ -170,12 +206,58 @@ def _row_nll(tb, logits: torch.Tensor) -> torch.Tensor:
     return (ce.view_as(valid) * valid).sum(dim=1) / valid.sum(dim=1)
 
 
-def _values_dir(model, fmt, last: int, config: MemitConfig, progress: bool = False):
+def _at_subject(model, batch: Batch, positions: Sequence[int], last: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden states after layer `last` (B, T, d), and each row's absolute subject position."""
+    pos = (batch.mask == 0).sum(dim=1) + torch.as_tensor(positions, device=batch.ids.device)  # after left padding
+    with torch.no_grad():
+        return layer_input(model, last + 1, batch), pos
+
+
+def _run_shifted(model, batch: Batch, base, pos, shift, last: int, keep: int) -> torch.Tensor:
+    """Logits of the last `keep` positions with `shift` added at each row's subject after `last`."""
+    rows = torch.arange(len(pos), device=pos.device)
+    shifted = base.index_put((rows, pos), base[rows, pos] + shift)
+    with starting_at_layer(model, last + 1, shifted):
+        return model(**batch.model_inputs, use_cache=False, logits_to_keep=keep).logits
+
+
+class _Essence:
+    """The KL term: "{subject} is a" per edit (where the subject is known); its next-token
+    log-probabilities with the edit's delta against the base model's."""
+
+    def __init__(self, model, tokenizer, fmt, group: Sequence[EditRequest], last: int) -> None:
+        self.model, self.last = model, last
+        self.edits = [e for e, r in enumerate(group) if r.subject]
+        asks = [replace(group[e], prompt=f"{group[e].subject} is a") for e in self.edits]
+        self.batch = left_pad([fmt.prompt_ids(r.prompt, tokenizer) for r in asks], tokenizer.pad_token_id,
+                              model_device(model)) if asks else None
+        if self.batch is not None:
+            self.base, self.pos = _at_subject(model, self.batch, subject_positions(tokenizer, fmt, asks), last)
+            with torch.no_grad():
+                self.ref = model(**self.batch.model_inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float().log_softmax(-1)
+
+    def kl(self, delta: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """KL(edited || base) per active edit (0 where it has no subject)."""
+        out = torch.zeros(delta.shape[0], device=delta.device)
+        keep = [j for j, e in enumerate(self.edits) if bool((active == e).any())]
+        if self.batch is None or not keep:
+            return out[active]
+        keep_t = torch.tensor(keep, device=delta.device)
+        edits = torch.tensor([self.edits[j] for j in keep], device=delta.device)
+        b = self.batch
+        sub = Batch(b.ids[keep_t], b.mask[keep_t], b.positions[keep_t])
+        logp = _run_shifted(self.model, sub, self.base[keep_t], self.pos[keep_t], delta[edits], self.last, 1)[:, -1]
+        logp = logp.float().log_softmax(-1)
+        return out.index_add(0, edits, (logp.exp() * (logp - self.ref[keep_t])).sum(-1))[active]
+
+
+def _values_dir(model, fmt, last: int, config: MemitConfig, prefixes: Sequence[str], progress: bool = False):
     """Where target values are cached: the same for MEMIT and AlphaEdit (their value search is
-    identical) and for any set of edits, since each edit's search is its own (a per-row delta,
+    identical) and for any set of edits, since each edit's search is its own (a per-edit delta,
     a summed loss, element-wise Adam): a larger run reuses a smaller one's edits."""
-    key = {"model": model_fingerprint(model, progress), "format": asdict(fmt), "last": last,
-           **{k: getattr(config, k) for k in ("v_steps", "v_lr", "v_weight_decay", "clamp_norm", "v_tol", "batch_size")}}
+    key = {"model": model_fingerprint(model, progress), "format": asdict(fmt), "last": last, "prefixes": list(prefixes),
+           **{k: getattr(config, k) for k in ("v_steps", "v_lr", "v_weight_decay", "clamp_norm", "v_tol", "kl_factor",
+                                              "batch_size")}}
     return cache_root() / "memit-values" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -184,7 +266,7 @@ def _edit_digest(request: EditRequest) -> bytes:
 
 
 def _cached_values(folder) -> dict[bytes, tuple[torch.Tensor, float, int, float]]:
-    """digest -> (z, NLL, search steps of its batch, its share of the batch's search seconds)."""
+    """digest -> (z, loss, search steps of its batch, its share of the batch's search seconds)."""
     found = {}
     for shard in sorted(folder.glob("values-*.safetensors")):
         t = load_tensors(shard, "target values")
@@ -194,58 +276,68 @@ def _cached_values(folder) -> dict[bytes, tuple[torch.Tensor, float, int, float]
     return found
 
 
-def _search_batch(model, tb, positions: torch.Tensor, last: int, config: MemitConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """z for one batch: Adam on a per-row delta at the subject's hidden state after layer `last`.
-    A row whose NLL is below `v_tol` is frozen and leaves the forward pass; returns (z, NLL, steps)."""
-    n = tb.labels.shape[0]
-    device = model_device(model)
-    rows = torch.arange(n, device=device)
-    pad = (tb.batch.mask == 0).sum(dim=1)  # left padding: each row's first real token
-    pos = pad + positions.to(device)
-    with torch.no_grad():
-        base = layer_input(model, last + 1, tb.batch)
-    h = base[rows, pos].detach()
+def _value_groups(model, tokenizer, fmt, requests, prefixes, batch_size: int):
+    """Edits grouped by length, as many per group as fit `batch_size` rows (at least one): per group
+    (the requests' indices, the rows' training batch, the rows' subject positions)."""
+    per = 1 + len(prefixes)
+    lengths = [len(fmt.prompt_ids(r.prompt, tokenizer)) + len(fmt.answer_ids(r.target, tokenizer)) for r in requests]
+    for idx in length_batches(lengths, max(1, batch_size // per)):
+        rows = _prefixed([requests[i] for i in idx], prefixes)
+        tb = TrainingBatch.build([fmt.prompt_ids(r.prompt, tokenizer) for r in rows],
+                                 [fmt.answer_ids(r.target, tokenizer, with_stop=True) for r in rows],
+                                 tokenizer.pad_token_id, model_device(model))
+        yield idx, tb, subject_positions(tokenizer, fmt, rows)
+
+
+def _search_batch(model, tb, positions, per: int, essence: _Essence | None, last: int,
+                  config: MemitConfig) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """z for one group of edits: Adam on a per-edit delta at the subject's hidden state after layer
+    `last`, shared by the edit's `per` rows (its prompt first, then the prefixed copies). An edit
+    whose loss is below `v_tol` is frozen and its rows leave the forward pass; returns (z, loss, steps)."""
+    base, pos = _at_subject(model, tb.batch, positions, last)
+    device = base.device
+    owner = torch.arange(tb.labels.shape[0], device=device) // per
+    n = int(owner[-1]) + 1
+    h = base[torch.arange(n, device=device) * per, pos[::per]].detach()  # the prompt alone: the clamp's scale
     delta = torch.zeros_like(h, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=config.v_lr)
     max_norm = config.clamp_norm * h.norm(dim=-1, keepdim=True)
-    nll = torch.full((n,), float("inf"), device=device)
-    active, steps = rows, 0
+    loss_of = torch.full((n,), float("inf"), device=device)
+    active, steps = torch.arange(n, device=device), 0
     for steps in range(1, config.v_steps + 1):
-        sub = tb.select(active)
-        ar = torch.arange(len(active), device=device)
-        shifted = base[active].index_put((ar, pos[active]), h[active] + delta[active])
-        with starting_at_layer(model, last + 1, shifted):
-            logits = model(**sub.batch.model_inputs, use_cache=False, logits_to_keep=sub.span).logits
-        row_nll = _row_nll(sub, logits)
-        nll[active] = row_nll.detach()
-        done = row_nll.detach() < config.v_tol
+        live = torch.isin(owner, active).nonzero().squeeze(1)
+        sub = tb.select(live)
+        logits = _run_shifted(model, sub.batch, base[live], pos[live], delta[owner[live]], last, sub.span)
+        nll = torch.zeros(n, device=device).index_add(0, owner[live], _row_nll(sub, logits))[active] / per
+        loss = nll + (config.kl_factor * essence.kl(delta, active) if essence else 0)
+        loss_of[active] = loss.detach()
+        done = loss.detach() < config.v_tol
         if bool(done.all()):
             break
-        d = delta[active]
-        decay = config.v_weight_decay * (d.norm(dim=-1) ** 2 / h[active].norm(dim=-1) ** 2)
-        loss = (row_nll + decay)[~done].sum()  # a sum: each row's gradient does not depend on the others
+        decay = config.v_weight_decay * (delta[active].norm(dim=-1) ** 2 / h[active].norm(dim=-1) ** 2)
         frozen = delta.detach().clone()
         optimiser.zero_grad()
-        loss.backward()
+        (loss + decay)[~done].sum().backward()  # a sum: each edit's gradient does not depend on the others
         optimiser.step()
         with torch.no_grad():
             keep = torch.ones(n, dtype=torch.bool, device=device)
             keep[active[~done]] = False
-            delta[keep] = frozen[keep]  # Adam's momentum would still move finished rows
+            delta[keep] = frozen[keep]  # Adam's momentum would still move finished edits
             delta.mul_((max_norm / delta.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0))
         active = active[~done]
-    return (h + delta).detach(), nll, steps
+    return (h + delta).detach(), loss_of, steps
 
 
-def target_values(model, tokenizer, fmt, requests, positions, last: int, config: MemitConfig,
+def target_values(model, tokenizer, fmt, requests, last: int, config: MemitConfig, prefixes: Sequence[str] = (),
                   progress: bool = True) -> tuple[torch.Tensor, dict]:
     """z (n, d): the hidden state after layer `last`, at each subject, that makes the model say the
-    target. The layers up to `last` run once per batch; only the layers above run per step, and
-    only for the rows not yet done. Each batch is cached on disk as it finishes, so a killed
-    search resumes and edits searched before (in any run with these settings) are not searched again."""
+    target (after the prompt and after each prefixed copy). The layers up to `last` run once per
+    group; only the layers above run per step, and only for the edits not yet done. Each group is
+    cached on disk as it finishes, so a killed search resumes and edits searched before (in any
+    run with these settings and prefixes) are not searched again."""
     if last + 1 >= num_layers(model):
         raise ConfigError(f"the edited span must end below the last layer ({num_layers(model) - 1}), got {last}")
-    folder = _values_dir(model, fmt, last, config, progress)
+    folder = _values_dir(model, fmt, last, config, prefixes, progress)
     found = _cached_values(folder)
     digests = [_edit_digest(r) for r in requests]
     reused = {d for d in digests if d in found}
@@ -254,19 +346,20 @@ def target_values(model, tokenizer, fmt, requests, positions, last: int, config:
         if d not in found:
             first.setdefault(d, i)  # an edit listed twice is searched once
     missing = list(first.values())
-    batches = edit_batches(model, tokenizer, [requests[i] for i in missing], fmt, config.batch_size)
-    for idx, tb in tqdm(batches, desc=f"{config.method} target values", disable=not progress, leave=False):
+    groups = list(_value_groups(model, tokenizer, fmt, [requests[i] for i in missing], prefixes, config.batch_size))
+    for idx, tb, positions in tqdm(groups, desc=f"{config.method} target values", disable=not progress, leave=False):
         rows = [missing[j] for j in idx]
         start = time.perf_counter()
-        bz, bnll, n_steps = _search_batch(model, tb, torch.tensor([positions[i] for i in rows]), last, config)
+        essence = _Essence(model, tokenizer, fmt, [requests[i] for i in rows], last) if config.kl_factor else None
+        bz, bloss, n_steps = _search_batch(model, tb, positions, 1 + len(prefixes), essence, last, config)
         edits = torch.tensor([list(digests[i]) for i in rows], dtype=torch.uint8)
-        t = {"z": bz.cpu(), "nll": bnll.cpu(), "steps": torch.tensor(n_steps), "edits": edits,
+        t = {"z": bz.cpu(), "nll": bloss.cpu(), "steps": torch.tensor(n_steps), "edits": edits,
              "seconds": torch.tensor(time.perf_counter() - start, dtype=torch.float64)}
         atomic_save_tensors(folder / f"values-{hashlib.sha256(edits.numpy().tobytes()).hexdigest()[:16]}.safetensors", t)
         for j, i in enumerate(rows):
             found[digests[i]] = (t["z"][j], float(t["nll"][j]), n_steps, float(t["seconds"]) / len(rows))
-    z, nll, steps, seconds = zip(*(found[d] for d in digests))
-    record = {"final_nll_mean": sum(nll) / len(nll), "v_converged": sum(x < config.v_tol for x in nll) / len(nll),
+    z, loss, steps, seconds = zip(*(found[d] for d in digests))
+    record = {"final_loss_mean": sum(loss) / len(loss), "v_converged": sum(x < config.v_tol for x in loss) / len(loss),
               "v_steps_mean": sum(steps) / len(steps), "values_cache": str(folder),
               # what the search of these edits took when it ran, also when it came from the cache now
               "values_search_s": sum(seconds), "values_reused_edits": sum(d in reused for d in digests),
@@ -329,14 +422,14 @@ def batch_edit(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFor
     config = replace(config, layers=layers)
     last = layers[-1]
     start = time.perf_counter()
-    positions = subject_positions(tokenizer, fmt, requests)
-    z, v_record = target_values(model, tokenizer, fmt, requests, positions, last, config, progress)
+    prefixes = context_templates(model, tokenizer, config.context_prefixes, config.seed)
+    z, v_record = target_values(model, tokenizer, fmt, requests, last, config, prefixes, progress)
     covs, n_tokens = key_covariances(model, tokenizer, layers, cov_texts, progress=progress)
     originals, record = {}, {"per_layer": {}}
     for layer in tqdm(layers, desc=f"{config.method} layers", disable=not progress, leave=False):
         name = mlp_out_path(model, layer)
         weight = _out_weight(model.get_submodule(name))
-        keys, h = keys_and_hidden(model, tokenizer, fmt, requests, positions, layer, last, config.batch_size)
+        keys, h = context_keys(model, tokenizer, fmt, requests, prefixes, layer, last, config.batch_size)
         resid = (z - h) / (last - layer + 1)  # this layer's share of the remaining gap
         if config.method == "memit":
             update = memit_update(keys, resid, covs[layer], config.mom2_weight)
@@ -351,6 +444,7 @@ def batch_edit(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFor
         record["per_layer"][layer] |= {"update_norm": float(update.norm()), "gap_norm_mean": float((z - h).norm(dim=1).mean())}
         log.info("%s layer %d: update norm %.3f", config.method, layer, record["per_layer"][layer]["update_norm"])
     settings = {**asdict(config), "method": config.method, "cov_tokens": n_tokens, "cov_texts": len(cov_texts),
+                "context_prefix_texts": prefixes,
                 "subject_positions": "subject's last token (prompt's last where unknown)", **v_record, **record,
                 "edit_time_s": time.perf_counter() - start}
     return WeightEditSubject(model, tokenizer, config.method, originals, settings)

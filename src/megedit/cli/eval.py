@@ -30,10 +30,13 @@ def add_eval(sub) -> None:
                    help="layer whose MLP the method edits (ft; default: where MeG's neuron goes, 24 on SmolLM2)")
     p.add_argument("--layers", type=layer_list, default=None,
                    help="memit / alphaedit: comma-separated layers (default 4..8 on SmolLM2)")
+    p.add_argument("--cov-tokens", type=positive_int, default=None,
+                   help="memit / alphaedit: the key covariance from this many tokens of text the base model writes "
+                   "itself (default 120,000; written once per model and cached: ~25 min for SmolLM2 on 2 CPU cores)")
     p.add_argument("--pseudo", metavar="KIND:PATH", default=None,
-                   help="memit / alphaedit: text for the key covariance (prompts, rephrases, locality prompts of "
-                   "these records; default: the records of --data after the edited ones)")
-    p.add_argument("--cov-texts", type=int, default=4000, help="memit / alphaedit: at most this many covariance texts")
+                   help="memit / alphaedit: the key covariance from these records' prompts, rephrases and locality "
+                   "prompts instead of model-written text")
+    p.add_argument("--cov-texts", type=int, default=4000, help="with --pseudo: at most this many covariance texts")
     p.add_argument("--lr", type=float, default=None, help="ft learning rate (default: FTConfig's)")
     p.add_argument("--epochs", type=int, default=None, help="ft epochs (default: FTConfig's)")
     p.add_argument("--save-edit", type=Path, default=None, help="ft / memit / alphaedit: save the weight deltas here")
@@ -99,11 +102,19 @@ def _weight_edit(args, model, tokenizer, requests, fmt, kind, path):
         config = FTConfig(layer=resolve_layer(model, args.layer), seed=args.seed, **overrides)
         log.info("fine-tuning layer %d on %d edits", config.layer, len(requests))
         return fine_tune(model, tokenizer, requests, fmt, config, progress=args.progress)
+    from ..baselines.generic_text import DEFAULT_TOKENS, sampled_text
     from ..baselines.memit import MemitConfig, batch_edit, pool_texts
+    from ..errors import ConfigError
 
     layers = tuple(args.layers) if args.layers else None
-    pool_name, pool = load_pool(args, kind, path)
-    texts = pool_texts(pool)[: args.cov_texts]
+    if args.pseudo and args.cov_tokens:
+        raise ConfigError("--pseudo and --cov-tokens name two sources for the key covariance: give one")
+    if args.pseudo:
+        pool_name, pool = load_pool(args, kind, path)
+        texts = pool_texts(pool)[: args.cov_texts]
+    else:
+        pool_name = "text the base model wrote"
+        texts = sampled_text(model, tokenizer, args.cov_tokens or DEFAULT_TOKENS, progress=args.progress)
     log.info("%s: %d edits, key covariance from %d texts of %s", args.method, len(requests), len(texts), pool_name)
     return batch_edit(model, tokenizer, requests, fmt, texts, MemitConfig(method=args.method, layers=layers, seed=args.seed),
                       progress=args.progress)
