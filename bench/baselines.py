@@ -24,7 +24,7 @@ import torch
 from result_names import tag
 
 HERE = Path(__file__).resolve().parent
-# memit / alphaedit: the key covariance comes from the pseudo-edit pool's text (never the edits)
+# memit / alphaedit with --cov pool: the key covariance from the pseudo-edit pool's text (never the edits)
 COV_SOURCE = HERE.parents[1] / "shared/data/counterfact/counterfact-train.json"
 DATA = {
     "counterfact": ("counterfact", HERE.parents[1] / "shared/data/counterfact/counterfact-edit.json"),
@@ -37,7 +37,9 @@ def main() -> int:
     parser.add_argument("--data", choices=DATA, default="counterfact")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--methods", default="none,ft", help="any of none, ft, memit, alphaedit")
-    parser.add_argument("--cov-texts", type=int, default=4000, help="memit / alphaedit: key covariance texts")
+    parser.add_argument("--cov", choices=["generic", "pool"], default="generic",
+                        help="memit / alphaedit: key covariance from 120,000 tokens the model writes (cached) or the pool")
+    parser.add_argument("--cov-texts", type=int, default=4000, help="memit / alphaedit with --cov pool: texts")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--layer", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -49,6 +51,7 @@ def main() -> int:
 
     from megedit import evaluate, load_model, load_requests
     from megedit.baselines.ft import FTConfig, fine_tune
+    from megedit.baselines.generic_text import sampled_text
     from megedit.baselines.memit import MemitConfig, batch_edit, pool_texts
     from megedit.data.prompts import DEFAULT_FOR_KIND, get_format
     from megedit.eval import PlainSubject
@@ -70,7 +73,8 @@ def main() -> int:
         elif method == "ft":
             subject = fine_tune(model, tokenizer, requests, fmt, FTConfig(layer=args.layer, seed=args.seed))
         elif method in ("memit", "alphaedit"):
-            texts = pool_texts(load_requests("counterfact", COV_SOURCE))[: args.cov_texts]
+            texts = (sampled_text(model, tokenizer) if args.cov == "generic" else
+                     pool_texts(load_requests("counterfact", COV_SOURCE))[: args.cov_texts])
             subject = batch_edit(model, tokenizer, requests, fmt, texts, MemitConfig(method=method, seed=args.seed))
         else:
             raise SystemExit(f"unknown method {method!r}")

@@ -85,6 +85,10 @@ def main() -> int:
     parser.add_argument("--generator", default="mlp")
     parser.add_argument("--limit", type=int, default=None, help="first N edits (default: the setting's)")
     parser.add_argument("--train-steps", type=int, default=None, help="the generator's training steps (default: MeGConfig's)")
+    parser.add_argument("--passes", type=float, default=None, help="the generator's budget in passes per edit")
+    parser.add_argument("--width", type=int, default=None, help="the MLP generator's hidden width")
+    parser.add_argument("--score-first", type=int, default=None, metavar="K",
+                        help="all N edits applied, only the first K scored (a cheaper read of a sweep point)")
     parser.add_argument("--speed-n", type=int, default=128, help="edits whose queries time the inference")
     parser.add_argument("--no-speed", action="store_true", help="skip the inference timing")
     parser.add_argument("--rounds", type=int, default=2)
@@ -118,6 +122,15 @@ def main() -> int:
     if args.train_steps is not None:  # its own result and evaluation files
         config.generator.train_steps, config.generator.passes = args.train_steps, None
         suffix += f"-steps{args.train_steps}"
+    if args.passes is not None:
+        config.generator.passes = args.passes
+        suffix += f"-passes{args.passes:g}"
+    if args.width is not None:
+        config.generator.mlp = {**config.generator.mlp, "hidden": args.width}
+        suffix += f"-width{args.width}"
+    scored = requests[: args.score_first] if args.score_first else requests
+    if args.score_first:
+        suffix += f"-scored{len(scored)}"
     result = HERE / "results" / f"meg-{tag(args.setting)}{suffix}{generator}.json"
     work = HERE / "results" / "cases" / f"meg-{args.setting}{generator}"
     edited = MeGEditor(model, tokenizer, config).fit(requests, work, pool, f"counterfact:{pool_path.name}")
@@ -125,7 +138,7 @@ def main() -> int:
     if args.reuse_eval and saved.exists():  # re-measure only the inference cost
         report = EvalReport.load(saved)
     else:
-        report = evaluate(edited, requests, prompt_format=config.prompt_format, data_kind=kind,
+        report = evaluate(edited, scored, prompt_format=config.prompt_format, data_kind=kind,
                           data_name=f"{kind}:{path.name}", batch_size=64, checkpoint=work / f"eval{suffix}.partial.json")
         report.save(saved)
     print(report.table())
@@ -136,6 +149,7 @@ def main() -> int:
               f"{100 * cost['route_share']:.1f}%, generator {100 * cost['generate_share']:.1f}% of the edited model's time")
     summary = {k: v for k, v in report.to_dict().items() if k != "cases"}
     summary |= {"setting": args.setting, "pool": f"counterfact:{pool_path.name}", "seed": args.seed,
+                "edits_applied": len(requests),
                 "config": config.to_dict(), "fit": edited.record, "inference": cost, "threads": torch.get_num_threads()}
     if args.reuse_eval and result.exists():  # the stages were loaded from cache: keep the record of the real fit
         import json

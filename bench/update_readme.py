@@ -70,6 +70,10 @@ def _meg_label(r: dict) -> str:
         parts.append(f"{r['fit']['generator']['steps']:,} steps")
     elif generator["passes"] != MeGConfig().generator.passes:
         parts.append(f"{generator['passes']:g} passes")
+    if generator.get("mlp", {}).get("hidden"):
+        parts.append(f"width {generator['mlp']['hidden']}")
+    if r.get("edits_applied", r["n"]) != r["n"]:
+        parts.append(f"all {r['edits_applied']:,} applied, first {r['n']:,} scored")
     if fit.get("exclude_eval_templates", "none") != "none":
         parts.append(f"test wordings held out: {fit['exclude_eval_templates']}")
     return f"meg ({', '.join(parts)})"

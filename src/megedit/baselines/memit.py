@@ -234,7 +234,8 @@ class _Essence:
         if self.batch is not None:
             self.base, self.pos = _at_subject(model, self.batch, subject_positions(tokenizer, fmt, asks), last)
             with torch.no_grad():
-                self.ref = model(**self.batch.model_inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float().log_softmax(-1)
+                logits = model(**self.batch.model_inputs, use_cache=False, logits_to_keep=1).logits
+            self.ref = logits[:, -1].float().log_softmax(-1)
 
     def kl(self, delta: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """KL(edited || base) per active edit (0 where it has no subject)."""
