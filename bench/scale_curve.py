@@ -95,6 +95,56 @@ def meg_stage_seconds(summary: dict) -> tuple[dict[str, float], list[str]]:
     return seconds, notes
 
 
+def _meg_label(r: dict) -> str:
+    """'meg (mlp generator)', naming what differs from the defaults: a generator budget other than
+    the default passes, the edits' wordings left out (benchmark switch), or a run made with the
+    defaults from before stage A fitted other wordings, or with another wording schedule."""
+    from megedit import MeGConfig
+
+    generator, fit = r["config"]["generator"], r["config"]["fit"]
+    parts = [f"{generator['kind']} generator"]
+    if r.get("model", "smollm2") != "smollm2":
+        parts.insert(0, r["model"])
+    if "paraphrases" not in fit:
+        parts.append("prompt-only defaults of before")
+    elif fit.get("wording_schedule", "all") != MeGConfig().fit.wording_schedule:
+        parts.append(f"stage A trains {fit.get('wording_schedule', 'all')} wordings each step")
+    if generator.get("passes") is None:
+        parts.append(f"{r['fit']['generator']['steps']:,} steps")
+    elif generator["passes"] != MeGConfig().generator.passes:
+        parts.append(f"{generator['passes']:g} passes")
+    if generator.get("mlp", {}).get("hidden"):
+        parts.append(f"width {generator['mlp']['hidden']}")
+    if r.get("edits_applied", r["n"]) != r["n"]:
+        parts.append(f"all {r['edits_applied']:,} applied, first {r['n']:,} scored")
+    if fit.get("exclude_eval_templates", "none") != "none":
+        parts.append(f"test wordings held out: {fit['exclude_eval_templates']}")
+    return f"meg ({', '.join(parts)})"
+
+
+def method_label(r: dict) -> str:
+    """The method of a result file and, where it matters for reading the number, its setup."""
+    if r["method"] == "meg":
+        return _meg_label(r)
+    edit = r.get("edit", {})
+    if r["method"] in ("memit", "alphaedit"):
+        span = f"layers {min(edit['layers'])}-{max(edit['layers'])}"
+        if "context_prefixes" not in edit:
+            return f"{r['method']} (setup of before: pool-prompt covariance)"
+        return f"{r['method']} ({span}, {edit['context_prefixes']} prefixes, KL {edit['kl_factor']:g})"
+    if r["method"] == "ft":
+        if edit.get("optimizer", "sgd") == "sgd" and not edit.get("norm_constraint"):
+            return f"ft (layer {edit['layer']}, SGD lr {edit['lr']:g}, {edit['epochs']} epochs)"
+        box = f", box {edit['norm_constraint']:g}" if edit.get("norm_constraint") else ""
+        return f"ft (FT-L: layer {edit['layer']}, {edit['optimizer']} lr {edit['lr']:g}{box}, stop at loss {edit['stop_loss']:g})"
+    return r["method"]
+
+
+def current(label: str) -> bool:
+    """Whether a point was made with today's setup (the curve draws only those)."""
+    return "before" not in label and "steps)" not in label
+
+
 def collect(sizes: list[int], methods: list[str]) -> list[dict]:
     points = []
     for n in sizes:
@@ -105,7 +155,8 @@ def collect(sizes: list[int], methods: list[str]) -> list[dict]:
             summary = json.loads(path.read_text())
             seconds, note = edit_seconds(summary)
             edit = summary.get("edit", {})
-            points.append({"method": method, "n": summary["n"], "score": summary["score"], "metrics": summary["metrics"],
+            points.append({"method": method, "label": method_label(summary), "n": summary["n"], "score": summary["score"],
+                           "metrics": summary["metrics"],
                            "edit_time_s": seconds, "edit_time_note": note, "eval_time_s": summary["timing"]["total_s"],
                            "threads": summary.get("threads") or summary.get("machine", {}).get("cpu_threads"),
                            # only runs from before the search recorded its time need the heuristic below
@@ -130,7 +181,7 @@ def draw(points: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(2, 4, figsize=(14, 6.5), dpi=100)
     for ax, (metric, kind) in zip(axes.flat, PANELS):
         for method in METHODS:
-            mine = sorted((p for p in points if p["method"] == method), key=lambda p: p["n"])
+            mine = sorted((p for p in points if p["method"] == method and current(p["label"])), key=lambda p: p["n"])
             if metric == "edit_time_s":  # a time that leaves out part of the edit is not drawn
                 mine = [p for p in mine if "not included" not in p["edit_time_note"]]
             if mine:

@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from scale_curve import edit_seconds, meg_stage_seconds  # noqa: E402 (bench/ is this script's own folder)
+from scale_curve import edit_seconds, meg_stage_seconds, method_label  # noqa: E402 (bench/ is this script's own folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -42,7 +42,7 @@ def baselines_table() -> str:
     rows = []
     for r in _load("meg-*.json") + _load("baseline-*.json"):
         fmt = r["protocol"]["prompt_format"]["name"]
-        method = _meg_label(r) if r["method"] == "meg" else r["method"]
+        method = method_label(r)
         edit_s = edit_seconds(r)[0]
         cells = [r["data"].split(":")[0], str(r["n"]), method, _where(r["edit"])]
         cells += [f"{r['metrics'][k][s]:.2f}" for k, s in METRICS] + [f"**{r['score']:.2f}**"]
@@ -52,39 +52,12 @@ def baselines_table() -> str:
                    "edit s", "eval s", "threads", "format", "seed"], rows)
 
 
-def _meg_label(r: dict) -> str:
-    """'meg (mlp generator)', naming what differs from the defaults: a generator budget other than
-    the default passes, the edits' wordings left out (benchmark switch), or a run made with the
-    defaults from before stage A fitted other wordings, or with another wording schedule."""
-    from megedit import MeGConfig
-
-    generator, fit = r["config"]["generator"], r["config"]["fit"]
-    parts = [f"{generator['kind']} generator"]
-    if r.get("model", "smollm2") != "smollm2":
-        parts.insert(0, r["model"])
-    if "paraphrases" not in fit:
-        parts.append("prompt-only defaults of before")
-    elif fit.get("wording_schedule", "all") != MeGConfig().fit.wording_schedule:
-        parts.append(f"stage A trains {fit.get('wording_schedule', 'all')} wordings each step")
-    if generator.get("passes") is None:
-        parts.append(f"{r['fit']['generator']['steps']:,} steps")
-    elif generator["passes"] != MeGConfig().generator.passes:
-        parts.append(f"{generator['passes']:g} passes")
-    if generator.get("mlp", {}).get("hidden"):
-        parts.append(f"width {generator['mlp']['hidden']}")
-    if r.get("edits_applied", r["n"]) != r["n"]:
-        parts.append(f"all {r['edits_applied']:,} applied, first {r['n']:,} scored")
-    if fit.get("exclude_eval_templates", "none") != "none":
-        parts.append(f"test wordings held out: {fit['exclude_eval_templates']}")
-    return f"meg ({', '.join(parts)})"
-
-
 def meg_cost_table() -> str:
     """MeG's per-stage fit times and its inference cost next to the unedited model."""
     rows = []
     for r in _load("meg-*.json"):
         t, c = meg_stage_seconds(r)[0], r["inference"]
-        cells = [r["data"].split(":")[0], str(r["n"]), _meg_label(r), f"{r['fit']['fit']['success_rate']:.1f}",
+        cells = [r["data"].split(":")[0], str(r["n"]), method_label(r), f"{r['fit']['fit']['success_rate']:.1f}",
                  f"{t['A']:.0f}", f"{t['BC']:.0f}", f"{t['D']:.0f}",
                  f"{r['edit']['epsilon']:.3f}"]
         if c is None:  # a scale-curve point: not timed (bench/meg.py --no-speed)
@@ -172,7 +145,7 @@ def headline_table() -> str:
     for r in _load("meg-*.json") + _load("baseline-cf-1024-*.json"):
         if r["method"] == "meg" and (r["n"] > 1024 or r["fit"]["generator"]["steps"] == 0):
             continue  # the scale curve and the lookup generator are in docs/results.md
-        cells = [r.get("setting", r["data"].split(":")[0]), str(r["n"]), _meg_label(r) if r["method"] == "meg" else r["method"]]
+        cells = [r.get("setting", r["data"].split(":")[0]), str(r["n"]), method_label(r)]
         cells += [f"{r['metrics'][k][s]:.1f}" for k, s in METRICS] + [f"**{r['score']:.1f}**"]
         cells.append(f"{(edit_seconds(r)[0] + r['timing']['total_s']) / 60:.0f}")
         rows.append(cells)
@@ -292,7 +265,7 @@ def scale_curve_table() -> str:
     """The points of bench/scale_curve.py: every method at every N measured so far."""
     path = RESULTS / "scale_curve.json"
     points = json.loads(path.read_text())["points"] if path.exists() else []
-    rows = [[str(p["n"]), p["method"]] + [f"{p['metrics'][k][s]:.1f}" for k, s in METRICS]
+    rows = [[str(p["n"]), p.get("label", p["method"])] + [f"{p['metrics'][k][s]:.1f}" for k, s in METRICS]
             + [f"**{p['score']:.2f}**", f"{p['edit_time_s']:.0f}", p["edit_time_note"] or "—",
                f"{p['eval_time_s']:.0f}", str(p.get("threads") or "—")]
             for p in sorted(points, key=lambda p: (p["n"], p["method"]))]
