@@ -48,23 +48,25 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def edit(run: str, model, tokenizer, requests, fmt, args, covariance):
-    """(method, main weight, the edited model as a subject) for one run spec."""
+def edit(run: str, model, tokenizer, requests, fmt, contexts: int, kl: float, covariance, seed: int = 0):
+    """(method, main weight or None, the edited model as a subject) for one run spec; MEMIT /
+    AlphaEdit without a weight take MemitConfig's. `covariance()` gives (texts, their source)."""
     from megedit.baselines.ft import FTConfig, fine_tune
     from megedit.baselines.memit import MemitConfig, batch_edit
 
-    method, weight, *rest = run.split(":")
+    method, *rest = run.split(":")
     if method == "ft":
-        box = float(rest[1]) if len(rest) > 1 else None
-        config = FTConfig(layer=int(rest[0]), lr=float(weight), optimizer="adam", epochs=FT_EPOCHS, stop_loss=FT_STOP,
-                          norm_constraint=box)
-        return method, float(weight), fine_tune(model, tokenizer, requests, fmt, config, progress=False)
-    first, last = map(int, rest[0].split("-")) if rest else (None, None)
-    config = MemitConfig(method=method, layers=tuple(range(first, last + 1)) if rest else None,
-                         context_prefixes=args.contexts, kl_factor=args.kl,
-                         **({"mom2_weight": float(weight)} if method == "memit" else {"l2": float(weight)}))
+        lr, layer, *box = rest
+        config = FTConfig(layer=int(layer), lr=float(lr), optimizer="adam", epochs=FT_EPOCHS, stop_loss=FT_STOP,
+                          norm_constraint=float(box[0]) if box else None, seed=seed)
+        return method, float(lr), fine_tune(model, tokenizer, requests, fmt, config, progress=False)
+    weight = float(rest[0]) if rest else None
+    span = tuple(map(int, rest[1].split("-"))) if len(rest) > 1 else None
+    config = MemitConfig(method=method, layers=tuple(range(span[0], span[1] + 1)) if span else None,
+                         context_prefixes=contexts, kl_factor=kl, seed=seed,
+                         **({} if weight is None else {"mom2_weight" if method == "memit" else "l2": weight}))
     texts, _ = covariance()
-    return method, float(weight), batch_edit(model, tokenizer, requests, fmt, texts, config, progress=False)
+    return method, weight, batch_edit(model, tokenizer, requests, fmt, texts, config, progress=False)
 
 
 def main() -> int:
@@ -92,7 +94,8 @@ def main() -> int:
     rows = []
     for run in args.runs.split(","):
         start = time.perf_counter()
-        method, weight, subject = edit(run, model, tokenizer, requests, get_format("raw"), args, covariance)
+        method, weight, subject = edit(run, model, tokenizer, requests, get_format("raw"), args.contexts, args.kl,
+                                       covariance)
         edit_s = time.perf_counter() - start
         report = evaluate(subject, requests, data_kind="counterfact", batch_size=64, progress=False)
         subject.restore()

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from baseline_sweep import edit
 from result_names import tag
 
 HERE = Path(__file__).resolve().parent
@@ -36,7 +37,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=DATA, default="counterfact")
     parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--methods", default="none,ft", help="any of none, ft, memit, alphaedit")
+    parser.add_argument("--methods", default="none,ft",
+                        help="any of none, ft, memit, alphaedit, or a run spec of bench/baseline_sweep.py "
+                             "(ft:LR:LAYER[:BOX], memit:LAMBDA[:FIRST-LAST], alphaedit:A[:FIRST-LAST])")
+    parser.add_argument("--contexts", type=int, default=20, help="memit / alphaedit: context prefixes")
+    parser.add_argument("--kl", type=float, default=0.0625, help="memit / alphaedit: the KL term's weight")
     parser.add_argument("--cov", choices=["generic", "pool"], default="generic",
                         help="memit / alphaedit: key covariance from 120,000 tokens the model writes (cached) or the pool")
     parser.add_argument("--cov-texts", type=int, default=4000, help="memit / alphaedit with --cov pool: texts")
@@ -52,7 +57,7 @@ def main() -> int:
     from megedit import evaluate, load_model, load_requests
     from megedit.baselines.ft import FTConfig, fine_tune
     from megedit.baselines.generic_text import sampled_text
-    from megedit.baselines.memit import MemitConfig, batch_edit, pool_texts
+    from megedit.baselines.memit import pool_texts
     from megedit.data.prompts import DEFAULT_FOR_KIND, get_format
     from megedit.eval import PlainSubject
 
@@ -60,7 +65,14 @@ def main() -> int:
     requests = load_requests(kind, path, limit=args.limit, skip_invalid=True)
     fmt = get_format(DEFAULT_FOR_KIND[kind])
     model, tokenizer = load_model(args.model, device="cpu")
-    for method in args.methods.split(","):
+
+    def covariance():
+        if args.cov == "generic":
+            return sampled_text(model, tokenizer), "text the model wrote"
+        return pool_texts(load_requests("counterfact", COV_SOURCE))[: args.cov_texts], f"counterfact:{COV_SOURCE.name}"
+
+    for spec in args.methods.split(","):
+        method = spec.split(":")[0]
         name = f"baseline-{tag(args.data)}-{len(requests)}-{method}"
         target = args.out / f"{name}.json"
         if target.exists() and not args.force:
@@ -70,12 +82,10 @@ def main() -> int:
         start = time.perf_counter()
         if method == "none":
             subject = PlainSubject(model, tokenizer)
-        elif method == "ft":
+        elif spec == "ft":  # the paper's FT
             subject = fine_tune(model, tokenizer, requests, fmt, FTConfig(layer=args.layer, seed=args.seed))
-        elif method in ("memit", "alphaedit"):
-            texts = (sampled_text(model, tokenizer) if args.cov == "generic" else
-                     pool_texts(load_requests("counterfact", COV_SOURCE))[: args.cov_texts])
-            subject = batch_edit(model, tokenizer, requests, fmt, texts, MemitConfig(method=method, seed=args.seed))
+        elif method in ("ft", "memit", "alphaedit"):
+            subject = edit(spec, model, tokenizer, requests, fmt, args.contexts, args.kl, covariance, args.seed)[2]
         else:
             raise SystemExit(f"unknown method {method!r}")
         edit_s = time.perf_counter() - start

@@ -135,8 +135,8 @@ def method_label(r: dict) -> str:
     if r["method"] == "ft":
         if edit.get("optimizer", "sgd") == "sgd" and not edit.get("norm_constraint"):
             return f"ft (layer {edit['layer']}, SGD lr {edit['lr']:g}, {edit['epochs']} epochs)"
-        box = f", box {edit['norm_constraint']:g}" if edit.get("norm_constraint") else ""
-        return f"ft (FT-L: layer {edit['layer']}, {edit['optimizer']} lr {edit['lr']:g}{box}, stop at loss {edit['stop_loss']:g})"
+        box = f", FT-L box {edit['norm_constraint']:g}" if edit.get("norm_constraint") else ""
+        return f"ft (layer {edit['layer']}, {edit['optimizer']} lr {edit['lr']:g}{box}, stop at loss {edit['stop_loss']:g})"
     return r["method"]
 
 
