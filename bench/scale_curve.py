@@ -7,9 +7,10 @@ for N = 1,024 / 2,048 / 4,096 / 10,000, scored by the same harness.
 
 Each point is one run of bench/baselines.py (ft, memit, alphaedit) or bench/meg.py (meg) in its
 own process, writing its own result file as it finishes; a point whose file exists is not run
-again, and inside a point the stages, value searches and evaluation references are cached, so
-a killed run (this takes many hours on a 2-core CPU) restarts where it stopped. Points run by
-size, smallest first, so partial results are there as soon as possible. The collected points
+again (unless it was made with a setup of before: `current`), and inside a point the stages,
+value searches and evaluation references are cached, so a killed run (this takes many hours on
+a 2-core CPU) restarts where it stopped. Points run by size, smallest first, so partial results
+are there as soon as possible. The collected points
 go to bench/results/scale_curve.json and bench/results/scale_curve.png (Score and each metric
 against N; bench/update_readme.py shows the table).
 """
@@ -40,10 +41,22 @@ def result_file(method: str, n: int) -> Path:
     return RESULTS / f"baseline-cf-{n}-{method}.json"
 
 
+# the baselines' settings, chosen on the first 128 edits (bench/baseline_sweep.py; docs/results.md):
+# the causal-traced span, MEMIT's lambda where its Score peaks, AlphaEdit's published ridge term
+BASELINE_RUNS = {"ft": "ft", "memit": "memit:2000:1-5", "alphaedit": "alphaedit:10:1-5"}
+
+
 def command(method: str, n: int) -> list[str]:
     if method == "meg":
         return [sys.executable, str(HERE / "meg.py"), "counterfact", "--limit", str(n), "--no-speed"]
-    return [sys.executable, str(HERE / "baselines.py"), "--data", "counterfact", "--limit", str(n), "--methods", method]
+    return [sys.executable, str(HERE / "baselines.py"), "--data", "counterfact", "--limit", str(n),
+            "--methods", BASELINE_RUNS[method], "--force"]
+
+
+def done(method: str, n: int) -> bool:
+    """A point is there when its file exists and was made with today's setup."""
+    path = result_file(method, n)
+    return path.exists() and current(method_label(json.loads(path.read_text())))
 
 
 def edit_seconds(summary: dict) -> tuple[float, str]:
@@ -217,7 +230,7 @@ def main() -> int:
     if not args.draw:
         for n in sizes:
             for method in methods:
-                if result_file(method, n).exists():
+                if done(method, n):
                     continue
                 print(f"scale curve: {method} at N={n} ...", flush=True)
                 start = time.perf_counter()
