@@ -32,7 +32,7 @@ def add_eval(sub) -> None:
                    help="memit / alphaedit: comma-separated layers (default 4..8 on SmolLM2)")
     p.add_argument("--cov-tokens", type=positive_int, default=None,
                    help="memit / alphaedit: the key covariance from this many tokens of text the base model writes "
-                   "itself (default 120,000; written once per model and cached: ~25 min for SmolLM2 on 2 CPU cores)")
+                   "itself (default 120,000; written once per model and cached: ~21 min for SmolLM2 on one CPU thread)")
     p.add_argument("--pseudo", metavar="KIND:PATH", default=None,
                    help="memit / alphaedit: the key covariance from these records' prompts, rephrases and locality "
                    "prompts instead of model-written text")
