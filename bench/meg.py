@@ -132,14 +132,15 @@ def main() -> int:
     if args.score_first:
         suffix += f"-scored{len(scored)}"
     result = HERE / "results" / f"meg-{tag(args.setting)}{suffix}{generator}.json"
-    work = HERE / "results" / "cases" / f"meg-{args.setting}{generator}"
+    # one work folder per setting: every stage's cache key holds its settings, so generator kinds share stages A-C
+    work = HERE / "results" / "cases" / f"meg-{args.setting}"
     edited = MeGEditor(model, tokenizer, config).fit(requests, work, pool, f"counterfact:{pool_path.name}")
-    saved = work / f"eval{suffix}.json"
+    saved = work / f"eval{suffix}{generator}.json"
     if args.reuse_eval and saved.exists():  # re-measure only the inference cost
         report = EvalReport.load(saved)
     else:
         report = evaluate(edited, scored, prompt_format=config.prompt_format, data_kind=kind,
-                          data_name=f"{kind}:{path.name}", batch_size=64, checkpoint=work / f"eval{suffix}.partial.json")
+                          data_name=f"{kind}:{path.name}", batch_size=64, checkpoint=work / f"eval{suffix}{generator}.partial.json")
         report.save(saved)
     print(report.table())
     cost = None if args.no_speed else speed(edited, requests[: args.speed_n], args.rounds)

@@ -49,8 +49,9 @@ BASELINE_RUNS = {"ft": "ft", "memit": "memit:2000:1-5", "alphaedit": "alphaedit:
 def command(method: str, n: int) -> list[str]:
     if method == "meg":
         return [sys.executable, str(HERE / "meg.py"), "counterfact", "--limit", str(n), "--no-speed"]
+    # no context prefixes: with them the value search takes ~92 s per edit here (docs/results.md)
     return [sys.executable, str(HERE / "baselines.py"), "--data", "counterfact", "--limit", str(n),
-            "--methods", BASELINE_RUNS[method], "--force"]
+            "--methods", BASELINE_RUNS[method], "--contexts", "0", "--force"]
 
 
 def done(method: str, n: int) -> bool:

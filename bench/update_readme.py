@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from scale_curve import edit_seconds, meg_stage_seconds, method_label  # noqa: E402 (bench/ is this script's own folder)
+from scale_curve import current, edit_seconds, meg_stage_seconds, method_label  # noqa: E402 (bench/ is this script's own folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -69,6 +69,25 @@ def meg_cost_table() -> str:
         rows.append(cells)
     return _table(["data", "N", "method", "fit success %", "A s", "B+C s", "D s", "epsilon", "timed queries", "base q/s",
                    "edited q/s", "q/s ratio", "tokens/s ratio", "time routing", "time generating", "queries routed to the edit"], rows)
+
+
+def meg_throughput_table() -> str:
+    """Each MeG stage's throughput on the CounterFact scale runs: edits/s of stage A (fit), B+C
+    (encoder, router), D (generator) and queries/s of the evaluation, with the thread count."""
+    rows = []
+    for r in sorted(_load("meg-cf*.json"), key=lambda r: (r["n"], method_label(r))):
+        if r["data"].split(":")[0] != "counterfact" or r.get("model", "smollm2") != "smollm2" or r["n"] < 1024:
+            continue
+        if not current(method_label(r)) or r["config"]["fit"].get("exclude_eval_templates", "none") != "none":
+            continue
+        seconds, n = meg_stage_seconds(r)[0], r.get("edits_applied", r["n"])
+        queries, evaluation = sum(r["protocol"]["counts"].values()), r["timing"]["total_s"]
+        rows.append([f"{n:,}", method_label(r), str(r.get("threads") or "—")]
+                    + [f"{seconds[k]:.0f} ({n / max(seconds[k], 1e-9):.1f})" for k in ("A", "BC", "D")]
+                    + [f"{evaluation:.0f} ({queries / max(evaluation, 1e-9):.1f})",
+                       f"{(sum(seconds.values()) + evaluation) / 3600:.2f}"])
+    return _table(["N", "method", "threads", "A: fit s (edits/s)", "B+C: encoder + router s (edits/s)",
+                   "D: generator s (edits/s)", "eval s (queries/s)", "fit + eval h"], rows)
 
 
 def eval_cost_table() -> str:
@@ -414,7 +433,7 @@ def living_headline_table() -> str:
     return _table(["living edits and serving (SmolLM2, CounterFact)", "measured", "threads"], rows)
 
 
-TABLES = {"headline": headline_table, "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table, "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table, "causal-trace": causal_trace_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
+TABLES = {"headline": headline_table, "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table, "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table, "causal-trace": causal_trace_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "meg-throughput": meg_throughput_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
           "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table,
           "routing": routing_table, "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table,
           "denoising": denoising_table, "living-add": living_add_table, "living-successive": living_successive_table,

@@ -319,3 +319,34 @@ def test_shipped_examples_are_valid_and_default_yaml_is_the_defaults():
     assert yaml.safe_load((EXAMPLES / "default.yaml").read_text()) == yaml.safe_load(_run("config").stdout)
     paper = MeGConfig.from_file(EXAMPLES / "paper-dit.yaml")
     assert (paper.generator.kind, paper.generator.passes, paper.routing.router.kind) == ("dit", None, "entropy")
+
+
+# -- megedit eval: the baselines' settings ------------------------------------------------------
+
+
+def test_eval_flags_set_the_baselines_settings():
+    from megedit.cli.eval import _baseline_config
+
+    parse = build_parser().parse_args
+    ft = _baseline_config(parse(["eval", "--data", "jsonl:x", "--method", "ft", "--lr", "0.5", "--ft-optimizer", "adam",
+                                 "--ft-norm-constraint", "0.002", "--ft-stop-loss", "0.01", "--seed", "4"]))
+    assert (ft.lr, ft.optimizer, ft.norm_constraint, ft.stop_loss, ft.seed, ft.epochs) == (0.5, "adam", 0.002, 0.01, 4, 8)
+    alpha = _baseline_config(parse(["eval", "--data", "jsonl:x", "--method", "alphaedit", "--memit-l2", "5",
+                                    "--memit-context-prefixes", "0", "--layers", "1,2"]))
+    assert (alpha.method, alpha.l2, alpha.context_prefixes, alpha.layers, alpha.mom2_weight) == (
+        "alphaedit", 5.0, 0, (1, 2), 15000.0)
+    assert _baseline_config(parse(["eval", "--data", "jsonl:x"])) is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "memit", "--ft-lr", "1"], "megedit: error: eval: --ft-lr set a method that is not run (--method memit)"),
+    (["--memit-kl-factor", "0"], "megedit: error: eval: --memit-kl-factor set a method that is not run (--method none)"),
+    (["--method", "memit", "--memit-mom2-weight", "-1"], "megedit: error: memit needs mom2_weight >= 0"),
+    (["--method", "ft", "--ft-norm-constraint", "0"], "megedit: error: FT needs optimizer sgd or adam and norm_constraint > 0"),
+    (["--method", "ft", "--ft-optimizer", "rmsprop"], "megedit eval: error: argument --ft-optimizer"),
+    (["--method", "memit", "--pseudo", "jsonl:x", "--cov-tokens", "9"], "megedit: error: --pseudo and --cov-tokens"),
+])
+def test_eval_refuses_bad_baseline_settings_in_one_line_before_loading(tmp_path, args, message):
+    data = tmp_path / "e.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "target": "t"}) + "\n")
+    assert _error_line("eval", "--data", f"jsonl:{data}", "--model", tmp_path / "absent", *args).startswith(message)

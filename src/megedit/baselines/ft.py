@@ -31,11 +31,11 @@ log = logging.getLogger(__name__)
 class FTConfig:
     layer: int | None = None  # None: arch.default_layer, where MeG's neuron goes
     lr: float = 3.0  # measured on 256 CounterFact edits: lr 1 reached Rel AG 29%, lr 3 49% in 5 epochs
-    momentum: float = 0.5
-    epochs: int = 8
-    batch_size: int = 32
+    momentum: float = 0.5  # SGD's
+    epochs: int = 8  # passes over the edits
+    batch_size: int = 32  # edits per step
     max_grad_norm: float | None = 1.0  # clip: a few edits' gradients otherwise blow SGD up
-    optimizer: str = "sgd"  # or "adam" (momentum unused)
+    optimizer: str = "sgd"  # sgd or adam (adam ignores momentum)
     norm_constraint: float | None = None  # |w - w_original| <= this for every weight (L-infinity ball)
     stop_loss: float | None = None  # stop after the first epoch whose mean loss is below this
     seed: int = 0

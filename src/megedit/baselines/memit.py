@@ -56,9 +56,9 @@ class MemitConfig:
     mom2_weight: float = 15000.0  # MEMIT: lambda, the weight of the key covariance
     l2: float = 10.0  # AlphaEdit: a, the ridge term
     null_threshold: float = 1e-2  # AlphaEdit: eigenvalues of C below this span its null space
-    v_steps: int = 25
-    v_lr: float = 0.5
-    v_weight_decay: float = 1e-3
+    v_steps: int = 25  # value search: at most this many Adam steps per edit
+    v_lr: float = 0.5  # value search: Adam's learning rate
+    v_weight_decay: float = 1e-3  # value search: weight decay on the residual offset
     v_tol: float = 0.05  # an edit's value search stops once its loss (NLL + KL) is below this
     clamp_norm: float = 4.0  # |delta| <= clamp_norm * |h|
     kl_factor: float = 0.0625  # weight of KL(edited || base) of the next token after "{subject} is a"

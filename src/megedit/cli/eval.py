@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -37,8 +38,6 @@ def add_eval(sub) -> None:
                    help="memit / alphaedit: the key covariance from these records' prompts, rephrases and locality "
                    "prompts instead of model-written text")
     p.add_argument("--cov-texts", type=int, default=4000, help="with --pseudo: at most this many covariance texts")
-    p.add_argument("--lr", type=float, default=None, help="ft learning rate (default: FTConfig's)")
-    p.add_argument("--epochs", type=int, default=None, help="ft epochs (default: FTConfig's)")
     p.add_argument("--save-edit", type=Path, default=None, help="ft / memit / alphaedit: save the weight deltas here")
     p.add_argument("--load-edit", type=Path, default=None, help="evaluate saved weight deltas instead of editing")
     p.add_argument("--seed", type=int, default=0, help="seed of the baseline edit (ft, memit, alphaedit)")
@@ -47,7 +46,22 @@ def add_eval(sub) -> None:
                    help="at most this many new tokens per answer (AG)")
     p.add_argument("--json", type=Path, default=None,
                    help="write the eval JSON here (a killed run resumes from JSON.partial beside it)")
+    p.defer(_add_baseline_flags)
     p.set_defaults(run=run_eval)
+
+
+def _add_baseline_flags(p) -> None:
+    """The baselines' settings, one flag per field of FTConfig (--ft-...) and MemitConfig
+    (--memit-..., for memit and alphaedit); --layer, --layers and --seed set the rest."""
+    from ..baselines.ft import FTConfig
+    from ..baselines.memit import MemitConfig
+    from .options import Section, add_dataclass_flags
+
+    add_dataclass_flags(p, FTConfig(), Section(("ft",), "ft", "ft settings (--method ft)"), skip=("layer", "seed"),
+                        aliases={"lr": ("--lr",), "epochs": ("--epochs",)}, choices={"ft.optimizer": ("sgd", "adam")},
+                        positive=("ft.epochs", "ft.batch_size"))
+    add_dataclass_flags(p, MemitConfig(), Section(("memit",), "memit", "memit / alphaedit settings"),
+                        skip=("method", "seed"), positive=("memit.v_steps", "memit.batch_size"))
 
 
 def _subject(args, requests, fmt, kind, path):
@@ -74,9 +88,34 @@ def _subject(args, requests, fmt, kind, path):
     return subject, fmt
 
 
+def _baseline_config(args):
+    """FTConfig or MemitConfig of the --ft-* / --memit-* flags given, checked before anything loads;
+    None for the other methods. Flags of a method that is not run are a usage error."""
+    from ..baselines.ft import FTConfig
+    from ..baselines.memit import MemitConfig
+    from ..errors import ConfigError
+    from .options import overrides
+
+    given = overrides(args)
+    family = {"ft": "ft", "memit": "memit", "alphaedit": "memit"}.get(args.method if args.pack is None else "none")
+    stray = sorted(set(given) - {family})
+    if stray:
+        flags = ", ".join(f"--{section}-{name.replace('_', '-')}" for section in stray for name in given[section])
+        raise ConfigError(f"eval: {flags} set a method that is not run (--method {args.method})")
+    if family == "ft":
+        return FTConfig(**given.get("ft", {}), seed=args.seed)
+    if family == "memit":
+        if args.pseudo and args.cov_tokens:
+            raise ConfigError("--pseudo and --cov-tokens name two sources for the key covariance: give one")
+        layers = tuple(args.layers) if args.layers else None
+        return MemitConfig(**given.get("memit", {}), method=args.method, layers=layers, seed=args.seed).validate()
+    return None
+
+
 def run_eval(args) -> int:
     from ..eval import evaluate
 
+    args.baseline = _baseline_config(args)
     kind, path, requests, fmt = load_data(args)
     subject, fmt = _subject(args, requests, fmt, kind, path)
     start = time.perf_counter()
@@ -96,19 +135,14 @@ def _weight_edit(args, model, tokenizer, requests, fmt, kind, path):
     """Edit the model's weights with a baseline (ft, memit, alphaedit)."""
     if args.method == "ft":
         from ..arch import resolve_layer
-        from ..baselines.ft import FTConfig, fine_tune
+        from ..baselines.ft import fine_tune
 
-        overrides = {k: v for k, v in (("lr", args.lr), ("epochs", args.epochs)) if v is not None}
-        config = FTConfig(layer=resolve_layer(model, args.layer), seed=args.seed, **overrides)
+        config = dataclasses.replace(args.baseline, layer=resolve_layer(model, args.layer))
         log.info("fine-tuning layer %d on %d edits", config.layer, len(requests))
         return fine_tune(model, tokenizer, requests, fmt, config, progress=args.progress)
     from ..baselines.generic_text import DEFAULT_TOKENS, sampled_text
-    from ..baselines.memit import MemitConfig, batch_edit, pool_texts
-    from ..errors import ConfigError
+    from ..baselines.memit import batch_edit, pool_texts
 
-    layers = tuple(args.layers) if args.layers else None
-    if args.pseudo and args.cov_tokens:
-        raise ConfigError("--pseudo and --cov-tokens name two sources for the key covariance: give one")
     if args.pseudo:
         pool_name, pool = load_pool(args, kind, path)
         texts = pool_texts(pool)[: args.cov_texts]
@@ -116,5 +150,4 @@ def _weight_edit(args, model, tokenizer, requests, fmt, kind, path):
         pool_name = "text the base model wrote"
         texts = sampled_text(model, tokenizer, args.cov_tokens or DEFAULT_TOKENS, progress=args.progress)
     log.info("%s: %d edits, key covariance from %d texts of %s", args.method, len(requests), len(texts), pool_name)
-    return batch_edit(model, tokenizer, requests, fmt, texts, MemitConfig(method=args.method, layers=layers, seed=args.seed),
-                      progress=args.progress)
+    return batch_edit(model, tokenizer, requests, fmt, texts, args.baseline, progress=args.progress)
