@@ -90,6 +90,18 @@ def meg_throughput_table() -> str:
                    "D: generator s (edits/s)", "eval s (queries/s)", "fit + eval h"], rows)
 
 
+def generator_ddp_table() -> str:
+    """bench/generator_ddp.py: the generator's steps/s in one process against two under accelerate."""
+    path = RESULTS / "generator_ddp.json"
+    if not path.exists():
+        return "(not measured yet: `.venv/bin/python bench/generator_ddp.py`)"
+    r = json.loads(path.read_text())
+    rows = [[setup, f"{r['width']}", f"{r['edits']:,} ({r['pairs']:,} pairs)", str(r["batch_size"]),
+             ", ".join(f"{v:.1f}" for v in rates), f"{r['best'][setup]:.1f}"] for setup, rates in r["rates"].items()]
+    rows.append(["speed-up (best against best)", "", "", "", "", f"**{r['speedup']:.2f}x**"])
+    return _table(["setup", "MLP width", "edits", "global batch", "steps/s by round", "best steps/s"], rows)
+
+
 def eval_cost_table() -> str:
     rows = []
     for r in _load("baseline-*-none.json"):
@@ -433,7 +445,7 @@ def living_headline_table() -> str:
     return _table(["living edits and serving (SmolLM2, CounterFact)", "measured", "threads"], rows)
 
 
-TABLES = {"headline": headline_table, "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table, "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table, "causal-trace": causal_trace_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "meg-throughput": meg_throughput_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
+TABLES = {"headline": headline_table, "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table, "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table, "causal-trace": causal_trace_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "meg-throughput": meg_throughput_table, "generator-ddp": generator_ddp_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
           "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table,
           "routing": routing_table, "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table,
           "denoising": denoising_table, "living-add": living_add_table, "living-successive": living_successive_table,

@@ -10,7 +10,7 @@ from tiny import char_tokenizer, tiny_encoder, tiny_model
 from megedit import MeGEditor
 from megedit.data import EditRequest
 from megedit.data.prompts import PromptFormat
-from megedit.errors import ConfigError
+from megedit.errors import ConfigError, MeGError
 from megedit.neuron import attach_neuron
 from megedit.stages.fit_neurons import WORDING_SCHEDULES, FitConfig, _row_loss_and_success, fit_neurons
 from megedit.stages.generator import Generator, GeneratorConfig, train_generator
@@ -201,6 +201,27 @@ def test_the_lookup_generator_returns_the_nearest_conditions_vector_and_round_tr
     assert generator.record["best"]["rel_l2"] < 1e-5 and generator.record["steps"] == 0
     loaded = Generator.load(generator.save(tmp_path / "g.safetensors"))
     assert torch.equal(loaded.generate(near), generator.generate(near))
+
+
+
+def test_the_lookup_table_keeps_each_vector_once_and_reads_tables_of_before(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cond, vectors = _pairs(6)
+    wordings = torch.cat([cond, cond + 0.01])  # two wordings per edit, one vector each
+    generator = train_generator(wordings, torch.cat([vectors, vectors]), GeneratorConfig(kind="lookup"), progress=False)
+    assert generator.net.values.shape[0] == 6 and generator.net.keys.shape[0] == 12
+    torch.testing.assert_close(generator.generate(wordings[6:]), vectors, atol=1e-5, rtol=1e-5)
+    path = generator.save(tmp_path / "g.safetensors")
+    # a file of before: one vector per key, no index
+    tensors = load_file(path)
+    tensors["net.values"] = tensors.pop("net.values")[tensors.pop("net.index")]
+    save_file(tensors, path)
+    torch.testing.assert_close(Generator.load(path).generate(wordings), torch.cat([vectors, vectors]), atol=1e-5, rtol=1e-5)
+    tensors["net.index"] = torch.full((12,), 99)  # rows that are not there
+    save_file(tensors, path)
+    with pytest.raises(MeGError, match="lookup generator table is inconsistent"):
+        Generator.load(path)
 
 
 def test_the_budget_in_passes_grows_with_the_edits():

@@ -166,19 +166,30 @@ class Generator:
         tensors = load_tensors(path, "generator")
         if "norm.mean" not in tensors or "norm.std" not in tensors:
             raise MeGError(f"{path}: generator file has no normalisation tensors")
-        table = None
-        if config.kind == "lookup":  # the table's size is in its tensors
-            if "net.keys" not in tensors or "net.values" not in tensors:
-                raise MeGError(f"{path}: lookup generator file has no table")
-            table = LookupTable(tensors["net.keys"], tensors["net.values"])
-        generator = cls(config, length, cond_dim, tensors["norm.mean"], tensors["norm.std"], net=table)
-        try:
-            generator.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-        except RuntimeError as error:
-            raise MeGError(f"{path}: generator weights do not match its record ({str(error).splitlines()[0]})") from None
+        generator = cls(config, length, cond_dim, tensors["norm.mean"], tensors["norm.std"],
+                        net=_lookup_table(path, tensors) if config.kind == "lookup" else None)
+        if config.kind != "lookup":
+            try:
+                generator.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+            except RuntimeError as error:
+                raise MeGError(f"{path}: generator weights do not match its record ({str(error).splitlines()[0]})") from None
         generator.net.eval().requires_grad_(False)
         generator.record = meta.get("record", {})
         return generator
+
+
+def _lookup_table(path: Path, tensors: dict) -> LookupTable:
+    """The table a lookup generator file holds (files written before 2026-11-26 have one vector
+    per key and no index)."""
+    keys, values, index = tensors.get("net.keys"), tensors.get("net.values"), tensors.get("net.index")
+    if keys is None or values is None:
+        raise MeGError(f"{path}: lookup generator file has no table")
+    rows = len(values) if index is None else len(index)
+    if keys.ndim != 2 or values.ndim != 2 or rows != len(keys) or (
+            index is not None and len(index) and not 0 <= int(index.min()) <= int(index.max()) < len(values)):
+        raise MeGError(f"{path}: lookup generator table is inconsistent (keys {tuple(keys.shape)}, "
+                       f"vectors {tuple(values.shape)}, index {None if index is None else tuple(index.shape)})")
+    return LookupTable(keys, values, index if index is not None else torch.arange(len(values)))
 
 
 def _upgrade(config: dict) -> dict:
