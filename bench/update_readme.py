@@ -102,6 +102,34 @@ def generator_ddp_table() -> str:
     return _table(["setup", "MLP width", "edits", "global batch", "steps/s by round", "best steps/s"], rows)
 
 
+def generator_scale_table() -> str:
+    """MeG's whole pipeline on the first N CounterFact edits with each generator kind run there
+    (stages A-C shared; bench/meg.py --generator)."""
+    rows = []
+    for r in sorted(_load("meg-cf*.json"), key=lambda r: (r["n"], method_label(r))):
+        if r.get("model", "smollm2") != "smollm2" or not current(method_label(r)) or r["n"] < 1024 \
+                or r["config"]["fit"].get("exclude_eval_templates", "none") != "none":
+            continue
+        g, m = r["fit"]["generator"], r["metrics"]
+        size = f"{g['table_rows']:,} keys" if "table_rows" in g else f"{g['parameters'] / 1e6:.2f}M params"
+        rows.append([f"{r['n']:,}", method_label(r), size, f"{meg_stage_seconds(r)[0]['D']:.0f}",
+                     f"{g['best']['rel_l2']:.3f}"] + [f"{m[k][s]:.1f}" for k, s in METRICS] + [f"**{r['score']:.2f}**"])
+    return _table(["N", "method", "generator size", "D s", "val rel. L2", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG",
+                   "LocTF", "Score"], rows)
+
+
+def epsilon_whatif_table() -> str:
+    """bench/epsilon_whatif.py: AG of a finished run had its router fired less (exact for AG)."""
+    rows = []
+    for r in _load("epsilon_whatif-*.json"):
+        for row in r["rows"]:
+            mark = " (the run's own)" if abs(row["epsilon"] - r["own_epsilon"]) < 1e-6 else ""
+            rows.append([f"{r['n']:,}", r["generator"], f"{row['epsilon']:.3f}{mark}",
+                         f"{row['pool_recall']:.1f}", f"{row['pool_false_fire']:.1f}",
+                         f"{row['reliability']:.1f}", f"{row['generality']:.1f}", f"{row['locality']:.1f}"])
+    return _table(["N", "generator", "epsilon", "pool recall %", "pool false fire %", "RelAG", "GenAG", "LocAG"], rows)
+
+
 def eval_cost_table() -> str:
     rows = []
     for r in _load("baseline-*-none.json"):
@@ -445,7 +473,7 @@ def living_headline_table() -> str:
     return _table(["living edits and serving (SmolLM2, CounterFact)", "measured", "threads"], rows)
 
 
-TABLES = {"headline": headline_table, "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table, "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table, "causal-trace": causal_trace_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "meg-throughput": meg_throughput_table, "generator-ddp": generator_ddp_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
+TABLES = {"headline": headline_table, "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table, "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table, "causal-trace": causal_trace_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "meg-throughput": meg_throughput_table, "generator-ddp": generator_ddp_table, "generator-scale": generator_scale_table, "epsilon-whatif": epsilon_whatif_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
           "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table,
           "routing": routing_table, "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table,
           "denoising": denoising_table, "living-add": living_add_table, "living-successive": living_successive_table,
