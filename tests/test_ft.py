@@ -44,6 +44,6 @@ def test_training_stops_at_the_first_epoch_below_the_stop_loss():
 
 def test_bad_ft_settings():
     with pytest.raises(ConfigError, match="optimizer"):
-        FTConfig(optimizer="lbfgs")
+        FTConfig(optimizer="lbfgs").validate()
     with pytest.raises(ConfigError, match="norm_constraint"):
-        FTConfig(norm_constraint=0.0)
+        FTConfig(norm_constraint=0.0).validate()

@@ -42,39 +42,10 @@ from ..io import atomic_save_tensors, load_tensors
 from ..lm import Batch, layer_input, left_pad, length_batches, model_device, starting_at_layer
 from ..models import cache_root, model_fingerprint
 from ..stages.variants import context_prefixes
+from .config import MemitConfig
 from .ft import TrainingBatch
 
 log = logging.getLogger(__name__)
-
-METHODS = ("memit", "alphaedit")
-
-
-@dataclass
-class MemitConfig:
-    method: str = "memit"  # or "alphaedit"
-    layers: tuple[int, ...] | None = None  # None: the default span (layers at 13-27% of the depth)
-    mom2_weight: float = 15000.0  # MEMIT: lambda, the weight of the key covariance
-    l2: float = 10.0  # AlphaEdit: a, the ridge term
-    null_threshold: float = 1e-2  # AlphaEdit: eigenvalues of C below this span its null space
-    v_steps: int = 25  # value search: at most this many Adam steps per edit
-    v_lr: float = 0.5  # value search: Adam's learning rate
-    v_weight_decay: float = 1e-3  # value search: weight decay on the residual offset
-    v_tol: float = 0.05  # an edit's value search stops once its loss (NLL + KL) is below this
-    clamp_norm: float = 4.0  # |delta| <= clamp_norm * |h|
-    kl_factor: float = 0.0625  # weight of KL(edited || base) of the next token after "{subject} is a"
-    context_prefixes: int = 20  # prompts behind model-written prefixes (keys averaged, values fitted on all)
-    batch_size: int = 32  # value-search rows (an edit's prompt and its prefixed copies) per forward pass
-    seed: int = 0  # the context prefixes' sampling
-
-    def validate(self) -> "MemitConfig":
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if (self.mom2_weight < 0 or self.l2 <= 0 or self.v_steps < 1 or self.v_lr <= 0 or self.batch_size < 1
-                or self.kl_factor < 0 or self.context_prefixes < 0):
-            raise ConfigError(f"{self.method} needs mom2_weight >= 0, l2 > 0, v_steps >= 1, v_lr > 0, batch_size >= 1, "
-                              "kl_factor >= 0, context_prefixes >= 0")
-        return self
-
 
 def default_layers(model: nn.Module) -> tuple[int, ...]:
     """MEMIT's Llama span (layers 4-8 of 32) scaled to this depth."""

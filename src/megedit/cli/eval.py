@@ -53,8 +53,7 @@ def add_eval(sub) -> None:
 def _add_baseline_flags(p) -> None:
     """The baselines' settings, one flag per field of FTConfig (--ft-...) and MemitConfig
     (--memit-..., for memit and alphaedit); --layer, --layers and --seed set the rest."""
-    from ..baselines.ft import FTConfig
-    from ..baselines.memit import MemitConfig
+    from ..baselines.config import FTConfig, MemitConfig
     from .options import Section, add_dataclass_flags
 
     add_dataclass_flags(p, FTConfig(), Section(("ft",), "ft", "ft settings (--method ft)"), skip=("layer", "seed"),
@@ -91,8 +90,7 @@ def _subject(args, requests, fmt, kind, path):
 def _baseline_config(args):
     """FTConfig or MemitConfig of the --ft-* / --memit-* flags given, checked before anything loads;
     None for the other methods. Flags of a method that is not run are a usage error."""
-    from ..baselines.ft import FTConfig
-    from ..baselines.memit import MemitConfig
+    from ..baselines.config import FTConfig, MemitConfig
     from ..errors import ConfigError
     from .options import overrides
 
@@ -103,7 +101,7 @@ def _baseline_config(args):
         flags = ", ".join(f"--{section}-{name.replace('_', '-')}" for section in stray for name in given[section])
         raise ConfigError(f"eval: {flags} set a method that is not run (--method {args.method})")
     if family == "ft":
-        return FTConfig(**given.get("ft", {}), seed=args.seed)
+        return FTConfig(**given.get("ft", {}), seed=args.seed).validate()
     if family == "memit":
         if args.pseudo and args.cov_tokens:
             raise ConfigError("--pseudo and --cov-tokens name two sources for the key covariance: give one")
