@@ -1,6 +1,6 @@
 """What a tighter router threshold would have scored, from a finished bench/meg.py run.
 
-    .venv/bin/python bench/epsilon_whatif.py --limit 10000 --generator lookup
+    .venv/bin/python bench/epsilon_whatif.py --limit 10000 --generator mlp
 
 A query the router does not fire is answered by the unedited model, so for any epsilon below the
 run's own, the AG numbers follow exactly from the run's cases and each query's router distance:
@@ -25,21 +25,23 @@ SHARED = HERE.parents[1] / "shared/data/counterfact"
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, required=True)
-    parser.add_argument("--generator", default="mlp")
+    parser.add_argument("--generator", default=None, help="generator kind (default: MeGConfig's)")
     parser.add_argument("--points", type=int, default=8, help="epsilons from the run's own down to 60% of it")
     args = parser.parse_args()
 
     from megedit import MeGConfig, MeGEditor, load_model, load_requests
     from megedit.io import atomic_write_json
 
-    suffix = ("" if args.limit == 1024 else f"-{args.limit}") + ("" if args.generator == "mlp" else f"-{args.generator}")
+    default_kind = MeGConfig().generator.kind
+    kind = args.generator or default_kind
+    suffix = ("" if args.limit == 1024 else f"-{args.limit}") + ("" if kind == default_kind else f"-{kind}")
+    run = json.loads((HERE / "results" / f"meg-cf{suffix}.json").read_text())  # the stages as that run had them
     work = HERE / "results" / "cases" / "meg-counterfact"
     cases = json.loads((work / f"eval{suffix}.json").read_text())["cases"]
     requests = load_requests("counterfact", SHARED / "counterfact-edit.json", limit=args.limit, skip_invalid=True)
     pool = load_requests("counterfact", SHARED / "counterfact-train.json")
     model, tokenizer = load_model("smollm2", device="cpu")
-    config = MeGConfig(prompt_format="raw")
-    config.generator.kind = args.generator
+    config = MeGConfig.from_dict(run["config"])
     edited = MeGEditor(model, tokenizer, config).fit(requests, work, pool, "counterfact:counterfact-train.json")
     own = float(edited.router.epsilon)
     distance = edited.route([c["query"] for c in cases])[1].tolist()
@@ -58,7 +60,7 @@ def main() -> int:
               + f"; pool recall {pool.get('recall')}, false fire {pool.get('false_fire')}", flush=True)
     calibration = edited.router.record.get("calibration", {})
     out = HERE / "results" / f"epsilon_whatif{suffix}.json"
-    atomic_write_json(out, {"n": args.limit, "generator": args.generator, "own_epsilon": own, "rows": rows,
+    atomic_write_json(out, {"n": args.limit, "generator": kind, "own_epsilon": own, "rows": rows,
                             "calibration_choice": calibration.get("chosen"), "seed": 0,
                             "data": "counterfact:counterfact-edit.json", "model": "smollm2"})
     print(f"wrote {out}")

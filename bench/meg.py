@@ -82,7 +82,7 @@ def main() -> int:
     parser.add_argument("setting", choices=sorted(SETTINGS))
     parser.add_argument("--model", default="smollm2",
                         help="base model: smollm2 (embedded, default), gemma3-270m (embedded, optional), a folder or a hub id")
-    parser.add_argument("--generator", default="mlp")
+    parser.add_argument("--generator", default=None, help="generator kind (default: MeGConfig's; others get their own files)")
     parser.add_argument("--limit", type=int, default=None, help="first N edits (default: the setting's)")
     parser.add_argument("--train-steps", type=int, default=None, help="the generator's training steps (default: MeGConfig's)")
     parser.add_argument("--passes", type=float, default=None, help="the generator's budget in passes per edit")
@@ -114,11 +114,12 @@ def main() -> int:
     if args.model != "smollm2":  # its own result and evaluation files
         suffix += "-" + re.sub(r"[^A-Za-z0-9._-]+", "-", args.model.rstrip("/")).strip("-.")
     config = MeGConfig(prompt_format=DEFAULT_FOR_KIND[kind], seed=args.seed)
-    config.generator.kind = args.generator
+    default_kind = config.generator.kind
+    config.generator.kind = args.generator or default_kind
     if args.exclude != "none":
         config.fit.exclude_eval_templates = args.exclude
         suffix += f"-exclude-{args.exclude}"
-    generator = "" if args.generator == "mlp" else f"-{args.generator}"
+    generator = "" if config.generator.kind == default_kind else f"-{config.generator.kind}"
     if args.train_steps is not None:  # its own result and evaluation files
         config.generator.train_steps, config.generator.passes = args.train_steps, None
         suffix += f"-steps{args.train_steps}"

@@ -111,8 +111,9 @@ def meg_stage_seconds(summary: dict) -> tuple[dict[str, float], list[str]]:
 
 def _meg_label(r: dict) -> str:
     """'meg (mlp generator)', naming what differs from the defaults: a generator budget other than
-    the default passes, the edits' wordings left out (benchmark switch), or a run made with the
-    defaults from before stage A fitted other wordings, or with another wording schedule."""
+    the default passes, the edits' wordings left out (benchmark switch), a run made with the
+    defaults from before stage A fitted other wordings, another wording schedule or another
+    false-fire ceiling of the router's calibration."""
     from megedit import MeGConfig
 
     generator, fit = r["config"]["generator"], r["config"]["fit"]
@@ -133,6 +134,9 @@ def _meg_label(r: dict) -> str:
         parts.append(f"all {r['edits_applied']:,} applied, first {r['n']:,} scored")
     if fit.get("exclude_eval_templates", "none") != "none":
         parts.append(f"test wordings held out: {fit['exclude_eval_templates']}")
+    ceiling = r["config"]["routing"]["router"].get("max_false_fire")
+    if ceiling != MeGConfig().routing.router.max_false_fire:
+        parts.append("no false-fire ceiling" if ceiling is None else f"false-fire ceiling {ceiling:g}%")
     return f"meg ({', '.join(parts)})"
 
 

@@ -130,6 +130,18 @@ def epsilon_whatif_table() -> str:
     return _table(["N", "generator", "epsilon", "pool recall %", "pool false fire %", "RelAG", "GenAG", "LocAG"], rows)
 
 
+def router_ceiling_table() -> str:
+    """bench/router_ceiling.py: the threshold each false-fire ceiling picks, per setting and N."""
+    path = RESULTS / "router_ceiling.json"
+    if not path.exists():
+        return "(not measured yet: `.venv/bin/python bench/router_ceiling.py`)"
+    runs = json.loads(path.read_text())["runs"]
+    ceilings = [c["ceiling"] for c in runs[0]["choices"]]
+    rows = [[r["setting"], f"{r['n']:,}"] + [f"{c['epsilon']:.3f} ({c['recall']:.1f} / {c['false_fire']:.1f})"
+                                             for c in r["choices"]] for r in runs]
+    return _table(["setting", "N"] + ["no ceiling" if c is None else f"ceiling {c:g}%" for c in ceilings], rows)
+
+
 def eval_cost_table() -> str:
     rows = []
     for r in _load("baseline-*-none.json"):
@@ -201,12 +213,13 @@ def stage_a_cost_table() -> str:
 def headline_table() -> str:
     """MeG with the defaults (each data setting, and larger N with today's defaults) and the
     baselines at 1,024 CounterFact edits."""
-    rows = []
-    for r in _load("meg-*.json") + _load("baseline-cf-1024-*.json"):
-        if r["method"] == "meg" and (r["fit"]["generator"]["steps"] == 0
-                                     or (r["n"] > 1024 and method_label(r) != "meg (mlp generator)")):
+    rows, scale = [], ("meg (mlp generator)", "meg (lookup generator)")
+    runs = _load("meg-*.json") + _load("baseline-cf-1024-*.json")
+    for r in sorted(runs, key=lambda r: (r.get("setting", r["data"].split(":")[0]), r["n"], r["method"] != "meg", method_label(r))):
+        if r["method"] == "meg" and (r["n"] > 1024 and method_label(r) not in scale
+                                     or r["n"] <= 1024 and r["fit"]["generator"]["steps"] == 0):
             continue  # the rest of the scale curve and the lookup generator are in docs/results.md
-        cells = [r.get("setting", r["data"].split(":")[0]), str(r["n"]), method_label(r)]
+        cells = [r.get("setting", r["data"].split(":")[0]), f"{r['n']:,}", method_label(r)]
         cells += [f"{r['metrics'][k][s]:.1f}" for k, s in METRICS] + [f"**{r['score']:.1f}**"]
         cells.append(f"{(edit_seconds(r)[0] + r['timing']['total_s']) / 60:.0f}")
         rows.append(cells)
@@ -473,7 +486,7 @@ def living_headline_table() -> str:
     return _table(["living edits and serving (SmolLM2, CounterFact)", "measured", "threads"], rows)
 
 
-TABLES = {"headline": headline_table, "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table, "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table, "causal-trace": causal_trace_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "meg-throughput": meg_throughput_table, "generator-ddp": generator_ddp_table, "generator-scale": generator_scale_table, "epsilon-whatif": epsilon_whatif_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
+TABLES = {"headline": headline_table, "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table, "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table, "causal-trace": causal_trace_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "meg-throughput": meg_throughput_table, "generator-ddp": generator_ddp_table, "generator-scale": generator_scale_table, "epsilon-whatif": epsilon_whatif_table, "router-ceiling": router_ceiling_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
           "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table,
           "routing": routing_table, "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table,
           "denoising": denoising_table, "living-add": living_add_table, "living-successive": living_successive_table,

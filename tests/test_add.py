@@ -39,7 +39,7 @@ UNRELATED = "zzzz"
 def _config(encoder: str) -> MeGConfig:
     config = MeGConfig(layer=0, encoder=encoder, fit=FitConfig(batch_size=4, max_steps=200, lr=0.05, margin=0.5))
     config.routing.encoder.epochs, config.routing.encoder.batch_size = 1, 8
-    config.generator.mlp = {"hidden": 64, "depth": 2}
+    config.generator.kind, config.generator.mlp = "mlp", {"hidden": 64, "depth": 2}  # a network: the fine-tune's budget
     config.generator.train_steps, config.generator.validate_every, config.generator.batch_size = 200, 100, 8
     config.generator.passes, config.generator.lr = None, 3e-3
     return config
@@ -136,6 +136,29 @@ def test_a_fine_tune_starts_from_the_generators_weights_and_keeps_its_normalisat
     moved = [float((g.generate(cond) - start).norm() / start.norm()) for g in (one, fresh)]
     assert moved[0] < 0.25 < 1 < moved[1], moved  # one step from the pack's generator, far from a fresh one's
     assert all(p.requires_grad is False for p in pack.net.parameters())  # the pack's own generator untouched
+
+
+def test_a_lookup_pack_grows_and_shrinks_its_table_without_training(setup, encoder, tmp_path):
+    config = _config(str(setup[2]))
+    config.generator.kind = "lookup"  # the default generator
+    model, tok = load_model(str(setup[1]), device="cpu")
+    edited = MeGEditor(model, tok, config, encoder=encoder, progress=False).fit(EDITS, tmp_path / "work", POOL)
+    keys = len(edited.generator.net.keys)
+    grown = edited.add_edits([*NEW, AGAIN], tmp_path / "add", pool=POOL, progress=False)
+    smaller = None
+    try:
+        prompts = [r.prompt for r in EDITS + NEW]
+        assert _answers(grown, prompts) == ["x", "d", "d", "x", "d", "x"]  # the new table holds every edit's vectors
+        assert grown.history[-1]["generator"]["steps"] == 0 and len(grown.generator.net.keys) > keys
+        smaller = grown.remove_edits(["n0"], tmp_path / "remove", progress=False)
+        with smaller.unedited():
+            base = _answers(smaller, ["Rome lies in"])
+        assert _answers(smaller, prompts) == ["x", "d", "d", "x", base[0], "x"]
+        assert len(smaller.generator.net.keys) < len(grown.generator.net.keys)
+    finally:
+        for e in (smaller, grown):
+            if e is not None:
+                e.close()
 
 
 def test_an_edit_the_pack_holds_is_replaced_and_logged(setup, load, tmp_path, caplog):

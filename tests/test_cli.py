@@ -80,7 +80,7 @@ def test_demo_then_generate_eval_and_inspect_on_the_saved_pack(tmp_path):
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "e.json").read_text())
     assert report["method"] == "meg" and report["metrics"]["reliability"]["ag"] == 100.0
-    assert report["edit"]["generator"] == "mlp" and not (tmp_path / "e.json.partial").exists()
+    assert report["edit"]["generator"] == "lookup" and not (tmp_path / "e.json.partial").exists()
 
     out = _run("inspect", str(pack), "--data", f"jsonl:{data}", timeout=300)
     assert out.returncode == 0, out.stderr

@@ -114,7 +114,7 @@ def test_help_shows_defaults():
     text = " ".join(out.stdout.split())  # argparse wraps lines
     for expected in ("--device DEVICE cpu, cuda, cuda:N, mps or auto", "(default: auto)", "(default: float32)",
                      "--fit-margin MARGIN, --margin MARGIN", "(default: 3.0)", "--generator-steps TRAIN_STEPS",
-                     "(default: 500.0)", "--no-generator-augment", "(default: mlp)"):
+                     "(default: 500.0)", "--no-generator-augment", "(default: lookup)"):
         assert expected in text, expected
 
 

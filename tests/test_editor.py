@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 def _config(**generator) -> MeGConfig:
     config = MeGConfig(layer=1, fit=FitConfig(batch_size=4, max_steps=40, margin=0.0))
     config.routing.encoder.epochs, config.routing.encoder.batch_size = 1, 8
-    config.generator.mlp = {"hidden": 32, "depth": 1}
+    config.generator.kind, config.generator.mlp = "mlp", {"hidden": 32, "depth": 1}  # a trained generator's mechanics
     config.generator.train_steps, config.generator.validate_every, config.generator.batch_size = 60, 30, 8
     config.generator.passes = None
     for k, v in generator.items():
@@ -188,7 +188,7 @@ def test_config_from_files_checks_names_and_spreads_the_seed(tmp_path):
     assert {config.fit.init_seed, config.routing.seed, config.routing.encoder.seed, config.routing.router.seed,
             config.generator.seed} == {7}
     assert MeGConfig.from_dict(config.to_dict()) == config
-    assert MeGConfig.from_dict({}).generator.kind == "mlp"
+    assert MeGConfig.from_dict({}).generator.kind == "lookup"
     with pytest.raises(ConfigError, match="unknown setting.*generater"):
         MeGConfig.from_dict({"generater": {}})
     with pytest.raises(ConfigError, match=r"config.generator: unknown setting.*steps"):

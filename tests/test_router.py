@@ -44,16 +44,18 @@ def test_epsilon_curve_and_choice():
     assert at["recall"] == 50.0 and at["false_fire"] == 0.0
     best = choose_epsilon(curve)  # recall - false fire is 50 from eps 0.03 to 0.2, and 75 - 25 = 50 after: first wins
     assert best["recall"] - best["false_fire"] == 50.0 and best["epsilon"] <= 0.21
-    capped = choose_epsilon(curve, max_false_fire=25.0)
-    assert capped["recall"] == 75.0 and capped["false_fire"] == 25.0
+    assert choose_epsilon(curve, max_false_fire=25.0) == best  # a ceiling above the balanced row leaves it
+    skewed = [{"epsilon": 0.1, "recall": 40.0, "false_fire": 5.0}, {"epsilon": 0.2, "recall": 60.0, "false_fire": 15.0},
+              {"epsilon": 0.3, "recall": 95.0, "false_fire": 30.0}]  # balanced: 0.3 (65), over a 20% ceiling
+    assert choose_epsilon(skewed)["epsilon"] == 0.3 and choose_epsilon(skewed, max_false_fire=20.0)["epsilon"] == 0.2
     assert choose_epsilon(curve, max_false_fire=-1) == curve[0]
 
 
 def test_train_router_calibrates_on_the_pool_and_round_trips(tmp_path):
     edits, pool = _unit(150, seed=3), _unit(60, seed=4)
     paraphrases = torch.nn.functional.normalize(pool + 0.05 * _unit(60, seed=5), dim=-1)
-    router = train_router(edits, RouterConfig(**FAST), calibration=(pool, paraphrases, _unit(100, seed=6)),
-                          progress=False)
+    router = train_router(edits, RouterConfig(**FAST, max_false_fire=None),  # random points: false fire ~50%
+                          calibration=(pool, paraphrases, _unit(100, seed=6)), progress=False)
     calibration = router.record["calibration"]
     chosen = calibration["chosen"]
     assert router.epsilon == chosen["epsilon"]

@@ -215,8 +215,10 @@ def _tune(edited: EditedModel, editor: MeGEditor, edits: EditTable, new_rows: Se
                                      generator.config.augment, edited.encoder, progress)
     is_new = torch.tensor([o in new_rows for o in owners])
     weights, replay = _draws(is_new, config.replay)
-    fine_tune = FineTune(generator, max(1, math.ceil(passes * changed * (1 + replay) / generator.config.batch_size)),
-                         weights)
+    # a lookup trains nothing: its table is rebuilt from the pairs
+    steps = 0 if generator.config.kind == "lookup" else max(1, math.ceil(passes * changed * (1 + replay)
+                                                                          / generator.config.batch_size))
+    fine_tune = FineTune(generator, steps, weights)
     folder = work_dir / "generator-tune" / _key(edited.fingerprint, edits, fine_tune)
     path = folder / "generator.safetensors"
     if path.exists():

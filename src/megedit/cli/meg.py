@@ -26,7 +26,7 @@ def add_demo(sub) -> None:
         "Fit MeG on the built-in demo edits (12 counterfactual facts written for megedit) with the "
         "embedded SmolLM2 and MiniLM, then print each edit's prompt, paraphrase and an unrelated question "
         "before and after editing, and the scores. Stages are cached in --work-dir: a rerun is quick. "
-        "Without --config the generator trains 1,000 steps (enough for 12 edits).",
+        "Without --config a trained generator (--generator mlp or dit) runs 1,000 steps (enough for 12 edits).",
     )
     add_model_args(p)
     p.add_argument("--work-dir", type=Path, default=None, help="stage cache (default: <megedit cache>/demo)")
@@ -165,6 +165,14 @@ def add_inspect(sub) -> None:
     p.set_defaults(run=run_inspect)
 
 
+def _generator_size(generator) -> str:
+    net, config = generator.net, generator.config
+    if config.kind == "lookup":
+        return f"lookup ({len(net.keys):,} keys, {len(net.values):,} distinct vectors)"
+    steps = f", {config.sample_steps} {config.sampler} steps" if config.kind == "dit" else ""
+    return f"{config.kind} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters{steps})"
+
+
 def run_inspect(args) -> int:
     import json
 
@@ -181,9 +189,7 @@ def run_inspect(args) -> int:
           f"(fingerprint {m['base_model']['fingerprint'][:12]})")
     print(f"neuron: layer {m['spec']['layer']}, {m['spec']['variant']}, {m['spec']['hidden']} wide; "
           f"prompt format {m['prompt_format']['name']}")
-    print(f"router: {router.config.kind}, epsilon {router.epsilon:.3f}; generator: {generator.config.kind} "
-          f"({sum(p.numel() for p in generator.net.parameters()) / 1e6:.2f}M parameters, "
-          f"{generator.config.sample_steps} {generator.config.sampler} steps)")
+    print(f"router: {router.config.kind}, epsilon {router.epsilon:.3f}; generator: {_generator_size(generator)}")
     if "timing" in r:
         print("stage times: " + ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in r["timing"].items() if isinstance(v, dict)))
     for h in m.get("history", []):  # `megedit add` / `remove` since the fit
