@@ -135,7 +135,7 @@ def _meg_label(r: dict) -> str:
     if fit.get("exclude_eval_templates", "none") != "none":
         parts.append(f"test wordings held out: {fit['exclude_eval_templates']}")
     ceiling = r["config"]["routing"]["router"].get("max_false_fire")
-    if ceiling != MeGConfig().routing.router.max_false_fire:
+    if ceiling != MeGConfig().routing.router.max_false_fire and "paraphrases" in fit:
         parts.append("no false-fire ceiling" if ceiling is None else f"false-fire ceiling {ceiling:g}%")
     return f"meg ({', '.join(parts)})"
 
