@@ -75,7 +75,7 @@ def meg_throughput_table() -> str:
     """Each MeG stage's throughput on the CounterFact scale runs: edits/s of stage A (fit), B+C
     (encoder, router), D (generator) and queries/s of the evaluation, with the thread count."""
     rows = []
-    for r in sorted(_load("meg-cf*.json"), key=lambda r: (r["n"], method_label(r))):
+    for r in sorted(_load("meg-cf*.json"), key=lambda r: (r.get("edits_applied", r["n"]), method_label(r))):
         if r["data"].split(":")[0] != "counterfact" or r.get("model", "smollm2") != "smollm2" or r["n"] < 1024:
             continue
         if not current(method_label(r)) or r["config"]["fit"].get("exclude_eval_templates", "none") != "none":
@@ -106,13 +106,14 @@ def generator_scale_table() -> str:
     """MeG's whole pipeline on the first N CounterFact edits with each generator kind run there
     (stages A-C shared; bench/meg.py --generator)."""
     rows = []
-    for r in sorted(_load("meg-cf*.json"), key=lambda r: (r["n"], method_label(r))):
+    applied = lambda r: r.get("edits_applied", r["n"])  # noqa: E731 (a run may score the first K of its edits)
+    for r in sorted(_load("meg-cf*.json"), key=lambda r: (applied(r), method_label(r))):
         if r.get("model", "smollm2") != "smollm2" or not current(method_label(r)) or r["n"] < 1024 \
                 or r["config"]["fit"].get("exclude_eval_templates", "none") != "none":
             continue
         g, m = r["fit"]["generator"], r["metrics"]
         size = f"{g['table_rows']:,} keys" if "table_rows" in g else f"{g['parameters'] / 1e6:.2f}M params"
-        rows.append([f"{r['n']:,}", method_label(r), size, f"{meg_stage_seconds(r)[0]['D']:.0f}",
+        rows.append([f"{applied(r):,}", method_label(r), size, f"{meg_stage_seconds(r)[0]['D']:.0f}",
                      f"{g['best']['rel_l2']:.3f}"] + [f"{m[k][s]:.1f}" for k, s in METRICS] + [f"**{r['score']:.2f}**"])
     return _table(["N", "method", "generator size", "D s", "val rel. L2", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG",
                    "LocTF", "Score"], rows)
