@@ -239,10 +239,10 @@ def main() -> int:
                     continue
                 print(f"scale curve: {method} at N={n} ...", flush=True)
                 start = time.perf_counter()
-                done = subprocess.run(command(method, n), cwd=HERE.parent)
-                if done.returncode:
-                    print(f"scale curve: {method} at N={n} failed (exit {done.returncode})", file=sys.stderr)
-                    return done.returncode
+                proc = subprocess.run(command(method, n), cwd=HERE.parent)
+                if proc.returncode:
+                    print(f"scale curve: {method} at N={n} failed (exit {proc.returncode})", file=sys.stderr)
+                    return proc.returncode
                 print(f"scale curve: {method} at N={n} took {time.perf_counter() - start:.0f} s", flush=True)
     from megedit.io import atomic_write_json
 

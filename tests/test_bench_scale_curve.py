@@ -1,0 +1,60 @@
+"""bench/scale_curve.py's run loop: which points it runs, with which settings, and that a failed
+point stops it (no model runs: each point's process is replaced by a recorder)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture
+def scale_curve(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import scale_curve
+
+    monkeypatch.setattr(scale_curve, "RESULTS", tmp_path)
+    scale_curve.ran = []
+
+    def fake_run(cmd, cwd=None):
+        scale_curve.ran.append(cmd)
+        return subprocess.CompletedProcess(cmd, scale_curve.exit_code)
+
+    scale_curve.exit_code = 0
+    monkeypatch.setattr(scale_curve.subprocess, "run", fake_run)
+    return scale_curve
+
+
+def _run(module, monkeypatch, *argv: str) -> int:
+    monkeypatch.setattr(sys, "argv", ["scale_curve.py", *argv])
+    return module.main()
+
+
+def test_missing_points_run_with_the_chosen_baseline_settings(scale_curve, monkeypatch, tmp_path):
+    assert _run(scale_curve, monkeypatch, "--sizes", "1024", "--methods", "memit,alphaedit") == 0
+    assert [cmd[cmd.index("--methods") + 1] for cmd in scale_curve.ran] == ["memit:2000:1-5", "alphaedit:10:1-5"]
+    assert all(cmd[cmd.index("--contexts") + 1] == "0" and cmd[cmd.index("--limit") + 1] == "1024"
+               for cmd in scale_curve.ran)
+    assert json.loads((tmp_path / "scale_curve.json").read_text())["points"] == []
+
+
+def test_a_point_of_the_setup_of_before_runs_again_and_a_current_one_does_not(scale_curve, monkeypatch, tmp_path):
+    old = {"method": "memit", "edit": {"layers": [4, 5, 6, 7, 8]}}  # no context_prefixes: setup of before
+    new = {"method": "alphaedit", "edit": {"layers": [1, 2, 3, 4, 5], "context_prefixes": 0, "kl_factor": 0.0625}}
+    (tmp_path / "baseline-cf-1024-memit.json").write_text(json.dumps(old))
+    (tmp_path / "baseline-cf-1024-alphaedit.json").write_text(json.dumps(new))
+    monkeypatch.setattr(scale_curve, "collect", lambda sizes, methods: [])  # these stubs are not full results
+    assert _run(scale_curve, monkeypatch, "--sizes", "1024", "--methods", "memit,alphaedit") == 0
+    assert [cmd[cmd.index("--methods") + 1] for cmd in scale_curve.ran] == ["memit:2000:1-5"]
+
+
+def test_a_failed_point_stops_the_curve_with_its_exit_code(scale_curve, monkeypatch, tmp_path):
+    scale_curve.exit_code = 3
+    assert _run(scale_curve, monkeypatch, "--sizes", "1024,2048", "--methods", "ft") == 3
+    assert len(scale_curve.ran) == 1
+    assert not (tmp_path / "scale_curve.json").exists()
