@@ -149,7 +149,8 @@ def method_label(r: dict) -> str:
         span = f"layers {min(edit['layers'])}-{max(edit['layers'])}"
         if "context_prefixes" not in edit:
             return f"{r['method']} (setup of before: pool-prompt covariance)"
-        return f"{r['method']} ({span}, {edit['context_prefixes']} prefixes, KL {edit['kl_factor']:g})"
+        weight = f"lambda {edit['mom2_weight']:g}" if r["method"] == "memit" else f"a {edit['l2']:g}"
+        return f"{r['method']} ({weight}, {span}, {edit['context_prefixes']} prefixes, KL {edit['kl_factor']:g})"
     if r["method"] == "ft":
         if edit.get("optimizer", "sgd") == "sgd" and not edit.get("norm_constraint"):
             return f"ft (layer {edit['layer']}, SGD lr {edit['lr']:g}, {edit['epochs']} epochs)"

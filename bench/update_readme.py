@@ -46,7 +46,8 @@ def baselines_table() -> str:
         edit_s = edit_seconds(r)[0]
         cells = [r["data"].split(":")[0], str(r["n"]), method, _where(r["edit"])]
         cells += [f"{r['metrics'][k][s]:.2f}" for k, s in METRICS] + [f"**{r['score']:.2f}**"]
-        cells += [f"{edit_s:.0f}", f"{r['timing']['total_s']:.0f}", str(r.get("threads", "")), fmt, str(r["seed"])]
+        threads = r.get("threads") or r.get("machine", {}).get("cpu_threads", "")
+        cells += [f"{edit_s:.0f}", f"{r['timing']['total_s']:.0f}", str(threads), fmt, str(r["seed"])]
         rows.append(cells)
     return _table(["data", "N", "method", "layer", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG", "LocTF", "Score",
                    "edit s", "eval s", "threads", "format", "seed"], rows)

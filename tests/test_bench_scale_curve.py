@@ -45,7 +45,8 @@ def test_missing_points_run_with_the_chosen_baseline_settings(scale_curve, monke
 
 def test_a_point_of_the_setup_of_before_runs_again_and_a_current_one_does_not(scale_curve, monkeypatch, tmp_path):
     old = {"method": "memit", "edit": {"layers": [4, 5, 6, 7, 8]}}  # no context_prefixes: setup of before
-    new = {"method": "alphaedit", "edit": {"layers": [1, 2, 3, 4, 5], "context_prefixes": 0, "kl_factor": 0.0625}}
+    new = {"method": "alphaedit", "edit": {"layers": [1, 2, 3, 4, 5], "context_prefixes": 0, "kl_factor": 0.0625,
+                                                   "l2": 10.0}}
     (tmp_path / "baseline-cf-1024-memit.json").write_text(json.dumps(old))
     (tmp_path / "baseline-cf-1024-alphaedit.json").write_text(json.dumps(new))
     monkeypatch.setattr(scale_curve, "collect", lambda sizes, methods: [])  # these stubs are not full results
