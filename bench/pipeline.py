@@ -4,7 +4,7 @@ dir, each command in a process of its own, as a user types them. Run it with not
 machine: the machine's load average before and after is recorded beside the thread count so a
 contended run shows as one.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/pipeline.py          # -> bench/results/pipeline-cf-1024.json
+    OMP_NUM_THREADS=2 .venv/bin/python bench/pipeline.py          # -> bench/results/pipeline-cf-1024.json (the generator kind recorded)
     .venv/bin/python bench/pipeline.py --limit 128                  # a quick look (-> pipeline-cf-128.json)
 
 The fit's own record (the pack's pack.json) gives each stage's time; the eval JSON gives the
@@ -59,6 +59,7 @@ def main() -> int:
               "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
               "load_before": load_before[0], "load_after": os.getloadavg()[0], "cpus": os.cpu_count(),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "generator": manifest["config"]["generator"]["kind"],
               "fit_s": fit_s, "eval_s": eval_s, "total_s": fit_s + eval_s, "stages": _stages(manifest),
               "metrics": report["metrics"], "score": report["score"]}
     path = atomic_write_json(HERE / "results" / f"pipeline-cf-{args.limit}.json", result)
