@@ -4,10 +4,10 @@ dir, each command in a process of its own, as a user types them. Run it with not
 machine: the machine's load average before and after is recorded beside the thread count so a
 contended run shows as one.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/pipeline.py          # -> bench/results/pipeline-cf-1024.json (the generator kind recorded)
+    OMP_NUM_THREADS=2 .venv/bin/python bench/pipeline.py          # -> bench/results/pipeline-cf-1024.json
     .venv/bin/python bench/pipeline.py --limit 128                  # a quick look (-> pipeline-cf-128.json)
 
-The fit's own record (the pack's pack.json) gives each stage's time; the eval JSON gives the
+The fit's own record (the pack's pack.json) gives each stage's time and the generator kind; the eval JSON gives the
 metrics, so the run doubles as a check that the CLI reproduces bench/meg.py's numbers.
 bench/update_readme.py shows the result.
 """

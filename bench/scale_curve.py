@@ -140,6 +140,11 @@ def _meg_label(r: dict) -> str:
     return f"meg ({', '.join(parts)})"
 
 
+def threads(summary: dict) -> int | None:
+    """The run's thread count: bench/meg.py records it at the top, bench/baselines.py under "machine"."""
+    return summary.get("threads") or summary.get("machine", {}).get("cpu_threads")
+
+
 def method_label(r: dict) -> str:
     """The method of a result file and, where it matters for reading the number, its setup."""
     if r["method"] == "meg":
@@ -177,7 +182,7 @@ def collect(sizes: list[int], methods: list[str]) -> list[dict]:
             points.append({"method": method, "label": method_label(summary), "n": summary["n"], "score": summary["score"],
                            "metrics": summary["metrics"],
                            "edit_time_s": seconds, "edit_time_note": note, "eval_time_s": summary["timing"]["total_s"],
-                           "threads": summary.get("threads") or summary.get("machine", {}).get("cpu_threads"),
+                           "threads": threads(summary),
                            # only runs from before the search recorded its time need the heuristic below
                            "file": path.name,
                            "values_cache": edit.get("values_cache") if edit.get("values_search_s") is None else None})

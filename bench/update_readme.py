@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from scale_curve import current, edit_seconds, meg_stage_seconds, method_label  # noqa: E402 (bench/ is this script's own folder)
+from scale_curve import current, edit_seconds, meg_stage_seconds, method_label, threads  # noqa: E402 (bench/ is this script's own folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -46,8 +46,7 @@ def baselines_table() -> str:
         edit_s = edit_seconds(r)[0]
         cells = [r["data"].split(":")[0], str(r["n"]), method, _where(r["edit"])]
         cells += [f"{r['metrics'][k][s]:.2f}" for k, s in METRICS] + [f"**{r['score']:.2f}**"]
-        threads = r.get("threads") or r.get("machine", {}).get("cpu_threads", "")
-        cells += [f"{edit_s:.0f}", f"{r['timing']['total_s']:.0f}", str(threads), fmt, str(r["seed"])]
+        cells += [f"{edit_s:.0f}", f"{r['timing']['total_s']:.0f}", str(threads(r) or ""), fmt, str(r["seed"])]
         rows.append(cells)
     return _table(["data", "N", "method", "layer", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG", "LocTF", "Score",
                    "edit s", "eval s", "threads", "format", "seed"], rows)
@@ -457,11 +456,11 @@ def pipeline_table() -> str:
     for r in _load("pipeline-cf-*.json"):
         st = r["stages"]
         generator = r.get("generator", "mlp")  # runs before the record named it: the default of then
-        rows.append([f"{r['n']:,}", generator, str(r["threads"]), f"{r['load_before']:.1f}", f"{st.get('A', 0):.0f}",
-                     f"{st.get('BC', 0):.0f}", f"{st.get('D', 0):.0f}", f"{r['fit_s']:.0f}", f"{r['eval_s']:.0f}",
+        rows.append([f"{r['n']:,}", generator, str(r["threads"]), f"{r['load_before']:.1f}",
+                     f"{st.get('A', 0):.0f}", f"{st.get('BC', 0):.0f}", f"{st.get('D', 0):.0f}", f"{r['fit_s']:.0f}", f"{r['eval_s']:.0f}",
                      f"**{r['total_s'] / 60:.1f}**", f"{r['score']:.1f}", r["date"][:10]])
-    return _table(["N", "generator", "threads", "load average before", "A s", "B+C s", "D s", "fit s (process)", "eval s (process)",
-                   "total min", "Score", "date"], rows)
+    return _table(["N", "generator", "threads", "load average before", "A s", "B+C s", "D s", "fit s (process)",
+                   "eval s (process)", "total min", "Score", "date"], rows)
 
 
 def living_headline_table() -> str:

@@ -19,13 +19,13 @@ def scale_curve(tmp_path, monkeypatch):
     import scale_curve
 
     monkeypatch.setattr(scale_curve, "RESULTS", tmp_path)
-    scale_curve.ran = []
+    monkeypatch.setattr(scale_curve, "ran", [], raising=False)  # the recorder's state, removed afterwards
+    monkeypatch.setattr(scale_curve, "exit_code", 0, raising=False)
 
     def fake_run(cmd, cwd=None):
         scale_curve.ran.append(cmd)
         return subprocess.CompletedProcess(cmd, scale_curve.exit_code)
 
-    scale_curve.exit_code = 0
     monkeypatch.setattr(scale_curve.subprocess, "run", fake_run)
     return scale_curve
 
@@ -46,7 +46,7 @@ def test_missing_points_run_with_the_chosen_baseline_settings(scale_curve, monke
 def test_a_point_of_the_setup_of_before_runs_again_and_a_current_one_does_not(scale_curve, monkeypatch, tmp_path):
     old = {"method": "memit", "edit": {"layers": [4, 5, 6, 7, 8]}}  # no context_prefixes: setup of before
     new = {"method": "alphaedit", "edit": {"layers": [1, 2, 3, 4, 5], "context_prefixes": 0, "kl_factor": 0.0625,
-                                                   "l2": 10.0}}
+                                           "l2": 10.0}}
     (tmp_path / "baseline-cf-1024-memit.json").write_text(json.dumps(old))
     (tmp_path / "baseline-cf-1024-alphaedit.json").write_text(json.dumps(new))
     monkeypatch.setattr(scale_curve, "collect", lambda sizes, methods: [])  # these stubs are not full results
