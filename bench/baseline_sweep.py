@@ -52,7 +52,7 @@ def edit(run: str, model, tokenizer, requests, fmt, contexts: int, kl: float, co
     """(method, main weight or None, the edited model as a subject) for one run spec; MEMIT /
     AlphaEdit without a weight take MemitConfig's. `covariance()` gives (texts, their source)."""
     from megedit.baselines.ft import FTConfig, fine_tune
-    from megedit.baselines.memit import MemitConfig, batch_edit
+    from megedit.baselines.memit import batch_edit
 
     method, *rest = run.split(":")
     if method == "ft":
@@ -60,13 +60,22 @@ def edit(run: str, model, tokenizer, requests, fmt, contexts: int, kl: float, co
         config = FTConfig(layer=int(layer), lr=float(lr), optimizer="adam", epochs=FT_EPOCHS, stop_loss=FT_STOP,
                           norm_constraint=float(box[0]) if box else None, seed=seed)
         return method, float(lr), fine_tune(model, tokenizer, requests, fmt, config, progress=False)
+    weight, config = memit_config(run, contexts, kl, seed)
+    texts, _ = covariance()
+    return method, weight, batch_edit(model, tokenizer, requests, fmt, texts, config, progress=False)
+
+
+def memit_config(run: str, contexts: int, kl: float, seed: int = 0):
+    """(the main weight or None, MemitConfig) of a METHOD[:WEIGHT[:FIRST-LAST]] run spec."""
+    from megedit.baselines.memit import MemitConfig
+
+    method, *rest = run.split(":")
     weight = float(rest[0]) if rest else None
     span = tuple(map(int, rest[1].split("-"))) if len(rest) > 1 else None
     config = MemitConfig(method=method, layers=tuple(range(span[0], span[1] + 1)) if span else None,
                          context_prefixes=contexts, kl_factor=kl, seed=seed,
                          **({} if weight is None else {"mom2_weight" if method == "memit" else "l2": weight}))
-    texts, _ = covariance()
-    return method, weight, batch_edit(model, tokenizer, requests, fmt, texts, config, progress=False)
+    return weight, config.validate()
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ import torch
 from tiny import char_tokenizer, tiny_model
 
 from megedit.baselines.memit import (MemitConfig, alphaedit_update, batch_edit, keys_and_hidden, memit_update,
-                                     null_space_projector, subject_positions, target_values)
+                                     null_space_projector, search_values, subject_positions, target_values)
 from megedit.data import EditRequest
 from megedit.data.prompts import PromptFormat
 from megedit.errors import ConfigError
@@ -101,6 +101,24 @@ def test_a_larger_run_searches_only_the_edits_no_earlier_run_searched():
                              MemitConfig(layers=(1,), v_steps=200, v_tol=5.0, batch_size=3, context_prefixes=0),
                              progress=False)
     assert torch.allclose(alone, z[:3][[1, 2, 0]], atol=1e-4)
+
+
+def test_value_searches_of_slices_in_turn_leave_the_batch_edit_only_the_solve(tmp_path, monkeypatch):
+    model, tok = tiny_model("llama", init_range=0.2), char_tokenizer()
+    config = MemitConfig(layers=(1,), v_steps=200, v_tol=5.0, batch_size=2, context_prefixes=0)
+    resolved, prefixes, z_first, _ = search_values(model, tok, EDITS[:2], FMT, config, progress=False)
+    assert resolved.layers == (1,) and prefixes == []
+    search_values(model, tok, EDITS[2:], FMT, config, progress=False)  # as a second process would
+    subject = batch_edit(model, tok, EDITS, FMT, TEXTS, config, progress=False)
+    assert subject.settings["values_reused_edits"] == 3
+    edited = {k: model.get_submodule(k.rsplit(".", 1)[0]).weight.detach().clone() for k in subject.originals}
+    subject.restore()
+    monkeypatch.setenv("MEGEDIT_CACHE", str(tmp_path / "fresh"))  # one search of all three, from scratch
+    whole = batch_edit(model, tok, EDITS, FMT, TEXTS, config, progress=False)
+    assert whole.settings["values_reused_edits"] == 0
+    for k, w in edited.items():
+        assert torch.allclose(model.get_submodule(k.rsplit(".", 1)[0]).weight, w, atol=1e-5)
+    whole.restore()
 
 
 def test_alphaedit_leaves_ordinary_text_keys_mapped_as_before():

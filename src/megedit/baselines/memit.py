@@ -385,17 +385,25 @@ def key_covariances(model, tokenizer, layers: Sequence[int], texts: Sequence[str
 # -- the edit ----------------------------------------------------------------------------------------
 
 
+def search_values(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFormat,
+                  config: MemitConfig | None = None, progress: bool = True):
+    """The first half of `batch_edit`: (the config with its span resolved, the context prefixes,
+    z (n, d), the search's record). Run alone on disjoint slices of the edits, in several
+    processes, it fills the shared value cache so that a later `batch_edit` only solves."""
+    config = (config or MemitConfig()).validate()
+    config = replace(config, layers=tuple(sorted(config.layers or default_layers(model))))
+    prefixes = context_templates(model, tokenizer, config.context_prefixes, config.seed)
+    z, record = target_values(model, tokenizer, fmt, requests, config.layers[-1], config, prefixes, progress)
+    return config, prefixes, z, record
+
+
 def batch_edit(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFormat, cov_texts: Sequence[str],
                config: MemitConfig | None = None, progress: bool = True) -> WeightEditSubject:
     """Edit the output projections of `config.layers` for all requests at once (MEMIT or
     AlphaEdit); returns the edited model as a subject whose `unedited()` restores it exactly."""
-    config = (config or MemitConfig()).validate()
-    layers = tuple(sorted(config.layers or default_layers(model)))
-    config = replace(config, layers=layers)
-    last = layers[-1]
     start = time.perf_counter()
-    prefixes = context_templates(model, tokenizer, config.context_prefixes, config.seed)
-    z, v_record = target_values(model, tokenizer, fmt, requests, last, config, prefixes, progress)
+    config, prefixes, z, v_record = search_values(model, tokenizer, requests, fmt, config, progress)
+    layers, last = config.layers, config.layers[-1]
     covs, n_tokens = key_covariances(model, tokenizer, layers, cov_texts, progress=progress)
     originals, record = {}, {"per_layer": {}}
     for layer in tqdm(layers, desc=f"{config.method} layers", disable=not progress, leave=False):

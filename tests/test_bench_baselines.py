@@ -1,0 +1,51 @@
+"""bench/baselines.py --values-part: which slice of the edits each part searches (no model runs:
+the search is replaced by a recorder), and the I/K argument's checks."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture
+def baselines(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import baselines
+
+    return baselines
+
+
+def test_parts_cover_every_edit_once_with_the_runs_settings(baselines, monkeypatch):
+    import megedit.baselines.memit as memit
+
+    seen = []
+
+    def recorder(model, tokenizer, requests, fmt, config, progress=True):
+        seen.append((list(requests), config))
+        return config, [], None, {"values_reused_edits": 0, "v_converged": 1.0}
+
+    monkeypatch.setattr(memit, "search_values", recorder)
+    edits = list(range(10))
+    for i in (1, 2, 3):
+        args = argparse.Namespace(values_part=(i, 3), methods="memit:2000:1-5", contexts=0, kl=0.0625, seed=0)
+        assert baselines.search_values_part(args, None, None, edits, None) == 0
+    assert [r for r, _ in seen] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    config = seen[0][1]
+    assert (config.layers, config.mom2_weight, config.context_prefixes) == ((1, 2, 3, 4, 5), 2000.0, 0)
+
+
+def test_only_memit_and_alphaedit_have_a_value_search(baselines):
+    args = argparse.Namespace(values_part=(1, 2), methods="ft", contexts=0, kl=0.0625, seed=0)
+    with pytest.raises(SystemExit, match="not 'ft'"):
+        baselines.search_values_part(args, None, None, [1, 2], None)
+
+
+@pytest.mark.parametrize("text", ["0/2", "3/2", "1", "a/b"])
+def test_a_bad_part_is_refused(baselines, text):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected"):
+        baselines.part(text)
+    assert baselines.part("2/4") == (2, 4)
