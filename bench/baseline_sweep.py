@@ -67,7 +67,7 @@ def edit(run: str, model, tokenizer, requests, fmt, contexts: int, kl: float, co
 
 def memit_config(run: str, contexts: int, kl: float, seed: int = 0):
     """(the main weight or None, MemitConfig) of a METHOD[:WEIGHT[:FIRST-LAST]] run spec."""
-    from megedit.baselines.memit import MemitConfig
+    from megedit.baselines.config import MemitConfig
 
     method, *rest = run.split(":")
     weight = float(rest[0]) if rest else None

@@ -60,6 +60,7 @@ def main() -> int:
     parser.add_argument("--values-part", type=part, default=None, metavar="I/K",
                         help="memit / alphaedit: only search the target values of the I-th of K slices, then stop")
     args = parser.parse_args()
+    searches = value_search_configs(args.methods, args.contexts, args.kl, args.seed) if args.values_part else None
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("megedit").setLevel(logging.INFO)
 
@@ -80,8 +81,8 @@ def main() -> int:
             return sampled_text(model, tokenizer), "text the model wrote"
         return pool_texts(load_requests("counterfact", COV_SOURCE))[: args.cov_texts], f"counterfact:{COV_SOURCE.name}"
 
-    if args.values_part:
-        return search_values_part(args, model, tokenizer, requests, fmt)
+    if searches:
+        return search_values_part(args.values_part, searches, model, tokenizer, requests, fmt)
     for spec in args.methods.split(","):
         method = spec.split(":")[0]
         name = f"baseline-{tag(args.data)}-{len(requests)}-{method}"
@@ -131,17 +132,24 @@ def part(text: str) -> tuple[int, int]:
     return i, k
 
 
-def search_values_part(args, model, tokenizer, requests, fmt) -> int:
-    """Fill the value cache for one slice of the edits, for each memit / alphaedit spec."""
+def value_search_configs(methods: str, contexts: int, kl: float, seed: int) -> list:
+    """(spec, MemitConfig) per run spec for --values-part; checked before the model loads."""
+    from megedit.baselines.config import METHODS
+
+    for spec in methods.split(","):
+        if spec.split(":")[0] not in METHODS:
+            raise SystemExit(f"--values-part is for {' / '.join(METHODS)}, not {spec!r}")
+    return [(spec, memit_config(spec, contexts, kl, seed)[1]) for spec in methods.split(",")]
+
+
+def search_values_part(values_part: tuple[int, int], searches, model, tokenizer, requests, fmt) -> int:
+    """Fill the value cache for one slice of the edits, for each (spec, config) of `searches`."""
     from megedit.baselines.memit import search_values
 
-    i, k = args.values_part
+    i, k = values_part
     size = -(-len(requests) // k)
     chunk = requests[(i - 1) * size: i * size]
-    for spec in args.methods.split(","):
-        if spec.split(":")[0] not in ("memit", "alphaedit"):
-            raise SystemExit(f"--values-part is for memit / alphaedit, not {spec!r}")
-        _, config = memit_config(spec, args.contexts, args.kl, args.seed)
+    for spec, config in searches:
         start = time.perf_counter()
         record = search_values(model, tokenizer, chunk, fmt, config)[3]
         print(f"{spec}: part {i}/{k} ({len(chunk)} edits), {record['values_reused_edits']} cached before, "

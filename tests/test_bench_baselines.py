@@ -30,18 +30,17 @@ def test_parts_cover_every_edit_once_with_the_runs_settings(baselines, monkeypat
 
     monkeypatch.setattr(memit, "search_values", recorder)
     edits = list(range(10))
+    searches = baselines.value_search_configs("memit:2000:1-5", contexts=0, kl=0.0625, seed=0)
     for i in (1, 2, 3):
-        args = argparse.Namespace(values_part=(i, 3), methods="memit:2000:1-5", contexts=0, kl=0.0625, seed=0)
-        assert baselines.search_values_part(args, None, None, edits, None) == 0
+        assert baselines.search_values_part((i, 3), searches, None, None, edits, None) == 0
     assert [r for r, _ in seen] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     config = seen[0][1]
     assert (config.layers, config.mom2_weight, config.context_prefixes) == ((1, 2, 3, 4, 5), 2000.0, 0)
 
 
 def test_only_memit_and_alphaedit_have_a_value_search(baselines):
-    args = argparse.Namespace(values_part=(1, 2), methods="ft", contexts=0, kl=0.0625, seed=0)
-    with pytest.raises(SystemExit, match="not 'ft'"):
-        baselines.search_values_part(args, None, None, [1, 2], None)
+    with pytest.raises(SystemExit, match="not 'ft:5e-4:24'"):
+        baselines.value_search_configs("memit:2000:1-5,ft:5e-4:24", contexts=0, kl=0.0625, seed=0)
 
 
 @pytest.mark.parametrize("text", ["0/2", "3/2", "1", "a/b"])
