@@ -48,9 +48,11 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def edit(run: str, model, tokenizer, requests, fmt, contexts: int, kl: float, covariance, seed: int = 0):
+def edit(run: str, model, tokenizer, requests, fmt, contexts: int, kl: float, covariance, seed: int = 0,
+         checkpoint=None):
     """(method, main weight or None, the edited model as a subject) for one run spec; MEMIT /
-    AlphaEdit without a weight take MemitConfig's. `covariance()` gives (texts, their source)."""
+    AlphaEdit without a weight take MemitConfig's. `covariance()` gives (texts, their source);
+    `checkpoint`: FT's training state file, for a resume."""
     from megedit.baselines.ft import FTConfig, fine_tune
     from megedit.baselines.memit import batch_edit
 
@@ -59,7 +61,8 @@ def edit(run: str, model, tokenizer, requests, fmt, contexts: int, kl: float, co
         lr, layer, *box = rest
         config = FTConfig(layer=int(layer), lr=float(lr), optimizer="adam", epochs=FT_EPOCHS, stop_loss=FT_STOP,
                           norm_constraint=float(box[0]) if box else None, seed=seed)
-        return method, float(lr), fine_tune(model, tokenizer, requests, fmt, config, progress=False)
+        return method, float(lr), fine_tune(model, tokenizer, requests, fmt, config, progress=False,
+                                             checkpoint=checkpoint)
     weight, config = memit_config(run, contexts, kl, seed)
     texts, _ = covariance()
     return method, weight, batch_edit(model, tokenizer, requests, fmt, texts, config, progress=False)

@@ -13,7 +13,8 @@ without the flag then only solves and evaluates.
 
 Each (data, N, method) result goes to bench/results/ as a summary JSON (metrics, protocol,
 timing; the per-query cases go to bench/results/cases/, not tracked). A finished result is
-not recomputed unless --force, so a killed run resumes with what is missing. Run
+not recomputed unless --force, so a killed run resumes with what is missing; a killed
+evaluation resumes from its last minute, a killed FT from its last epoch. Run
 bench/update_readme.py afterwards to refresh the README's tables.
 """
 
@@ -92,15 +93,20 @@ def main() -> int:
             continue
         torch.manual_seed(args.seed)
         start = time.perf_counter()
+        training = args.out / "cases" / f"{name}.ft-training.pt"  # FT's state after each epoch, for a resume
         if method == "none":
             subject = PlainSubject(model, tokenizer)
         elif spec == "ft":  # the paper's FT
-            subject = fine_tune(model, tokenizer, requests, fmt, FTConfig(layer=args.layer, seed=args.seed))
+            subject = fine_tune(model, tokenizer, requests, fmt, FTConfig(layer=args.layer, seed=args.seed),
+                                checkpoint=training)
         elif method in ("ft", "memit", "alphaedit"):
-            subject = edit(spec, model, tokenizer, requests, fmt, args.contexts, args.kl, covariance, args.seed)[2]
+            subject = edit(spec, model, tokenizer, requests, fmt, args.contexts, args.kl, covariance, args.seed,
+                           checkpoint=training)[2]
         else:
             raise SystemExit(f"unknown method {method!r}")
         edit_s = time.perf_counter() - start
+        if method == "ft":  # its own count: with the epochs of killed runs, without reloading their state
+            edit_s = subject.settings["edit_time_s"]
         report = evaluate(subject, requests, prompt_format=fmt, data_kind=kind, data_name=f"{kind}:{path.name}",
                           batch_size=64, checkpoint=args.out / "cases" / f"{name}.partial.json")
         if hasattr(subject, "restore"):
@@ -116,6 +122,7 @@ def main() -> int:
         from megedit.io import atomic_write_json
 
         atomic_write_json(target, summary)
+        training.unlink(missing_ok=True)
         print(report.table())
         print(f"{name}: edit {edit_s:.0f} s, eval {report.timing['total_s']:.0f} s -> {target}")
     return 0

@@ -48,3 +48,27 @@ def test_a_bad_part_is_refused(baselines, text):
     with pytest.raises(argparse.ArgumentTypeError, match="expected"):
         baselines.part(text)
     assert baselines.part("2/4") == (2, 4)
+
+
+def test_a_killed_ft_run_resumes_from_its_last_epoch_and_counts_the_killed_epochs(baselines, monkeypatch, tmp_path,
+                                                                                 shared_data):
+    import json
+    import sys
+
+    import megedit
+    from test_ft import _Killed, _killed_after
+    from tiny import char_tokenizer, tiny_model
+
+    monkeypatch.setenv("MEGEDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(megedit, "load_model", lambda *a, **k: (tiny_model("llama", init_range=0.2), char_tokenizer()))
+    monkeypatch.setattr(sys, "argv", ["baselines.py", "--limit", "2", "--methods", "ft", "--out", str(tmp_path)])
+    training = tmp_path / "cases" / "baseline-cf-2-ft.ft-training.pt"
+    _killed_after(monkeypatch, 3)
+    with pytest.raises(_Killed):
+        baselines.main()
+    assert training.exists()
+    calls = _killed_after(monkeypatch, 99)
+    assert baselines.main() == 0
+    summary = json.loads((tmp_path / "baseline-cf-2-ft.json").read_text())
+    assert len(calls) == 5 and len(summary["edit"]["epoch_losses"]) == 8  # FTConfig's 8, 3 of them before the kill
+    assert summary["edit_time_s"] == summary["edit"]["edit_time_s"] and not training.exists()

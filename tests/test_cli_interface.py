@@ -179,6 +179,18 @@ def test_half_precision_on_the_cpu_works_with_a_one_line_warning(tmp_path):
     assert out.returncode == 0 and "megedit:" not in out.stderr
 
 
+def test_ft_with_json_checkpoints_its_training_and_clears_the_file_once_written(tmp_path):
+    folder = _tiny_model_dir(tmp_path)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "ab", "target": "cd", "rephrases": ["ab!"], "locality": ["xy"]}) + "\n")
+    out = _run("eval", "--model", folder, "--data", f"jsonl:{data}", "--device", "cpu", "--max-new-tokens", "4",
+               "--method", "ft", "--layer", "1", "--epochs", "2", "--quiet", "--json", tmp_path / "e.json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["method"] == "ft" and len(report["edit"]["epoch_losses"]) == 2
+    assert sorted(f.name for f in tmp_path.iterdir() if f.name.startswith("e.json")) == ["e.json"]
+
+
 # -- flags derived from the config dataclasses --------------------------------------------------
 
 

@@ -4,14 +4,21 @@ fine-tuning (FT-L, Zhu et al. 2020): every weight kept within `norm_constraint` 
 value, and training stopped once an epoch's mean loss is below `stop_loss`.
 
 The layers below the trained MLP never change, so their output is computed once per batch and
-reused every epoch (`lm.layer_input` / `lm.starting_at_layer`).
+reused every epoch (`lm.layer_input` / `lm.starting_at_layer`). With a checkpoint file the
+training state is saved after every epoch: a killed run resumes from its last finished epoch,
+and a finished one is loaded instead of trained again (FT on 10,000 edits takes hours here).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
+import pickle
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -20,8 +27,11 @@ from tqdm.auto import tqdm
 from ..arch import mlp_path, resolve_layer
 from ..data.prompts import PromptFormat
 from ..data.requests import EditRequest
+from ..errors import MeGError
 from ..eval.subject import WeightEditSubject
+from ..io import atomic_write_bytes
 from ..lm import Batch, layer_input, left_pad, length_batches, model_device, starting_at_layer
+from ..models import model_fingerprint
 from .config import FTConfig
 
 log = logging.getLogger(__name__)
@@ -102,33 +112,94 @@ class _Training:
             total += loss.item()
         return total / len(batches)
 
+    def run(self, model, batches, hidden, losses: list[float], progress: bool, after_epoch) -> None:
+        """Epochs until the training is finished, each one's mean loss appended to `losses`."""
+        for p in self.params:
+            p.requires_grad_(True)
+        try:
+            bar = tqdm(total=self.config.epochs, initial=len(losses), desc="FT epochs", disable=not progress, leave=False)
+            while not self.finished(losses):
+                losses.append(self.epoch(model, batches, hidden))
+                log.info("FT epoch %d: mean loss %.4f", len(losses), losses[-1])
+                after_epoch()
+                bar.update()
+            bar.close()
+        finally:
+            for p in self.params:
+                p.requires_grad_(False)
+
+    def finished(self, losses: list[float]) -> bool:
+        stop = self.config.stop_loss
+        return len(losses) >= self.config.epochs or bool(losses and stop is not None and losses[-1] < stop)
+
+    def save(self, path: Path, key: str, losses: list[float], seconds: float) -> None:
+        """The weights, the optimiser's state and the batch order's RNG after an epoch, atomically."""
+        state = {"key": key, "losses": losses, "seconds": seconds, "params": [p.detach() for p in self.params],
+                 "optimiser": self.optimiser.state_dict(), "order": self.order.get_state()}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+
+    def restore(self, path: Path, key: str) -> tuple[list[float], float]:
+        """(epoch losses, seconds) of the training saved in `path`, its state put back; nothing if
+        there is no such file or a different training (model, edits, settings) wrote it."""
+        if not path.exists():
+            return [], 0.0
+        try:
+            state = torch.load(path, weights_only=True)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+            raise MeGError(f"{path}: not a readable FT checkpoint ({error}); delete it to start afresh") from None
+        if state.get("key") != key:
+            log.warning("%s was written by a different FT training; starting afresh", path)
+            return [], 0.0
+        with torch.no_grad():
+            for p, saved in zip(self.params, state["params"]):
+                p.copy_(saved)
+        self.optimiser.load_state_dict(state["optimiser"])
+        self.order.set_state(state["order"])
+        log.info("FT: %d epoch(s) restored from %s", len(state["losses"]), path)
+        return state["losses"], state["seconds"]
+
+
+def _training_key(model, requests: Sequence[EditRequest], fmt: PromptFormat, config: FTConfig) -> str:
+    """What an FT training depends on: the base weights, the edits, the prompt format, the settings."""
+    return hashlib.sha256(json.dumps({
+        "model": model_fingerprint(model), "edits": [[r.prompt, r.subject, r.target] for r in requests],
+        "format": fmt.to_dict(), "config": asdict(config),
+    }, sort_keys=True).encode()).hexdigest()
+
 
 def fine_tune(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFormat,
-              config: FTConfig | None = None, progress: bool = True) -> WeightEditSubject:
+              config: FTConfig | None = None, progress: bool = True,
+              checkpoint: str | Path | None = None) -> WeightEditSubject:
     """Fine-tune the MLP of `config.layer` on all edits; returns the edited model as a subject
-    whose `unedited()` brings the original weights back exactly."""
+    whose `unedited()` brings the original weights back exactly. `checkpoint`: the file the
+    training state goes to after each epoch and is resumed from (the caller deletes it when
+    done with the result); its settings' `edit_time_s` then counts the killed runs' epochs too."""
     config = (config or FTConfig()).validate()
     config = replace(config, layer=resolve_layer(model, config.layer))
     start = time.perf_counter()
     mlp = model.get_submodule(mlp_path(model, config.layer))
     prefix = mlp_path(model, config.layer) + "."
     originals = {prefix + n: p.detach().clone() for n, p in mlp.named_parameters()}
-    batches = [b for _, b in edit_batches(model, tokenizer, requests, fmt, config.batch_size)]
-    with torch.no_grad():
-        hidden = [layer_input(model, config.layer, b.batch)
-                  for b in tqdm(batches, desc="FT layer inputs", disable=not progress or len(batches) < 2, leave=False)]
-
     training = _Training(mlp, config)
-    mlp.requires_grad_(True)
-    losses = []
-    try:
-        for epoch in tqdm(range(config.epochs), desc="FT epochs", disable=not progress, leave=False):
-            losses.append(training.epoch(model, batches, hidden))
-            log.info("FT epoch %d: mean loss %.4f", epoch + 1, losses[-1])
-            if config.stop_loss is not None and losses[-1] < config.stop_loss:
-                break
-    finally:
-        mlp.requires_grad_(False)
+    path = Path(checkpoint) if checkpoint is not None else None
+    key = _training_key(model, requests, fmt, config) if path else ""
+    losses, seconds = training.restore(path, key) if path else ([], 0.0)
+    if not training.finished(losses):
+        earlier_s = seconds
+        batches = [b for _, b in edit_batches(model, tokenizer, requests, fmt, config.batch_size)]
+        with torch.no_grad():
+            hidden = [layer_input(model, config.layer, b.batch) for b in
+                      tqdm(batches, desc="FT layer inputs", disable=not progress or len(batches) < 2, leave=False)]
+
+        def after_epoch() -> None:
+            nonlocal seconds
+            seconds = earlier_s + time.perf_counter() - start
+            if path:
+                training.save(path, key, losses, seconds)
+
+        training.run(model, batches, hidden, losses, progress, after_epoch)
     settings = {**asdict(config), "method": "ft", "trained": prefix.rstrip("."), "epoch_losses": losses,
-                "edit_time_s": time.perf_counter() - start}
+                "edit_time_s": seconds}
     return WeightEditSubject(model, tokenizer, "ft", originals, settings)

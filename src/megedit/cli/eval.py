@@ -45,7 +45,8 @@ def add_eval(sub) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=20,
                    help="at most this many new tokens per answer (AG)")
     p.add_argument("--json", type=Path, default=None,
-                   help="write the eval JSON here (a killed run resumes from JSON.partial beside it)")
+                   help="write the eval JSON here (a killed run resumes from JSON.partial beside it, and a "
+                        "killed FT from JSON.ft-training.pt)")
     p.defer(_add_baseline_flags)
     p.set_defaults(run=run_eval)
 
@@ -125,6 +126,7 @@ def run_eval(args) -> int:
     print(f"N={report.n}  data={report.data}  model={report.model}  format={fmt.name}  seed={args.seed}")
     if args.json:
         report.save(args.json)
+        _ft_training(args).unlink(missing_ok=True)
         print(f"wrote {args.json}")
     return 0
 
@@ -137,7 +139,7 @@ def _weight_edit(args, model, tokenizer, requests, fmt, kind, path):
 
         config = dataclasses.replace(args.baseline, layer=resolve_layer(model, args.layer))
         log.info("fine-tuning layer %d on %d edits", config.layer, len(requests))
-        return fine_tune(model, tokenizer, requests, fmt, config, progress=args.progress)
+        return fine_tune(model, tokenizer, requests, fmt, config, progress=args.progress, checkpoint=_ft_training(args))
     from ..baselines.generic_text import DEFAULT_TOKENS, sampled_text
     from ..baselines.memit import batch_edit, pool_texts
 
@@ -149,3 +151,8 @@ def _weight_edit(args, model, tokenizer, requests, fmt, kind, path):
         texts = sampled_text(model, tokenizer, args.cov_tokens or DEFAULT_TOKENS, progress=args.progress)
     log.info("%s: %d edits, key covariance from %d texts of %s", args.method, len(requests), len(texts), pool_name)
     return batch_edit(model, tokenizer, requests, fmt, texts, args.baseline, progress=args.progress)
+
+
+def _ft_training(args) -> Path | None:
+    """With --json: the file FT's training state goes to after each epoch, so a killed run resumes."""
+    return args.json and args.json.with_name(args.json.name + ".ft-training.pt")
