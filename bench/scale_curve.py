@@ -4,6 +4,7 @@ for N = 1,024 / 2,048 / 4,096 / 10,000, scored by the same harness.
     .venv/bin/python bench/scale_curve.py                         # run what is missing, then draw
     .venv/bin/python bench/scale_curve.py --sizes 1024,4096 --methods memit,alphaedit
     .venv/bin/python bench/scale_curve.py --draw                  # only collect and draw
+    .venv/bin/python bench/scale_curve.py --sizes 10000 --value-parts 2   # 2 cores: search values in 2 processes
 
 Each point is one run of bench/baselines.py (ft, memit, alphaedit) or bench/meg.py (meg) in its
 own process, writing its own result file as it finishes; a point whose file exists is not run
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -46,12 +48,32 @@ def result_file(method: str, n: int) -> Path:
 BASELINE_RUNS = {"ft": "ft", "memit": "memit:2000:1-5", "alphaedit": "alphaedit:10:1-5"}
 
 
-def command(method: str, n: int) -> list[str]:
+def command(method: str, n: int, values_part: tuple[int, int] | None = None) -> list[str]:
+    """The point's process; with `values_part` (I, K), the one that searches the I-th of K slices
+    of its target values (memit / alphaedit) into the cache the point then reads."""
     if method == "meg":
         return [sys.executable, str(HERE / "meg.py"), "counterfact", "--limit", str(n), "--no-speed"]
     # no context prefixes: with them the value search takes ~92 s per edit here (docs/results.md)
     return [sys.executable, str(HERE / "baselines.py"), "--data", "counterfact", "--limit", str(n),
-            "--methods", BASELINE_RUNS[method], "--contexts", "0", "--force"]
+            "--methods", BASELINE_RUNS[method], "--contexts", "0",
+            *(["--values-part", "{}/{}".format(*values_part)] if values_part else ["--force"])]
+
+
+def search_values_in_parts(method: str, n: int, parts: int) -> int:
+    """Fill the target-value cache of a memit / alphaedit point in `parts` one-thread processes side
+    by side (the search is most of such a point's time); the worst exit code."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(command(method, n, (i, parts)), cwd=HERE.parent, env=env) for i in range(1, parts + 1)]
+    return max(proc.wait() for proc in procs)
+
+
+def run_point(method: str, n: int, value_parts: int) -> int:
+    """One point in its own process (after its value search in parts, where asked); its exit code."""
+    if value_parts > 1 and method in ("memit", "alphaedit"):
+        code = search_values_in_parts(method, n, value_parts)
+        if code:
+            return code
+    return subprocess.run(command(method, n), cwd=HERE.parent).returncode
 
 
 def done(method: str, n: int) -> bool:
@@ -232,12 +254,17 @@ def main() -> int:
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--draw", action="store_true", help="do not run anything; collect and draw")
+    parser.add_argument("--value-parts", type=int, default=1, metavar="K",
+                        help="memit / alphaedit: search the target values in K one-thread processes side by side "
+                             "first (2 on a 2-core machine; a point searched before finds them cached)")
     args = parser.parse_args()
     sizes = sorted(int(x) for x in args.sizes.split(","))
     methods = args.methods.split(",")
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
+    if args.value_parts < 1:
+        raise SystemExit(f"--value-parts must be at least 1, got {args.value_parts}")
     if not args.draw:
         for n in sizes:
             for method in methods:
@@ -245,10 +272,10 @@ def main() -> int:
                     continue
                 print(f"scale curve: {method} at N={n} ...", flush=True)
                 start = time.perf_counter()
-                proc = subprocess.run(command(method, n), cwd=HERE.parent)
-                if proc.returncode:
-                    print(f"scale curve: {method} at N={n} failed (exit {proc.returncode})", file=sys.stderr)
-                    return proc.returncode
+                code = run_point(method, n, args.value_parts)
+                if code:
+                    print(f"scale curve: {method} at N={n} failed (exit {code})", file=sys.stderr)
+                    return code
                 print(f"scale curve: {method} at N={n} took {time.perf_counter() - start:.0f} s", flush=True)
     from megedit.io import atomic_write_json
 

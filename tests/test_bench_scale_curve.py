@@ -59,3 +59,27 @@ def test_a_failed_point_stops_the_curve_with_its_exit_code(scale_curve, monkeypa
     assert _run(scale_curve, monkeypatch, "--sizes", "1024,2048", "--methods", "ft") == 3
     assert len(scale_curve.ran) == 1
     assert not (tmp_path / "scale_curve.json").exists()
+
+
+def test_value_parts_search_in_one_thread_processes_side_by_side_before_the_point(scale_curve, monkeypatch):
+    started = []
+
+    class FakePopen:
+        def __init__(self, cmd, cwd=None, env=None):
+            started.append((cmd, env["OMP_NUM_THREADS"], len(scale_curve.ran)))
+
+        def wait(self):
+            return scale_curve.exit_code
+
+    monkeypatch.setattr(scale_curve.subprocess, "Popen", FakePopen)
+    assert _run(scale_curve, monkeypatch, "--sizes", "2048", "--methods", "ft,memit", "--value-parts", "2") == 0
+    assert [(cmd[cmd.index("--values-part") + 1], threads, ran_before) for cmd, threads, ran_before in started] == [
+        ("1/2", "1", 1), ("2/2", "1", 1)]  # after the ft point, before the memit point; none for ft
+    assert all("--force" not in cmd and cmd[cmd.index("--methods") + 1] == "memit:2000:1-5" for cmd, _, _ in started)
+    assert [cmd[cmd.index("--methods") + 1] for cmd in scale_curve.ran] == ["ft", "memit:2000:1-5"]
+
+    started.clear()
+    scale_curve.ran.clear()
+    scale_curve.exit_code = 4  # a failed part: the point is not run, the curve stops
+    assert _run(scale_curve, monkeypatch, "--sizes", "4096", "--methods", "alphaedit", "--value-parts", "2") == 4
+    assert len(started) == 2 and scale_curve.ran == []
