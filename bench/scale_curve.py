@@ -61,10 +61,12 @@ def command(method: str, n: int, values_part: tuple[int, int] | None = None) -> 
 
 def search_values_in_parts(method: str, n: int, parts: int) -> int:
     """Fill the target-value cache of a memit / alphaedit point in `parts` one-thread processes side
-    by side (the search is most of such a point's time); the worst exit code."""
+    by side (the search is most of such a point's time); the first failed part's exit code, else 0
+    (a part killed by a signal has a negative one)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(command(method, n, (i, parts)), cwd=HERE.parent, env=env) for i in range(1, parts + 1)]
-    return max(proc.wait() for proc in procs)
+    codes = [proc.wait() for proc in procs]
+    return next((code for code in codes if code), 0)
 
 
 def run_point(method: str, n: int, value_parts: int) -> int:
