@@ -114,7 +114,7 @@ def test_a_checkpoint_of_another_training_is_ignored_and_an_unreadable_one_named
               progress=False, checkpoint=state).restore()
     other = fine_tune(model, tok, EDITS, FMT, FTConfig(layer=1, lr=0.01, optimizer="adam", epochs=2),
                       progress=False, checkpoint=state)
-    assert "different FT training" in caplog.text and len(other.settings["epoch_losses"]) == 2
+    assert "FT checkpoint of another run" in caplog.text and len(other.settings["epoch_losses"]) == 2
     other.restore()
     state.write_bytes(b"not a checkpoint")
     with pytest.raises(MeGError, match="ft.pt: not a readable FT checkpoint"):

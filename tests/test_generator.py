@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 import torch
@@ -170,6 +171,16 @@ def test_a_stopped_run_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(a, b), name
     assert resumed.record["history"] == [{**h, "seconds": r["seconds"]} for h, r in
                                          zip(straight.record["history"], resumed.record["history"])]
+
+
+def test_an_unreadable_checkpoint_is_named_and_one_of_other_data_ignored(tmp_path, caplog):
+    (tmp_path / "generator-train.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(MeGError, match="generator-train.pt: not a readable generator checkpoint"):
+        _fit("dit", 20, tmp_path, validate_every=20)
+    torch.save({"key": "another run", "step": 10}, tmp_path / "generator-train.pt")
+    with caplog.at_level(logging.WARNING):
+        fitted = _fit("dit", 20, tmp_path, validate_every=20)
+    assert "generator checkpoint of another run" in caplog.text and fitted.record["steps"] == 20
 
 
 def test_config_errors_are_one_line():

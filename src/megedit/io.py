@@ -49,6 +49,42 @@ def atomic_save_tensors(path: str | Path, tensors: dict) -> Path:
     return atomic_write_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
 
 
+def save_keyed_state(path: str | Path, key: str, state: dict) -> Path:
+    """`state` (tensors, numbers, lists) with the `key` of the run that wrote it, torch-saved
+    atomically: a resumable run's checkpoint."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"key": key} | state, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_keyed_state(path: str | Path, key: str, what: str) -> dict | None:
+    """The state `save_keyed_state` left in `path` for `key`; None when there is no such file or
+    another run (another key) wrote it; a one-line MeGError naming the file when it is unreadable."""
+    import logging
+    import pickle
+
+    import torch
+
+    from .errors import MeGError
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        raise MeGError(f"{path}: not a readable {what} ({error}); delete it to start afresh") from None
+    if not isinstance(state, dict) or state.get("key") != key:
+        logging.getLogger(__name__).warning("%s: a %s of another run (model, data or settings); starting afresh",
+                                            path, what)
+        return None
+    return state
+
+
 def load_tensors(path: str | Path, what: str) -> dict:
     """The tensors of a safetensors file; a one-line MeGError naming the file if it is unreadable."""
     from safetensors import SafetensorError

@@ -12,10 +12,8 @@ and a finished one is loaded instead of trained again (FT on 10,000 edits takes 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import pickle
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -27,9 +25,8 @@ from tqdm.auto import tqdm
 from ..arch import mlp_path, resolve_layer
 from ..data.prompts import PromptFormat
 from ..data.requests import EditRequest
-from ..errors import MeGError
 from ..eval.subject import WeightEditSubject
-from ..io import atomic_write_bytes
+from ..io import load_keyed_state, save_keyed_state
 from ..lm import Batch, layer_input, left_pad, length_batches, model_device, starting_at_layer
 from ..models import model_fingerprint
 from .config import FTConfig
@@ -134,23 +131,14 @@ class _Training:
 
     def save(self, path: Path, key: str, losses: list[float], seconds: float) -> None:
         """The weights, the optimiser's state and the batch order's RNG after an epoch, atomically."""
-        state = {"key": key, "losses": losses, "seconds": seconds, "params": [p.detach() for p in self.params],
-                 "optimiser": self.optimiser.state_dict(), "order": self.order.get_state()}
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
+        save_keyed_state(path, key, {"losses": losses, "seconds": seconds, "params": [p.detach() for p in self.params],
+                                     "optimiser": self.optimiser.state_dict(), "order": self.order.get_state()})
 
     def restore(self, path: Path, key: str) -> tuple[list[float], float]:
         """(epoch losses, seconds) of the training saved in `path`, its state put back; nothing if
         there is no such file or a different training (model, edits, settings) wrote it."""
-        if not path.exists():
-            return [], 0.0
-        try:
-            state = torch.load(path, weights_only=True)
-        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
-            raise MeGError(f"{path}: not a readable FT checkpoint ({error}); delete it to start afresh") from None
-        if state.get("key") != key:
-            log.warning("%s was written by a different FT training; starting afresh", path)
+        state = load_keyed_state(path, key, "FT checkpoint")
+        if state is None:
             return [], 0.0
         with torch.no_grad():
             for p, saved in zip(self.params, state["params"]):

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...errors import ConfigError
-from ...io import atomic_write_bytes
+from ...io import load_keyed_state, save_keyed_state
 from .model import Generator, GeneratorConfig
 
 log = logging.getLogger(__name__)
@@ -246,10 +246,8 @@ def _resume(checkpoint: Path | None, key: str, net, ema, optimizer, noise) -> tu
     """(progress state, best EMA weights, dropout RNG state) of a checkpoint this same run left, its
     weights, optimiser and noise restored in place; a fresh start otherwise."""
     fresh = ({"step": 0, "best": None, "history": []}, None, None)
-    if checkpoint is None or not checkpoint.exists():
-        return fresh
-    saved = torch.load(checkpoint, weights_only=True)
-    if saved.get("key") != key:
+    saved = None if checkpoint is None else load_keyed_state(checkpoint, key, "generator checkpoint")
+    if saved is None:
         return fresh
     net.load_state_dict(saved["net"])
     ema.load_state_dict(saved["ema"])
@@ -295,10 +293,7 @@ def _lookup(generator: Generator, cond, x, val_cond, val_vectors, validate: Vali
 
 def _save_checkpoint(path: Path, key: str, state: dict, net, ema, optimizer, noise: torch.Generator,
                      best_weights: dict | None) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save({"key": key, "step": state["step"], "best": state["best"], "history": state["history"],
-                "net": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "noise": noise.get_state(), "torch_rng": torch.get_rng_state(), "best_weights": best_weights}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_keyed_state(path, key, {
+        "step": state["step"], "best": state["best"], "history": state["history"], "net": net.state_dict(),
+        "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "noise": noise.get_state(),
+        "torch_rng": torch.get_rng_state(), "best_weights": best_weights})
