@@ -6,6 +6,8 @@ contended run shows as one.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/pipeline.py          # -> bench/results/pipeline-cf-1024.json
     .venv/bin/python bench/pipeline.py --limit 128                  # a quick look (-> pipeline-cf-128.json)
+    .venv/bin/python bench/pipeline.py --processes 2                # stage A and the eval in 2 one-thread processes
+                                                                    # (-> pipeline-cf-1024-processes2.json)
 
 The fit's own record (the pack's pack.json) gives each stage's time and the generator kind; the eval JSON gives the
 metrics, so the run doubles as a check that the CLI reproduces bench/meg.py's numbers.
@@ -40,31 +42,34 @@ def timed(args: list[str]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=1024)
+    parser.add_argument("--processes", type=int, default=1, help="megedit fit / eval --processes")
     args = parser.parse_args()
     from megedit.io import atomic_write_json
 
-    work = HERE / "results" / "cases" / f"pipeline-{args.limit}"
+    name = f"{args.limit}" + (f"-processes{args.processes}" if args.processes > 1 else "")
+    work = HERE / "results" / "cases" / f"pipeline-{name}"
     if work.exists():  # from an empty work dir: nothing cached
         shutil.rmtree(work)
     data = ["--data", f"counterfact:{CF_EDIT}", "--limit", str(args.limit)]
     load_before = os.getloadavg()
     fit_s = timed(["fit", *data, "--pseudo", f"counterfact:{CF_TRAIN}", "--out", str(work / "pack"),
-                   "--work-dir", str(work / "work")])
-    eval_s = timed(["eval", str(work / "pack"), *data, "--json", str(work / "eval.json")])
+                   "--work-dir", str(work / "work"), "--processes", str(args.processes)])
+    eval_s = timed(["eval", str(work / "pack"), *data, "--json", str(work / "eval.json"),
+                    "--processes", str(args.processes)])
     report = json.loads((work / "eval.json").read_text())
     manifest = json.loads((work / "pack" / "pack.json").read_text())
     result = {"command": f"megedit fit {' '.join(data)} --pseudo counterfact:{CF_TRAIN.name}; megedit eval PACK "
                          f"{' '.join(data)}", "n": args.limit, "data": f"counterfact:{CF_EDIT.name}",
               "pool": f"counterfact:{CF_TRAIN.name}", "model": "smollm2", "seed": 0,
-              "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
+              "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)), "processes": args.processes,
               "load_before": load_before[0], "load_after": os.getloadavg()[0], "cpus": os.cpu_count(),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "generator": manifest["config"]["generator"]["kind"],
               "fit_s": fit_s, "eval_s": eval_s, "total_s": fit_s + eval_s, "stages": _stages(manifest),
               "metrics": report["metrics"], "score": report["score"]}
-    path = atomic_write_json(HERE / "results" / f"pipeline-cf-{args.limit}.json", result)
+    path = atomic_write_json(HERE / "results" / f"pipeline-cf-{name}.json", result)
     print(f"fit {fit_s:.0f} s + eval {eval_s:.0f} s = {(fit_s + eval_s) / 60:.1f} min "
-          f"({result['threads']} threads; load {load_before[0]:.1f} before); Score {report['score']:.1f}; wrote {path}")
+          f"({result['threads']} threads, {args.processes} process(es) for stage A and eval; load {load_before[0]:.1f} before); Score {report['score']:.1f}; wrote {path}")
     return 0
 
 

@@ -43,6 +43,9 @@ def test_bad_data_gives_one_line_naming_the_file_record_and_field(tmp_path):
     out = _run("fit-neurons", "--data", f"counterfact:{bad}", "--out", str(tmp_path / "f"), "--part", "3/2")
     assert out.returncode == 2 and out.stderr.strip() == (
         "megedit: error: --part: expected K/N with 1 <= K <= N, found '3/2'")
+    out = _run("fit-neurons", "--data", f"counterfact:{bad}", "--out", str(tmp_path / "f"), "--processes", "2")
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "megedit: error: --processes needs --work-dir (its parts write their shards there) and no --part")
 
 
 def test_unloadable_model_is_one_line(tmp_path):

@@ -84,6 +84,16 @@ def test_another_edit_set_in_the_same_work_dir_reuses_fitted_edits_and_the_encod
     more.close()
 
 
+def test_stage_a_in_two_processes_gives_the_fit_of_one(fitted, tmp_path):
+    edited, _ = fitted
+    model, tok = _lm()
+    both = MeGEditor(model, tok, _config(), encoder=tiny_encoder(), progress=False, processes=2).fit(EDITS, tmp_path, POOL)
+    assert both.record["timing"]["A"]["reused_edits"] == len(EDITS)  # the forked parts fitted every edit
+    assert both.record["fit"]["success_rate"] == edited.record["fit"]["success_rate"]
+    torch.testing.assert_close(both.edits.vectors, edited.edits.vectors, atol=1e-5, rtol=1e-5)
+    both.close()
+
+
 def test_unfamiliar_queries_get_the_zero_vector_and_disabling_gives_the_exact_base_model(fitted):
     edited, _ = fitted
     _, distance, familiar = edited.route(["q0:", "zzzz"])
@@ -117,6 +127,8 @@ def test_generate_agrees_with_the_harness_and_edits_take(fitted):
     fitted_ok = round(edited.record["fit"]["success_rate"] * len(EDITS) / 100)
     assert fitted_ok >= 1 and sum(a == r.target for a, r in zip(answers, EDITS)) >= fitted_ok
     assert report.metrics["locality"]["ag"] == 100.0  # "zzzz" is routed off: the base model's answer
+    both = evaluate(edited, EDITS, progress=False, batch_size=2, processes=2)  # routing and generation in forked parts
+    assert both.cases == report.cases
 
 
 def test_pack_round_trip_gives_identical_answers_in_a_fresh_process(fitted, tmp_path):

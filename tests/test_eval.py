@@ -141,6 +141,36 @@ def test_a_killed_pre_edit_reference_resumes(lm, tmp_path, monkeypatch):
     assert report.cases == full.cases and not list((tmp_path / "b").rglob("*.partial.json"))
 
 
+def test_forked_processes_share_the_batches_and_score_the_same(lm, tmp_path):
+    model, tok = lm
+    reqs, settings = _requests(7), {"batch_size": 2, "max_new_tokens": 6, "progress": False}
+    alone = evaluate(lm, reqs, cache_dir=tmp_path / "a", **settings)
+    both = evaluate(lm, reqs, cache_dir=tmp_path / "b", processes=2, **settings)  # the reference in parts too
+    assert both.cases == alone.cases and both.metrics == alone.metrics
+    assert {k for k in both.timing} == {k for k in alone.timing} and both.timing["forward_pass_s"] > 0
+    assert not list(tmp_path.rglob("*.part[0-9]*"))  # the parts' files are taken in and removed
+
+
+def test_a_stopped_part_names_itself_and_its_finished_batches_are_kept(lm, tmp_path, monkeypatch):
+    import json
+
+    from megedit.errors import MeGError
+    from megedit.eval import runner
+
+    monkeypatch.setattr(runner._Checkpoint, "every_s", 0.0)
+    model, tok = lm
+    reqs, settings = _requests(7), {"batch_size": 2, "max_new_tokens": 6, "progress": False, "cache_dir": tmp_path}
+    full = evaluate(_CountingSubject(model, tok), reqs, **settings)  # caches the pre-edit reference
+    checkpoint = tmp_path / "eval.partial.json"
+    with pytest.raises(MeGError, match=r"evaluation \(reliability\): part 1 \(exit code 1\), part 2 \(exit code 1\) "
+                                       r"of 2 stopped; rerun to resume"):  # each part dies in its second batch
+        evaluate(_CountingSubject(model, tok, kill_at=2), reqs, checkpoint=checkpoint, processes=2, **settings)
+    kept = json.loads(checkpoint.read_text())["kinds"]["reliability"]["rows"]
+    assert len(kept) == 4 and not list(tmp_path.glob("*.part[0-9]*"))  # one batch of 2 rows from each part
+    report = evaluate(_CountingSubject(model, tok), reqs, checkpoint=checkpoint, processes=2, **settings)
+    assert report.cases == full.cases and not checkpoint.exists()
+
+
 def test_per_row_neuron_subject_only_changes_its_own_rows(lm, tmp_path):
     """A subject that switches a neuron on for reliability queries only leaves locality exact."""
     model, tok = lm

@@ -4,7 +4,7 @@ from tiny import char_tokenizer, tiny_model
 
 from megedit.data import EditRequest
 from megedit.data.prompts import PromptFormat
-from megedit.errors import ConfigError
+from megedit.errors import ConfigError, MeGError
 from megedit.lm import decode
 from megedit.neuron import attach_neuron
 from megedit.stages import fit_neurons as stage
@@ -110,6 +110,43 @@ def test_parts_fitted_apart_make_up_the_whole_set(lm, tmp_path, monkeypatch):
     torch.testing.assert_close(whole.vectors, alone.vectors, atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="part"):
         fit_neurons(model, tok, edits, FMT, _config(), progress=False, part=(0, 2))  # no work_dir to share
+
+
+def test_processes_fit_the_parts_side_by_side_and_collect_them(lm, tmp_path, monkeypatch):
+    model, tok = lm
+    edits = _requests(8)
+    both = fit_neurons(model, tok, edits, FMT, _config(), progress=False, work_dir=tmp_path, processes=2)
+    assert both.case_ids == [r.case_id for r in edits] and both.timing["processes"] == 2
+    assert both.timing["reused_edits"] == len(edits)  # the forked parts fitted them all; this process collected
+    assert len(list(tmp_path.glob("fit-*/shard-*.safetensors"))) == 2  # one per part
+    alone = fit_neurons(model, tok, edits, FMT, _config(), progress=False)
+    assert torch.equal(both.success, alone.success)
+    torch.testing.assert_close(both.vectors, alone.vectors, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="processes needs"):
+        fit_neurons(model, tok, edits, FMT, _config(), progress=False, processes=2)  # no work_dir to share
+
+
+def test_a_part_that_stops_is_named_and_the_rerun_resumes(lm, tmp_path, monkeypatch):
+    import os
+
+    model, tok = lm
+    edits = _requests(6)
+    original_run = stage._FitState.run
+
+    def run(self, neuron, progress):  # the second part dies at once, as if killed
+        if len(self.mine) < len(self.case_ids) and int.from_bytes(self.digests[self.mine[0]][:8], "big") % 2:
+            os._exit(9)
+        return original_run(self, neuron, progress)
+
+    monkeypatch.setattr(stage._FitState, "run", run)
+    with pytest.raises(MeGError, match=r"stage A: part 2 \(exit code 9\) of 2 stopped; rerun"):
+        fit_neurons(model, tok, edits, FMT, _config(), progress=False, work_dir=tmp_path, processes=2)
+    [first] = tmp_path.glob("fit-*/shard-*.safetensors")  # part 1 finished and wrote its edits
+    written = first.read_bytes()
+    monkeypatch.setattr(stage._FitState, "run", original_run)
+    again = fit_neurons(model, tok, edits, FMT, _config(), progress=False, work_dir=tmp_path, processes=2)
+    assert again.timing["reused_edits"] == len(edits)
+    assert len(list(tmp_path.glob("fit-*/shard-*.safetensors"))) == 2 and first.read_bytes() == written
 
 
 def test_result_round_trips_through_safetensors(lm, tmp_path):

@@ -95,6 +95,7 @@ def test_a_deeply_nested_config_is_one_line_before_any_model_loads(tmp_path, nam
     (["generate", "pack", "q", "--max-new-tokens", "0"], "--max-new-tokens", "0"),
     (["generate", "pack", "q", "--max-new-tokens", "-1"], "--max-new-tokens", "-1"),
     (["fit-neurons", "--data", "jsonl:x", "--out", "o", "--batch-size", "two"], "--batch-size", "two"),
+    (["fit", "--data", "jsonl:x", "--out", "o", "--processes", "0"], "--processes", "0"),
 ])
 def test_a_count_that_is_not_a_positive_integer_is_a_one_line_usage_error(args, flag, value):
     verb = args[0]

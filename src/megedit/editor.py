@@ -43,8 +43,9 @@ class MeGEditor:
     """`MeGEditor(model, tokenizer, MeGConfig()).fit(requests, work_dir, pool)` -> EditedModel."""
 
     def __init__(self, model, tokenizer, config: MeGConfig | None = None, *, encoder: SentenceEncoder | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, processes: int = 1) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.processes = processes  # stage A's (fit_neurons): forked one-thread CPU processes, one part each
         self.config = (config or MeGConfig()).resolved()
         self.progress = progress
         self._encoder = encoder
@@ -130,7 +131,7 @@ class MeGEditor:
             # shards are per edit, not per edit set: any edit set fitted in this work_dir reuses them
             result = fit_neurons(self.model, self.tokenizer, requests, get_format(self.config.prompt_format),
                                  self.config.fit, progress=self.progress, work_dir=work_dir / "fit-shards",
-                                 variants=variants)
+                                 variants=variants, processes=self.processes)
             result.save(path)
         log.info("stage A: success %.1f%% of %d edits", result.success_rate, len(requests))
         return result, key, {"seconds": time.perf_counter() - start, "cached": cached,

@@ -91,6 +91,12 @@ def add_pool_arg(p) -> None:
                    help="pseudo-edit pool (default: the records of --data after the edited ones)")
 
 
+def add_processes_arg(p, work: str = "fit stage A") -> None:
+    p.add_argument("--processes", type=positive_int, default=1, metavar="N",
+                   help=f"{work} in N forked one-thread processes side by side (CPU, Linux; e.g. one "
+                        "per core)")
+
+
 def load_data(args):
     """(kind, path, requests, prompt format) of --data."""
     from ..data import load_requests, parse_data_arg

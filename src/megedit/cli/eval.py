@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from .common import add_data_args, add_model_args, add_verb, load_data, load_lm, load_pack, load_pool
+from .common import add_data_args, add_model_args, add_processes_arg, add_verb, load_data, load_lm, load_pack, load_pool
 from .types import layer_list, positive_int
 
 log = logging.getLogger("megedit")
@@ -44,6 +44,7 @@ def add_eval(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64, help="evaluation batch size")
     p.add_argument("--max-new-tokens", type=positive_int, default=20,
                    help="at most this many new tokens per answer (AG)")
+    add_processes_arg(p, "decode the evaluation's batches")
     p.add_argument("--json", type=Path, default=None,
                    help="write the eval JSON here (a killed run resumes from JSON.partial beside it, and a "
                         "killed FT from JSON.ft-training.pt)")
@@ -120,7 +121,8 @@ def run_eval(args) -> int:
     start = time.perf_counter()
     report = evaluate(subject, requests, prompt_format=fmt, data_kind=kind, data_name=f"{kind}:{path.name}",
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=args.progress,
-                      checkpoint=args.json and args.json.with_name(args.json.name + ".partial"))
+                      checkpoint=args.json and args.json.with_name(args.json.name + ".partial"),
+                      processes=args.processes)
     log.info("evaluated %d edits in %.0f s", len(requests), time.perf_counter() - start)
     print(report.table())
     print(f"N={report.n}  data={report.data}  model={report.model}  format={fmt.name}  seed={args.seed}")

@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from .common import add_data_args, add_model_args, add_pool_arg, add_verb, load_data, load_lm, load_pack, load_pool
+from .common import add_data_args, add_model_args, add_pool_arg, add_processes_arg, add_verb, load_data, load_lm, load_pack, load_pool
 from .options import add_meg_flags, meg_config
 from .types import non_empty, positive_int
 
@@ -99,6 +99,7 @@ def add_fit(sub) -> None:
     add_model_args(p)
     p.add_argument("--out", type=Path, required=True, help="the edit pack folder (only an earlier pack is replaced)")
     p.add_argument("--work-dir", type=Path, default=None, help="stage cache (default: OUT.work)")
+    add_processes_arg(p)
     add_meg_flags(p)
     p.set_defaults(run=run_fit)
 
@@ -112,7 +113,7 @@ def run_fit(args) -> int:
     pool_name, pool = load_pool(args, kind, path)
     config = meg_config(args, prompt_format=fmt.name)  # bad settings stop the run before the model loads
     model, tokenizer = load_lm(args)
-    editor = MeGEditor(model, tokenizer, config, progress=args.progress)
+    editor = MeGEditor(model, tokenizer, config, progress=args.progress, processes=args.processes)
     edited = editor.fit(requests, args.work_dir or args.out.with_name(args.out.name + ".work"), pool, pool_name)
     edited.save_pretrained(args.out)
     r = edited.record

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_data_args, add_model_args, add_verb, load_data, load_lm, load_pool
+from ..errors import ConfigError
+from .common import add_data_args, add_model_args, add_processes_arg, add_verb, load_data, load_lm, load_pool
 from .options import add_fit_flags, add_routing_flags, fit_config, routing_config
 from .types import device, layer_list
 
@@ -25,6 +26,7 @@ def add_fit_neurons(sub) -> None:
     p.add_argument("--work-dir", type=Path, default=None, help="shards for resuming a killed run")
     p.add_argument("--part", default=None, metavar="K/N",
                    help="fit only part K of N (1-based) into --work-dir, for N processes or machines sharing it")
+    add_processes_arg(p)
     p.add_argument("--eval", action="store_true", help="also score the fitted vectors (upper bound of MeG)")
     add_fit_flags(p)
     p.set_defaults(run=run_fit_neurons)
@@ -36,8 +38,6 @@ def _parse_part(text: str | None) -> tuple[int, int] | None:
         return None
     k, _, n = text.partition("/")
     if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
-        from ..errors import ConfigError
-
         raise ConfigError(f"--part: expected K/N with 1 <= K <= N, found {text!r}")
     return int(k) - 1, int(n)
 
@@ -58,12 +58,14 @@ def run_fit_neurons(args) -> int:
     from ..stages.fit_neurons import fit_neurons
 
     part = _parse_part(args.part)
+    if args.processes > 1 and (args.work_dir is None or part is not None):
+        raise ConfigError("--processes needs --work-dir (its parts write their shards there) and no --part")
     kind, path, requests, fmt = load_data(args)
     config = fit_config(args, args.layer)
     model, tokenizer = load_lm(args)
     variants = _variants(args, model, tokenizer, config, requests, kind, path) if args.pseudo else None
     result = fit_neurons(model, tokenizer, requests, fmt, config, progress=args.progress,
-                         work_dir=args.work_dir, part=part, variants=variants)
+                         work_dir=args.work_dir, part=part, variants=variants, processes=args.processes)
     result.save(args.out)
     s = result.summary()
     print(f"fitted {s['n']} edits at layer {result.spec.layer}: success {s['success_rate']:.1f}%, median steps "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +21,11 @@ from tqdm.auto import tqdm
 
 from ..data.prompts import DEFAULT_FOR_KIND, PromptFormat, get_format, stop_tokens
 from ..data.requests import EditRequest
-from ..errors import ConfigError
+from ..errors import ConfigError, MeGError
 from ..io import atomic_write_json
 from ..lm import Decoded, decode, length_batches
 from ..models import cache_root, model_fingerprint
+from ..parallel import check_forkable, run_forked
 from .metrics import ag_match, could_still_match, first_line, harmonic_mean, normalize_answer, percent, tf_accuracy
 from .report import EvalReport
 from .subject import Query, Subject, as_subject
@@ -49,6 +51,7 @@ class DecodeSettings:
     prompt_format: PromptFormat
     max_new_tokens: int = 20
     batch_size: int = 32
+    processes: int = 1  # forked CPU processes sharing the batches (megedit.parallel); not in any cache key
 
 
 def run_queries(subject: Subject, queries: Sequence[Query], prompt_ids: Sequence[list[int]],
@@ -60,17 +63,29 @@ def run_queries(subject: Subject, queries: Sequence[Query], prompt_ids: Sequence
     With `goals` (the answers AG compares against), a row stops decoding as soon as its output
     can no longer match its goal: the AG credit is the same, and the output is kept up to there.
     With `resume`, batches it holds are taken from it and each finished batch is given to it.
+    With `s.processes` > 1 the batches left are dealt to that many forked processes first.
     """
-    tok = subject.tokenizer
-    stops, pad = stop_tokens(tok), tok.pad_token_id
     result = Decoded([None] * len(queries), [None] * len(queries))
+    batches = length_batches([len(p) for p in prompt_ids], s.batch_size)
     done = resume.rows(desc) if resume else {}
-    for idx in tqdm(length_batches([len(p) for p in prompt_ids], s.batch_size), desc=desc,
-                    disable=not progress, leave=False):
-        if all(i in done for i in idx):  # the batches are the same in every run: a resumed one is whole
+    todo = [idx for idx in batches if not all(i in done for i in idx)]  # a resumed batch is whole
+    if s.processes > 1 and len(todo) > 1:
+        done = _decode_in_parts(subject, queries, prompt_ids, drafts, s, progress, desc, goals, resume, todo, result)
+        todo = []
+    for idx in batches:
+        if idx not in todo:
             for i in idx:
                 result.forced[i], result.generated[i] = done[i]
-            continue
+    _decode_batches(subject, queries, prompt_ids, drafts, s, progress, desc, goals, todo, result, resume)
+    return result
+
+
+def _decode_batches(subject: Subject, queries, prompt_ids, drafts, s: DecodeSettings, progress: bool, desc: str,
+                    goals, batches: list[list[int]], result: Decoded, resume: _Checkpoint | None) -> None:
+    """Decode `batches` into `result` (and `resume`), one subject batch context each."""
+    tok = subject.tokenizer
+    stops, pad = stop_tokens(tok), tok.pad_token_id
+    for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
         start = time.perf_counter()
         give_up = None
         if goals is not None:
@@ -85,7 +100,31 @@ def run_queries(subject: Subject, queries: Sequence[Query], prompt_ids: Sequence
         result.steps_s += out.steps_s
         if resume:
             resume.add(desc, idx, out, time.perf_counter() - start)
-    return result
+
+
+def _decode_in_parts(subject: Subject, queries, prompt_ids, drafts, s: DecodeSettings, progress: bool, desc: str,
+                     goals, resume: _Checkpoint | None, todo: list[list[int]], result: Decoded) -> dict:
+    """The batches `todo` dealt round-robin to `s.processes` forked parts, each saving what it
+    finishes to a part file beside the checkpoint (a temporary folder without one); returns every
+    finished row, all parts' work taken into `resume` and their times into `result`."""
+    with tempfile.TemporaryDirectory(prefix="megedit-eval-") as scratch:
+        into = resume or _Checkpoint(Path(scratch) / "eval.json", "parts of one call")
+        paths = [_Checkpoint.part_path(into.path, k) for k in range(s.processes)]
+
+        def work(k: int) -> None:
+            part = _Checkpoint(paths[k], into.key, parts=False)
+            _decode_batches(subject, queries, prompt_ids, drafts, s, progress and k == 0, desc, goals,
+                            todo[k :: s.processes], Decoded([None] * len(queries), [None] * len(queries)), part)
+            part.save()
+
+        stopped = run_forked(work, s.processes, f"evaluation ({desc})")
+        times = into.absorb_parts()
+    result.forward_s += times.get("forward_s", 0.0)
+    result.steps_s += times.get("steps_s", 0.0)
+    if stopped:
+        raise MeGError(f"evaluation ({desc}): {', '.join(stopped)} of {s.processes} stopped"
+                       + ("; rerun to resume from the batches saved" if resume else ""))
+    return into.rows(desc)
 
 
 class _Checkpoint:
@@ -96,18 +135,44 @@ class _Checkpoint:
 
     every_s = 60.0
 
-    def __init__(self, path: Path, key: str) -> None:
+    def __init__(self, path: Path, key: str, parts: bool = True) -> None:
         self.path, self.key = Path(path), key
         self.kinds: dict[str, dict] = {}
         if self.path.exists():
             saved = json.loads(self.path.read_text())
             if saved.get("key") == key:
                 self.kinds = saved["kinds"]
-                log.info("resuming the evaluation from %s (%d queries done)", self.path,
-                         sum(len(k["rows"]) for k in self.kinds.values()))
             else:
                 log.warning("%s was written by a different evaluation; starting afresh", self.path)
+        if parts:
+            self.absorb_parts()  # those a killed run's forked processes left
+        if self.kinds:
+            log.info("resuming the evaluation from %s (%d queries done)", self.path,
+                     sum(len(k["rows"]) for k in self.kinds.values()))
         self.saved_at = time.perf_counter()
+
+    @staticmethod
+    def part_path(path: Path, k: int) -> Path:
+        return path.with_name(f"{path.name}.part{k + 1}")
+
+    def absorb_parts(self) -> dict[str, float]:
+        """Take in the batches the forked processes' part files hold (then delete them); returns
+        the seconds they took, summed over the parts and query kinds."""
+        times: dict[str, float] = {}
+        found = sorted(self.path.parent.glob(self.path.name + ".part*"))
+        for path in found:
+            part = _Checkpoint(path, self.key, parts=False)
+            for kind, entry in part.kinds.items():
+                mine = self.kinds.setdefault(kind, {"rows": {}, "seconds": 0.0, "forward_s": 0.0, "steps_s": 0.0})
+                mine["rows"].update(entry["rows"])
+                for field in ("seconds", "forward_s", "steps_s"):
+                    mine[field] += entry[field]
+                    times[field] = times.get(field, 0.0) + entry[field]
+        if found:
+            self.save()
+            for path in found:
+                path.unlink()
+        return times
 
     def rows(self, kind: str) -> dict[int, tuple[list[int], list[int]]]:
         return {int(i): tuple(v) for i, v in self.kinds.get(kind, {}).get("rows", {}).items()}
@@ -169,7 +234,7 @@ def _check_answer_room(queries: Sequence[Query], fmt, tok, max_new_tokens: int) 
 def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | PromptFormat | None = None,
              data_kind: str | None = None, data_name: str | None = None, max_new_tokens: int = 20,
              batch_size: int = 32, progress: bool = True, cache_dir: Path | None = None,
-             checkpoint: str | Path | None = None) -> EvalReport:
+             checkpoint: str | Path | None = None, processes: int = 1) -> EvalReport:
     """Score `subject` (a Subject or a `(model, tokenizer)` pair) on `requests`.
 
     The prompt format defaults to the data kind's (raw cloze for CounterFact, the short-answer
@@ -177,12 +242,14 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
     `checkpoint`: a file for the finished batches, so that a killed evaluation of the same
     subject resumes (the times reported then include the killed run's batches); it is removed
     when the evaluation completes. A MeG subject's key holds its settings, not its generator's
-    weights: give each edited model its own checkpoint file.
+    weights: give each edited model its own checkpoint file. `processes` > 1 (CPU, Linux): the
+    batches are shared among that many forked processes (megedit.parallel), the same scores.
     """
     subject = as_subject(subject)
+    check_forkable(subject.model, processes)
     tok = subject.tokenizer
     fmt = get_format(prompt_format or DEFAULT_FOR_KIND.get(data_kind or "", "raw"))
-    s = DecodeSettings(fmt, max_new_tokens, batch_size)
+    s = DecodeSettings(fmt, max_new_tokens, batch_size, processes)
     queries = build_queries(requests)
     prompts = {k: [fmt.prompt_ids(q.text, tok) for q in qs] for k, qs in queries.items()}
     _check_answer_room(queries["reliability"], fmt, tok, max_new_tokens)

@@ -35,6 +35,7 @@ from ..io import atomic_save_tensors, atomic_write_json, load_tensors, read_reco
 from ..lm import (Batch, check_prompt_lengths, context_length, layer_input, left_pad, length_batches, model_device,
                   starting_at_layer)
 from ..neuron import NeuronSpec, attach_neuron
+from ..parallel import check_forkable, run_forked
 from .variants import EXCLUDE_MODES
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ def _row_loss_and_success(logits, labels, margin) -> tuple[torch.Tensor, torch.T
 def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFormat,
                 config: FitConfig | None = None, progress: bool = True,
                 work_dir: str | Path | None = None, part: tuple[int, int] | None = None,
-                variants: Sequence[Sequence[str]] | None = None) -> FitResult:
+                variants: Sequence[Sequence[str]] | None = None, processes: int = 1) -> FitResult:
     """Fit one neuron vector per edit. With `work_dir`, finished edits are written there in shards
     as they finish, keyed by each edit's tokens and the settings, not by the request list: a rerun
     continues where the last one stopped, and a run on more edits fits only the new ones.
@@ -246,10 +247,15 @@ def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFo
 
     `part=(k, n)` fits only the k-th of n parts of the edits (0-based, chosen by each edit's
     digest) into `work_dir` and returns those edits: n processes or machines sharing one
-    work_dir fit the whole set, and a run without `part` then finds every edit done."""
+    work_dir fit the whole set, and a run without `part` then finds every edit done.
+    `processes=n` does that on this machine: n forked one-thread processes (Linux, CPU; parallel.py),
+    each fitting one part, then this one collects the shards."""
     config = config or FitConfig()
     if part is not None and (work_dir is None or len(part) != 2 or not 0 <= part[0] < part[1]):
         raise ConfigError(f"part needs a work_dir and 0 <= k < n, found part={part}, work_dir={work_dir}")
+    if processes != 1 and (work_dir is None or part is not None):
+        raise ConfigError(f"processes needs a work_dir and no part, found work_dir={work_dir}, part={part}")
+    check_forkable(model, processes)
     variants = [tuple(v) for v in variants] if variants is not None else [() for _ in requests]
     if len(variants) != len(requests):
         raise ConfigError(f"fit_neurons: {len(variants)} variant lists for {len(requests)} edits")
@@ -258,11 +264,19 @@ def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFo
     neuron = attach_neuron(model, config.layer, config.variant)
     try:
         state = _FitState(model, tokenizer, requests, variants, fmt, config, neuron.spec, work_dir, part)
+        if processes > 1 and not bool(state.done[state.mine].all()):
+            stopped = run_forked(lambda k: _FitState(model, tokenizer, requests, variants, fmt, config, neuron.spec,
+                                                     work_dir, (k, processes)).run(neuron, progress and k == 0),
+                                 processes, "stage A")
+            if stopped:
+                raise MeGError(f"stage A: {', '.join(stopped)} of {processes} stopped; rerun to resume from "
+                               "the shards written")
+            state = _FitState(model, tokenizer, requests, variants, fmt, config, neuron.spec, work_dir)
         state.run(neuron, progress)
     finally:
         neuron.detach()
     result = state.result()
-    result.timing = {"total_s": time.perf_counter() - start, **state.timing}
+    result.timing = {"total_s": time.perf_counter() - start, "processes": processes, **state.timing}
     log.info("fitted %d edits: %.1f%% success in %.0f s", len(requests), result.success_rate, result.timing["total_s"])
     return result
 
