@@ -58,6 +58,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--force", action="store_true")
+    parser.add_argument("--eval-processes", type=int, default=1, metavar="K",
+                        help="evaluate in K forked one-thread processes (megedit.parallel)")
     parser.add_argument("--values-part", type=part, default=None, metavar="I/K",
                         help="memit / alphaedit: only search the target values of the I-th of K slices, then stop")
     args = parser.parse_args()
@@ -108,14 +110,16 @@ def main() -> int:
         if method == "ft":  # its own count: with the epochs of killed runs, without reloading their state
             edit_s = subject.settings["edit_time_s"]
         report = evaluate(subject, requests, prompt_format=fmt, data_kind=kind, data_name=f"{kind}:{path.name}",
-                          batch_size=64, checkpoint=args.out / "cases" / f"{name}.partial.json")
+                          batch_size=64, checkpoint=args.out / "cases" / f"{name}.partial.json",
+                          processes=args.eval_processes)
         if hasattr(subject, "restore"):
             subject.restore()
         summary = report.to_dict()
         cases = summary.pop("cases")
         summary["edit_time_s"] = edit_s
         summary["seed"] = args.seed
-        summary["machine"] = {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+        summary["machine"] = {"cpu_threads": torch.get_num_threads(), "eval_processes": args.eval_processes,
+                              "torch": torch.__version__,
                               "python": platform.python_version()}
         (args.out / "cases").mkdir(parents=True, exist_ok=True)
         (args.out / "cases" / f"{name}.json").write_text(json.dumps(cases, indent=0))

@@ -96,6 +96,8 @@ def main() -> int:
                         help="benchmark only: keep the wordings of the evaluated rephrases out of every edit's variants "
                              "(own: each edit's own; all: every edit's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--processes", type=int, default=1, metavar="K",
+                        help="stage A and the evaluation in K forked one-thread processes (megedit.parallel)")
     parser.add_argument("--reuse-eval", action="store_true", help="keep the saved evaluation, re-time inference")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -135,13 +137,15 @@ def main() -> int:
     result = HERE / "results" / f"meg-{tag(args.setting)}{suffix}{generator}.json"
     # one work folder per setting: every stage's cache key holds its settings, so generator kinds share stages A-C
     work = HERE / "results" / "cases" / f"meg-{args.setting}"
-    edited = MeGEditor(model, tokenizer, config).fit(requests, work, pool, f"counterfact:{pool_path.name}")
+    edited = MeGEditor(model, tokenizer, config, processes=args.processes).fit(requests, work, pool,
+                                                                                f"counterfact:{pool_path.name}")
     saved = work / f"eval{suffix}{generator}.json"
     if args.reuse_eval and saved.exists():  # re-measure only the inference cost
         report = EvalReport.load(saved)
     else:
         report = evaluate(edited, scored, prompt_format=config.prompt_format, data_kind=kind,
-                          data_name=f"{kind}:{path.name}", batch_size=64, checkpoint=work / f"eval{suffix}{generator}.partial.json")
+                          data_name=f"{kind}:{path.name}", batch_size=64, processes=args.processes,
+                          checkpoint=work / f"eval{suffix}{generator}.partial.json")
         report.save(saved)
     print(report.table())
     cost = None if args.no_speed else speed(edited, requests[: args.speed_n], args.rounds)
@@ -152,7 +156,8 @@ def main() -> int:
     summary = {k: v for k, v in report.to_dict().items() if k != "cases"}
     summary |= {"setting": args.setting, "pool": f"counterfact:{pool_path.name}", "seed": args.seed,
                 "edits_applied": len(requests),
-                "config": config.to_dict(), "fit": edited.record, "inference": cost, "threads": torch.get_num_threads()}
+                "config": config.to_dict(), "fit": edited.record, "inference": cost, "threads": torch.get_num_threads(),
+                "processes": args.processes}
     if args.reuse_eval and result.exists():  # the stages were loaded from cache: keep the record of the real fit
         import json
 

@@ -5,6 +5,7 @@ for N = 1,024 / 2,048 / 4,096 / 10,000, scored by the same harness.
     .venv/bin/python bench/scale_curve.py --sizes 1024,4096 --methods memit,alphaedit
     .venv/bin/python bench/scale_curve.py --draw                  # only collect and draw
     .venv/bin/python bench/scale_curve.py --sizes 10000 --value-parts 2   # 2 cores: search values in 2 processes
+    .venv/bin/python bench/scale_curve.py --sizes 10000 --processes 2     # evaluations (and MeG's stage A) too
 
 Each point is one run of bench/baselines.py (ft, memit, alphaedit) or bench/meg.py (meg) in its
 own process, writing its own result file as it finishes; a point whose file exists is not run
@@ -48,15 +49,18 @@ def result_file(method: str, n: int) -> Path:
 BASELINE_RUNS = {"ft": "ft", "memit": "memit:2000:1-5", "alphaedit": "alphaedit:10:1-5"}
 
 
-def command(method: str, n: int, values_part: tuple[int, int] | None = None) -> list[str]:
-    """The point's process; with `values_part` (I, K), the one that searches the I-th of K slices
-    of its target values (memit / alphaedit) into the cache the point then reads."""
+def command(method: str, n: int, values_part: tuple[int, int] | None = None, processes: int = 1) -> list[str]:
+    """The point's process (its stage A / evaluation in `processes` one-thread processes); with
+    `values_part` (I, K), the one that searches the I-th of K slices of its target values
+    (memit / alphaedit) into the cache the point then reads."""
     if method == "meg":
-        return [sys.executable, str(HERE / "meg.py"), "counterfact", "--limit", str(n), "--no-speed"]
+        return [sys.executable, str(HERE / "meg.py"), "counterfact", "--limit", str(n), "--no-speed",
+                "--processes", str(processes)]
     # no context prefixes: with them the value search takes ~92 s per edit here (docs/results.md)
     return [sys.executable, str(HERE / "baselines.py"), "--data", "counterfact", "--limit", str(n),
             "--methods", BASELINE_RUNS[method], "--contexts", "0",
-            *(["--values-part", "{}/{}".format(*values_part)] if values_part else ["--force"])]
+            *(["--values-part", "{}/{}".format(*values_part)] if values_part
+              else ["--force", "--eval-processes", str(processes)])]
 
 
 def search_values_in_parts(method: str, n: int, parts: int) -> int:
@@ -69,13 +73,13 @@ def search_values_in_parts(method: str, n: int, parts: int) -> int:
     return next((code for code in codes if code), 0)
 
 
-def run_point(method: str, n: int, value_parts: int) -> int:
+def run_point(method: str, n: int, value_parts: int, processes: int = 1) -> int:
     """One point in its own process (after its value search in parts, where asked); its exit code."""
     if value_parts > 1 and method in ("memit", "alphaedit"):
         code = search_values_in_parts(method, n, value_parts)
         if code:
             return code
-    return subprocess.run(command(method, n), cwd=HERE.parent).returncode
+    return subprocess.run(command(method, n, processes=processes), cwd=HERE.parent).returncode
 
 
 def done(method: str, n: int) -> bool:
@@ -164,9 +168,14 @@ def _meg_label(r: dict) -> str:
     return f"meg ({', '.join(parts)})"
 
 
-def threads(summary: dict) -> int | None:
-    """The run's thread count: bench/meg.py records it at the top, bench/baselines.py under "machine"."""
-    return summary.get("threads") or summary.get("machine", {}).get("cpu_threads")
+def threads(summary: dict) -> str | None:
+    """The run's thread count (bench/meg.py records it at the top, bench/baselines.py under
+    "machine"), and the forked one-thread processes of its stage A / evaluation where it used them."""
+    count = summary.get("threads") or summary.get("machine", {}).get("cpu_threads")
+    processes = summary.get("processes") or summary.get("machine", {}).get("eval_processes") or 1
+    if count is None or processes == 1:
+        return None if count is None else str(count)
+    return f"{count}; {'stage A and ' if 'processes' in summary else ''}eval {processes} x 1"
 
 
 def method_label(r: dict) -> str:
@@ -259,14 +268,16 @@ def main() -> int:
     parser.add_argument("--value-parts", type=int, default=1, metavar="K",
                         help="memit / alphaedit: search the target values in K one-thread processes side by side "
                              "first (2 on a 2-core machine; a point searched before finds them cached)")
+    parser.add_argument("--processes", type=int, default=1, metavar="K",
+                        help="each point's evaluation (and MeG's stage A) in K forked one-thread processes")
     args = parser.parse_args()
     sizes = sorted(int(x) for x in args.sizes.split(","))
     methods = args.methods.split(",")
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
-    if args.value_parts < 1:
-        raise SystemExit(f"--value-parts must be at least 1, got {args.value_parts}")
+    if min(args.value_parts, args.processes) < 1:
+        raise SystemExit(f"--value-parts and --processes must be at least 1, got {args.value_parts}, {args.processes}")
     if not args.draw:
         for n in sizes:
             for method in methods:
@@ -274,7 +285,7 @@ def main() -> int:
                     continue
                 print(f"scale curve: {method} at N={n} ...", flush=True)
                 start = time.perf_counter()
-                code = run_point(method, n, args.value_parts)
+                code = run_point(method, n, args.value_parts, args.processes)
                 if code:
                     print(f"scale curve: {method} at N={n} failed (exit {code})", file=sys.stderr)
                     return code

@@ -46,7 +46,7 @@ def baselines_table() -> str:
         edit_s = edit_seconds(r)[0]
         cells = [r["data"].split(":")[0], str(r["n"]), method, _where(r["edit"])]
         cells += [f"{r['metrics'][k][s]:.2f}" for k, s in METRICS] + [f"**{r['score']:.2f}**"]
-        cells += [f"{edit_s:.0f}", f"{r['timing']['total_s']:.0f}", str(threads(r) or ""), fmt, str(r["seed"])]
+        cells += [f"{edit_s:.0f}", f"{r['timing']['total_s']:.0f}", threads(r) or "", fmt, str(r["seed"])]
         rows.append(cells)
     return _table(["data", "N", "method", "layer", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG", "LocTF", "Score",
                    "edit s", "eval s", "threads", "format", "seed"], rows)
@@ -463,6 +463,21 @@ def pipeline_table() -> str:
                    "eval s (process)", "total min", "Score", "date"], rows)
 
 
+def processes_table() -> str:
+    """One process on every thread against forked one-thread processes (bench/processes.py)."""
+    rows = []
+    for r in _load("processes-cf-*.json"):
+        for arm in (r["one"], r["many"]):
+            many = arm is r["many"]
+            rows.append([f"{r['n']:,}", f"{arm['processes']} x {arm['threads_each']} thread(s)",
+                         f"{arm['load_before']:.1f}", f"{arm['fit_s']:.0f}", f"{arm['eval_s']:.0f}",
+                         f"{r['fit_speedup']:.2f}x" if many else "1", f"{r['eval_speedup']:.2f}x" if many else "1",
+                         f"{arm['fit_success']:.1f}", f"{arm['metrics']['reliability']['ag']:.1f}",
+                         f"{arm['metrics']['generality']['ag']:.1f}", f"{r['max_vector_difference']:.1g}" if many else "—"])
+    return _table(["N", "processes x threads", "load average before", "stage A s", "eval s", "stage A speed-up",
+                   "eval speed-up", "fit success %", "RelAG", "GenAG", "largest vector difference"], rows)
+
+
 def living_headline_table() -> str:
     """The README's rows for living edits and serving."""
     rows = []
@@ -492,7 +507,7 @@ TABLES = {"headline": headline_table, "generality-levers": generality_levers_tab
           "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table,
           "routing": routing_table, "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table,
           "denoising": denoising_table, "living-add": living_add_table, "living-successive": living_successive_table,
-          "serve-load": serve_load_table, "pipeline": pipeline_table, "living-headline": living_headline_table}
+          "serve-load": serve_load_table, "pipeline": pipeline_table, "processes": processes_table, "living-headline": living_headline_table}
 
 
 def main() -> int:

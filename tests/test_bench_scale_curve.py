@@ -83,3 +83,12 @@ def test_value_parts_search_in_one_thread_processes_side_by_side_before_the_poin
     scale_curve.exit_code = -9  # a part killed by a signal: the point is not run, the curve stops
     assert _run(scale_curve, monkeypatch, "--sizes", "4096", "--methods", "alphaedit", "--value-parts", "2") == -9
     assert len(started) == 2 and scale_curve.ran == []
+
+
+def test_processes_reach_every_point_and_the_threads_column_says_so(scale_curve, monkeypatch):
+    assert _run(scale_curve, monkeypatch, "--sizes", "1024", "--methods", "meg,ft", "--processes", "2") == 0
+    meg, ft = scale_curve.ran
+    assert meg[meg.index("--processes") + 1] == "2" and ft[ft.index("--eval-processes") + 1] == "2"
+    assert scale_curve.threads({"threads": 1, "processes": 2}) == "1; stage A and eval 2 x 1"
+    assert scale_curve.threads({"machine": {"cpu_threads": 1, "eval_processes": 2}}) == "1; eval 2 x 1"
+    assert scale_curve.threads({"machine": {"cpu_threads": 2}}) == "2" and scale_curve.threads({}) is None
