@@ -88,7 +88,7 @@ def test_stage_a_in_two_processes_gives_the_fit_of_one(fitted, tmp_path):
     edited, _ = fitted
     model, tok = _lm()
     both = MeGEditor(model, tok, _config(), encoder=tiny_encoder(), progress=False, processes=2).fit(EDITS, tmp_path, POOL)
-    assert both.record["timing"]["A"]["reused_edits"] == len(EDITS)  # the forked parts fitted every edit
+    assert both.record["fit"]["timing"]["forked_edits"] == len(EDITS)  # the forked parts fitted every edit
     assert both.record["fit"]["success_rate"] == edited.record["fit"]["success_rate"]
     torch.testing.assert_close(both.edits.vectors, edited.edits.vectors, atol=1e-5, rtol=1e-5)
     both.close()

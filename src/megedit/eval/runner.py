@@ -157,17 +157,21 @@ class _Checkpoint:
 
     def absorb_parts(self) -> dict[str, float]:
         """Take in the batches the forked processes' part files hold (then delete them); returns
-        the seconds they took, summed over the parts and query kinds."""
-        times: dict[str, float] = {}
+        their times. The parts ran side by side: their wall time is the longest part's, and the
+        forward / decoding-step times are scaled to it (their shares of the parts' summed time)."""
         found = sorted(self.path.parent.glob(self.path.name + ".part*"))
-        for path in found:
-            part = _Checkpoint(path, self.key, parts=False)
-            for kind, entry in part.kinds.items():
-                mine = self.kinds.setdefault(kind, {"rows": {}, "seconds": 0.0, "forward_s": 0.0, "steps_s": 0.0})
-                mine["rows"].update(entry["rows"])
-                for field in ("seconds", "forward_s", "steps_s"):
-                    mine[field] += entry[field]
-                    times[field] = times.get(field, 0.0) + entry[field]
+        parts = [_Checkpoint(path, self.key, parts=False).kinds for path in found]
+        times: dict[str, float] = {}
+        for kind in {kind for part in parts for kind in part}:
+            entries = [part[kind] for part in parts if kind in part]
+            wall, total = max(e["seconds"] for e in entries), sum(e["seconds"] for e in entries)
+            mine = self.kinds.setdefault(kind, {"rows": {}, "seconds": 0.0, "forward_s": 0.0, "steps_s": 0.0})
+            for e in entries:
+                mine["rows"].update(e["rows"])
+            for field in ("seconds", "forward_s", "steps_s"):
+                share = wall if field == "seconds" else wall * sum(e[field] for e in entries) / max(total, 1e-9)
+                mine[field] += share
+                times[field] = times.get(field, 0.0) + share
         if found:
             self.save()
             for path in found:

@@ -271,7 +271,10 @@ def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFo
             if stopped:
                 raise MeGError(f"stage A: {', '.join(stopped)} of {processes} stopped; rerun to resume from "
                                "the shards written")
+            earlier = {k: state.timing[k] for k in ("reused_edits", "reused_s")}  # fitted by runs before this one
             state = _FitState(model, tokenizer, requests, variants, fmt, config, neuron.spec, work_dir)
+            state.timing["forked_edits"] = state.timing["reused_edits"] - earlier["reused_edits"]
+            state.timing |= earlier
         state.run(neuron, progress)
     finally:
         neuron.detach()
