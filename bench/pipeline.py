@@ -8,6 +8,9 @@ contended run shows as one.
     .venv/bin/python bench/pipeline.py --limit 128                  # a quick look (-> pipeline-cf-128.json)
     .venv/bin/python bench/pipeline.py --processes 2                # stage A and the eval in 2 one-thread processes
                                                                     # (-> pipeline-cf-1024-processes2.json)
+    .venv/bin/python bench/pipeline.py --limit 10000 --swap --processes 2   # the files' roles swapped: edits from
+                                                                    # counterfact-train.json, pool counterfact-edit.json
+    ... --resume                                                    # go on with a killed run's work dir (marked so)
 
 The fit's own record (the pack's pack.json) gives each stage's time and the generator kind; the eval JSON gives the
 metrics, so the run doubles as a check that the CLI reproduces bench/meg.py's numbers.
@@ -43,24 +46,31 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=1024)
     parser.add_argument("--processes", type=int, default=1, help="megedit fit / eval --processes")
+    parser.add_argument("--swap", action="store_true", help="edits from counterfact-train.json, pool counterfact-edit.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep a killed run's work dir and go on (the result is marked resumed: its times then "
+                             "leave out the killed run's work)")
     args = parser.parse_args()
     from megedit.io import atomic_write_json
 
-    name = f"{args.limit}" + (f"-processes{args.processes}" if args.processes > 1 else "")
+    edits, pool = (CF_TRAIN, CF_EDIT) if args.swap else (CF_EDIT, CF_TRAIN)
+    name = ("swap-" if args.swap else "") + f"{args.limit}" + (f"-processes{args.processes}" if args.processes > 1 else "")
     work = HERE / "results" / "cases" / f"pipeline-{name}"
-    if work.exists():  # from an empty work dir: nothing cached
+    if work.exists() and not args.resume:  # from an empty work dir: nothing cached
         shutil.rmtree(work)
-    data = ["--data", f"counterfact:{CF_EDIT}", "--limit", str(args.limit)]
+    data = ["--data", f"counterfact:{edits}", "--limit", str(args.limit)]
     load_before = os.getloadavg()
-    fit_s = timed(["fit", *data, "--pseudo", f"counterfact:{CF_TRAIN}", "--out", str(work / "pack"),
+    fit_s = timed(["fit", *data, "--pseudo", f"counterfact:{pool}", "--out", str(work / "pack"),
                    "--work-dir", str(work / "work"), "--processes", str(args.processes)])
     eval_s = timed(["eval", str(work / "pack"), *data, "--json", str(work / "eval.json"),
                     "--processes", str(args.processes)])
     report = json.loads((work / "eval.json").read_text())
     manifest = json.loads((work / "pack" / "pack.json").read_text())
-    result = {"command": f"megedit fit {' '.join(data)} --pseudo counterfact:{CF_TRAIN.name}; megedit eval PACK "
-                         f"{' '.join(data)}", "n": args.limit, "data": f"counterfact:{CF_EDIT.name}",
-              "pool": f"counterfact:{CF_TRAIN.name}", "model": "smollm2", "seed": 0,
+    result = {"command": f"megedit fit {' '.join(data)} --pseudo counterfact:{pool.name} --processes {args.processes}; "
+                         f"megedit eval PACK {' '.join(data)} --processes {args.processes}",
+              "n": args.limit, "data": f"counterfact:{edits.name}", "pool": f"counterfact:{pool.name}",
+              "model": "smollm2", "seed": 0, "resumed": args.resume,
+              "reference_s": report["timing"]["locality_reference_s"],
               "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)), "processes": args.processes,
               "load_before": load_before[0], "load_after": os.getloadavg()[0], "cpus": os.cpu_count(),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -4,9 +4,10 @@ each ceiling, on every setting and N run (CounterFact, the swapped files, ZsRE).
 
     .venv/bin/python bench/router_ceiling.py
 
-Reads the calibration curves in bench/results/cases/meg-*/routing/ (bench/meg.py's caches; the
-curve does not depend on the ceiling, so one router per setting and N is enough) and writes
-bench/results/router_ceiling.json. No model runs: a second.
+Reads the calibration curves in bench/results/cases/meg-*/routing/ (bench/meg.py's caches) and
+cases/pipeline-swap-*/work/routing/ (bench/pipeline.py --swap: the files' roles swapped; the curve
+does not depend on the ceiling, so one router per setting and N is enough) into
+bench/results/router_ceiling.json, keeping the runs it held before. No model runs: a second.
 """
 
 from __future__ import annotations
@@ -23,16 +24,20 @@ def main() -> int:
     from megedit.io import atomic_write_json
     from megedit.stages.router import choose_epsilon
 
-    runs = {}
-    for path in sorted((HERE / "results" / "cases").glob("meg-*/routing/*/router.json")):
+    out = HERE / "results" / "router_ceiling.json"
+    # the runs found before stay (their caches may be gone); a router found again replaces its run
+    runs = {(r["setting"], r["n"]): r for r in (json.loads(out.read_text())["runs"] if out.exists() else [])}
+    cases = HERE / "results" / "cases"
+    found = [(p, p.parts[-4][len("meg-"):]) for p in cases.glob("meg-*/routing/*/router.json")]
+    found += [(p, "counterfact-swap") for p in cases.glob("pipeline-swap-*/work/routing/*/router.json")]
+    for path, setting in sorted(found):
         saved = json.loads(path.read_text())
         curve = saved["record"]["calibration"].get("curve")
         if not curve or saved["config"]["kind"] != "nearest":
             continue
-        setting, n = path.parts[-4][len("meg-"):], saved["record"]["training"]["n"]
+        n = saved["record"]["training"]["n"]
         runs[(setting, n)] = {"setting": setting, "n": n, "choices": [
             {"ceiling": c, **choose_epsilon(curve, c)} for c in CEILINGS]}
-    out = HERE / "results" / "router_ceiling.json"
     atomic_write_json(out, {"router": "nearest", "model": "smollm2", "encoder": "minilm (fine-tuned, stage B)",
                             "seed": 0, "runs": [runs[k] for k in sorted(runs)]})
     for r in runs.values():

@@ -456,11 +456,15 @@ def pipeline_table() -> str:
     for r in _load("pipeline-cf-*.json"):
         st = r["stages"]
         generator = r.get("generator", "mlp")  # runs before the record named it: the default of then
-        rows.append([f"{r['n']:,}", generator, str(r["threads"]), str(r.get("processes", 1)), f"{r['load_before']:.1f}",
-                     f"{st.get('A', 0):.0f}", f"{st.get('BC', 0):.0f}", f"{st.get('D', 0):.0f}", f"{r['fit_s']:.0f}", f"{r['eval_s']:.0f}",
+        edits = r["data"].split(":")[1] + (" (resumed run)" if r.get("resumed") else "")
+        reference = f"{r['reference_s']:.0f}" if "reference_s" in r else "—"
+        rows.append([f"{r['n']:,}", edits, generator, str(r["threads"]), str(r.get("processes", 1)),
+                     f"{r['load_before']:.1f}", f"{st.get('A', 0):.0f}", f"{st.get('BC', 0):.0f}",
+                     f"{st.get('D', 0):.0f}", f"{r['fit_s']:.0f}", f"{r['eval_s']:.0f}", reference,
                      f"**{r['total_s'] / 60:.1f}**", f"{r['score']:.1f}", r["date"][:10]])
-    return _table(["N", "generator", "threads", "processes (A, eval)", "load average before", "A s", "B+C s", "D s", "fit s (process)",
-                   "eval s (process)", "total min", "Score", "date"], rows)
+    return _table(["N", "edits", "generator", "threads", "processes (A, eval)", "load average before", "A s", "B+C s",
+                   "D s", "fit s (process)", "eval s (process)", "of which pre-edit reference s", "total min", "Score",
+                   "date"], rows)
 
 
 def processes_table() -> str:
