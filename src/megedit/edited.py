@@ -338,16 +338,18 @@ class EditedModel(NeuronSubject):
 
     def add_edits(self, requests: Sequence["EditRequest"], work_dir: str | Path, *,
                   pool: Sequence["EditRequest"] | None = None, replace: bool = True,
-                  config: "AddConfig | None" = None, progress: bool = True) -> "EditedModel":
+                  config: "AddConfig | None" = None, progress: bool = True, processes: int = 1) -> "EditedModel":
         """This pack with `requests` added, without a refit (docs/living-edits.md): stage A for
         them alone, their prompts added to the router, the generator fine-tuned on their pairs
         with the old edits' replayed. An edit whose case id or prompt the pack holds replaces it
         (`replace=False` refuses instead). `pool`: pseudo-edit records for the new edits' other
         wordings (and for `config.recalibrate`). `work_dir` caches the steps: a killed call
-        resumes. The returned model takes over the base model; this one is closed."""
+        resumes. `processes`: stage A's forked one-thread CPU processes (megedit.parallel). The
+        returned model takes over the base model; this one is closed."""
         from .living import add_edits
 
-        return add_edits(self, requests, work_dir, pool=pool, replace=replace, config=config, progress=progress)
+        return add_edits(self, requests, work_dir, pool=pool, replace=replace, config=config, progress=progress,
+                         processes=processes)
 
     def remove_edits(self, ids: Sequence[str], work_dir: str | Path, *, config: "AddConfig | None" = None,
                      progress: bool = True) -> "EditedModel":

@@ -62,7 +62,7 @@ class AddConfig:
 
 def add_edits(edited: EditedModel, requests: Sequence[EditRequest], work_dir: str | Path, *,
               pool: Sequence[EditRequest] | None = None, replace: bool = True, config: AddConfig | None = None,
-              progress: bool = True) -> EditedModel:
+              progress: bool = True, processes: int = 1) -> EditedModel:
     """`edited` with `requests` added (see `EditedModel.add_edits`)."""
     config, table = (config or AddConfig()).validate(), _editable(edited, "add")
     requests = _checked(requests)
@@ -75,7 +75,7 @@ def add_edits(edited: EditedModel, requests: Sequence[EditRequest], work_dir: st
     if replaced:
         log.info("add: replacing %d edits the pack holds (same case id or prompt; the later fact wins): %s",
                  len(replaced), ", ".join(table.case_ids[i] for i in replaced))
-    start, editor = time.perf_counter(), _editor(edited, progress)
+    start, editor = time.perf_counter(), _editor(edited, progress, processes)
     with _handed_over(edited):
         new, fit_record = _fit_new(editor, edited, requests, pool, Path(work_dir))
         kept = sorted(set(range(len(table))) - set(replaced))
@@ -143,10 +143,10 @@ def _checked(requests: Sequence[EditRequest]) -> list[EditRequest]:
     return requests
 
 
-def _editor(edited: EditedModel, progress: bool) -> MeGEditor:
+def _editor(edited: EditedModel, progress: bool, processes: int = 1) -> MeGEditor:
     """A MeGEditor with the pack's own settings on its base model (for stage A and validation)."""
     return MeGEditor(edited.model, edited.tokenizer, MeGConfig.from_dict(edited.config, where="the pack's config"),
-                     progress=progress)
+                     progress=progress, processes=processes)
 
 
 @contextmanager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_data_args, add_model_args, add_verb, load_data, load_pack, load_pool
+from .common import add_data_args, add_model_args, add_processes_arg, add_verb, load_data, load_pack, load_pool
 from .options import add_living_flags, living_config
 from .types import id_list
 
@@ -24,6 +24,7 @@ def add_add(sub) -> None:
                    help="pseudo-edit pool for the new edits' other wordings and --recalibrate (default: the records "
                    "of --data after the added ones when --limit is given, else none)")
     _common(p)
+    add_processes_arg(p)
     add_living_flags(p)
     p.set_defaults(run=run_add)
 
@@ -36,7 +37,8 @@ def run_add(args) -> int:
     kind, path, requests, _ = load_data(args)
     pool = load_pool(args, kind, path)[1] if args.pseudo or args.limit is not None else None
     edited = load_pack(args)
-    grown = edited.add_edits(requests, _work_dir(args), pool=pool, config=config, progress=args.progress)
+    grown = edited.add_edits(requests, _work_dir(args), pool=pool, config=config, progress=args.progress,
+                             processes=args.processes)
     grown.save_pretrained(args.out)
     h = grown.history[-1]
     print(f"added {len(h['ids'])} edits ({len(h['replaced'])} replacing edits the pack held; fit success "
