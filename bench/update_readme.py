@@ -212,14 +212,17 @@ def stage_a_cost_table() -> str:
 
 
 def headline_table() -> str:
-    """MeG with the defaults (each data setting, and larger N with today's defaults) and the
-    baselines at 1,024 CounterFact edits."""
+    """MeG with the defaults (each data setting and N; the MLP generator beside it up to 1,024) and
+    the baselines at 1,024 and 10,000 CounterFact edits."""
+    from megedit import MeGConfig
+
     rows = []
-    runs = _load("meg-*.json") + _load("baseline-cf-1024-*.json")
+    runs = _load("meg-*.json") + _load("baseline-cf-1024-*.json") + _load("baseline-cf-10000-*.json")
     for r in sorted(runs, key=lambda r: (r.get("setting", r["data"].split(":")[0]), r["n"], r["method"] != "meg", method_label(r))):
-        if r["method"] == "meg" and (r["n"] > 1024 and not current(method_label(r))
+        if r["method"] == "meg" and (not current(method_label(r)) or "of before" in method_label(r)
+                                     or r["n"] > 1024 and r["config"]["generator"]["kind"] != MeGConfig().generator.kind
                                      or r.get("edits_applied", r["n"]) != r["n"]):
-            continue  # larger runs of setups of before, and runs scoring part of their edits: docs/results.md
+            continue  # setups of before, other generators at scale, runs scoring part of their edits: docs/results.md
         cells = [r.get("setting", r["data"].split(":")[0]), f"{r['n']:,}", method_label(r)]
         cells += [f"{r['metrics'][k][s]:.1f}" for k, s in METRICS] + [f"**{r['score']:.1f}**"]
         cells.append(f"{(edit_seconds(r)[0] + r['timing']['total_s']) / 60:.0f}")
