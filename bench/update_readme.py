@@ -480,7 +480,7 @@ def processes_table() -> str:
                          f"{arm['load_before']:.1f}", f"{arm['fit_s']:.0f}", f"{arm['eval_s']:.0f}",
                          f"{r['fit_speedup']:.2f}x" if many else "1", f"{r['eval_speedup']:.2f}x" if many else "1",
                          f"{arm['fit_success']:.1f}", f"{arm['metrics']['reliability']['ag']:.1f}",
-                         f"{arm['metrics']['generality']['ag']:.1f}", f"{r['max_vector_difference']:.1g}" if many else "—"])
+                         f"{arm['metrics']['generality']['ag']:.1f}", f"{r['max_vector_difference']:.2g}" if many else "—"])
     return _table(["N", "processes x threads", "load average before", "stage A s", "eval s", "stage A speed-up",
                    "eval speed-up", "fit success %", "RelAG", "GenAG", "largest vector difference"], rows)
 
