@@ -92,6 +92,8 @@ def test_stage_a_in_two_processes_gives_the_fit_of_one(fitted, tmp_path):
     assert both.record["fit"]["success_rate"] == edited.record["fit"]["success_rate"]
     torch.testing.assert_close(both.edits.vectors, edited.edits.vectors, atol=1e-5, rtol=1e-5)
     both.close()
+    with pytest.raises(ConfigError, match="processes must be >= 1"):  # refused at once, before any stage runs
+        MeGEditor(model, tok, _config(), encoder=tiny_encoder(), progress=False, processes=0)
 
 
 def test_unfamiliar_queries_get_the_zero_vector_and_disabling_gives_the_exact_base_model(fitted):

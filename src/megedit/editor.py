@@ -27,6 +27,7 @@ from .edited import EditedModel
 from .errors import ConfigError
 from .io import atomic_write_json
 from .models import SentenceEncoder, load_encoder, model_fingerprint
+from .parallel import check_forkable
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class MeGEditor:
     def __init__(self, model, tokenizer, config: MeGConfig | None = None, *, encoder: SentenceEncoder | None = None,
                  progress: bool = True, processes: int = 1) -> None:
         self.model, self.tokenizer = model, tokenizer
+        check_forkable(model, processes)  # before any work, not at stage A
         self.processes = processes  # stage A's (fit_neurons): forked one-thread CPU processes, one part each
         self.config = (config or MeGConfig()).resolved()
         self.progress = progress
