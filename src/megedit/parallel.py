@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, MeGError
 from .lm import model_device
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,10 @@ def check_forkable(model, processes: int) -> None:
         raise ConfigError("processes > 1 needs the 'fork' start method (Linux); use processes=1 here")
 
 
-def run_forked(work: Callable[[int], None], n: int, what: str) -> list[str]:
-    """`work(k)` for each part k of n, each in a forked one-thread process; waits for all.
-    Returns one line per part that stopped (its exit code), empty when all finished.
-    Interrupting this process stops the parts; killing it stops them too (Linux)."""
+def run_forked(work: Callable[[int], None], n: int, what: str, rerun: str = "") -> None:
+    """`work(k)` for each part k of n, each in a forked one-thread process; waits for all. A part
+    that stops (exit code other than 0) is a one-line MeGError naming it, `what`, and `rerun` (what
+    a rerun picks up). Interrupting this process stops the parts; killing it stops them too (Linux)."""
 
     def part(k: int) -> None:
         _stop_with_parent()
@@ -57,7 +57,9 @@ def run_forked(work: Callable[[int], None], n: int, what: str) -> list[str]:
             if p.is_alive():
                 p.terminate()
                 p.join()
-    return [f"part {k + 1} (exit code {p.exitcode})" for k, p in enumerate(parts) if p.exitcode != 0]
+    stopped = [f"part {k + 1} (exit code {p.exitcode})" for k, p in enumerate(parts) if p.exitcode != 0]
+    if stopped:
+        raise MeGError(f"{what}: {', '.join(stopped)} of {n} stopped" + (f"; rerun to resume from {rerun}" if rerun else ""))
 
 
 def _stop_with_parent() -> None:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..data.prompts import DEFAULT_FOR_KIND, PromptFormat, get_format, stop_tokens
 from ..data.requests import EditRequest
-from ..errors import ConfigError, MeGError
+from ..errors import ConfigError
 from ..io import atomic_write_json
 from ..lm import Decoded, decode, length_batches
 from ..models import cache_root, model_fingerprint
@@ -72,10 +72,8 @@ def run_queries(subject: Subject, queries: Sequence[Query], prompt_ids: Sequence
     if s.processes > 1 and len(todo) > 1:
         done = _decode_in_parts(subject, queries, prompt_ids, drafts, s, progress, desc, goals, resume, todo, result)
         todo = []
-    for idx in batches:
-        if idx not in todo:
-            for i in idx:
-                result.forced[i], result.generated[i] = done[i]
+    for i, (forced, generated) in done.items():  # rows of a batch in `todo` are decoded again below
+        result.forced[i], result.generated[i] = forced, generated
     _decode_batches(subject, queries, prompt_ids, drafts, s, progress, desc, goals, todo, result, resume)
     return result
 
@@ -117,13 +115,12 @@ def _decode_in_parts(subject: Subject, queries, prompt_ids, drafts, s: DecodeSet
                             todo[k :: s.processes], Decoded([None] * len(queries), [None] * len(queries)), part)
             part.save()
 
-        stopped = run_forked(work, s.processes, f"evaluation ({desc})")
-        times = into.absorb_parts()
-    result.forward_s += times.get("forward_s", 0.0)
-    result.steps_s += times.get("steps_s", 0.0)
-    if stopped:
-        raise MeGError(f"evaluation ({desc}): {', '.join(stopped)} of {s.processes} stopped"
-                       + ("; rerun to resume from the batches saved" if resume else ""))
+        try:
+            run_forked(work, s.processes, f"evaluation ({desc})", rerun="the batches saved" if resume else "")
+        finally:  # what the parts finished, a stopped one's too, goes into the checkpoint
+            times = into.absorb_parts()
+            result.forward_s += times.get("forward_s", 0.0)
+            result.steps_s += times.get("steps_s", 0.0)
     return into.rows(desc)
 
 

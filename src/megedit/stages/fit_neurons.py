@@ -265,12 +265,9 @@ def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFo
     try:
         state = _FitState(model, tokenizer, requests, variants, fmt, config, neuron.spec, work_dir, part)
         if processes > 1 and not bool(state.done[state.mine].all()):
-            stopped = run_forked(lambda k: _FitState(model, tokenizer, requests, variants, fmt, config, neuron.spec,
-                                                     work_dir, (k, processes)).run(neuron, progress and k == 0),
-                                 processes, "stage A")
-            if stopped:
-                raise MeGError(f"stage A: {', '.join(stopped)} of {processes} stopped; rerun to resume from "
-                               "the shards written")
+            run_forked(lambda k: _FitState(model, tokenizer, requests, variants, fmt, config, neuron.spec, work_dir,
+                                           (k, processes)).run(neuron, progress and k == 0),
+                       processes, "stage A", rerun="the shards written")
             earlier = {k: state.timing[k] for k in ("reused_edits", "reused_s")}  # fitted by runs before this one
             state = _FitState(model, tokenizer, requests, variants, fmt, config, neuron.spec, work_dir)
             state.timing["forked_edits"] = state.timing["reused_edits"] - earlier["reused_edits"]
