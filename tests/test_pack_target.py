@@ -90,3 +90,20 @@ def test_check_pack_target_accepts_what_may_be_replaced(tmp_path):
     (tmp_path / "pack").mkdir()
     (tmp_path / "pack" / "pack.json").write_text(json.dumps({"format": "megedit-pack"}))
     check_pack_target(tmp_path / "pack")
+
+
+def test_a_pack_gets_the_modes_the_umask_gives(fitted, tmp_path):  # noqa: F811
+    """Atomic writes go through temporary files (0o600) and folders (0o700): the pack must still
+    be readable as the user's umask allows, e.g. by a server running as another user."""
+    import os
+    import stat
+
+    edited, _ = fitted
+    before = os.umask(0o027)
+    try:
+        edited.save_pretrained(tmp_path / "pack")
+    finally:
+        os.umask(before)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "pack").iterdir()}
+    assert stat.S_IMODE((tmp_path / "pack").stat().st_mode) == 0o750
+    assert "pack.json" in modes and set(modes.values()) == {0o640}, modes

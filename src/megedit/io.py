@@ -9,6 +9,28 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def _umask() -> int:
+    """The process's umask, read race-free from /proc where it is there (os.umask can only be
+    read by setting it, which a thread creating a file at that moment would see)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(path: str | Path, folder: bool = False) -> Path:
+    """Give `path` the mode a plain open() or mkdir() would have (0o666 / 0o777 less the umask):
+    tempfile makes files 0o600 and folders 0o700, which would leave packs and caches written
+    atomically unreadable to the group or to a server running as another user."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+    return Path(path)
+
+
 def parse_text(text: str, parse: Callable[[str], Any] = json.loads) -> Any:
     """`parse(text)` (json.loads, yaml.safe_load); nesting too deep for Python's stack is a
     ValueError like any other malformed text, so callers' one-line errors cover it."""
@@ -27,6 +49,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        usual_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
