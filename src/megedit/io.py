@@ -23,12 +23,18 @@ def _umask() -> int:
     return mask
 
 
-def usual_mode(path: str | Path, folder: bool = False) -> Path:
+def _usual_mode(path: str | Path, folder: bool = False) -> Path:
     """Give `path` the mode a plain open() or mkdir() would have (0o666 / 0o777 less the umask):
     tempfile makes files 0o600 and folders 0o700, which would leave packs and caches written
     atomically unreadable to the group or to a server running as another user."""
     os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
     return Path(path)
+
+
+def temp_folder_beside(target: Path, prefix: str, suffix: str = "") -> Path:
+    """A fresh folder in `target`'s parent (so it can be renamed onto `target`), with the mode
+    mkdir() would give: a folder written whole, then moved into place."""
+    return _usual_mode(tempfile.mkdtemp(dir=target.parent, prefix=prefix, suffix=suffix), folder=True)
 
 
 def parse_text(text: str, parse: Callable[[str], Any] = json.loads) -> Any:
@@ -49,7 +55,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        usual_mode(tmp)
+        _usual_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

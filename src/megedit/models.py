@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import ModelLoadError
-from .io import usual_mode
+from .io import temp_folder_beside
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def _dequantise(gguf: Path, lm: EmbeddedLM):
 
 def _save_once(model, tokenizer, target: Path) -> None:
     """Save to a temporary folder next to `target`, then rename it into place."""
-    tmp = usual_mode(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"), folder=True)
+    tmp = temp_folder_beside(target, prefix=".tmp-")
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 from .edit_table import EDIT_FILES
 from .errors import MeGError
-from .io import atomic_write_json, parse_text, usual_mode
+from .io import atomic_write_json, parse_text, temp_folder_beside
 
 PACK_FORMAT, PACK_VERSION = "megedit-pack", 3  # 2: pack.json holds its own checksum; 3: the edit table, history
 READ_VERSIONS = (2, 3)
@@ -105,7 +104,7 @@ def write_pack(directory: Path, manifest: dict, write: Callable[[Path], Sequence
     the folder then replaces `directory` whole (only an earlier pack may be there)."""
     check_pack_target(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = usual_mode(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"), folder=True)
+    tmp = temp_folder_beside(directory, prefix=f".{directory.name}.", suffix=".tmp")
     try:
         manifest = {**manifest, "files": {name: file_sha256(tmp / name) for name in write(tmp)}}
         atomic_write_json(tmp / "pack.json", {**manifest, "manifest_sha256": manifest_sha256(manifest)})
