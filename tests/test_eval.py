@@ -201,3 +201,35 @@ def test_a_token_budget_shorter_than_a_target_is_refused_in_one_line(lm, tmp_pat
 
     with pytest.raises(ConfigError, match=r"^max_new_tokens 2 is shorter than the target of edit 0 \(3 tokens"):
         evaluate(lm, _requests(), max_new_tokens=2, progress=False, cache_dir=tmp_path)
+
+
+def test_locality_queries_a_subject_leaves_unchanged_get_the_reference_without_decoding(lm, tmp_path):
+    """A neuron subject with zero vectors on the locality queries: they are not decoded, and the
+    report is the one decoding them all gives."""
+    from megedit.eval.subject import NeuronSubject
+
+    model, tok = lm
+    neuron = attach_neuron(model, 1)
+    reqs = _requests()
+    changed = {r.prompt for r in reqs} | {reqs[0].locality[0].prompt}  # one locality query is changed
+    decoded = []
+
+    def vectors(queries):  # each query's own vector, whatever batch it is in
+        return torch.stack([torch.randn(neuron.spec.size, generator=torch.Generator().manual_seed(len(q.text))) * 3
+                            if q.text in changed else torch.zeros(neuron.spec.size) for q in queries])
+
+    class Counting(NeuronSubject):
+        def batch_context(self, queries):
+            if self.neuron.enabled:  # not the pre-edit reference
+                decoded.extend(q.text for q in queries if q.kind == "locality")
+            return super().batch_context(queries)
+
+    subject = Counting(model, tok, neuron, vectors, "routed")
+    settings = {"batch_size": 4, "max_new_tokens": 6, "progress": False, "cache_dir": tmp_path}
+    fast = evaluate(subject, reqs, **settings)
+    assert decoded == [reqs[0].locality[0].prompt] and fast.protocol["counts"]["locality_unchanged"] == 5
+    decoded.clear()
+    full = evaluate(subject, reqs, decode_unchanged=True, **settings)
+    assert len(decoded) == 6 and full.protocol["counts"]["locality_unchanged"] == 0
+    assert fast.cases == full.cases and fast.metrics == full.metrics
+    assert [c["ag"] for c in full.cases if c["kind"] == "locality"] == [False] + [True] * 5  # the changed one moved

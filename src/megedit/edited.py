@@ -121,6 +121,11 @@ class EditedModel(NeuronSubject):
         named = [None if i is None else ids[i] if ids is not None else str(i) for i in nearest]
         return Routing(out, distance, familiar, [e if f else None for e, f in zip(named, familiar.tolist())])
 
+    def unchanged(self, queries: Sequence[Query]) -> list[bool]:
+        """The queries the router turns away (their neuron vector is zero), without generating
+        the vectors of the others."""
+        return (~self.route([q.text for q in queries])[2]).tolist()
+
     def describe(self) -> dict:
         return {"method": "meg", "spec": self.spec.to_dict(), "epsilon": self.router.epsilon,
                 "router": self.router.config.kind, "generator": self.generator.config.kind,

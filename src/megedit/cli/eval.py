@@ -45,6 +45,9 @@ def add_eval(sub) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=20,
                    help="at most this many new tokens per answer (AG)")
     add_processes_arg(p, "decode the evaluation's batches")
+    p.add_argument("--decode-unchanged", action="store_true",
+                   help="decode the locality queries a pack's router turns away too (by default they get the "
+                        "pre-edit answers, which is what decoding them gives; this checks it, ~3x slower locality)")
     p.add_argument("--json", type=Path, default=None,
                    help="write the eval JSON here (a killed run resumes from JSON.partial beside it, and a "
                         "killed FT from JSON.ft-training.pt)")
@@ -122,7 +125,7 @@ def run_eval(args) -> int:
     report = evaluate(subject, requests, prompt_format=fmt, data_kind=kind, data_name=f"{kind}:{path.name}",
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=args.progress,
                       checkpoint=args.json and args.json.with_name(args.json.name + ".partial"),
-                      processes=args.processes)
+                      processes=args.processes, decode_unchanged=args.decode_unchanged)
     log.info("evaluated %d edits in %.0f s", len(requests), time.perf_counter() - start)
     print(report.table())
     print(f"N={report.n}  data={report.data}  model={report.model}  format={fmt.name}  seed={args.seed}")

@@ -3,7 +3,9 @@
 Each edit contributes three queries: its prompt (Reliability), its first rephrase (Generality)
 and its first locality prompt (Locality). Each is scored by greedy generation (AG) and by
 teacher forcing (TF). Locality is scored against the PRE-edit model's own output, computed once
-per (model, queries, format, settings) and cached on disk.
+per (model, queries, format, settings) and cached on disk. A locality query the subject leaves
+exactly as the unedited model (MeG: the router turns it away, so the neuron adds 0.0) gets that
+output without being decoded again: decoding it gives the same tokens (checked on 10,000 edits).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class DecodeSettings:
     max_new_tokens: int = 20
     batch_size: int = 32
     processes: int = 1  # forked CPU processes sharing the batches (megedit.parallel); not in any cache key
+    decode_unchanged: bool = False  # decode the locality queries the subject leaves unchanged too (a check)
 
 
 def run_queries(subject: Subject, queries: Sequence[Query], prompt_ids: Sequence[list[int]],
@@ -235,7 +238,7 @@ def _check_answer_room(queries: Sequence[Query], fmt, tok, max_new_tokens: int) 
 def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | PromptFormat | None = None,
              data_kind: str | None = None, data_name: str | None = None, max_new_tokens: int = 20,
              batch_size: int = 32, progress: bool = True, cache_dir: Path | None = None,
-             checkpoint: str | Path | None = None, processes: int = 1) -> EvalReport:
+             checkpoint: str | Path | None = None, processes: int = 1, decode_unchanged: bool = False) -> EvalReport:
     """Score `subject` (a Subject or a `(model, tokenizer)` pair) on `requests`.
 
     The prompt format defaults to the data kind's (raw cloze for CounterFact, the short-answer
@@ -245,12 +248,14 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
     when the evaluation completes. A MeG subject's key holds its settings, not its generator's
     weights: give each edited model its own checkpoint file. `processes` > 1 (CPU, Linux): the
     batches are shared among that many forked processes (megedit.parallel), the same scores.
+    `decode_unchanged`: decode the locality queries the subject says it leaves unchanged too, not
+    only those it changes (slower; the same scores, which is what it checks).
     """
     subject = as_subject(subject)
     check_forkable(subject.model, processes)
     tok = subject.tokenizer
     fmt = get_format(prompt_format or DEFAULT_FOR_KIND.get(data_kind or "", "raw"))
-    s = DecodeSettings(fmt, max_new_tokens, batch_size, processes)
+    s = DecodeSettings(fmt, max_new_tokens, batch_size, processes, decode_unchanged)
     queries = build_queries(requests)
     prompts = {k: [fmt.prompt_ids(q.text, tok) for q in qs] for k, qs in queries.items()}
     _check_answer_room(queries["reliability"], fmt, tok, max_new_tokens)
@@ -275,12 +280,14 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
         resume.remove()
     six = [v for m in credits.values() for v in m.values()]
     timing["total_s"] = timing["locality_reference_s"] + sum(timing[f"{k}_s"] for k in credits)
+    protocol = _protocol(fmt, s, queries, len(six))
+    protocol["counts"]["locality_unchanged"] = timing.pop("locality_unchanged", 0)
     return EvalReport(
         method=subject.method,
         model=getattr(subject.model, "megedit_source", None) or subject.model.config._name_or_path,
         data=data_name or data_kind or "custom",
         n=len(requests),
-        protocol=_protocol(fmt, s, queries, len(six)),
+        protocol=protocol,
         metrics=credits,
         score=harmonic_mean(six) if six else float("nan"),
         timing=timing,
@@ -295,7 +302,16 @@ def _run_kind(subject, kind: str, qs: Sequence[Query], prompts: list, ref_tokens
     expected, drafts, goals = _answers_sought(kind, qs, ref_tokens, s.prompt_format, subject.tokenizer)
     start = time.perf_counter()
     earlier = resume.seconds(kind) if resume else {}  # batches a killed run finished
-    out = run_queries(subject, qs, prompts, drafts, s, progress, kind, goals, resume)
+    same = _unchanged(subject, qs, s) if kind == "locality" else [False] * len(qs)
+    todo = [i for i, u in enumerate(same) if not u]
+    part = run_queries(subject, [qs[i] for i in todo], [prompts[i] for i in todo], [drafts[i] for i in todo], s,
+                       progress, kind, [goals[i] for i in todo], resume)
+    # an unchanged query's greedy output is the reference, and so is its teacher-forced argmax
+    out = Decoded([list(t) if u else None for t, u in zip(expected, same)],
+                  [list(t) if u else None for t, u in zip(expected, same)], part.forward_s, part.steps_s)
+    for k, i in enumerate(todo):
+        out.forced[i], out.generated[i] = part.forced[k], part.generated[k]
+    timing["locality_unchanged"] = timing.get("locality_unchanged", 0) + len(qs) - len(todo)
     timing[f"{kind}_s"] = time.perf_counter() - start + earlier.get("seconds", 0.0)
     timing["forward_pass_s"] = timing.get("forward_pass_s", 0.0) + out.forward_s + earlier.get("forward_s", 0.0)
     timing["decoding_steps_s"] = timing.get("decoding_steps_s", 0.0) + out.steps_s + earlier.get("steps_s", 0.0)
@@ -304,12 +320,21 @@ def _run_kind(subject, kind: str, qs: Sequence[Query], prompts: list, ref_tokens
     return _score(kind, qs, out, expected, subject.tokenizer)
 
 
+def _unchanged(subject: Subject, qs: Sequence[Query], s: DecodeSettings) -> list[bool]:
+    """Which queries the subject leaves exactly as the unedited model, asked a batch at a time
+    (all False with `s.decode_unchanged`)."""
+    if s.decode_unchanged:
+        return [False] * len(qs)
+    return [u for i in range(0, len(qs), s.batch_size) for u in subject.unchanged(qs[i : i + s.batch_size])]
+
+
 def _checkpoint_key(subject, queries: dict, prompts: dict, ref_tokens, s: DecodeSettings, progress: bool) -> str:
     """What a resumable evaluation depends on: the subject (method, settings, weights), every query and setting."""
     return hashlib.sha256(json.dumps({
         "method": subject.method, "edit": subject.describe(), "model": model_fingerprint(subject.model, progress),
         "prompts": prompts, "targets": [q.target for q in queries["reliability"]], "reference": ref_tokens,
         "format": s.prompt_format.to_dict(), "max_new_tokens": s.max_new_tokens, "batch_size": s.batch_size,
+        "decoded": "changed locality queries" if not s.decode_unchanged else "all",  # the rows' numbering
     }, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -333,6 +358,10 @@ def _protocol(fmt: PromptFormat, s: DecodeSettings, queries: dict, n_metrics: in
         "tf": "teacher-forced argmax accuracy over the target tokens; locality: over the pre-edit model's "
               "greedy output tokens (its end-of-answer token included when it produced one)",
         "queries": "first rephrase and first locality prompt of each edit",
+        "unchanged": "all queries decoded" if s.decode_unchanged else
+                     "a locality query the subject leaves exactly as the unedited model (MeG: router off, the neuron "
+                     "adds 0.0; weight edits: none) is given the pre-edit output, the tokens decoding it gives; "
+                     "counts.locality_unchanged of them",
         "early_stop": "a query's decoding stops once its output can no longer match (same AG credit); "
                       "'got' in the cases shows the output up to that point",
         "score": f"harmonic mean of the {n_metrics} numbers above",

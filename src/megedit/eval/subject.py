@@ -4,7 +4,9 @@ A subject is the base model plus whatever a method adds. The harness decodes and
 subject with the same code; a subject only says what to switch on for a batch of queries
 (`batch_context`, given the batch's queries; it may yield a `select_rows(index)` callback for
 rows leaving the batch, e.g. MeG's per-query neuron) and how to get the unedited model back
-(`unedited`, for the pre-edit locality references).
+(`unedited`, for the pre-edit locality references), and which queries it leaves exactly as the
+unedited model (`unchanged`: the harness gives those locality queries the pre-edit answers,
+which is what decoding them gives, instead of decoding them again).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class Subject(Protocol):
 
     def unedited(self) -> ContextManager: ...
 
+    def unchanged(self, queries: Sequence[Query]) -> list[bool]: ...
+
     def describe(self) -> dict: ...
 
 
@@ -54,6 +58,11 @@ class PlainSubject:
 
     def unedited(self) -> ContextManager:
         return nullcontext()
+
+    def unchanged(self, queries: Sequence[Query]) -> list[bool]:
+        """Which queries this subject provably answers as the unedited model does. None here: a
+        subject that cannot show it (a weight edit changes every query) has all of them decoded."""
+        return [False] * len(queries)
 
     def describe(self) -> dict:
         return {}
@@ -154,6 +163,10 @@ class NeuronSubject(PlainSubject):
             yield
         finally:
             self.neuron.enabled = previous
+
+    def unchanged(self, queries: Sequence[Query]) -> list[bool]:
+        """The queries whose neuron vector is zero: the neuron adds exactly 0.0 to them."""
+        return (self.vectors(queries) == 0).all(dim=1).tolist()
 
     def describe(self) -> dict:
         return dict(self.settings)
