@@ -269,10 +269,11 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
         key = _checkpoint_key(subject, queries, prompts, ref_tokens, s, progress)
         resume = _Checkpoint(Path(checkpoint), key)
 
-    cases, credits = [], {}
+    cases, credits, unchanged = [], {}, 0
     for kind, qs in queries.items():
         if qs:
-            rows = _run_kind(subject, kind, qs, prompts[kind], ref_tokens, s, progress, resume, timing)
+            rows, kept = _run_kind(subject, kind, qs, prompts[kind], ref_tokens, s, progress, resume, timing)
+            unchanged += kept
             credits[kind] = {"ag": percent([r["ag"] for r in rows]), "tf": percent([r["tf"] for r in rows])}
             cases.extend(rows)
 
@@ -281,7 +282,7 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
     six = [v for m in credits.values() for v in m.values()]
     timing["total_s"] = timing["locality_reference_s"] + sum(timing[f"{k}_s"] for k in credits)
     protocol = _protocol(fmt, s, queries, len(six))
-    protocol["counts"]["locality_unchanged"] = timing.pop("locality_unchanged", 0)
+    protocol["counts"]["locality_unchanged"] = unchanged
     return EvalReport(
         method=subject.method,
         model=getattr(subject.model, "megedit_source", None) or subject.model.config._name_or_path,
@@ -297,8 +298,9 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
 
 
 def _run_kind(subject, kind: str, qs: Sequence[Query], prompts: list, ref_tokens, s: DecodeSettings, progress: bool,
-              resume: "_Checkpoint | None", timing: dict) -> list[dict]:
-    """The scored rows of one query kind; its times added to `timing` (a killed run's batches included)."""
+              resume: "_Checkpoint | None", timing: dict) -> tuple[list[dict], int]:
+    """The scored rows of one query kind and how many of them the subject left unchanged (given the
+    reference, not decoded); its times added to `timing` (a killed run's batches included)."""
     expected, drafts, goals = _answers_sought(kind, qs, ref_tokens, s.prompt_format, subject.tokenizer)
     start = time.perf_counter()
     earlier = resume.seconds(kind) if resume else {}  # batches a killed run finished
@@ -311,13 +313,12 @@ def _run_kind(subject, kind: str, qs: Sequence[Query], prompts: list, ref_tokens
                   [list(t) if u else None for t, u in zip(expected, same)], part.forward_s, part.steps_s)
     for k, i in enumerate(todo):
         out.forced[i], out.generated[i] = part.forced[k], part.generated[k]
-    timing["locality_unchanged"] = timing.get("locality_unchanged", 0) + len(qs) - len(todo)
     timing[f"{kind}_s"] = time.perf_counter() - start + earlier.get("seconds", 0.0)
     timing["forward_pass_s"] = timing.get("forward_pass_s", 0.0) + out.forward_s + earlier.get("forward_s", 0.0)
     timing["decoding_steps_s"] = timing.get("decoding_steps_s", 0.0) + out.steps_s + earlier.get("steps_s", 0.0)
     if resume:
         resume.save()
-    return _score(kind, qs, out, expected, subject.tokenizer)
+    return _score(kind, qs, out, expected, subject.tokenizer), len(qs) - len(todo)
 
 
 def _unchanged(subject: Subject, qs: Sequence[Query], s: DecodeSettings) -> list[bool]:
