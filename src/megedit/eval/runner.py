@@ -309,9 +309,8 @@ def _run_kind(subject, kind: str, qs: Sequence[Query], prompts: list, ref_tokens
     part = run_queries(subject, [qs[i] for i in todo], [prompts[i] for i in todo], [drafts[i] for i in todo], s,
                        progress, kind, [goals[i] for i in todo], resume)
     # an unchanged query's greedy output is the reference, and so is its teacher-forced argmax
-    out = Decoded([list(t) if u else None for t, u in zip(expected, same)],
-                  [list(t) if u else None for t, u in zip(expected, same)], part.forward_s, part.steps_s)
-    for k, i in enumerate(todo):
+    out = Decoded(list(expected), list(expected), part.forward_s, part.steps_s)
+    for k, i in enumerate(todo):  # the decoded rows replace theirs
         out.forced[i], out.generated[i] = part.forced[k], part.generated[k]
     timing[f"{kind}_s"] = time.perf_counter() - start + earlier.get("seconds", 0.0)
     timing["forward_pass_s"] = timing.get("forward_pass_s", 0.0) + out.forward_s + earlier.get("forward_s", 0.0)
