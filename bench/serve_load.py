@@ -34,17 +34,30 @@ of requests that fired an edit (each choice's `megedit` object), and the server'
 batch (from /healthz). Then edited/base ratios of requests/s and tokens/s.
 Results: bench/results/serve-load-<pack folder name>.json (or --out). Exit status 1 if any request
 failed.
+
+--workload mixed: short edited answers beside long base ones, the case continuous batching is for.
+Each client alternates an edit's prompt on the edited model (--max-tokens; the answer is the new
+target, then a newline) and a locality prompt on the base model (--long-tokens), for --seconds.
+--compare-with DIR also runs the same load against another copy of the serve package (a folder
+holding its __init__.py, app.py and batcher.py, e.g. the previous release's, written out with
+`git show REV:src/megedit/serve/app.py`), one server after the other in this process; per server:
+latency p50/p95 of each kind, requests/s, errors, and the process's resident memory (sampled
+each second: at the start, the end and the peak of its run).
+
+    .venv/bin/python bench/serve_load.py PACK --workload mixed --clients 8 --seconds 60 --compare-with /tmp/old-serve
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import logging
 import os
 import random
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -93,6 +106,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=60.0, help="measured time per model, over all rounds")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per model (edited and base alternate)")
     parser.add_argument("--max-tokens", type=int, default=16, help="max_tokens of every request")
+    parser.add_argument("--workload", choices=("alternate", "mixed"), default="alternate",
+                        help="alternate: edited and base rounds; mixed: short edited and long base answers at once")
+    parser.add_argument("--long-tokens", type=int, default=64, help="max_tokens of the mixed workload's base requests")
+    parser.add_argument("--compare-with", type=Path, default=None, metavar="DIR",
+                        help="mixed: also load another copy of the serve package (a folder with its __init__.py)")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/serve-load-<pack name>.json")
     add_model_args(parser, None, pack=True)  # --model, --device, --dtype, as `megedit serve`
     args = parser.parse_args()
@@ -273,6 +291,144 @@ def _two(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
+# -- the mixed workload ---------------------------------------------------------------------------
+
+
+def serve_package(folder: Path | None):
+    """megedit.serve, or another copy of it loaded from `folder` as megedit.serve_other (its
+    relative imports then reach this megedit's other modules)."""
+    if folder is None:
+        import megedit.serve as package
+
+        return package
+    spec = importlib.util.spec_from_file_location("megedit.serve_other", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["megedit.serve_other"] = package
+    spec.loader.exec_module(package)
+    return package
+
+
+class Memory:
+    """The process's resident memory, sampled every second in a thread: start, end, peak (MiB)."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def now() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self.samples.append(self.now())
+
+    def __enter__(self) -> "Memory":
+        self.samples.append(self.now())
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(self.now())
+
+    def summary(self) -> dict:
+        return {"start_mib": round(self.samples[0], 1), "end_mib": round(self.samples[-1], 1),
+                "peak_mib": round(max(self.samples), 1)}
+
+
+async def mixed_load(root: str, models: dict[str, str], mix: list[Query], args) -> dict[str, Tally]:
+    """Clients alternate short edited requests (edit prompts) and long base ones (locality prompts)."""
+    from openai import AsyncOpenAI
+
+    kinds = {"short": (models["edited"], [q for q in mix if q.kind == "prompt"], args.max_tokens),
+             "long": (models["base"], [q for q in mix if q.kind == "locality"] or mix, args.long_tokens)}
+    tallies = {kind: Tally() for kind in kinds}
+    client = AsyncOpenAI(base_url=f"{root}/v1", api_key="unused", max_retries=0, timeout=CLIENT_TIMEOUT_S)
+
+    async def one_client(k: int, end: float, count: bool) -> None:
+        i = k
+        while time.perf_counter() < end:
+            kind = ("short", "long")[i % 2]
+            model, queries, max_tokens = kinds[kind]
+            result = await ask(client, model, queries[(i // 2) % len(queries)], max_tokens)
+            i += 1
+            if isinstance(result, str):
+                tallies[kind].errors.append(result)
+            elif count and time.perf_counter() <= end:
+                tallies[kind].latencies.append(result[0])
+                tallies[kind].texts.append(result[1])
+                tallies[kind].fired.append((kind, result[2]))
+            if not count:
+                return
+
+    try:
+        await asyncio.gather(*(one_client(k, time.perf_counter() + 1e9, False) for k in range(args.clients)))
+        before = server_counters(root)
+        await asyncio.gather(*(one_client(k, time.perf_counter() + args.seconds, True) for k in range(args.clients)))
+        after = server_counters(root)
+    finally:
+        await client.close()
+    for tally in tallies.values():
+        tally.seconds = args.seconds
+        tally.batches, tally.rows = after["batches"] - before["batches"], after["rows"] - before["rows"]
+    return tallies
+
+
+def run_mixed(edited, args, mix: list[Query], n_edits: int) -> dict:
+    """The mixed workload against this server and, with --compare-with, the other one."""
+    servers = {"continuous": serve_package(None)}
+    if args.compare_with is not None:
+        servers["compared"] = serve_package(args.compare_with)
+    results = {}
+    for name, package in servers.items():
+        app = package.create_app(edited, model_id=f"megedit/{args.pack.resolve().name}")
+        with Memory() as memory, package.in_thread(app) as root:
+            tallies = asyncio.run(mixed_load(root, model_ids(root), mix, args))
+        n = sum(len(t.latencies) for t in tallies.values())
+        results[name] = {"package": package.__file__, "requests": n, "requests_per_s": n / args.seconds,
+                         "errors": sum(len(t.errors) for t in tallies.values()),
+                         "latency_s": latency(np.array([x for t in tallies.values() for x in t.latencies])),
+                         "memory": memory.summary(), "server": server_stats(app),
+                         **{kind: summarize(t, edited.tokenizer) for kind, t in tallies.items()}}
+        print(f"{name}: {results[name]['requests_per_s']:.2f} req/s", flush=True)
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "workload": "mixed",
+            "pack": str(args.pack.resolve()), "n_edits": n_edits, "data": args.data, "clients": args.clients,
+            "seconds": args.seconds, "max_tokens_short": args.max_tokens, "max_tokens_long": args.long_tokens,
+            "compared_with": None if args.compare_with is None else str(args.compare_with.resolve()),
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": str(edited.model.device),
+            "dtype": str(edited.model.dtype), **results}
+
+
+def server_stats(app) -> dict:
+    batcher = app.state.batcher
+    return {"max_batch": batcher.max_batch, "max_queue": batcher.max_queue, **batcher.stats}
+
+
+def show_mixed(result: dict) -> None:
+    print(f"mixed workload: {result['clients']} clients, {result['seconds']:g} s, short max_tokens "
+          f"{result['max_tokens_short']} (edited), long {result['max_tokens_long']} (base), "
+          f"{result['threads']} thread(s)")
+    for name in ("continuous", "compared"):
+        if name not in result:
+            continue
+        m = result[name]
+        memory = m["memory"]
+        print(f"  {name:10} {m['requests_per_s']:6.2f} req/s  {m['errors']} errors  memory peak "
+              f"{memory['peak_mib']:.0f} MiB (start {memory['start_mib']:.0f}, end {memory['end_mib']:.0f})")
+        for kind in ("short", "long"):
+            lat = m[kind]["latency_s"]
+            print(f"    {kind:5} {m[kind]['requests']:4} requests  p50 {_secs(lat['p50'])}  p95 {_secs(lat['p95'])}")
+
+
+def _secs(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f} s"
+
+
 def main() -> int:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -283,6 +439,13 @@ def main() -> int:
     edited = load_pack(args)
     case_ids, n_edits = pack_edits(edited)
     mix = query_mix(args.data, case_ids, n_edits)
+    if args.workload == "mixed":
+        result = run_mixed(edited, args, mix, n_edits)
+        out = args.out or HERE / "results" / f"serve-load-mixed-{args.pack.resolve().name}.json"
+        atomic_write_json(out, result)
+        show_mixed(result)
+        print(f"wrote {out}")
+        return 1 if any(result[name]["errors"] for name in ("continuous", "compared") if name in result) else 0
     app = create_app(edited, model_id=f"megedit/{args.pack.resolve().name}")  # the server's default limits
     with in_thread(app) as root:
         models = model_ids(root)

@@ -19,8 +19,10 @@ from test_editor import EDITS
 from test_generation import CHAT_TEMPLATE, edited  # noqa: F401  (the module's tiny pack fixture)
 from transformers.generation.streamers import BaseStreamer
 
+import megedit.serve.batcher as batcher_module
 from megedit.errors import ConfigError
 from megedit.serve import create_app, in_thread
+from megedit.serve.steps import Cohort, Sampling, pick
 
 MODEL = "megedit/tiny"
 BASE = f"{MODEL}-base"
@@ -158,14 +160,14 @@ def test_concurrent_requests_are_batched_and_each_row_keeps_its_routing(client, 
 def test_a_full_queue_answers_503_at_once(edited, monkeypatch):
     app = create_app(edited, model_id=MODEL, max_batch=1, max_queue=2)
     batcher, taken, gate = app.state.batcher, threading.Event(), threading.Event()
-    run = batcher._run
+    join = batcher._join
 
-    def slow(rows):
+    def slow(cohort, live, rows):  # the worker holds the first request's row until the gate opens
         taken.set()
         gate.wait(30)
-        run(rows)
+        return join(cohort, live, rows)
 
-    monkeypatch.setattr(batcher, "_run", slow)
+    monkeypatch.setattr(batcher, "_join", slow)
     with serving(app) as url, ThreadPoolExecutor(3) as pool:
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
         first = pool.submit(_complete, client, UNRELATED)
@@ -211,6 +213,110 @@ def test_what_the_server_cannot_do_is_a_400_in_openais_shape(client):
         client.completions.create(model=MODEL, prompt="a", temperature=3)
     with pytest.raises(openai.BadRequestError, match="121 tokens long; the limit is 120"):
         client.completions.create(model=MODEL, prompt="x" * 121, max_tokens=8)  # no room left for the answer
+
+
+# -- continuous batching -------------------------------------------------------------------------
+
+
+def _slow_steps(monkeypatch, step_s=0.02, token=None):
+    """Each decoding step takes `step_s` longer; with `token`, every row answers it until max_tokens."""
+    step = Cohort.step
+
+    def slow(self, tokens):
+        time.sleep(step_s)
+        return step(self, tokens)
+
+    monkeypatch.setattr(Cohort, "step", slow)
+    if token is not None:
+        monkeypatch.setattr(batcher_module, "pick", lambda logits, sampling: token)
+
+
+def test_rows_joined_and_dropped_mid_way_decode_as_they_would_alone(edited, edit):
+    k, prompt, _, _ = edit
+    ids = [edited.prompt_format.prompt_ids(p, edited.tokenizer) for p in (prompt, "zzzz zz zzz")]
+    vectors = torch.stack([edited.routing([prompt]).vectors[0], torch.zeros(edited.spec.size)])
+
+    def alone(i, steps):
+        cohort, logits = Cohort.prefill(edited.model, edited.neuron, [ids[i]], vectors[i:i + 1], 0)
+        out = [logits[0]]
+        for _ in range(steps):
+            out.append(cohort.step([int(out[-1].argmax())])[0])
+        return out
+
+    a, b = alone(0, 6), alone(1, 4)
+    first, logits = Cohort.prefill(edited.model, edited.neuron, [ids[0]], vectors[:1], 0)
+    got_a = [logits[0], first.step([int(a[0].argmax())])[0]]  # row 0 decodes alone for a step...
+    second, logits = Cohort.prefill(edited.model, edited.neuron, [ids[1]], vectors[1:], 0)
+    got_b = [logits[0]]
+    first.join(second)  # ...then row 1 joins (prompts of other lengths: the caches are padded)
+    for s in range(1, 4):
+        both = first.step([int(a[s].argmax()), int(b[s - 1].argmax())])
+        got_a.append(both[0])
+        got_b.append(both[1])
+    first.keep([0])  # row 1 leaves; row 0 goes on
+    got_a += [first.step([int(a[s].argmax())])[0] for s in (4, 5)]
+    for got, want in ((got_a, a), (got_b, b)):
+        assert torch.allclose(torch.stack(got), torch.stack(want[: len(got)]), atol=1e-5)
+
+
+def test_pick_is_greedy_at_zero_and_keeps_the_top_p_mass():
+    logits = torch.tensor([0.0, 3.0, 2.9, -5.0])
+    assert pick(logits, Sampling()) == 1
+    draws = {pick(logits, Sampling(1.0, 0.5, torch.Generator().manual_seed(s))) for s in range(50)}
+    assert draws == {1}  # token 1 alone holds over half the mass
+    draws = {pick(logits, Sampling(1.0, 0.95, torch.Generator().manual_seed(s))) for s in range(200)}
+    assert draws == {1, 2}  # 1 and 2 hold 97% of the mass: 0 (2.5%) and 3 are never drawn
+
+
+def test_a_short_answer_does_not_wait_for_a_long_one(edited, monkeypatch):
+    app = create_app(edited, model_id=MODEL)
+    _slow_steps(monkeypatch, token=edited.tokenizer("a", add_special_tokens=False)["input_ids"][0])
+    with serving(app) as url, ThreadPoolExecutor(2) as pool:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+
+        def timed(max_tokens):
+            out = client.completions.create(model=BASE, prompt=UNRELATED, max_tokens=max_tokens, temperature=0)
+            return time.monotonic(), out.choices[0]
+
+        long = pool.submit(timed, 100)  # 100 steps: about 2 s
+        _wait_for(lambda: app.state.batcher.active == 1)
+        short_done, short = timed(3)  # joins the running batch between two steps, leaves after 3
+        assert not long.done()  # the long row is still decoding
+        long_done, long = long.result()
+    assert short.text == "aaa" and short.finish_reason == "length" and long.text == "a" * 100
+    assert long_done - short_done > 0.5
+    assert app.state.batcher.stats["largest_batch"] == 2 and app.state.batcher.stats["batches"] == 2
+
+
+def test_a_row_joining_mid_way_keeps_its_own_neuron_vector(edited, edit, monkeypatch):
+    k, prompt, after, before = edit
+    app = create_app(edited, model_id=MODEL)
+    calls = []
+    routing = edited.routing
+    monkeypatch.setattr(edited, "routing", lambda texts: calls.append(list(texts)) or routing(texts))
+    _slow_steps(monkeypatch, step_s=0.05)
+    with serving(app) as url, ThreadPoolExecutor(1) as pool:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        base = pool.submit(client.completions.create, model=BASE, prompt=prompt, max_tokens=30, temperature=0)
+        _wait_for(lambda: app.state.batcher.active == 1)
+        edited_out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+        base_out = base.result()
+    assert edited_out.choices[0].text == after and edited_out.choices[0].megedit["edit_fired"] is True
+    assert base_out.choices[0].text.startswith(before) and base_out.choices[0].megedit["edit_fired"] is False
+    assert calls == [[prompt]]  # routed once, for the edited request only, however many steps it took
+
+
+def test_a_stream_comes_token_by_token(edited, monkeypatch):
+    app = create_app(edited, model_id=MODEL)
+    _slow_steps(monkeypatch, step_s=0.03, token=edited.tokenizer("b", add_special_tokens=False)["input_ids"][0])
+    with serving(app) as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        arrivals = []
+        for chunk in client.completions.create(model=MODEL, prompt=UNRELATED, max_tokens=20, temperature=0,
+                                               stream=True):
+            arrivals.append((time.monotonic(), chunk.choices[0].text))
+    assert "".join(text for _, text in arrivals) == "b" * 20
+    assert sum(text == "b" for _, text in arrivals) == 20 and arrivals[-1][0] - arrivals[0][0] > 0.3
 
 
 # -- the command line ---------------------------------------------------------------------------

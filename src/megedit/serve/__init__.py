@@ -12,10 +12,6 @@ from typing import Iterator
 from ..errors import MeGError
 
 EXTRA_HINT = "pip install 'megedit[serve]'"
-# how long an idle client connection stays open (uvicorn's default is 5 s): on a CPU an answer under
-# load takes several seconds, and a pooled connection the server closes just as a client reuses it
-# fails that request (seen as 3 connection errors in 500 requests of bench/serve_load.py)
-KEEP_ALIVE_S = 75
 
 
 def require_extra() -> None:
@@ -36,16 +32,25 @@ def create_app(edited, **kwargs):
     return create(edited, **kwargs)
 
 
+def uvicorn_config(app, **kwargs):
+    """uvicorn's Config for `app` with the server's connection limits (`megedit.serve.guard`)."""
+    require_extra()
+    from .guard import uvicorn_config as config
+
+    return config(app, **kwargs)
+
+
 @contextmanager
-def in_thread(app, host: str = "127.0.0.1") -> Iterator[str]:
+def in_thread(app, host: str = "127.0.0.1", **kwargs) -> Iterator[str]:
     """Run `app` under uvicorn on a free port of `host` in a background thread (a notebook, a test,
-    a benchmark); yields the server's root URL, and stops the server on leaving."""
+    a benchmark); yields the server's root URL, and stops the server on leaving. `kwargs`: the
+    limits of `uvicorn_config` (header_timeout_s, keep_alive_s, max_connections)."""
     require_extra()
     import uvicorn
 
     sock = socket.socket()
     sock.bind((host, 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S))
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning", **kwargs))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -59,4 +64,4 @@ def in_thread(app, host: str = "127.0.0.1") -> Iterator[str]:
         thread.join(30)
 
 
-__all__ = ["create_app", "in_thread", "require_extra", "EXTRA_HINT"]
+__all__ = ["create_app", "in_thread", "uvicorn_config", "require_extra", "EXTRA_HINT"]

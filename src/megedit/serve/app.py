@@ -2,30 +2,43 @@
 /v1/chat/completions (streamed as server-sent events or not). Two model ids: the edited model and
 the same id + "-base", the base model (its neuron vector zero), for side-by-side checks. Every
 choice carries a `megedit` object (did an edit fire, which one) and the response an
-`X-Megedit-Edit` header. The model itself is driven by the Batcher's one worker thread."""
+`X-Megedit-Edit` header. The model itself is driven by the Batcher's one worker thread.
+
+Requests are checked here, before they reach the model: strict types (no coercion), known chat
+roles, non-empty prompts that are valid Unicode and fit the context, bounded stop strings and
+prompt counts. Every refusal is a 4xx with a one-line message; anything unexpected is a 500 that
+says "internal error" and the request id, with the detail in the log (guard.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import Annotated, AsyncIterator, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from ..errors import MeGError
-from ..lm import context_length
+from ..lm import check_prompt_lengths, context_length
 from .batcher import Batcher, QueueFull, Row, Settings
+from .guard import BODY_TIMEOUT_S, MAX_BODY_BYTES, Guard
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = {False: 16, True: 256}  # completions: OpenAI's default; chat: a reply's room
 MAX_STOPS = 4  # as OpenAI
+MAX_STOP_CHARS = 256  # a stop string is matched against the text at every token
+MAX_PROMPTS = 64  # prompts in one completions request (and never more than the queue holds)
+MAX_PROMPT_TOKENS = 2048  # the server's default: a longer prompt holds the worker for seconds
+GREEDY_BELOW = 1e-4  # a temperature this small is greedy decoding (dividing logits by it overflows)
+DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 
 
 class APIError(Exception):
@@ -45,30 +58,38 @@ class APIError(Exception):
 # -- request bodies (fields OpenAI defines that are not listed here are ignored) ----------------
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class _Strict(BaseModel):
+    # no coercion: "max_tokens": true, "stream": "yes", "temperature": "0.5" are refused; NaN too
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+class _Body(_Strict):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)  # what torch's generators take
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
     n: int | None = None
     stream: bool | None = False
 
 
 class CompletionBody(_Body):
-    prompt: str | list[str]
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: str
-    content: str | list[dict] | None = None
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]  # "developer": OpenAI's newer name for system
+    content: str | list[TextPart]
 
 
 class ChatBody(_Body):
-    messages: list[Message] = Field(min_length=1)
+    messages: Annotated[list[Message], Field(min_length=1, max_length=256)]
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
 
 
@@ -76,11 +97,17 @@ class ChatBody(_Body):
 
 
 def create_app(edited, *, api_key: str | None = None, max_batch: int = 8, max_queue: int = 64,
+               max_queue_tokens: int = 65536, max_prompt_tokens: int | None = MAX_PROMPT_TOKENS,
+               max_body_bytes: int = MAX_BODY_BYTES, body_timeout_s: float = BODY_TIMEOUT_S,
                model_id: str | None = None) -> "FastAPI":
-    """The API over `edited`. `api_key`: requests to /v1 must send `Authorization: Bearer KEY`.
-    The batcher (its queue and worker thread) is `app.state.batcher`."""
+    """The API over `edited`. `api_key`: requests to /v1 must send `Authorization: Bearer KEY`
+    (checked before the body is read); without one, the Host header must name the loopback.
+    The queue holds at most `max_queue` prompts and `max_queue_tokens` tokens (prompt +
+    max_tokens); `max_prompt_tokens` bounds one prompt (None: the model's context); a body must
+    be at most `max_body_bytes` long and arrive within `body_timeout_s`. The batcher
+    (its queue and worker thread) is `app.state.batcher`."""
     model_id = model_id or "megedit/edited"
-    batcher = Batcher(edited, max_batch=max_batch, max_queue=max_queue)
+    batcher = Batcher(edited, max_batch=max_batch, max_queue=max_queue, max_queue_tokens=max_queue_tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -89,14 +116,17 @@ def create_app(edited, *, api_key: str | None = None, max_batch: int = 8, max_qu
 
     app = FastAPI(title="megedit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher, app.state.model_ids = batcher, {model_id: True, f"{model_id}-base": False}
+    app.state.edited, app.state.max_prompt_tokens = edited, max_prompt_tokens
     app.state.context, app.state.created = context_length(edited.model), int(time.time())
     _error_handlers(app)
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {"status": "ok", "model": model_id, "waiting": batcher.waiting, **batcher.stats}
+        return {"status": "ok", "model": model_id, "waiting": batcher.waiting,
+                "waiting_tokens": batcher.waiting_tokens, "active": batcher.active, **batcher.stats}
 
-    app.include_router(_v1(app, api_key))
+    app.include_router(_v1(app))
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s)
     return app
 
 
@@ -111,10 +141,10 @@ def _error_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0] if error.errors() else {}
         if first.get("type") == "json_invalid":
-            why = first.get("ctx", {}).get("error")
+            why = str(first.get("ctx", {}).get("error", "")).splitlines()[0][:200]
             return APIError(400, f"the request body is not valid JSON ({why})").response()
-        where = ".".join(str(p) for p in first.get("loc", ())[1:])  # past "body"
-        message = first.get("msg", "invalid request")
+        where = _where(first.get("loc", ()))
+        message = str(first.get("msg", "invalid request")).splitlines()[0][:200]
         return APIError(400, f"{where}: {message}" if where else message, param=where or None).response()
 
     @app.exception_handler(HTTPException)
@@ -123,14 +153,18 @@ def _error_handlers(app: FastAPI) -> None:
                         ).response()
 
 
-def _v1(app: FastAPI, api_key: str | None) -> APIRouter:
-    async def authorized(request: Request) -> None:
-        given = request.headers.get("authorization", "")
-        if api_key is not None and not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
-                           code="invalid_api_key")
+def _where(loc) -> str:
+    """A validation error's field path, past "body" and without pydantic's union branch names
+    (such as "str" or "list[str]")."""
+    parts = [str(p) for p in loc[1:] if isinstance(p, int) or (p.isidentifier() and p not in _TYPE_NAMES)]
+    return ".".join(parts)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart", "Message"}
+
+
+def _v1(app: FastAPI) -> APIRouter:
+    v1 = APIRouter(prefix="/v1")
 
     @v1.get("/models")
     async def models() -> dict:
@@ -138,32 +172,41 @@ def _v1(app: FastAPI, api_key: str | None) -> APIRouter:
                                             "owned_by": "megedit"} for name in app.state.model_ids]}
 
     @v1.post("/completions")
-    async def completions(body: CompletionBody):
+    async def completions(body: CompletionBody, request: Request):
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts:
-            raise APIError(400, "prompt: give a string or a non-empty list of strings", param="prompt")
-        return await _answer(app, body, [(p, p) for p in prompts], chat=False)
+        for i, prompt in enumerate(prompts):
+            _check_text(prompt, "prompt" if isinstance(body.prompt, str) else f"prompt.{i}")
+        return await _answer(app, request, body, [(p, p) for p in prompts], chat=False)
 
     @v1.post("/chat/completions")
-    async def chat_completions(body: ChatBody):
-        # OpenAI's newer "developer" role is the system role of chat templates
+    async def chat_completions(body: ChatBody, request: Request):
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m)}
                     for m in body.messages]
+        for i, m in enumerate(messages):
+            _check_text(m["content"], f"messages.{i}.content", empty_ok=i < len(messages) - 1)
         if messages[-1]["role"] != "user":
             raise APIError(400, f"messages: the conversation must end with a user message, found "
                                 f"{messages[-1]['role']!r}", param="messages")
-        return await _answer(app, body, [(messages, messages[-1]["content"])], chat=True)
+        return await _answer(app, request, body, [(messages, messages[-1]["content"])], chat=True)
 
     return v1
 
 
 def _text(message: Message) -> str:
-    """A message's text: a string, or the text parts of a content list."""
-    if message.content is None or isinstance(message.content, str):
-        return message.content or ""
-    if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in message.content):
-        raise APIError(400, "messages: only text content is supported", param="messages")
-    return "".join(part["text"] for part in message.content)
+    """A message's text: a string, or its text parts joined."""
+    return message.content if isinstance(message.content, str) else "".join(p.text for p in message.content)
+
+
+def _check_text(text: str, param: str, empty_ok: bool = False) -> None:
+    """Refuse empty text and text that is not valid Unicode (a lone surrogate, which JSON's
+    \\ud800 escapes can carry and no tokenizer can encode)."""
+    if not text and not empty_ok:
+        raise APIError(400, f"{param}: must not be empty", param=param)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise APIError(400, f"{param}: not valid Unicode (a lone surrogate at character {error.start})",
+                       param=param) from None
 
 
 def _settings(app: FastAPI, body: _Body, chat: bool) -> Settings:
@@ -178,36 +221,105 @@ def _settings(app: FastAPI, body: _Body, chat: bool) -> Settings:
         raise APIError(400, f"max_tokens: must be below the model's context of {context} tokens, found {limit}",
                        param="max_tokens")
     stops = tuple(s for s in ((body.stop,) if isinstance(body.stop, str) else body.stop or ()) if s)
-    if len(stops) > MAX_STOPS:
-        raise APIError(400, f"stop: at most {MAX_STOPS} stop strings, found {len(stops)}", param="stop")
+    for s in stops:
+        _check_text(s, "stop")
+        if len(s) > MAX_STOP_CHARS:
+            raise APIError(400, f"stop: a stop string may be {MAX_STOP_CHARS} characters long, found {len(s)}",
+                           param="stop")
     temperature = 1.0 if body.temperature is None else body.temperature
-    if temperature == 0:  # greedy: top_p and seed change nothing, so such requests share batches
+    if temperature < GREEDY_BELOW:  # greedy: top_p and seed change nothing
         return Settings(chat, limit, stop=stops)
-    seed = body.seed
-    group = app.state.batcher.new_group() if seed is not None else None
-    return Settings(chat, limit, temperature, 1.0 if body.top_p is None else body.top_p, stops, seed, group)
+    return Settings(chat, limit, temperature, 1.0 if body.top_p is None else body.top_p, stops, body.seed)
 
 
-async def _answer(app: FastAPI, body: _Body, prompts: list[tuple], chat: bool):
-    """Queue the request's rows (prompt, router text) and answer, streamed or not."""
+def _encode(app: FastAPI, prompt, chat: bool, settings: Settings, param: str) -> list[int]:
+    """A prompt's tokens as the model will see them (the pack's prompt format, or the chat
+    template); refused when empty or too long to leave room for max_tokens."""
+    edited = app.state.edited
+    if chat:
+        from ..edited import _conversation  # the pack's system message, as EditedModel.chat adds it
+
+        ids = edited._chat_ids(_conversation(prompt, edited.prompt_format))
+    else:
+        ids = edited.prompt_format.prompt_ids(prompt, edited.tokenizer)
+    if not ids:
+        raise APIError(400, f"{param}: encodes to no tokens", param=param)
+    context = app.state.context
+    limits = [x for x in (app.state.max_prompt_tokens, edited.max_prompt_tokens,
+                          None if context is None else context - settings.max_tokens) if x is not None]
+    check_prompt_lengths([ids], min(limits) if limits else None, [param])
+    return ids
+
+
+async def _answer(app: FastAPI, request: Request, body: _Body, prompts: list[tuple], chat: bool):
+    """Queue the request's rows (prompt, router text) and answer, streamed or not; the rows are
+    cancelled when the client goes away or the request fails."""
     if body.model not in app.state.model_ids:
         raise APIError(404, f"model {body.model!r} does not exist here; this server has "
                             f"{', '.join(app.state.model_ids)}", param="model", code="model_not_found")
     settings = _settings(app, body, chat)
-    pending = _Pending(len(prompts))
-    rows = [Row(prompt, text, app.state.model_ids[body.model], settings, pending.sink(i))
-            for i, (prompt, text) in enumerate(prompts)]
+    rid = request.state.request_id
     try:
-        app.state.batcher.submit(rows)
-    except QueueFull as error:
-        raise _api_error(error) from None
-    reply = _Reply(chat, body.model)
-    if body.stream:
-        labels, early = await pending.started()
-        return StreamingResponse(_events(pending, reply, labels, early), media_type="text/event-stream",
-                                 headers={"X-Megedit-Edit": _header(labels), "Cache-Control": "no-cache"})
-    labels, results = await pending.finished()
-    return JSONResponse(reply.whole(labels, results), headers={"X-Megedit-Edit": _header(labels)})
+        names = ["messages" if chat else "prompt" if len(prompts) == 1 else f"prompt.{i}" for i in range(len(prompts))]
+        ids = [_encode(app, p, chat, settings, name) for (p, _), name in zip(prompts, names)]
+    except MeGError as error:  # a chat template that fails, a prompt too long
+        raise APIError(400, str(error)) from None
+    pending = _Pending(len(prompts), rid)
+    rows = [Row(ids[i], text, app.state.model_ids[body.model], settings, pending.sink(i), rid)
+            for i, (_, text) in enumerate(prompts)]
+    try:
+        ticket = app.state.batcher.submit(rows)
+    except (QueueFull, MeGError) as error:
+        raise _api_error(error, rid) from None
+    cancel, streaming = (lambda: app.state.batcher.cancel(ticket)), False
+    try:
+        if body.stream:
+            labels, early = await _unless_gone(request, pending.started())
+            streaming = True  # from here the stream cancels the rows when it ends, however it ends
+            return _Stream(_events(pending, _Reply(chat, body.model), labels, early), cancel,
+                           headers={"X-Megedit-Edit": _header(labels), "Cache-Control": "no-cache"})
+        labels, results = await _unless_gone(request, pending.finished())
+        return JSONResponse(_Reply(chat, body.model).whole(labels, results),
+                            headers={"X-Megedit-Edit": _header(labels)})
+    except _Gone:
+        log.info("serve: request %s: the client went away; its rows are cancelled", rid)
+        return Response(status_code=499)
+    finally:
+        if not streaming:  # answered, failed or gone: rows still queued or decoding are of no use now
+            cancel()
+
+
+class _Stream(StreamingResponse):
+    """Server-sent events that cancel the request's rows when the stream ends (a client that
+    disconnects included)."""
+
+    def __init__(self, events, on_close, headers: dict) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+class _Gone(Exception):
+    """The client disconnected while its request waited."""
+
+
+async def _unless_gone(request: Request, waiting):
+    """Await `waiting`, checking now and then that the client is still connected."""
+    task = asyncio.ensure_future(waiting)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise _Gone
+    finally:
+        task.cancel()
 
 
 def _header(labels: list[dict]) -> str:
@@ -217,19 +329,22 @@ def _header(labels: list[dict]) -> str:
                     for x in labels)
 
 
-def _api_error(error: BaseException) -> APIError:
+def _api_error(error: BaseException, request_id: str) -> APIError:
+    """A worker's error as the client sees it; an unexpected one says no more than its request id
+    (the worker logged the detail under that id)."""
     if isinstance(error, MeGError):  # the request asked for something the model cannot do
-        return APIError(400, str(error))
+        return APIError(400, str(error).splitlines()[0])
     if isinstance(error, QueueFull):
         return APIError(503, f"server busy: {error}", kind="server_error", code="queue_full")
-    return APIError(500, f"generation failed: {type(error).__name__}: {error}", kind="server_error")
+    return APIError(500, f"internal error (request id {request_id})", kind="server_error")
 
 
 class _Pending:
     """One request's rows as the worker answers them: its events land on this event loop."""
 
-    def __init__(self, n: int) -> None:
-        self.n, self.loop, self.events = n, asyncio.get_running_loop(), asyncio.Queue()
+    def __init__(self, n: int, request_id: str) -> None:
+        self.n, self.request_id = n, request_id
+        self.loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
 
     def sink(self, i: int):
         def put(event) -> None:
@@ -259,7 +374,7 @@ class _Pending:
         while any(x is None for x in found):
             i, (event, data) = await self.events.get()
             if event == "error":
-                raise _api_error(data)
+                raise _api_error(data, self.request_id)
             if event == kind:
                 found[i] = data
             elif other is not None:
@@ -276,7 +391,7 @@ async def _events(pending: _Pending, reply: "_Reply", labels: list[dict], early:
     while left:
         i, (kind, data) = queued.pop(0) if queued else await pending.events.get()
         if kind == "error":
-            error = _api_error(data)
+            error = _api_error(data, pending.request_id)
             yield _sse({"error": {"message": error.message, "type": error.kind, "param": None, "code": error.code}})
             break
         if kind == "delta":

@@ -1,7 +1,11 @@
-"""The model's one worker thread: requests queue up as rows (one prompt or conversation each),
-the worker takes the oldest row and the queued rows that share its generation settings (up to
-`max_batch`, waiting a few ms for more), routes them, and answers them with one batched
-generate() call in which each row keeps its own neuron vector (zero for base-model rows).
+"""The model's one worker thread, with continuous batching: requests queue up as rows (one
+prompt or conversation each, already tokenized); between decoding steps the worker admits queued
+rows into the running batch (routed once each, their prompts run as one prefill, then joined to
+the batch's KV cache), takes one step for every row, and lets each row go the moment its answer
+ends. Each row keeps its own neuron vector (zero for base-model rows) and sampling settings.
+
+A row that fails, for any reason, fails alone: a failed batch step re-runs each of its rows on its
+own (prompt and answer so far), so the rows that do not fail carry on.
 
 Nothing here knows HTTP: each row carries a `sink`, called from the worker thread with
 ("start", label), ("delta", text), ("done", {"text", "finish_reason"}) or ("error", exception).
@@ -9,31 +13,35 @@ Nothing here knows HTTP: each row carries a `sink`, called from the worker threa
 
 from __future__ import annotations
 
-import itertools
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from transformers.generation.streamers import BaseStreamer
 
 from ..errors import MeGError
-from ..lm import context_length
+from .steps import Cohort, Sampling, pick
 
 log = logging.getLogger(__name__)
 
 Sink = Callable[[tuple[str, Any]], None]
+BASE_LABEL = {"edit_fired": False, "edit_id": None, "distance": None}
 
 
 class QueueFull(Exception):
-    """The queue holds `max_queue` waiting requests; the caller should answer 503."""
+    """The queue holds its most rows or tokens; the caller should answer 503."""
+
+
+class TooLarge(MeGError):
+    """One request asks for more than the whole queue holds; the caller should answer 400."""
 
 
 @dataclass(frozen=True)
 class Settings:
-    """What the rows of one generate() call share; rows with equal settings may be batched."""
+    """A row's generation settings. Rows with any settings share decoding steps."""
 
     chat: bool
     max_tokens: int
@@ -41,24 +49,30 @@ class Settings:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    group: int | None = None  # seeded sampling: the request's own batch, so that its seed reproduces
+
+
+@dataclass
+class Ticket:
+    """One request: its rows not yet admitted, and whether its client has gone."""
+
+    left: int
+    cancelled: bool = False
 
 
 @dataclass
 class Row:
-    prompt: str | list[dict]  # a raw prompt (completions) or a conversation (chat)
+    ids: list[int]  # the prompt's tokens (the pack's prompt format or the chat template applied)
     route_text: str  # what the router sees: the raw prompt, or the last user message
     edit: bool  # False: the base model for this row (its neuron vector is zero)
     settings: Settings
     sink: Sink
-    ticket: "_Ticket | None" = field(default=None, repr=False)
+    request_id: str = "-"
+    ticket: Ticket | None = field(default=None, repr=False)
 
-
-@dataclass
-class _Ticket:
-    """One request's rows not yet taken by the worker; the request waits while any are left."""
-
-    left: int
+    @property
+    def cost(self) -> int:
+        """What the row can take of the model: its prompt and its longest answer, in tokens."""
+        return len(self.ids) + self.settings.max_tokens
 
 
 def stop_at(text: str, stops: tuple[str, ...]) -> int | None:
@@ -70,16 +84,14 @@ def stop_at(text: str, stops: tuple[str, ...]) -> int | None:
 class RowText:
     """One row's answer as its tokens arrive: decoded whole each time (so multi-token characters
     come out right) and sent on only once it can no longer change, so the deltas join to exactly
-    the final text (stripped like generate()'s answers, cut before a stop string)."""
+    the final text (stripped, cut before a stop string)."""
 
-    def __init__(self, row: Row, tokenizer, ends: set[int], label: dict) -> None:
-        self.row, self.tokenizer, self.ends, self.label = row, tokenizer, ends, label
+    def __init__(self, row: Row, tokenizer, ends: set[int]) -> None:
+        self.row, self.tokenizer, self.ends = row, tokenizer, ends
         self.tokens: list[int] = []
         self.sent, self.stopped = "", False
 
     def add(self, token: int) -> None:
-        if self.stopped:
-            return
         if token in self.ends:
             self.stopped = True
             return
@@ -92,12 +104,13 @@ class RowText:
             return
         self._send(_settled(text, self.row.settings.stop))
 
-    def finish(self, answer: str) -> None:
-        """Send what is left of generate()'s answer, then the row's end."""
+    def finish(self, made: int) -> None:
+        """Send what is left of the answer (`made` tokens, end token included), then its end."""
+        answer = self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
         cut = stop_at(answer, self.row.settings.stop)
         text = answer if cut is None else answer[:cut].rstrip()
         self._send(text)
-        hit_limit = not self.stopped and cut is None and len(self.tokens) >= self.row.settings.max_tokens
+        hit_limit = not self.stopped and made >= self.row.settings.max_tokens
         self.row.sink(("done", {"text": text, "finish_reason": "length" if hit_limit else "stop"}))
 
     def _send(self, text: str) -> None:
@@ -114,131 +127,171 @@ def _settled(text: str, stops: tuple[str, ...]) -> str:
     return text[: len(text) - hold]
 
 
-class RowStreamer(BaseStreamer):
-    """Hands each batch row's new token to its RowText as generate() makes it."""
+@dataclass
+class Live:
+    """A row being answered: its routing, sampling, tokens so far and text."""
 
-    def __init__(self, rows: list[RowText]) -> None:
-        self.rows, self.started = rows, False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.started:  # generate() shows the prompts first: the rows have passed every check
-            self.started = True
-            for r in self.rows:
-                r.row.sink(("start", r.label))
-            return
-        for r, token in zip(self.rows, value.reshape(-1).tolist()):
-            r.add(token)
-
-    def end(self) -> None:
-        pass
-
-
-BASE_LABEL = {"edit_fired": False, "edit_id": None, "distance": None}
+    row: Row
+    label: dict
+    vector: torch.Tensor
+    sampling: Sampling
+    text: RowText
+    tokens: list[int] = field(default_factory=list)  # every token picked; the last is not in the cache yet
+    started: bool = False
 
 
 class Batcher:
-    """The queue and the worker thread that owns the model (see the module docstring)."""
+    """The queue and the worker thread that owns the model (see the module docstring).
+    `max_queue` and `max_queue_tokens` bound the rows waiting and their prompt + max_tokens."""
 
-    def __init__(self, edited, *, max_batch: int = 8, max_queue: int = 64, wait_s: float = 0.005) -> None:
+    def __init__(self, edited, *, max_batch: int = 8, max_queue: int = 64, max_queue_tokens: int = 65536,
+                 wait_s: float = 0.005) -> None:
         self.edited, self.max_batch, self.max_queue, self.wait_s = edited, max_batch, max_queue, wait_s
-        self.stats = {"requests": 0, "rejected": 0, "batches": 0, "rows": 0, "largest_batch": 0}
+        self.max_queue_tokens = max_queue_tokens
+        self.stats = {"requests": 0, "rejected": 0, "cancelled": 0, "failed": 0, "batches": 0, "rows": 0,
+                      "largest_batch": 0, "steps": 0, "step_rows": 0}
         self._rows: list[Row] = []
-        self._waiting = 0  # requests with rows not yet taken
+        self._tokens = 0  # the waiting rows' cost
+        self.active = 0  # rows being decoded
         self._cond = threading.Condition()
         self._closed = False
-        self._groups = itertools.count()
         self._ends = {False: set(edited.answer_end_ids()), True: set(edited.end_of_turn_ids())}
+        tokenizer = edited.tokenizer
+        self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._thread = threading.Thread(target=self._loop, name="megedit-serve-worker", daemon=True)
         self._thread.start()
 
     @property
     def waiting(self) -> int:
-        return self._waiting
+        """Rows queued, not yet admitted to the batch."""
+        return len(self._rows)
 
-    def new_group(self) -> int:
-        return next(self._groups)
+    @property
+    def waiting_tokens(self) -> int:
+        return self._tokens
 
-    def submit(self, rows: list[Row]) -> None:
-        """Queue one request's rows, or raise QueueFull at once when `max_queue` requests wait."""
+    def submit(self, rows: list[Row]) -> Ticket:
+        """Queue one request's rows; QueueFull when they do not fit beside the rows waiting,
+        TooLarge when they would not fit in an empty queue either."""
+        cost = sum(r.cost for r in rows)
+        if len(rows) > self.max_queue or cost > self.max_queue_tokens:
+            raise TooLarge(f"the request holds {len(rows)} prompts and {cost} tokens (prompt + max_tokens); the "
+                           f"server queues at most {self.max_queue} prompts and {self.max_queue_tokens} tokens")
         with self._cond:
             if self._closed:
                 raise QueueFull("the server is shutting down")
-            if self._waiting >= self.max_queue:
+            if len(self._rows) + len(rows) > self.max_queue or self._tokens + cost > self.max_queue_tokens:
                 self.stats["rejected"] += 1
-                raise QueueFull(f"{self._waiting} requests are waiting (the limit is {self.max_queue}); retry later")
-            ticket = _Ticket(len(rows))
+                raise QueueFull(f"{len(self._rows)} prompts ({self._tokens} tokens) are waiting; retry later")
+            ticket = Ticket(len(rows))
             for row in rows:
                 row.ticket = ticket
             self._rows += rows
-            self._waiting += 1
+            self._tokens += cost
             self.stats["requests"] += 1
             self._cond.notify_all()
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """The request's client has gone (or its answer is complete): its queued rows leave the
+        queue now, its decoding rows before the next step."""
+        with self._cond:
+            if ticket.cancelled:
+                return
+            ticket.cancelled = True
+            gone = [r for r in self._rows if r.ticket is ticket]
+            if gone:
+                self._rows = [r for r in self._rows if r.ticket is not ticket]
+                self._tokens -= sum(r.cost for r in gone)
+                self.stats["cancelled"] += len(gone)
 
     def close(self) -> None:
-        """Stop the worker once its batch is done; rows still queued get an error, not silence."""
+        """Stop the worker after its current step; rows still queued get an error, not silence."""
         with self._cond:
-            self._closed, left, self._rows = True, self._rows, []
+            self._closed, left, self._rows, self._tokens = True, self._rows, [], 0
             self._cond.notify_all()
         for row in left:
-            row.sink(("error", QueueFull("the server is shutting down")))
+            _tell(row, ("error", QueueFull("the server is shutting down")))
+
+    # -- the worker ----------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while (batch := self._next_batch()) is not None:
+        cohort: Cohort | None = None
+        live: list[Live] = []
+        while (joining := self._take(cohort)) is not None:
             try:
-                self._run(batch)
-            except Exception as error:  # the worker must outlive any one batch
-                log.exception("serve: a batch of %d rows failed", len(batch))
-                for row in batch:
-                    row.sink(("error", error))
+                cohort, live = self._drop_cancelled(cohort, live)
+                if joining:
+                    cohort, live = self._join(cohort, live, joining)
+                if live:
+                    cohort, live = self._step(cohort, live)
+            except Exception as error:  # the worker must outlive anything; the rows in hand fail
+                for row in {id(r): r for r in [x.row for x in live] + joining}.values():
+                    self._fail(row, error)
+                cohort, live = None, []
+            self.active = len(live)
+        for x in live:
+            _tell(x.row, ("error", QueueFull("the server is shutting down")))
 
-    def _next_batch(self) -> list[Row] | None:
-        """The oldest row and the queued rows with its settings; waits `wait_s` for more when short."""
+    def _take(self, cohort: Cohort | None) -> list[Row] | None:
+        """Queued rows to admit now (None once closed). With nothing decoding, waits for a row,
+        then `wait_s` for more to share its prefill; otherwise takes what fits without waiting
+        (nothing when the running cache cannot take joiners)."""
         with self._cond:
-            while not self._rows and not self._closed:
+            busy = cohort is not None
+            while not self._rows and not self._closed and not busy:
                 self._cond.wait()
             if self._closed:
                 return None
-            key = self._rows[0].settings
+            if busy and not cohort.joinable:
+                return []
+            free = self.max_batch - (len(cohort) if busy else 0)
             deadline = time.monotonic() + self.wait_s
-            while sum(r.settings == key for r in self._rows) < self.max_batch and not self._closed:
+            while not busy and len(self._rows) < free and not self._closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            batch = [r for r in self._rows if r.settings == key][: self.max_batch]
-            taken = set(map(id, batch))
-            self._rows = [r for r in self._rows if id(r) not in taken]
-            for row in batch:
+            taken, self._rows = self._rows[:free], self._rows[free:]
+            self._tokens -= sum(r.cost for r in taken)
+            for row in taken:
                 row.ticket.left -= 1
-                if row.ticket.left == 0:  # the request's last row is taken: it no longer waits
-                    self._waiting -= 1
-            return batch
+            return taken
 
-    def _run(self, rows: list[Row]) -> None:
-        """Answer `rows` as one batch; when a row is refused (a prompt too long, a chat the
-        template cannot render), answer each row alone so only that row fails."""
+    def _drop_cancelled(self, cohort: Cohort | None, live: list[Live]) -> tuple[Cohort | None, list[Live]]:
+        keep = [i for i, x in enumerate(live) if not x.row.ticket.cancelled]
+        self.stats["cancelled"] += len(live) - len(keep)
+        return self._drop(cohort, live, keep)
+
+    def _join(self, cohort: Cohort | None, live: list[Live], rows: list[Row]) -> tuple[Cohort | None, list[Live]]:
+        """Route the new rows (once each), run their prompts, and add them to the batch."""
+        new = self._routed(rows)
+        if not new:
+            return cohort, live
         self.stats["batches"] += 1
-        self.stats["rows"] += len(rows)
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
+        self.stats["rows"] += len(new)
+        fresh, new = self._advance(*self._prefill(new))
+        if fresh is None:
+            return cohort, live
+        if cohort is None:
+            cohort, live = fresh, new
+        else:
+            cohort.join(fresh)
+            live = live + new
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(live))
+        return cohort, live
+
+    def _routed(self, rows: list[Row]) -> list[Live]:
+        """Each row's neuron vector and `megedit` label, routed as a batch; if that fails, row by row."""
         try:
-            self._answer(rows)
-        except MeGError as error:
+            return self._route(rows)
+        except Exception as error:
             if len(rows) == 1:
-                rows[0].sink(("error", error))
-                return
-            for row in rows:
-                self._run([row])
+                self._fail(rows[0], error)
+                return []
+            return [x for row in rows for x in self._routed([row])]
 
-    def _answer(self, rows: list[Row]) -> None:
-        vectors, labels = self._route(rows)
-        tokenizer = self.edited.tokenizer
-        texts = [RowText(r, tokenizer, self._ends[r.settings.chat], label) for r, label in zip(rows, labels)]
-        answers = self._generate(rows, vectors, RowStreamer(texts))
-        for text, answer in zip(texts, answers):
-            text.finish(answer)
-
-    def _route(self, rows: list[Row]) -> tuple[torch.Tensor, list[dict]]:
-        """Each row's neuron vector and its `megedit` label; base-model rows keep the zero vector."""
+    def _route(self, rows: list[Row]) -> list[Live]:
         vectors = torch.zeros(len(rows), self.edited.spec.size)
         labels = [dict(BASE_LABEL) for _ in rows]
         edited = [i for i, r in enumerate(rows) if r.edit]
@@ -249,22 +302,100 @@ class Batcher:
                 fired, edit = bool(routing.fired[k]), routing.edits[k]
                 labels[i] = {"edit_fired": fired, "edit_id": None if edit is None else str(edit),
                              "distance": round(max(0.0, float(routing.distance[k])), 6)}  # not -0.0
-        return vectors, labels
+        tokenizer = self.edited.tokenizer
+        return [Live(r, label, vector, self._sampling(r.settings), RowText(r, tokenizer, self._ends[r.settings.chat]))
+                for r, label, vector in zip(rows, labels, vectors)]
 
-    def _generate(self, rows: list[Row], vectors: torch.Tensor, streamer: RowStreamer) -> list[str]:
-        s = rows[0].settings
-        kwargs: dict = {"vectors": vectors, "streamer": streamer, "max_prompt_tokens": self._prompt_limit(s)}
-        if s.temperature > 0:  # OpenAI's sampling knobs only: no top-k from the model's generation config
-            kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0, seed=s.seed)
-        if s.stop:
-            kwargs["stop_strings"] = list(s.stop)
-        prompts = [r.prompt for r in rows]
-        if s.chat:
-            return self.edited.chat(prompts, s.max_tokens, **kwargs)
-        return self.edited.generate(prompts, s.max_tokens, batch_size=len(rows), **kwargs)
+    def _sampling(self, s: Settings) -> Sampling:
+        if s.temperature == 0:
+            return Sampling()
+        generator = torch.Generator()  # the row's own RNG: its draws do not depend on its batch partners
+        generator.manual_seed(s.seed if s.seed is not None else random.getrandbits(64))
+        return Sampling(s.temperature, s.top_p, generator)
 
-    def _prompt_limit(self, s: Settings) -> int | None:
-        """Prompts must leave room for max_tokens new tokens in the model's context."""
-        context, own = context_length(self.edited.model), self.edited.max_prompt_tokens
-        limits = [x for x in (own, None if context is None else max(1, context - s.max_tokens)) if x is not None]
-        return min(limits) if limits else None
+    def _prefill(self, live: list[Live]) -> tuple[Cohort | None, list[Live], torch.Tensor | None]:
+        """Run the rows' prompts (and answers so far) as one batch: the cohort, the rows, their
+        next-token logits. If the batch fails, each row alone, so that only a failing row fails."""
+        try:
+            cohort, logits = self._run_prefill(live)
+        except Exception as error:
+            if len(live) == 1:
+                self._fail(live[0].row, error)
+                return None, [], None
+            return self._one_by_one(live)
+        for x in live:
+            if not x.started:
+                x.started = True
+                _tell(x.row, ("start", x.label))
+        return cohort, live, logits
+
+    def _run_prefill(self, live: list[Live]) -> tuple[Cohort, torch.Tensor]:
+        vectors = torch.stack([x.vector for x in live])
+        return Cohort.prefill(self.edited.model, self.edited.neuron, [x.row.ids + x.tokens for x in live], vectors,
+                              self._pad)
+
+    def _one_by_one(self, live: list[Live]) -> tuple[Cohort | None, list[Live], torch.Tensor | None]:
+        """Each row run alone; the rows that pass are one batch again (their caches joined, or,
+        where caches cannot be joined, run again together)."""
+        alone = [(x, *self._prefill([x])) for x in live]
+        kept = [(x, cohort, logits) for x, cohort, _, logits in alone if cohort is not None]
+        if not kept:
+            return None, [], None
+        if not all(cohort.joinable for _, cohort, _ in kept):
+            return self._prefill([x for x, _, _ in kept])
+        cohort = kept[0][1]
+        for _, other, _ in kept[1:]:
+            cohort.join(other)
+        return cohort, [x for x, _, _ in kept], torch.cat([logits for _, _, logits in kept])
+
+    def _step(self, cohort: Cohort, live: list[Live]) -> tuple[Cohort | None, list[Live]]:
+        """One decoding step for every row; a failed step re-runs each row alone (its prompt and
+        answer so far), which also gives its next token."""
+        self.stats["steps"] += 1
+        self.stats["step_rows"] += len(live)
+        try:
+            logits = cohort.step([x.tokens[-1] for x in live])
+        except Exception:
+            log.warning("serve: a decoding step of %d rows failed; running each row alone", len(live),
+                        exc_info=True)
+            return self._advance(*self._one_by_one(live))
+        return self._advance(cohort, live, logits)
+
+    def _advance(self, cohort: Cohort | None, live: list[Live],
+                 logits: torch.Tensor | None) -> tuple[Cohort | None, list[Live]]:
+        """Each row takes its next token; rows whose answer ended (or failed) leave the batch."""
+        going = []
+        for i, x in enumerate(live):
+            try:
+                x.tokens.append(pick(logits[i], x.sampling))
+                x.text.add(x.tokens[-1])
+                if x.text.stopped or len(x.tokens) >= x.row.settings.max_tokens:
+                    x.text.finish(len(x.tokens))
+                else:
+                    going.append(i)
+            except Exception as error:
+                self._fail(x.row, error)
+        return self._drop(cohort, live, going)
+
+    def _drop(self, cohort: Cohort | None, live: list[Live], keep: list[int]) -> tuple[Cohort | None, list[Live]]:
+        if len(keep) == len(live):
+            return cohort, live
+        if not keep:
+            return None, []
+        cohort.keep(keep)
+        return cohort, [live[i] for i in keep]
+
+    def _fail(self, row: Row, error: BaseException) -> None:
+        """Answer one row with its error; the detail goes to the log, under the request's id."""
+        self.stats["failed"] += 1
+        log.error("serve: request %s: a row failed: %s: %s", row.request_id, type(error).__name__, error,
+                  exc_info=error)
+        _tell(row, ("error", error))
+
+
+def _tell(row: Row, event: tuple[str, Any]) -> None:
+    """Hand an event to the row's request; a sink that fails must not take the worker down."""
+    try:
+        row.sink(event)
+    except Exception:
+        log.exception("serve: request %s: its sink failed", row.request_id)
