@@ -77,6 +77,21 @@ def speed(edited, requests, rounds: int) -> dict:
             "familiar_share": edited.stats["familiar"] / max(1, edited.stats["queries"])}
 
 
+def settings(pairs: list[str], base: dict) -> dict:
+    """`base` with each KEY=VALUE (dotted key, YAML value) set in it, as MeGConfig.from_dict takes it."""
+    import yaml
+
+    out = dict(base)
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        *path, last = key.split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("setting", choices=sorted(SETTINGS))
@@ -99,12 +114,19 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=1, metavar="K",
                         help="stage A and the evaluation in K forked one-thread processes (megedit.parallel)")
     parser.add_argument("--reuse-eval", action="store_true", help="keep the saved evaluation, re-time inference")
+    parser.add_argument("--specificity", type=int, default=3, metavar="K",
+                        help="K specificity prompts per edit from the pool's probe wordings (0: none)")
+    parser.add_argument("--chat-edits", type=int, default=256, metavar="K", help="chat replies of the first K edits")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a MeGConfig setting by its dotted name, e.g. routing.router.negatives=0 (repeatable; "
+                             "the result file names them)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("megedit").setLevel(logging.INFO)
 
     from megedit import EvalReport, MeGConfig, MeGEditor, evaluate, load_model, load_requests
     from megedit.data.prompts import DEFAULT_FOR_KIND
+    from megedit.data.specificity import with_specificity
     from megedit.io import atomic_write_json
 
     kind, path, limit, pool_path = SETTINGS[args.setting]
@@ -112,10 +134,12 @@ def main() -> int:
     limit = args.limit or limit
     requests = load_requests(kind, path, limit=limit, skip_invalid=True)
     pool = load_requests("counterfact", pool_path)
+    requests = with_specificity(requests, pool, args.specificity)  # the pool's probe-half wordings
     model, tokenizer = load_model(args.model, device="cpu")
     if args.model != "smollm2":  # its own result and evaluation files
         suffix += "-" + re.sub(r"[^A-Za-z0-9._-]+", "-", args.model.rstrip("/")).strip("-.")
-    config = MeGConfig(prompt_format=DEFAULT_FOR_KIND[kind], seed=args.seed)
+    config = MeGConfig.from_dict(settings(args.set, {"prompt_format": DEFAULT_FOR_KIND[kind], "seed": args.seed}))
+    suffix += "".join(f"-{key.rsplit('.', 1)[-1]}{value}" for key, value in (s.split("=", 1) for s in args.set))
     default_kind = config.generator.kind
     config.generator.kind = args.generator or default_kind
     if args.exclude != "none":
@@ -145,7 +169,7 @@ def main() -> int:
     else:
         report = evaluate(edited, scored, prompt_format=config.prompt_format, data_kind=kind,
                           data_name=f"{kind}:{path.name}", batch_size=64, processes=args.processes,
-                          checkpoint=work / f"eval{suffix}{generator}.partial.json")
+                          checkpoint=work / f"eval{suffix}{generator}.partial.json", chat_edits=args.chat_edits)
         report.save(saved)
     print(report.table())
     cost = None if args.no_speed else speed(edited, requests[: args.speed_n], args.rounds)

@@ -148,10 +148,14 @@ def _meg_label(r: dict) -> str:
     parts = [f"{generator['kind']} generator"]
     if r.get("model", "smollm2") != "smollm2":
         parts.insert(0, r["model"])
+    if "paraphrases" in fit and "negatives" not in r["config"]["routing"]["router"]:
+        parts.append("no negatives, no chat wording")  # made before edits had negatives and a chat wording
     if "paraphrases" not in fit:
         parts.append("prompt-only defaults of before")
     elif fit.get("wording_schedule", "all") != MeGConfig().fit.wording_schedule:
         parts.append(f"stage A trains {fit.get('wording_schedule', 'all')} wordings each step")
+    if "chat_wording" in fit and fit["max_steps"] != MeGConfig().fit.max_steps:
+        parts.append(f"stage A at most {fit['max_steps']} steps")
     if generator.get("passes") is None:
         parts.append(f"{r['fit']['generator']['steps']:,} steps")
     elif generator["passes"] != MeGConfig().generator.passes:

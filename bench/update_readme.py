@@ -225,10 +225,67 @@ def headline_table() -> str:
             continue  # setups of before, other generators at scale, runs scoring part of their edits: docs/results.md
         cells = [r.get("setting", r["data"].split(":")[0]), f"{r['n']:,}", method_label(r)]
         cells += [f"{r['metrics'][k][s]:.1f}" for k, s in METRICS] + [f"**{r['score']:.1f}**"]
+        cells += [_metric(r, "specificity", "ag"), _metric(r, "specificity", "tf"),
+                  "—" if r.get("score_all") is None else f"{r['score_all']:.1f}"]
         cells.append(f"{(edit_seconds(r)[0] + r['timing']['total_s']) / 60:.0f}")
         rows.append(cells)
     return _table(["data", "N", "method", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG", "LocTF", "Score",
-                   "edit + eval min"], rows)
+                   "SpecAG", "SpecTF", "Score (8)", "edit + eval min"], rows)
+
+
+def _metric(result: dict, kind: str, setting: str) -> str:
+    """One metric of a result, or a dash where its evaluation did not ask that query kind."""
+    value = result["metrics"].get(kind, {}).get(setting)
+    return "—" if value is None else f"{value:.1f}"
+
+
+def real_use_table() -> str:
+    """Specificity and chat, per result that measured them: MeG runs, baselines, own facts."""
+    rows = []
+    runs = _load("meg-*.json") + _load("baseline-*.json") + _load("own-facts-*.json")
+    for r in sorted(runs, key=lambda r: (r.get("setting", r.get("set", r["data"])), r["n"], method_label(r))):
+        if "specificity" not in r["metrics"] and not r.get("chat"):
+            continue
+        chat = r.get("chat") or {}
+        rates = [f"{chat['edited'][k]:.1f} ({chat['base'][k]:.1f})" if chat else "—"
+                 for k in ("holds", "ends", "degenerate")]
+        rows.append([r.get("setting", r.get("set", r["data"])), f"{r['n']:,}", method_label(r),
+                     _metric(r, "specificity", "ag"), _metric(r, "specificity", "tf"), f"{r['score']:.1f}",
+                     "—" if r.get("score_all") is None else f"{r['score_all']:.1f}",
+                     str(chat.get("n", "—")), *rates, threads(r)])
+    return _table(["data", "N", "method", "SpecAG", "SpecTF", "Score", "Score (8)", "chats",
+                   "holds target % (base)", "ends % (base)", "degenerate % (base)", "threads"], rows)
+
+
+def levers_routing_table() -> str:
+    """bench/real_use_levers.py, routing: which queries fire an edit under each lever."""
+    path = RESULTS / "real-use-levers.json"
+    if not path.exists() or "routing" not in json.loads(path.read_text()):
+        return "(not run yet: bench/real_use_levers.py routing)"
+    result = json.loads(path.read_text())
+    rows = [[r["label"], str(r["hard_negatives"]), f"{r['negatives']} + {r['plain_negatives']}",
+             "prompt and other wordings" if r["wordings"] else "prompt", f"{r['epsilon']:.3f}",
+             f"{r['rephrase']['fires_own_edit']:.1f}", f"{r['specificity']['fires']:.1f}", f"{r['locality']['fires']:.1f}"]
+            for r in result["routing"]["rows"]]
+    return _table(["setup", "encoder hard negatives", "router negatives + plain", "an edit's wordings", "epsilon",
+                   "rephrases fire their edit %", "specificity probes fire %", "locality prompts fire %"], rows)
+
+
+def levers_answers_table() -> str:
+    """bench/real_use_levers.py, answers: the answer's end token and the chat wording."""
+    path = RESULTS / "real-use-levers.json"
+    if not path.exists() or "answers" not in json.loads(path.read_text()):
+        return "(not run yet: bench/real_use_levers.py answers)"
+    rows = []
+    for r in json.loads(path.read_text())["answers"]["rows"]:
+        chat = [f"{r['chat'][k]:.1f}" for k in ("holds", "ends", "degenerate")]
+        if r["stop"] == "base model":
+            rows.append(["base model", "—", "—", "—", "—", *chat, "—", "—"])
+            continue
+        rows.append([r["stop"], "yes" if r["chat_wording"] else "no", f"{r['fit_s']:.0f}", f"{r['median_steps']:g}",
+                     f"{r['success_rate']:.1f}", *chat, f"{r['free_generation_degenerate']:.1f}", f"{r['rel_ag']:.1f}"])
+    return _table(["answer ends with", "chat wording", "stage A s", "median steps", "fitted %", "chat holds target %",
+                   "chat ends %", "chat degenerate %", "50 free tokens degenerate %", "RelAG"], rows)
 
 
 def layer_sweep_table() -> str:
@@ -442,6 +499,8 @@ def serve_load_table() -> str:
     """Edited against base model under the same concurrent load on one server (bench/serve_load.py)."""
     rows = []
     for r in _load("serve-load-*.json"):
+        if r.get("workload") == "mixed":
+            continue  # serve_load_mixed_table
         for name in ("edited", "base"):
             m, lat = r[name], r[name]["latency_s"]
             ratio = r["ratio"]["requests_per_s"] if name == "edited" else 1.0
@@ -451,6 +510,23 @@ def serve_load_table() -> str:
                          f"{m['rows_per_batch']:.1f}", str(r["threads"])])
     return _table(["pack edits", "model", "clients", "s", "requests", "errors", "req/s", "vs base", "p50 s", "p95 s",
                    "tokens/s", "edit fired", "rows / batch", "threads"], rows)
+
+
+def serve_load_mixed_table() -> str:
+    """Continuous batching against the previous whole-batch worker, mixed workload (bench/serve_load.py)."""
+    rows = []
+    for r in _load("serve-load-*.json"):
+        if r.get("workload") != "mixed":
+            continue
+        for name, label in (("continuous", "continuous batching"), ("compared", "whole batch (previous)")):
+            m = r[name]
+            steps = m["server"].get("steps")
+            rows.append([label, str(m["requests"]), str(m["errors"]), f"{m['requests_per_s']:.2f}",
+                         *(f"{part['latency_s'][q]:.2f}" for part in (m, m["short"], m["long"]) for q in ("p50", "p95")),
+                         f"{m['server']['step_rows'] / steps:.1f}" if steps else "-",
+                         f"{m['memory']['peak_mib']:,.0f} MiB"])
+    return _table(["worker", "requests", "errors", "req/s", "p50 s", "p95 s", "short p50 s", "short p95 s",
+                   "long p50 s", "long p95 s", "rows / step", "peak memory"], rows)
 
 
 def pipeline_table() -> str:
@@ -501,7 +577,7 @@ def living_headline_table() -> str:
                      f"old edits' Score {first['score']:.1f} -> {last['score']:.1f} (GenAG "
                      f"{first['metrics']['generality']['ag']:.1f} -> {last['metrics']['generality']['ag']:.1f})",
                      f"{r['threads']} thread"])
-    for r in _load("serve-load-*.json"):
+    for r in (r for r in _load("serve-load-*.json") if r.get("workload") != "mixed"):
         e, b = r["edited"], r["base"]
         rows.append([f"`megedit serve`, {r['clients']} clients for {r['seconds']:.0f} s per model",
                      f"edited {e['requests_per_s']:.2f} req/s = {r['ratio']['requests_per_s']:.2f}x the base model's "
@@ -510,11 +586,12 @@ def living_headline_table() -> str:
     return _table(["living edits and serving (SmolLM2, CounterFact)", "measured", "threads"], rows)
 
 
-TABLES = {"headline": headline_table, "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table, "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table, "causal-trace": causal_trace_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "meg-throughput": meg_throughput_table, "generator-ddp": generator_ddp_table, "generator-scale": generator_scale_table, "epsilon-whatif": epsilon_whatif_table, "router-ceiling": router_ceiling_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
+TABLES = {"headline": headline_table, "real-use": real_use_table, "levers-routing": levers_routing_table,
+          "levers-answers": levers_answers_table, "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table, "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table, "causal-trace": causal_trace_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "meg-throughput": meg_throughput_table, "generator-ddp": generator_ddp_table, "generator-scale": generator_scale_table, "epsilon-whatif": epsilon_whatif_table, "router-ceiling": router_ceiling_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
           "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table,
           "routing": routing_table, "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table,
           "denoising": denoising_table, "living-add": living_add_table, "living-successive": living_successive_table,
-          "serve-load": serve_load_table, "pipeline": pipeline_table, "processes": processes_table, "living-headline": living_headline_table}
+          "serve-load": serve_load_table, "serve-load-mixed": serve_load_mixed_table, "pipeline": pipeline_table, "processes": processes_table, "living-headline": living_headline_table}
 
 
 def main() -> int:

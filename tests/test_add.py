@@ -31,7 +31,7 @@ def _edit(case_id: str, prompt: str, target: str) -> EditRequest:
 # prompts far apart for the tiny encoder, targets these fits reach with a margin (so that a generated
 # vector a little off the fitted one still answers)
 EDITS = [_edit("e0", "Kp7:", "x"), _edit("e1", "%m!:", "d"), _edit("e2", "Zed?", "a"), _edit("e3", "yyv:", "x")]
-NEW = [_edit("n0", "Rome lies in", "d"), _edit("n1", "Lo&o", "x")]
+NEW = [_edit("n0", "Rome lies in", "a"), _edit("n1", "Lo&o", "x")]
 AGAIN = _edit("e2", "Zed?", "d")  # a new fact for an edit the pack holds
 UNRELATED = "zzzz"
 
@@ -105,8 +105,8 @@ def test_added_edits_answer_their_targets_and_the_old_ones_keep_theirs(grown):
     prompts = [r.prompt for r in EDITS + NEW]
     with after.unedited():
         base = _answers(after, prompts)
-    assert _answers(after, prompts) == ["x", "d", "d", "x", "d", "x"]  # e2 answers its new fact
-    assert all(b != t for b, t in zip(base, ["x", "d", "d", "x", "d", "x"]))  # every answer is the edit's doing
+    assert _answers(after, prompts) == ["x", "d", "d", "x", "a", "x"]  # e2 answers its new fact
+    assert all(b != t for b, t in zip(base, ["x", "d", "d", "x", "a", "x"]))  # every answer is the edit's doing
     routing = after.routing([*prompts, UNRELATED])
     assert routing.edits == ["e0", "e1", "e2", "e3", "n0", "n1", None]  # case ids, not indices
     assert after.router.epsilon == before.router.epsilon  # kept: no recalibration asked
@@ -149,7 +149,7 @@ def test_a_lookup_pack_grows_and_shrinks_its_table_without_training(setup, encod
     smaller = None
     try:
         prompts = [r.prompt for r in EDITS + NEW]
-        assert _answers(grown, prompts) == ["x", "d", "d", "x", "d", "x"]  # the new table holds every edit's vectors
+        assert _answers(grown, prompts) == ["x", "d", "d", "x", "a", "x"]  # the new table holds every edit's vectors
         assert grown.history[-1]["generator"]["steps"] == 0 and len(grown.generator.net.keys) > keys
         smaller = grown.remove_edits(["n0"], tmp_path / "remove", progress=False)
         with smaller.unedited():
@@ -186,7 +186,7 @@ def test_remove_stops_an_edit_firing_and_keeps_the_others(setup, grown, load, tm
         assert not routing.fired[0] and not routing.fired[5]  # nor does another edit in their place
         with smaller.unedited():
             base = _answers(smaller, ["Kp7:", "Lo&o"])
-        assert _answers(smaller, prompts) == [base[0], "d", "d", "x", "d", base[1]]
+        assert _answers(smaller, prompts) == [base[0], "d", "d", "x", "a", base[1]]
         assert smaller.edits.case_ids == ["e1", "e3", "n0", "e2"] and len(smaller.router.bank) == 4
         g = smaller.history[-1]["generator"]
         assert (g["steps"], g["replay"], g["new_pairs"]) == (100, 0.0, 0)  # 400 passes x 2 removed / batch 8

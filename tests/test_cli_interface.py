@@ -309,7 +309,7 @@ def test_config_with_a_file_and_flags(tmp_path):
                                  "expected a positive integer, found '0'"),
     (["--router", "far"], "megedit config: error: argument --router-kind/--router: invalid choice: 'far' "
                           "(choose from 'entropy', 'nearest')"),
-    (["--fit-lr", "-1"], "megedit: error: fit needs lr > 0, max_steps >= 1, batch_size >= 1, margin >= 0: "),
+    (["--fit-lr", "-1"], "megedit: error: fit needs lr > 0, max_steps >= 1, batch_size >= 1, margin and chat_margin >= 0: "),
 ])
 def test_config_refuses_invalid_values_in_one_line(args, message):
     assert _error_line("config", *args).startswith(message)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -142,7 +143,11 @@ def test_prompt_formats_wrap_queries_and_answers():
     assert raw.prompt_ids("Hi", tok) == [ord("H"), ord("i")]
     assert qa.text("Who?", tok) == "Answer the following question in less than 5 words: Who? \nAnswer:"
     assert raw.answer_ids("Ab", tok) == [ord(" "), ord("A"), ord("b")]
-    assert raw.answer_ids("A", tok, with_stop=True) == [ord(" "), ord("A"), ord("\n")]
+    assert raw.answer_ids("A", tok, with_stop=True) == [ord(" "), ord("A"), 1]  # trained answers end with EOS
+    newline = dataclasses.replace(raw, stop="newline")
+    assert newline.answer_ids("A", tok, with_stop=True) == [ord(" "), ord("A"), ord("\n")]
+    with pytest.raises(ConfigError, match="stop must be 'newline' or 'eos', found 'tab'"):
+        dataclasses.replace(raw, stop="tab")
     assert chat.text("Q", tok) == "<user>Q<assistant>"
     assert chat.answer_ids("A", tok, with_stop=True) == [ord("A"), 1]
     with pytest.raises(ConfigError, match="unknown prompt format 'fancy'"):

@@ -1,5 +1,6 @@
 """MeGEditor, EditedModel and edit packs on a tiny random LM and encoder."""
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -22,14 +23,16 @@ def _config(**generator) -> MeGConfig:
     config = MeGConfig(layer=1, fit=FitConfig(batch_size=4, max_steps=40, margin=0.0))
     config.routing.encoder.epochs, config.routing.encoder.batch_size = 1, 8
     config.generator.kind, config.generator.mlp = "mlp", {"hidden": 32, "depth": 1}  # a trained generator's mechanics
-    config.generator.train_steps, config.generator.validate_every, config.generator.batch_size = 60, 30, 8
-    config.generator.passes = None
+    # enough for the generated vectors to reproduce answers that end with EOS on this tiny model
+    config.generator.train_steps, config.generator.validate_every, config.generator.batch_size = 200, 100, 8
+    config.generator.passes, config.generator.lr = None, 1e-2
     for k, v in generator.items():
         setattr(config.generator, k, v)
     return config
 
 
-EDITS = [EditRequest(f"e{i}", f"q{i}:", "ab"[i % 2], rephrases=(f"q{i} :",), locality=(LocalityQuery("zzzz"),))
+# targets these tiny fits reach, each followed by EOS, within max_steps
+EDITS = [EditRequest(f"e{i}", f"q{i}:", "bdxa"[i], rephrases=(f"q{i} :",), locality=(LocalityQuery("zzzz"),))
          for i in range(4)]
 POOL = [EditRequest(f"p{i}", f"w{i}{i}=", "c", rephrases=(f"w{i}{i} =",), locality=(LocalityQuery(f"~{i}~{i}"),))
         for i in range(12)]
@@ -214,13 +217,21 @@ def test_config_from_files_checks_names_and_spreads_the_seed(tmp_path):
         MeGConfig(prompt_format="fancy").resolved()
 
 
-def test_fit_needs_edits_and_a_pool(tmp_path):
+def test_fit_needs_edits_and_falls_back_to_the_shipped_pool_without_one(tmp_path, caplog):
+    from megedit.data.demo import fallback_pool
+    from megedit.editor import usable_pool
+
     model, tok = _lm()
     editor = MeGEditor(model, tok, _config(), encoder=tiny_encoder(), progress=False)
-    with pytest.raises(ConfigError, match="pseudo-edit pool"):
-        editor.fit(EDITS, tmp_path)
     with pytest.raises(ConfigError, match="no edit requests"):
         editor.fit([], tmp_path, POOL)
+    assert usable_pool(EDITS, POOL, "mine") == (POOL, "mine")
+    no_rephrases = [dataclasses.replace(r, rephrases=()) for r in POOL]
+    with caplog.at_level("INFO", logger="megedit.editor"):
+        pool, name = usable_pool(EDITS, no_rephrases, "mine")
+    assert name == "megedit fallback pool" and pool == fallback_pool() and len(pool) == 240
+    assert "mine has 0 records with a rephrase" in caplog.text
+    assert all(r.subject and len(r.rephrases) == 2 and r.locality for r in pool)
 
 
 def test_fit_routing_alone_gives_the_editors_encoder_and_router(fitted):

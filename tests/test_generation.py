@@ -85,10 +85,10 @@ def test_beams_keep_each_rows_vector(edited):
 
 def test_stop_strings_end_the_answer(edited):
     eos = edited.tokenizer.eos_token_id
-    full = edited.generate(PROMPTS[3], max_new_tokens=8, eos_token_id=eos)[0]
+    full = edited.generate(PROMPTS[1], max_new_tokens=8, eos_token_id=eos)[0]  # the base model's long answer
     assert len(full) >= 4
     stop = full[1:3]
-    stopped = edited.generate(PROMPTS[3], max_new_tokens=8, eos_token_id=eos, stop_strings=[stop])[0]
+    stopped = edited.generate(PROMPTS[1], max_new_tokens=8, eos_token_id=eos, stop_strings=[stop])[0]
     assert stopped == full[: full.index(stop) + len(stop)] != full
 
 
@@ -105,7 +105,7 @@ def test_a_streamer_receives_the_text(edited, capsys):
     answer = edited.generate(EDITS[0].prompt, max_new_tokens=6, streamer=streamer)[0]
     assert answer and "".join(streamer).strip() == answer
     capsys.readouterr()
-    printed = TextStreamer(edited.tokenizer, skip_prompt=True)
+    printed = TextStreamer(edited.tokenizer, skip_prompt=True, skip_special_tokens=True)  # the answer ends with EOS
     assert edited.generate(EDITS[0].prompt, max_new_tokens=6, streamer=printed) == [answer]
     assert capsys.readouterr().out.strip() == answer
     with pytest.raises(ConfigError, match="a streamer takes one prompt at a time, found 2"):

@@ -23,7 +23,7 @@ from .data.prompts import PromptFormat, get_format, stop_tokens
 from .edit_table import EDIT_FILES, EditTable
 from .errors import ConfigError, MeGError
 from .eval.subject import NeuronSubject, Query
-from .lm import check_prompt_lengths, hf_generate, model_device, prompt_limit
+from .lm import check_prompt_lengths, end_of_turn_ids, hf_generate, model_device, prompt_limit, token_id_set
 from .models import SentenceEncoder, model_fingerprint
 from .neuron import NeuronSpec, attach_neuron
 from .pack import (PACK_FILES, PACK_FORMAT, PACK_VERSION, check_pack_target, file_sha256,  # noqa: F401
@@ -95,7 +95,7 @@ class EditedModel(NeuronSubject):
         """(embeddings, router distance, familiar) for raw query texts."""
         emb = self.encoder.encode(list(texts))
         distance = self.router.distance(emb)
-        return emb, distance.cpu(), (distance < self.router.epsilon).cpu()
+        return emb, distance.cpu(), ((distance < self.router.epsilon).cpu() & ~self.router.held_back(emb))
 
     @torch.no_grad()
     def vectors_for(self, texts: Sequence[str]) -> torch.Tensor:
@@ -209,10 +209,8 @@ class EditedModel(NeuronSubject):
         return self.end_of_turn_ids() if fmt.chat else sorted(stop_tokens(self.tokenizer))
 
     def end_of_turn_ids(self) -> list[int]:
-        """Tokens that end an assistant turn: the tokenizer's EOS and the model's generation EOS
-        (e.g. <|im_end|> for SmolLM2, <end_of_turn> besides <eos> for Gemma)."""
-        ids = _id_set(self.tokenizer.eos_token_id)
-        return sorted(ids | _id_set(getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)))
+        """Tokens that end an assistant turn (lm.end_of_turn_ids)."""
+        return end_of_turn_ids(self.model, self.tokenizer)
 
     def _check_prompts(self, ids: list[list[int]], max_prompt_tokens: int | None) -> None:
         limit = max_prompt_tokens if max_prompt_tokens is not None else self.max_prompt_tokens
@@ -262,7 +260,7 @@ class EditedModel(NeuronSubject):
         if raw:
             return batches[0][2] if batches else None
         config = kwargs.get("generation_config") or self.model.generation_config
-        return self._answers(batches, len(ids), _id_set(kwargs.get("eos_token_id", config.eos_token_id)))
+        return self._answers(batches, len(ids), token_id_set(kwargs.get("eos_token_id", config.eos_token_id)))
 
     def _answers(self, batches: list, n: int, ends: set[int]) -> list:
         """Each output row's new tokens up to its first end token, decoded; grouped per prompt
@@ -373,15 +371,6 @@ class EditedModel(NeuronSubject):
 def _check_count(name: str, value) -> None:
     if type(value) is not int or value < 1:  # not a bool or a float either
         raise ConfigError(f"{name} must be a positive integer, found {value!r}")
-
-
-def _id_set(ids) -> set[int]:
-    """Token ids given as None, one int, or a list/tensor of them, as a set."""
-    if ids is None:
-        return set()
-    if isinstance(ids, torch.Tensor):
-        ids = ids.tolist()
-    return {ids} if isinstance(ids, int) else {int(i) for i in ids}
 
 
 def _is_batch(messages) -> bool:

@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from .config import MeGConfig
+from .data.demo import fallback_pool
 from .data.requests import EditRequest, pool_apart_from
 from .edit_table import EditTable
 from .edited import EditedModel
@@ -31,6 +32,8 @@ from .parallel import check_forkable
 
 log = logging.getLogger(__name__)
 
+MIN_POOL = 8  # records with a rephrase that stages B and C need (stages/routing.split_pool)
+
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -38,6 +41,18 @@ def _digest(obj) -> str:
 
 def _records(requests: Sequence[EditRequest]) -> list[dict]:
     return [r.to_dict() for r in requests]
+
+
+def usable_pool(requests: Sequence[EditRequest], pool: Sequence[EditRequest] | None,
+                name: str) -> tuple[list[EditRequest], str]:
+    """The pool to fit with: `pool`, or the shipped fallback pool when `pool` has fewer than
+    MIN_POOL records with a rephrase apart from the edits (said in one log line)."""
+    usable = [r for r in pool_apart_from(pool or [], requests) if r.rephrases]
+    if len(usable) >= MIN_POOL:
+        return list(pool), name
+    log.info("pseudo-edit pool: %s has %d records with a rephrase (fewer than %d); using megedit's fallback "
+             "pool of 240 true facts", name if pool else "none given", len(usable), MIN_POOL)
+    return fallback_pool(), "megedit fallback pool"
 
 
 class MeGEditor:
@@ -69,18 +84,17 @@ class MeGEditor:
             pool_name: str = "pool") -> EditedModel:
         """Edit the model with `requests`. `pool`: pseudo-edit records disjoint from the edits
         (with rephrases; locality prompts help), for the encoder's training and epsilon's
-        calibration; edit ids and prompts are left out of it in any case."""
+        calibration; edit ids and prompts are left out of it in any case. Without a pool that has
+        rephrases, megedit's own fallback pool serves (data/demo.py)."""
         if not requests:
             raise ConfigError("fit: no edit requests")
-        if not pool:
-            raise ConfigError("fit: a pseudo-edit pool is needed (records not being edited, with rephrases) to "
-                              "train the encoder and calibrate the router")
+        pool, pool_name = usable_pool(requests, pool, pool_name)
         work_dir = Path(work_dir)
         start, timing = time.perf_counter(), {}
         variants, variants_record = self.variants(requests, pool)
         fit, key_a, timing["A"] = self.stage_a(requests, variants, work_dir)
         edits = EditTable.from_fit(requests, variants, fit.vectors, fit.success)
-        routing, key_bc, timing["BC"] = self._stage_bc(requests, pool, work_dir)
+        routing, key_bc, timing["BC"] = self.stage_bc(requests, pool, work_dir, variants)
         generator, timing["D"] = self._stage_d(edits, fit.spec, routing, f"{key_a}-{key_bc}", work_dir)
         timing["total_s"] = time.perf_counter() - start
         log.info("MeG fitted %d edits in %.0f s (A %.0f s, B+C %.0f s, D %.0f s)", len(requests), timing["total_s"],
@@ -145,7 +159,7 @@ class MeGEditor:
     def _stage_b(self, train_pool, work_dir: Path):
         """The tuned encoder. It depends on the pool and the encoder settings, not on the edits,
         so fits of different edit sets in one work_dir with the same pool share it."""
-        from .stages.encoder import encoder_delta_record, load_encoder_delta, paraphrase_pairs, train_encoder, write_encoder_delta
+        from .stages.encoder import encoder_delta_record, load_encoder_delta, train_encoder, training_triples, write_encoder_delta
 
         settings = self.config.routing.encoder
         key = _digest({"encoder": self.config.encoder, "training": dataclasses.asdict(settings), "pool": _records(train_pool)})
@@ -156,19 +170,23 @@ class MeGEditor:
             encoder, record = load_encoder_delta(path, self.base_encoder)
         else:
             log.info("stage B (encoder): tuning the encoder on %d pool records", len(train_pool))
-            encoder, training = train_encoder(self.base_encoder, *paraphrase_pairs(train_pool), settings, self.progress,
-                                             checkpoint_dir=path.parent)  # a killed stage B resumes
+            queries, paraphrases, negatives = training_triples(train_pool, settings)
+            encoder, training = train_encoder(self.base_encoder, queries, paraphrases, settings, self.progress,
+                                             checkpoint_dir=path.parent, negatives=negatives)  # a killed stage B resumes
             record = encoder_delta_record(training, self.config.encoder)
             write_encoder_delta(encoder, record, path)
         return encoder, record, {"seconds": time.perf_counter() - start, "cached": cached, "train_s": record["timing"]["total_s"]}
 
-    def _stage_bc(self, requests, pool, work_dir: Path):
+    def stage_bc(self, requests, pool, work_dir: Path, variants: Sequence[Sequence[str]] = ()):
+        """Stages B and C on `requests` (and their other wordings), cached in `work_dir`: ({"encoder",
+        "encoder_record", "router", "record"}, its cache key, its timing record)."""
         from .stages.router import Router
         from .stages.routing import fit_router, split_for_edits
 
         config = self.config.routing
         key = _digest({"encoder": self.config.encoder, "routing": dataclasses.asdict(config),
-                       "edits": [r.prompt for r in requests], "pool": _records(pool)})
+                       "edits": [r.prompt for r in requests], "pool": _records(pool),
+                       **({"wordings": [list(v) for v in variants]} if any(variants) else {})})
         folder = work_dir / "routing" / key
         done = folder / "routing.json"
         start = time.perf_counter()
@@ -179,7 +197,8 @@ class MeGEditor:
             router, record = Router.load(folder / "router.safetensors"), json.loads(done.read_text())
         else:
             log.info("stage C (router): %d edits, epsilon from %d pool records", len(requests), len(calibration))
-            router, record = fit_router(requests, encoder, train_pool, calibration, config, self.progress)
+            router, record = fit_router(requests, encoder, train_pool, calibration, config, self.progress,
+                                        wordings=variants)
             router.save(folder / "router.safetensors")
             atomic_write_json(done, record)  # written last: marks the stage done
         log.info("stages B+C: epsilon %.3f (%s router)", router.epsilon, router.config.kind)

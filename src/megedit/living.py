@@ -32,6 +32,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .config import MeGConfig
+from .data.demo import fallback_pool
 from .data.requests import EditRequest, pool_apart_from
 from .edit_table import EditTable
 from .edited import EditedModel
@@ -81,6 +82,7 @@ def add_edits(edited: EditedModel, requests: Sequence[EditRequest], work_dir: st
         kept = sorted(set(range(len(table))) - set(replaced))
         edits = table.select(kept) + new
         router = _router(edited, edits, kept, new, pool if config.recalibrate else None, editor.config, progress)
+        router = _with_new_negatives(router, edited, requests, pool, editor.config, config.recalibrate)
         generator, tuned = _tune(edited, editor, edits, range(len(kept), len(edits)), int(new.fitted.sum()), config,
                                  Path(work_dir), progress)
     entry = {"op": "add", "ids": [r.case_id for r in requests], "replaced": [table.case_ids[i] for i in replaced],
@@ -190,14 +192,29 @@ def _router(edited: EditedModel, edits: EditTable, kept: list[int], new: EditTab
     """The pack's router on the kept edits' rows and the new prompts at its epsilon; with a pool,
     epsilon chosen again on it the way a fit chooses it."""
     if pool is None:
-        return edited.router.with_edits(kept, edited.encoder.encode(new.prompts))
+        flat = [(k, text) for k, texts in enumerate(new.wordings) for text in texts]
+        wordings = edited.encoder.encode([t for _, t in flat]) if flat and edited.router.wordings is not None else None
+        return edited.router.with_edits(kept, edited.encoder.encode(new.prompts), wordings, [k for k, _ in flat])
     from .stages.routing import fit_router, split_for_edits
 
     requests = edits.requests()
     train_pool, calibration = split_for_edits(requests, pool, meg.routing)
-    router, _ = fit_router(requests, edited.encoder, train_pool, calibration, meg.routing, progress)
+    router, _ = fit_router(requests, edited.encoder, train_pool, calibration, meg.routing, progress,
+                           wordings=edits.wordings)
     log.info("add: epsilon %.3f -> %.3f (recalibrated)", edited.router.epsilon, router.epsilon)
     return router
+
+
+def _with_new_negatives(router: Router, edited: EditedModel, requests: list[EditRequest], pool, meg: MeGConfig,
+                        recalibrated: bool) -> Router:
+    """The router with the new edits' negatives added (a recalibrated router has every edit's already),
+    built from the pool or, without one, from megedit's fallback pool."""
+    from .stages.routing import edit_negatives
+
+    if recalibrated or router.bank is None or not (meg.routing.router.negatives or meg.routing.router.plain_negatives):
+        return router
+    negatives = edit_negatives(requests, pool_apart_from(pool or fallback_pool(), requests), meg.routing)
+    return router.with_negatives(edited.encoder.encode(negatives)) if negatives else router
 
 
 def _tune(edited: EditedModel, editor: MeGEditor, edits: EditTable, new_rows: Sequence[int], changed: int,

@@ -177,6 +177,22 @@ def _append(generated: list[int], token: int, stop_ids: set[int], max_new_tokens
     return token not in stop_ids and len(generated) < max_new_tokens
 
 
+def token_id_set(ids) -> set[int]:
+    """Token ids given as None, one int, or a list / tensor of them, as a set."""
+    if ids is None:
+        return set()
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    return {ids} if isinstance(ids, int) else {int(i) for i in ids}
+
+
+def end_of_turn_ids(model: nn.Module, tokenizer) -> list[int]:
+    """Tokens that end an assistant turn: the tokenizer's EOS and the model's generation EOS
+    (e.g. <|im_end|> for SmolLM2, <end_of_turn> besides <eos> for Gemma)."""
+    generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return sorted(token_id_set(tokenizer.eos_token_id) | token_id_set(generation_eos))
+
+
 def context_length(model: nn.Module) -> int | None:
     """The most positions the model takes (config.max_position_embeddings; gpt2 maps n_positions
     to it), None where the config does not say."""

@@ -107,18 +107,16 @@ def load_data(args):
     return kind, path, requests, get_format(getattr(args, "prompt_format", None) or DEFAULT_FOR_KIND[kind])
 
 
-def load_pool(args, kind: str, path: Path):
-    """The pseudo-edit pool: --pseudo, else the records of --data after the edited ones."""
+def load_pool(args, kind: str, path: Path, option: str = "pseudo"):
+    """A pool of other records: the file of --pseudo (or `option`), else the records of --data after
+    the edited ones, else none (("none", []): the library's fallback pool then serves)."""
     from ..data import load_requests, parse_data_arg
 
-    if args.pseudo:
-        pool_kind, pool_path = parse_data_arg(args.pseudo)
+    if getattr(args, option, None):
+        pool_kind, pool_path = parse_data_arg(getattr(args, option))
         return f"{pool_kind}:{pool_path.name}", load_requests(pool_kind, pool_path, skip_invalid=args.skip_invalid)
     if args.limit is None:
-        from ..errors import ConfigError
-
-        raise ConfigError("no pseudo-edit pool: give --pseudo KIND:PATH, or --limit so the records after the "
-                          "edited ones form the pool")
+        return "none", []
     start = args.offset + args.limit
     return f"{kind}:{path.name} records {start}..", load_requests(kind, path, offset=start, skip_invalid=args.skip_invalid)
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .common import add_data_args, add_model_args, add_processes_arg, add_verb, load_data, load_lm, load_pack, load_pool
-from .types import layer_list, positive_int
+from .types import layer_list, non_negative_int, positive_int
 
 log = logging.getLogger("megedit")
 
@@ -48,6 +48,14 @@ def add_eval(sub) -> None:
     p.add_argument("--decode-unchanged", action="store_true",
                    help="decode the locality queries a pack's router turns away too (by default they get the "
                         "pre-edit answers, which is what decoding them gives; this checks it, ~3x slower locality)")
+    p.add_argument("--specificity", type=non_negative_int, default=3, metavar="K",
+                   help="per edit, K prompts about its subject that ask something else, scored against the unedited "
+                        "model's answers (0: none; records' own 'specificity' prompts are kept)")
+    p.add_argument("--specificity-pool", metavar="KIND:PATH", default=None,
+                   help="the relation wordings for --specificity (default: the records of --data after the edited "
+                        "ones, else megedit's fallback pool)")
+    p.add_argument("--chat-edits", type=non_negative_int, default=256, metavar="K",
+                   help="ask the first K edits' prompt and first rephrase as chats too (0: none)")
     p.add_argument("--json", type=Path, default=None,
                    help="write the eval JSON here (a killed run resumes from JSON.partial beside it, and a "
                         "killed FT from JSON.ft-training.pt)")
@@ -121,11 +129,12 @@ def run_eval(args) -> int:
     args.baseline = _baseline_config(args)
     kind, path, requests, fmt = load_data(args)
     subject, fmt = _subject(args, requests, fmt, kind, path)
+    requests = _with_specificity(args, kind, path, requests)
     start = time.perf_counter()
     report = evaluate(subject, requests, prompt_format=fmt, data_kind=kind, data_name=f"{kind}:{path.name}",
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=args.progress,
                       checkpoint=args.json and args.json.with_name(args.json.name + ".partial"),
-                      processes=args.processes, decode_unchanged=args.decode_unchanged)
+                      processes=args.processes, decode_unchanged=args.decode_unchanged, chat_edits=args.chat_edits)
     log.info("evaluated %d edits in %.0f s", len(requests), time.perf_counter() - start)
     print(report.table())
     print(f"N={report.n}  data={report.data}  model={report.model}  format={fmt.name}  seed={args.seed}")
@@ -134,6 +143,20 @@ def run_eval(args) -> int:
         _ft_training(args).unlink(missing_ok=True)
         print(f"wrote {args.json}")
     return 0
+
+
+def _with_specificity(args, kind: str, path: Path, requests):
+    """The requests with --specificity probes from the pool's relation wordings (data/specificity.py)."""
+    from ..data.demo import fallback_pool
+    from ..data.specificity import with_specificity
+
+    if not args.specificity:
+        return requests
+    name, pool = load_pool(args, kind, path, option="specificity_pool")
+    if not pool:
+        name, pool = "megedit fallback pool", fallback_pool()
+    log.info("specificity: %d prompts per edit from the relation wordings of %s", args.specificity, name)
+    return with_specificity(requests, pool, args.specificity)
 
 
 def _weight_edit(args, model, tokenizer, requests, fmt, kind, path):

@@ -24,8 +24,8 @@ def add_demo(sub) -> None:
     p = add_verb(
         sub, "demo", "the main job: edit SmolLM2 (or --model) with 12 built-in counterfactual edits and show before/after",
         "Fit MeG on the built-in demo edits (12 counterfactual facts written for megedit) with the "
-        "embedded SmolLM2 and MiniLM, then print each edit's prompt, paraphrase and an unrelated question "
-        "before and after editing, and the scores. Stages are cached in --work-dir: a rerun is quick. "
+        "embedded SmolLM2 and MiniLM, then print each edit's prompt, paraphrase, another question about its "
+        "subject, an unrelated question and the prompt as a chat turn, before and after editing, and the scores. Stages are cached in --work-dir: a rerun is quick. "
         "Without --config a trained generator (--generator mlp or dit) runs 1,000 steps (enough for 12 edits).",
     )
     add_model_args(p)
@@ -36,7 +36,8 @@ def add_demo(sub) -> None:
 
 
 def run_demo(args) -> int:
-    from ..data.demo import DEMO_EDITS, demo_requests
+    from ..data.demo import DEMO_EDITS, demo_requests, fallback_pool
+    from ..data.specificity import with_specificity
     from ..edited import check_pack_target
     from ..editor import MeGEditor
     from ..eval import evaluate
@@ -46,14 +47,16 @@ def run_demo(args) -> int:
         check_pack_target(args.out)  # before the fit, not after it
     config = meg_config(args, DEMO_DEFAULTS)
     edits, pool = demo_requests()
+    pool += fallback_pool()  # its records name their subjects: the edits' negatives and specificity come from it
+    edits = with_specificity(edits, pool, per_edit=2)
     model, tokenizer = load_lm(args)
     start = time.perf_counter()
     edited = MeGEditor(model, tokenizer, config, progress=args.progress).fit(
-        edits, args.work_dir or cache_root() / "demo", pool, pool_name="megedit demo pool")
+        edits, args.work_dir or cache_root() / "demo", pool, pool_name="megedit demo and fallback pools")
     fit_s = time.perf_counter() - start
     print(_before_after(edited, edits))
     report = evaluate(edited, edits, prompt_format=config.prompt_format, data_name=f"jsonl:{DEMO_EDITS.name}",
-                      progress=args.progress)
+                      progress=args.progress, chat_edits=None)
     print()
     print(report.table())
     t = edited.record["timing"]
@@ -67,21 +70,34 @@ def run_demo(args) -> int:
 
 
 def _before_after(edited, requests) -> str:
-    """One row per query: its kind, text, the base model's answer, the edited model's, the goal."""
+    """One row per query: its kind, text, the base model's answer, the edited model's, the goal.
+    Per edit: its prompt, a paraphrase, the same subject asked something else, an unrelated
+    question, and its prompt as a chat turn."""
     from ..eval.report import markdown_table
 
-    rows, texts = [], []
+    texts = []
     for r in requests:
         texts += [("edit", r.prompt, r.target), ("paraphrase", r.rephrases[0], r.target) if r.rephrases else None,
+                  ("same subject, other question", r.specificity[0], "(unchanged)") if r.specificity else None,
                   ("unrelated", r.locality[0].prompt, "(unchanged)") if r.locality else None]
     texts = [t for t in texts if t]
+    chats = [r.prompt for r in requests]
     with edited.unedited():
-        before = edited.generate([t[1] for t in texts], max_new_tokens=8)
-    after = edited.generate([t[1] for t in texts], max_new_tokens=8)
+        before = edited.generate([t[1] for t in texts], max_new_tokens=8) + _chat_replies(edited, chats)
+    after = edited.generate([t[1] for t in texts], max_new_tokens=8) + _chat_replies(edited, chats)
+    texts += [("chat", r.prompt, r.target) for r in requests]
     _, distance, familiar = edited.route([t[1] for t in texts])
-    for (kind, text, goal), b, a, d, f in zip(texts, before, after, distance.tolist(), familiar.tolist()):
-        rows.append([kind, text, b, a, goal, f"{'edit' if f else 'off'} ({max(d, 0.0):.2f})"])
+    rows = [[kind, text, b, a, goal, f"{'edit' if f else 'off'} ({max(d, 0.0):.2f})"]
+            for (kind, text, goal), b, a, d, f in zip(texts, before, after, distance.tolist(), familiar.tolist())]
     return markdown_table(["query", "text", "before", "after", "goal", "router (distance)"], rows)
+
+
+def _chat_replies(edited, messages: list[str]) -> list[str]:
+    """One-turn chat replies (32 tokens at most), their line breaks shown as ' / ' to fit a table row."""
+    if not getattr(edited.tokenizer, "chat_template", None):
+        return ["(no chat template)"] * len(messages)
+    return [" / ".join(line.strip() for line in reply.splitlines() if line.strip())
+            for reply in edited.chat(list(messages), max_new_tokens=32)]
 
 
 # -- fit ----------------------------------------------------------------------------------------

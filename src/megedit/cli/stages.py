@@ -145,13 +145,14 @@ def add_fit_router(sub) -> None:
 
 def run_fit_router(args) -> int:
     from ..io import atomic_write_json
+    from ..editor import usable_pool
     from ..models import load_encoder
     from ..stages.encoder import save_encoder_delta
     from ..stages.routing import fit_routing, routing_report
     from .common import check_device
 
     kind, path, requests, _ = load_data(args)
-    pool_name, pool = load_pool(args, kind, path)
+    pool, pool_name = usable_pool(requests, *reversed(load_pool(args, kind, path)))
     config = routing_config(args, args.seed)
     base = load_encoder(args.encoder, device=check_device(args.device))
     routing = fit_routing(requests, pool, base, config, progress=args.progress)

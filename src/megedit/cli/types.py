@@ -29,6 +29,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """A count that may be 0 (0 turns the thing off)."""
+    value = _int_from(text, 0)
+    if value is None:
+        raise ArgumentTypeError(f"expected an integer from 0, found {text!r}")
+    return value
+
+
 def layer_list(text: str) -> list[int]:
     """Comma-separated 0-based layers, e.g. '4,5,6'."""
     layers = [_int_from(x, 0) for x in text.split(",")]

@@ -155,6 +155,7 @@ def _own_jsonl(r: _Record) -> EditRequest:
         ground_truth=r.text("ground_truth", optional=True),
         rephrases=r.texts("rephrases", optional=True),
         locality=tuple(queries),
+        specificity=r.texts("specificity", optional=True),
     )
 
 

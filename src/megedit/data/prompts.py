@@ -29,8 +29,11 @@ class PromptFormat:
     chat: bool = False  # use the tokenizer's chat template (instruct models)
     system: str | None = None  # chat only: a system message
     answer_prefix: str = " "  # text between the wrapped prompt and the answer
+    stop: str = "newline"  # what a trained answer ends with outside chat: "newline" or "eos" (the tokenizer's EOS)
 
     def __post_init__(self) -> None:
+        if self.stop not in ("newline", "eos"):
+            raise ConfigError(f"prompt format {self.name!r}: stop must be 'newline' or 'eos', found {self.stop!r}")
         if set(format_fields(self.template) or ()) != {"query"}:
             raise ConfigError(f"prompt format {self.name!r}: the template must hold '{{query}}' and no other "
                               f"'{{...}}' field, found {self.template!r}")
@@ -54,8 +57,8 @@ class PromptFormat:
         return ids + [self.stop_token(tokenizer)] if with_stop else ids
 
     def stop_token(self, tokenizer) -> int:
-        """The token an answer ends with: end-of-turn for chat, a newline otherwise."""
-        if self.chat:
+        """The token an answer ends with: end-of-turn (EOS) for chat and for `stop="eos"`, else a newline."""
+        if self.chat or (self.stop == "eos" and tokenizer.eos_token_id is not None):
             return tokenizer.eos_token_id
         return tokenizer("\n", add_special_tokens=False)["input_ids"][-1]
 
@@ -64,10 +67,12 @@ class PromptFormat:
 
 
 PRESETS = {
-    # the query as it is: CounterFact's cloze prefixes ("The mother tongue of X is")
-    "raw": PromptFormat("raw"),
+    # the query as it is: CounterFact's cloze prefixes ("The mother tongue of X is"). Answers end with EOS,
+    # not a newline: an edited answer then also ends a chat turn or a free generation (docs/method.md)
+    "raw": PromptFormat("raw", stop="eos"),
     # the authors' short-answer wrapping for question-style data (ZsRE)
-    "qa": PromptFormat("qa", template="Answer the following question in less than 5 words: {query} \nAnswer:"),
+    "qa": PromptFormat("qa", template="Answer the following question in less than 5 words: {query} \nAnswer:",
+                       stop="eos"),
     # the tokenizer's own chat template, answer as the assistant's turn
     "chat": PromptFormat("chat", chat=True, answer_prefix=""),
 }

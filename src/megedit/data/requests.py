@@ -19,7 +19,9 @@ class EditRequest:
     """Make the model answer `target` after `prompt`.
 
     `rephrases` test generality (the same fact asked differently); `locality` queries test
-    that unrelated knowledge is untouched. Scoring uses the first of each.
+    that unrelated knowledge is untouched; `specificity` prompts ask something else about the same
+    subject, whose answer must not change either. Scoring uses the first rephrase and locality
+    query, and every specificity prompt.
     """
 
     case_id: str
@@ -29,12 +31,14 @@ class EditRequest:
     ground_truth: str | None = None
     rephrases: tuple[str, ...] = ()
     locality: tuple[LocalityQuery, ...] = field(default_factory=tuple)
+    specificity: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         """The project's own JSONL record (what `load_requests("jsonl", ...)` reads)."""
         record = asdict(self)
         record["rephrases"] = list(self.rephrases)
         record["locality"] = [asdict(q) for q in self.locality]
+        record["specificity"] = list(self.specificity)
         return record
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..io import atomic_write_json
 
-METRIC_NAMES = {"reliability": "Rel", "generality": "Gen", "locality": "Loc"}
+METRIC_NAMES = {"reliability": "Rel", "generality": "Gen", "locality": "Loc", "specificity": "Spec"}
 
 
 @dataclass
@@ -19,10 +19,12 @@ class EvalReport:
     n: int
     protocol: dict
     metrics: dict  # {"reliability": {"ag": %, "tf": %}, "generality": ..., "locality": ...}
-    score: float
+    score: float  # the paper's: harmonic mean of the six Rel/Gen/Loc numbers
     timing: dict
     cases: list = field(default_factory=list)
     edit: dict = field(default_factory=dict)  # the method's settings, seed and edit time
+    score_all: float | None = None  # harmonic mean of every metric, specificity included (None without it)
+    chat: dict = field(default_factory=dict)  # chat rates, edited and base (eval/chat.py); {} when not asked
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -35,17 +37,23 @@ class EvalReport:
         return cls(**json.loads(Path(path).read_text()))
 
     def row(self) -> list[str]:
-        """Method, the six metrics and Score, formatted for a table."""
+        """Method, the eight metrics, the paper's Score and the Score over all, formatted for a table."""
         cells = [self.method]
         for kind in METRIC_NAMES:
             for setting in ("ag", "tf"):
                 value = self.metrics.get(kind, {}).get(setting)
                 cells.append("—" if value is None else f"{value:.2f}")
-        return cells + [f"{self.score:.2f}"]
+        return cells + [f"{self.score:.2f}", "—" if self.score_all is None else f"{self.score_all:.2f}"]
 
     def table(self) -> str:
         header = ["method"] + [f"{short}{s.upper()}" for short in METRIC_NAMES.values() for s in ("ag", "tf")]
-        return markdown_table(header + ["Score"], [self.row()])
+        table = markdown_table(header + ["Score", "Score (all 8)"], [self.row()])
+        if self.chat:
+            rates = [[who] + [f"{self.chat[who][r]:.1f}" for r in ("holds", "ends", "degenerate")]
+                     for who in ("edited", "base")]
+            table += "\n\n" + markdown_table([f"chat ({self.chat['n']} replies)", "holds target %",
+                                               f"ends within {self.chat['budget']} tokens %", "degenerate %"], rates)
+        return table
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -1,11 +1,13 @@
 """The evaluation harness: the same decoding and scoring for every method (METHOD.md §3).
 
-Each edit contributes three queries: its prompt (Reliability), its first rephrase (Generality)
-and its first locality prompt (Locality). Each is scored by greedy generation (AG) and by
-teacher forcing (TF). Locality is scored against the PRE-edit model's own output, computed once
-per (model, queries, format, settings) and cached on disk. A locality query the subject leaves
-exactly as the unedited model (MeG: the router turns it away, so the neuron adds 0.0) gets that
-output without being decoded again: decoding it gives the same tokens (checked on 10,000 edits).
+Each edit contributes its prompt (Reliability), its first rephrase (Generality), its first
+locality prompt (Locality) and its specificity prompts (Specificity: the same subject, another
+question). Each is scored by greedy generation (AG) and by teacher forcing (TF). Locality and
+Specificity are scored against the PRE-edit model's own output, computed once per (model,
+queries, format, settings) and cached on disk. Such a query the subject leaves exactly as the
+unedited model (MeG: the router turns it away, so the neuron adds 0.0) gets that output without
+being decoded again: decoding it gives the same tokens (checked on 10,000 edits). Chat replies
+(eval/chat.py) are scored apart, beside the base model's.
 """
 
 from __future__ import annotations
@@ -29,12 +31,15 @@ from ..lm import Decoded, decode, length_batches
 from ..models import cache_root, model_fingerprint
 from ..parallel import check_forkable, run_forked
 from .metrics import ag_match, could_still_match, first_line, harmonic_mean, normalize_answer, percent, tf_accuracy
+from .chat import CHAT_BUDGET, chat_queries, chat_settings, has_chat_template, score_chat
 from .report import EvalReport
 from .subject import Query, Subject, as_subject
 
 log = logging.getLogger(__name__)
 
-QUERY_KINDS = ("reliability", "generality", "locality")
+QUERY_KINDS = ("reliability", "generality", "locality", "specificity")
+UNEDITED_KINDS = ("locality", "specificity")  # scored against the pre-edit model's own output
+PAPER_KINDS = QUERY_KINDS[:3]  # the paper's six-number Score
 
 
 def build_queries(requests: Sequence[EditRequest]) -> dict[str, list[Query]]:
@@ -45,6 +50,7 @@ def build_queries(requests: Sequence[EditRequest]) -> dict[str, list[Query]]:
             queries["generality"].append(Query(r.case_id, "generality", r.rephrases[0], r.target))
         if r.locality:
             queries["locality"].append(Query(r.case_id, "locality", r.locality[0].prompt, None))
+        queries["specificity"] += [Query(r.case_id, "specificity", p, None) for p in r.specificity]
     return queries
 
 
@@ -55,6 +61,7 @@ class DecodeSettings:
     batch_size: int = 32
     processes: int = 1  # forked CPU processes sharing the batches (megedit.parallel); not in any cache key
     decode_unchanged: bool = False  # decode the locality queries the subject leaves unchanged too (a check)
+    stops: tuple[int, ...] | None = None  # tokens that end an answer; None: a newline or EOS
 
 
 def run_queries(subject: Subject, queries: Sequence[Query], prompt_ids: Sequence[list[int]],
@@ -85,7 +92,7 @@ def _decode_batches(subject: Subject, queries, prompt_ids, drafts, s: DecodeSett
                     goals, batches: list[list[int]], result: Decoded, resume: _Checkpoint | None) -> None:
     """Decode `batches` into `result` (and `resume`), one subject batch context each."""
     tok = subject.tokenizer
-    stops, pad = stop_tokens(tok), tok.pad_token_id
+    stops, pad = set(s.stops) if s.stops is not None else stop_tokens(tok), tok.pad_token_id
     for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
         start = time.perf_counter()
         give_up = None
@@ -203,20 +210,20 @@ class _Checkpoint:
         self.path.unlink(missing_ok=True)
 
 
-def locality_reference(subject: Subject, queries: Sequence[Query], prompt_ids, s: DecodeSettings, progress: bool = True,
-                       cache_dir: Path | None = None) -> tuple[list[list[int]], float]:
-    """The unedited model's greedy tokens on each locality query, cached by the model's
-    fingerprint, the prompts and the settings; a killed run resumes from the batches it finished
-    (beside the cache file). Also returns the seconds those earlier batches took."""
+def pre_edit_outputs(subject: Subject, queries: Sequence[Query], prompt_ids, s: DecodeSettings, progress: bool = True,
+                     cache_dir: Path | None = None, desc: str = "pre-edit locality") -> tuple[list[list[int]], float]:
+    """The unedited model's greedy tokens on each query, cached by the model's fingerprint, the
+    prompts and the settings; a killed run resumes from the batches it finished (beside the cache
+    file). Also returns the seconds those earlier batches took."""
     with subject.unedited():
         key = hashlib.sha256(json.dumps({
             "model": model_fingerprint(subject.model, progress), "prompts": prompt_ids,
             "format": s.prompt_format.to_dict(), "max_new_tokens": s.max_new_tokens, "batch_size": s.batch_size,
+            **({"stops": list(s.stops)} if s.stops is not None else {}),
         }).encode()).hexdigest()[:24]
         path = (cache_dir or cache_root()) / "locality-references" / f"{key}.json"
         if path.exists():
             return json.loads(path.read_text())["tokens"], 0.0
-        desc = "pre-edit locality"
         resume = _Checkpoint(path.with_suffix(".partial.json"), key)
         earlier_s = resume.seconds(desc).get("seconds", 0.0)  # batches a killed run finished
         tokens = run_queries(subject, queries, prompt_ids, [[] for _ in queries], s, progress, desc,
@@ -238,18 +245,22 @@ def _check_answer_room(queries: Sequence[Query], fmt, tok, max_new_tokens: int) 
 def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | PromptFormat | None = None,
              data_kind: str | None = None, data_name: str | None = None, max_new_tokens: int = 20,
              batch_size: int = 32, progress: bool = True, cache_dir: Path | None = None,
-             checkpoint: str | Path | None = None, processes: int = 1, decode_unchanged: bool = False) -> EvalReport:
+             checkpoint: str | Path | None = None, processes: int = 1, decode_unchanged: bool = False,
+             chat_edits: int | None = 256) -> EvalReport:
     """Score `subject` (a Subject or a `(model, tokenizer)` pair) on `requests`.
 
     The prompt format defaults to the data kind's (raw cloze for CounterFact, the short-answer
     template for ZsRE). Returns an EvalReport with metrics in percent and one row per query.
+    Requests with `specificity` prompts add that query kind (data/specificity.py builds them from
+    a pool); `chat_edits`: the prompt and first rephrase of that many edits (None: all, 0: none)
+    are also asked as chats (eval/chat.py), when the tokenizer has a chat template.
     `checkpoint`: a file for the finished batches, so that a killed evaluation of the same
     subject resumes (the times reported then include the killed run's batches); it is removed
     when the evaluation completes. A MeG subject's key holds its settings, not its generator's
     weights: give each edited model its own checkpoint file. `processes` > 1 (CPU, Linux): the
     batches are shared among that many forked processes (megedit.parallel), the same scores.
-    `decode_unchanged`: decode the locality queries the subject says it leaves unchanged too, not
-    only those it changes (slower; the same scores, which is what it checks).
+    `decode_unchanged`: decode the queries the subject says it leaves unchanged too, not only
+    those it changes (slower; the same scores, which is what it checks).
     """
     subject = as_subject(subject)
     check_forkable(subject.model, processes)
@@ -257,32 +268,36 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
     fmt = get_format(prompt_format or DEFAULT_FOR_KIND.get(data_kind or "", "raw"))
     s = DecodeSettings(fmt, max_new_tokens, batch_size, processes, decode_unchanged)
     queries = build_queries(requests)
+    chats = chat_queries(requests, chat_edits) if chat_edits != 0 and has_chat_template(tok) else []
     prompts = {k: [fmt.prompt_ids(q.text, tok) for q in qs] for k, qs in queries.items()}
     _check_answer_room(queries["reliability"], fmt, tok, max_new_tokens)
     timing: dict[str, float] = {}
-
-    start = time.perf_counter()
-    ref_tokens, earlier_s = locality_reference(subject, queries["locality"], prompts["locality"], s, progress, cache_dir)
-    timing["locality_reference_s"] = time.perf_counter() - start + earlier_s
+    refs = {kind: _reference(subject, kind, queries[kind], prompts[kind], s, progress, cache_dir, timing)
+            for kind in UNEDITED_KINDS}
     resume = None
     if checkpoint is not None:
-        key = _checkpoint_key(subject, queries, prompts, ref_tokens, s, progress)
+        key = _checkpoint_key(subject, queries, prompts, refs, chats, s, progress)
         resume = _Checkpoint(Path(checkpoint), key)
 
     cases, credits, unchanged = [], {}, 0
     for kind, qs in queries.items():
         if qs:
-            rows, kept = _run_kind(subject, kind, qs, prompts[kind], ref_tokens, s, progress, resume, timing)
-            unchanged += kept
+            rows, kept = _run_kind(subject, kind, qs, prompts[kind], refs.get(kind), s, progress, resume, timing)
+            unchanged += kept if kind == "locality" else 0
             credits[kind] = {"ag": percent([r["ag"] for r in rows]), "tf": percent([r["tf"] for r in rows])}
             cases.extend(rows)
+    chat = {}
+    if chats:
+        rows, chat = _run_chat(subject, chats, s, progress, cache_dir, resume, timing)
+        cases.extend(rows)
 
     if resume:
         resume.remove()
-    six = [v for m in credits.values() for v in m.values()]
-    timing["total_s"] = timing["locality_reference_s"] + sum(timing[f"{k}_s"] for k in credits)
-    protocol = _protocol(fmt, s, queries, len(six))
+    timing["total_s"] = sum(v for k, v in timing.items() if k.endswith("_s") and k not in _INNER_TIMES)
+    protocol = _protocol(fmt, s, {**queries, "chat": chats}, credits)
     protocol["counts"]["locality_unchanged"] = unchanged
+    paper = [v for k in PAPER_KINDS if k in credits for v in credits[k].values()]
+    every = [v for m in credits.values() for v in m.values()]
     return EvalReport(
         method=subject.method,
         model=getattr(subject.model, "megedit_source", None) or subject.model.config._name_or_path,
@@ -290,11 +305,46 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
         n=len(requests),
         protocol=protocol,
         metrics=credits,
-        score=harmonic_mean(six) if six else float("nan"),
+        score=harmonic_mean(paper) if paper else float("nan"),
+        score_all=harmonic_mean(every) if "specificity" in credits else None,
+        chat=chat,
         timing=timing,
         cases=cases,
         edit=subject.describe(),
     )
+
+
+_INNER_TIMES = ("forward_pass_s", "decoding_steps_s")  # parts of the query kinds' times, not added to the total
+
+
+def _reference(subject: Subject, kind: str, qs: Sequence[Query], prompts: list, s: DecodeSettings, progress: bool,
+               cache_dir: Path | None, timing: dict) -> list[list[int]]:
+    """The pre-edit model's outputs on one unedited kind's queries; its time under `<kind>_reference_s`."""
+    start = time.perf_counter()
+    tokens, earlier_s = pre_edit_outputs(subject, qs, prompts, s, progress, cache_dir, desc=f"pre-edit {kind}") \
+        if qs else ([], 0.0)
+    timing[f"{kind}_reference_s"] = time.perf_counter() - start + earlier_s
+    return tokens
+
+
+def _run_chat(subject: Subject, queries: Sequence[Query], s: DecodeSettings, progress: bool, cache_dir: Path | None,
+              resume: "_Checkpoint | None", timing: dict) -> tuple[list[dict], dict]:
+    """The chat replies of the edited and the unedited model (the latter cached on disk), scored."""
+    s = chat_settings(s, subject)
+    ids = [s.prompt_format.prompt_ids(q.text, subject.tokenizer) for q in queries]
+    base = _reference(subject, "chat", queries, ids, s, progress, cache_dir, timing)
+    start = time.perf_counter()
+    todo = [i for i, same in enumerate(_unchanged(subject, queries, s)) if not same]
+    out = run_queries(subject, [queries[i] for i in todo], [ids[i] for i in todo], [[] for _ in todo], s, progress,
+                      "chat", resume=resume)
+    edited = list(base)  # an unchanged chat's reply is the base model's
+    for k, i in enumerate(todo):
+        edited[i] = out.generated[k]
+    timing["chat_s"] = time.perf_counter() - start
+    if resume:
+        resume.save()
+    rows, rates = score_chat(queries, edited, base, subject.tokenizer, s.stops)
+    return rows, {"n": len(queries), "budget": s.max_new_tokens, "unchanged": len(queries) - len(todo), **rates}
 
 
 def _run_kind(subject, kind: str, qs: Sequence[Query], prompts: list, ref_tokens, s: DecodeSettings, progress: bool,
@@ -304,7 +354,7 @@ def _run_kind(subject, kind: str, qs: Sequence[Query], prompts: list, ref_tokens
     expected, drafts, goals = _answers_sought(kind, qs, ref_tokens, s.prompt_format, subject.tokenizer)
     start = time.perf_counter()
     earlier = resume.seconds(kind) if resume else {}  # batches a killed run finished
-    same = _unchanged(subject, qs, s) if kind == "locality" else [False] * len(qs)
+    same = _unchanged(subject, qs, s) if kind in UNEDITED_KINDS else [False] * len(qs)
     todo = [i for i, u in enumerate(same) if not u]
     part = run_queries(subject, [qs[i] for i in todo], [prompts[i] for i in todo], [drafts[i] for i in todo], s,
                        progress, kind, [goals[i] for i in todo], resume)
@@ -328,11 +378,13 @@ def _unchanged(subject: Subject, qs: Sequence[Query], s: DecodeSettings) -> list
     return [u for i in range(0, len(qs), s.batch_size) for u in subject.unchanged(qs[i : i + s.batch_size])]
 
 
-def _checkpoint_key(subject, queries: dict, prompts: dict, ref_tokens, s: DecodeSettings, progress: bool) -> str:
+def _checkpoint_key(subject, queries: dict, prompts: dict, refs: dict, chats: list, s: DecodeSettings,
+                    progress: bool) -> str:
     """What a resumable evaluation depends on: the subject (method, settings, weights), every query and setting."""
     return hashlib.sha256(json.dumps({
         "method": subject.method, "edit": subject.describe(), "model": model_fingerprint(subject.model, progress),
-        "prompts": prompts, "targets": [q.target for q in queries["reliability"]], "reference": ref_tokens,
+        "prompts": prompts, "targets": [q.target for q in queries["reliability"]], "reference": refs,
+        "chat": [q.text for q in chats],
         "format": s.prompt_format.to_dict(), "max_new_tokens": s.max_new_tokens, "batch_size": s.batch_size,
         "decoded": "changed locality queries" if not s.decode_unchanged else "all",  # the rows' numbering
     }, sort_keys=True, default=str).encode()).hexdigest()
@@ -342,32 +394,40 @@ def _answers_sought(kind: str, qs: Sequence[Query], ref_tokens, fmt: PromptForma
     """(expected tokens, teacher-forcing drafts, AG goal texts) of one query kind: the target for
     reliability and generality (its draft ends with the stop token), the pre-edit model's own
     output for locality."""
-    if kind == "locality":
+    if kind in UNEDITED_KINDS:
         return ref_tokens, ref_tokens, [tok.decode(t, skip_special_tokens=True) for t in ref_tokens]
     expected = [fmt.answer_ids(q.target, tok) for q in qs]
     return expected, [e + [fmt.stop_token(tok)] for e in expected], [q.target for q in qs]
 
 
-def _protocol(fmt: PromptFormat, s: DecodeSettings, queries: dict, n_metrics: int) -> dict:
+def _protocol(fmt: PromptFormat, s: DecodeSettings, queries: dict, credits: dict) -> dict:
     """Exactly how the numbers of a report were computed."""
-    return {
-        "name": "megedit-ag-tf-v1",
+    protocol = {
+        "name": "megedit-ag-tf-v2",
         "prompt_format": fmt.to_dict(),
         "ag": f"greedy, at most {s.max_new_tokens} new tokens, stop at newline or EOS; exact match after "
-              "strip/lowercase/trailing-dot removal; locality: equal to the pre-edit model's output",
-        "tf": "teacher-forced argmax accuracy over the target tokens; locality: over the pre-edit model's "
-              "greedy output tokens (its end-of-answer token included when it produced one)",
-        "queries": "first rephrase and first locality prompt of each edit",
+              "strip/lowercase/trailing-dot removal; locality and specificity: equal to the pre-edit model's output",
+        "tf": "teacher-forced argmax accuracy over the target tokens; locality and specificity: over the pre-edit "
+              "model's greedy output tokens (its end-of-answer token included when it produced one)",
+        "queries": "first rephrase and first locality prompt of each edit, every specificity prompt",
         "unchanged": "all queries decoded" if s.decode_unchanged else
-                     "a locality query the subject leaves exactly as the unedited model (MeG: router off, the neuron "
-                     "adds 0.0; weight edits: none) is given the pre-edit output, the tokens decoding it gives; "
-                     "counts.locality_unchanged of them",
+                     "a locality, specificity or chat query the subject leaves exactly as the unedited model (MeG: "
+                     "router off, the neuron adds 0.0; weight edits: none) is given the pre-edit output, the tokens "
+                     "decoding it gives; counts.locality_unchanged of the locality queries",
         "early_stop": "a query's decoding stops once its output can no longer match (same AG credit); "
                       "'got' in the cases shows the output up to that point",
-        "score": f"harmonic mean of the {n_metrics} numbers above",
+        "score": "harmonic mean of the six Rel/Gen/Loc numbers (the paper's)",
         "batch_size": s.batch_size,
         "counts": {k: len(v) for k, v in queries.items()},
     }
+    if "specificity" in credits:
+        protocol["score_all"] = f"harmonic mean of all {2 * len(credits)} numbers, specificity included"
+    if queries.get("chat"):
+        protocol["chat"] = (f"the first edits' prompt and first rephrase as one-turn chats (chat template), greedy, at "
+                            f"most {CHAT_BUDGET} new tokens, stop at end-of-turn; rates: reply holds the target (whole "
+                            "words, any case), ends with end-of-turn, is degenerate (1-8 words thrice in a row, or a "
+                            "line thrice); the unedited model's beside them")
+    return protocol
 
 
 def _score(kind: str, qs: Sequence[Query], out: Decoded, expected: list[list[int]], tok) -> list[dict]:
@@ -375,7 +435,7 @@ def _score(kind: str, qs: Sequence[Query], out: Decoded, expected: list[list[int
     for i, q in enumerate(qs):
         got = first_line(tok.decode(out.generated[i], skip_special_tokens=True))
         forced = out.forced[i][: len(expected[i])]
-        if kind == "locality":
+        if kind in UNEDITED_KINDS:
             want = first_line(tok.decode(expected[i], skip_special_tokens=True))
             ag = normalize_answer(got) == normalize_answer(want)
         else:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..arch import layer_stack_path
 from ..data.requests import EditRequest
+from ..data.specificity import negative_prompts
 from ..errors import ConfigError, MeGError
 from ..io import atomic_save_tensors, atomic_write_bytes, atomic_write_json, load_tensors, read_record
 from ..lm import layer_input, starting_at_layer
@@ -46,11 +47,15 @@ class EncoderConfig:
     weight_decay: float = 0.01
     epochs: int = 4
     seed: int = 0
+    # per pair, prompts about the same subject that ask something else (data/specificity.py), as extra
+    # candidates the paraphrase must not pick: the encoder learns the relation, not just the subject
+    hard_negatives: int = 2
 
     def validate(self) -> "EncoderConfig":
-        if self.trainable_layers < 1 or self.batch_size < 2 or self.epochs < 0 or self.temperature <= 0:
-            raise ConfigError(f"encoder config: need trainable_layers >= 1, batch_size >= 2, epochs >= 0 and "
-                              f"temperature > 0, got {asdict(self)}")
+        if self.trainable_layers < 1 or self.batch_size < 2 or self.epochs < 0 or self.temperature <= 0 \
+                or self.hard_negatives < 0:
+            raise ConfigError(f"encoder config: need trainable_layers >= 1, batch_size >= 2, epochs >= 0, "
+                              f"temperature > 0 and hard_negatives >= 0, got {asdict(self)}")
         return self
 
 
@@ -58,6 +63,17 @@ def paraphrase_pairs(requests: Sequence[EditRequest]) -> tuple[list[str], list[s
     """(query, paraphrase) pairs: each request's prompt with each of its rephrases, duplicates removed."""
     pairs = dict.fromkeys((r.prompt, p) for r in requests for p in r.rephrases if p != r.prompt)
     return [q for q, _ in pairs], [p for _, p in pairs]
+
+
+def training_triples(pool: Sequence[EditRequest], config: EncoderConfig,
+                     ) -> tuple[list[str], list[str], list[tuple[str, ...]]]:
+    """(queries, paraphrases, hard negatives) for `train_encoder`: each pool record's prompt with
+    each of its rephrases, and `config.hard_negatives` other-relation prompts about its subject plus
+    one plain one (from the pool's negative-half wordings; () with none asked)."""
+    per_record = negative_prompts(pool, pool, config.hard_negatives, min(1, config.hard_negatives), config.seed)
+    triples = dict.fromkeys((r.prompt, p, negatives) for r, negatives in zip(pool, per_record)
+                            for p in r.rephrases if p != r.prompt)
+    return [q for q, _, _ in triples], [p for _, p, _ in triples], [n for _, _, n in triples]
 
 
 @torch.inference_mode()
@@ -108,9 +124,12 @@ class _CachedInputs:
         return {"input_ids": ids, "attention_mask": mask}, hidden
 
 
-def info_nce(paraphrase_emb: torch.Tensor, query_emb: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Each paraphrase must pick its own query among all queries in the batch (normalised inputs)."""
-    logits = paraphrase_emb @ query_emb.T / temperature
+def info_nce(paraphrase_emb: torch.Tensor, query_emb: torch.Tensor, temperature: float,
+             negative_emb: torch.Tensor | None = None) -> torch.Tensor:
+    """Each paraphrase must pick its own query among all queries in the batch and the batch's hard
+    negatives (normalised inputs)."""
+    candidates = query_emb if negative_emb is None else torch.cat([query_emb, negative_emb])
+    logits = paraphrase_emb @ candidates.T / temperature
     return nn.functional.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
 
 
@@ -209,22 +228,27 @@ class _Checkpoint:
         return True
 
 
-def _inputs_digest(encoder: SentenceEncoder, queries, paraphrases, config: EncoderConfig, progress: bool) -> str:
+def _inputs_digest(encoder: SentenceEncoder, pairs: list[tuple], config: EncoderConfig, progress: bool) -> str:
     """What a checkpoint's training depends on: the base encoder's weights, the pairs, the settings."""
     from ..models import model_fingerprint
 
+    queries, paraphrases, negatives = zip(*pairs)
     blob = {"encoder": model_fingerprint(encoder.model, progress), "max_length": encoder.max_length,
-            "config": asdict(config), "queries": list(queries), "paraphrases": list(paraphrases)}
+            "config": asdict(config), "queries": list(queries), "paraphrases": list(paraphrases),
+            **({"negatives": [list(n) for n in negatives]} if any(negatives) else {})}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-def _step(tuned: SentenceEncoder, cache: _CachedInputs, first: int, chunk: list[tuple[str, str]], optimiser,
+def _step(tuned: SentenceEncoder, cache: _CachedInputs, first: int, chunk: list[tuple[str, str, tuple]], optimiser,
           temperature: float) -> float:
-    """One InfoNCE step on a batch of (query, paraphrase) pairs; returns the batch's loss."""
-    inputs, hidden = cache.batch([q for q, _ in chunk] + [p for _, p in chunk], tuned.tokenizer.pad_token_id)
+    """One InfoNCE step on a batch of (query, paraphrase, hard negatives) triples; returns the batch's loss."""
+    negatives = list(dict.fromkeys(n for _, _, ns in chunk for n in ns))
+    texts = [q for q, _, _ in chunk] + [p for _, p, _ in chunk] + negatives
+    inputs, hidden = cache.batch(texts, tuned.tokenizer.pad_token_id)
     with starting_at_layer(tuned.model, first, hidden):
         emb = tuned(**inputs)
-    loss = info_nce(emb[len(chunk) :], emb[: len(chunk)], temperature)
+    n = len(chunk)
+    loss = info_nce(emb[n : 2 * n], emb[:n], temperature, emb[2 * n :] if negatives else None)
     optimiser.zero_grad()
     loss.backward()
     optimiser.step()
@@ -259,8 +283,10 @@ def _run_epochs(tuned, cache, first, pairs, params, optimiser, config: EncoderCo
 
 def train_encoder(encoder: SentenceEncoder, queries: Sequence[str], paraphrases: Sequence[str],
                   config: EncoderConfig | None = None, progress: bool = True, checkpoint_dir: str | Path | None = None,
-                  checkpoint_s: float = 300.0) -> tuple[SentenceEncoder, EncoderTraining]:
+                  checkpoint_s: float = 300.0, negatives: Sequence[Sequence[str]] | None = None,
+                  ) -> tuple[SentenceEncoder, EncoderTraining]:
     """A tuned copy of `encoder` (the original is left as it was) and a record of the training.
+    `negatives`: per pair, hard negatives for its paraphrase (prompts it must not pick).
 
     With `checkpoint_dir`, the training state is saved there after every epoch and every
     `checkpoint_s` seconds, a later call with the same inputs resumes from it to the same weights
@@ -275,13 +301,14 @@ def train_encoder(encoder: SentenceEncoder, queries: Sequence[str], paraphrases:
     for p in params.values():
         p.requires_grad_(True)
     first = len(tuned.model.get_submodule(layer_stack_path(tuned.model))) - config.trainable_layers
-    cache = _CachedInputs(tuned, list(dict.fromkeys([*queries, *paraphrases])), first, progress=progress)
+    pairs = list(zip(queries, paraphrases, [tuple(n) for n in negatives] if negatives else [()] * len(queries)))
+    texts = [*queries, *paraphrases, *(n for _, _, ns in pairs for n in ns)]
+    cache = _CachedInputs(tuned, list(dict.fromkeys(texts)), first, progress=progress)
     cached_s = time.perf_counter() - start
     optimiser = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
-    pairs = list(zip(queries, paraphrases))
     at = _Position(list(range(len(pairs))), random.Random(config.seed))
     checkpoint = None if checkpoint_dir is None else _Checkpoint(
-        checkpoint_dir, _inputs_digest(encoder, queries, paraphrases, config, progress), checkpoint_s)
+        checkpoint_dir, _inputs_digest(encoder, pairs, config, progress), checkpoint_s)
     resumed = checkpoint is not None and checkpoint.restore(at, params, optimiser)
     if resumed:
         log.info("stage B: resuming the encoder's training at epoch %d, batch %d", at.epoch + 1, at.step + 1)

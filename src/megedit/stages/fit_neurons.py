@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..arch import resolve_layer
-from ..data.prompts import PromptFormat
+from ..data.prompts import PRESETS, PromptFormat
 from ..data.requests import EditRequest
 from ..errors import ConfigError, MeGError
 from ..io import atomic_save_tensors, atomic_write_json, load_tensors, read_record
@@ -54,7 +54,7 @@ class FitConfig:
     variant: str | None = None  # None: the architecture's default (linear for gated MLPs)
     optimizer: str = "adam"  # "sgd" is the authors' setting (lr 0.01-0.07)
     lr: float = 0.3  # Adam; 0.1 takes about half again as many steps to margin 3 (docs/method.md, stage A)
-    max_steps: int = 100
+    max_steps: int = 200  # the chat wording makes a few edits slow: 100 left 1 of 64 own facts unfitted
     batch_size: int = 64
     margin: float = 3.0  # 1 fits the prompt alone; 3 carries the edit to paraphrases (docs/method.md, stage A)
     init_seed: int = 0  # seeds the one initial vector every edit starts from
@@ -65,13 +65,17 @@ class FitConfig:
     prefix_pool: int = 12
     prefix_tokens: int = 10
     exclude_eval_templates: str = "none"  # benchmark only: "own" / "all" keep the test rephrases' wordings out
+    # the prompt as a one-turn chat too, its answer ended by end-of-turn: chat replies then say the target
+    # and stop, instead of looping on it (tokenizers with a chat template; docs/method.md)
+    chat_wording: bool = True
+    chat_margin: float = 1.0  # the chat wording's success margin (the prompt's and other wordings': `margin`)
     max_prompt_tokens: int = 512  # longer edit wordings are refused: fitting one costs minutes and says nothing
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, found {self.optimizer!r}")
-        if self.lr <= 0 or self.max_steps < 1 or self.batch_size < 1 or self.margin < 0:
-            raise ConfigError(f"fit needs lr > 0, max_steps >= 1, batch_size >= 1, margin >= 0: {self}")
+        if self.lr <= 0 or self.max_steps < 1 or self.batch_size < 1 or min(self.margin, self.chat_margin) < 0:
+            raise ConfigError(f"fit needs lr > 0, max_steps >= 1, batch_size >= 1, margin and chat_margin >= 0: {self}")
         if self.max_prompt_tokens < 1:
             raise ConfigError(f"fit needs max_prompt_tokens >= 1, found {self.max_prompt_tokens}")
         if min(self.paraphrases, self.prefixes, self.prefix_pool, self.prefix_tokens) < 0:
@@ -167,13 +171,24 @@ class _RowOptimizer:
         w.sub_(self.lr * update * active)
 
 
-def _encode(requests, variants, tokenizer, fmt):
-    """Per edit: the token sequences (prompt + answer) of its prompt and of each other wording,
-    and its answer tokens."""
-    answers = [fmt.answer_ids(r.target, tokenizer, with_stop=True) for r in requests]
-    seqs = [[fmt.prompt_ids(text, tokenizer) + a for text in (r.prompt, *v)]
-            for r, v, a in zip(requests, variants, answers)]
-    return seqs, answers
+def _encode(requests, variants, tokenizer, fmt, chat: bool):
+    """Per edit and wording (its prompt, each other wording, then with `chat` its prompt as a
+    one-turn chat): the token sequence (prompt + answer), the answer tokens (the format's stop at
+    the end: end-of-turn for the chat wording) and whether it is the chat wording."""
+    seqs, answers, chats = [], [], []
+    for r, v in zip(requests, variants):
+        forms = [(fmt, text) for text in (r.prompt, *v)] + ([(PRESETS["chat"], r.prompt)] if chat else [])
+        answer = {f.name: f.answer_ids(r.target, tokenizer, with_stop=True) for f, _ in forms}
+        seqs.append([f.prompt_ids(text, tokenizer) + answer[f.name] for f, text in forms])
+        answers.append([answer[f.name] for f, _ in forms])
+        chats.append([f.chat and not fmt.chat for f, _ in forms])
+    return seqs, answers, chats
+
+
+def chat_wording(config: FitConfig, fmt: PromptFormat, tokenizer) -> bool:
+    """Whether stage A adds each edit's prompt as a chat: asked for, the queries are not chats
+    already, and the tokenizer has a chat template."""
+    return config.chat_wording and not fmt.chat and bool(getattr(tokenizer, "chat_template", None))
 
 
 @torch.no_grad()
@@ -188,19 +203,25 @@ def _cache_hidden(model, layer, seqs, pad_id, batch_size) -> list[torch.Tensor]:
     return hidden
 
 
-def _rows_batch(rows, answers, pad_id, device) -> tuple[Batch, torch.Tensor, torch.Tensor]:
-    """Left-padded batch of `rows` ((token sequence, cached hidden state, edit) each), the hidden
+def _rows_batch(rows, pad_id, device) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+    """Left-padded batch of `rows` ((token sequence, cached hidden state, answer tokens) each), the hidden
     states, and labels for the `span` positions before the last (the positions that predict an
     answer token; -100 where a row's shorter answer leaves one free)."""
     batch = left_pad([seq for seq, _, _ in rows], pad_id, device)
     width = batch.ids.shape[1]
     h = rows[0][1].new_zeros(len(rows), width, rows[0][1].shape[-1])
-    span = max(len(answers[i]) for _, _, i in rows)
+    span = max(len(answer) for _, _, answer in rows)
     labels = torch.full((len(rows), span), -100, dtype=torch.long, device=device)
-    for row, (seq, hidden, i) in enumerate(rows):
+    for row, (seq, hidden, answer) in enumerate(rows):
         h[row, width - len(seq) :] = hidden
-        labels[row, span - len(answers[i]) :] = torch.as_tensor(answers[i], device=device)
+        labels[row, span - len(answer) :] = torch.as_tensor(answer, device=device)
     return batch, h, labels
+
+
+def _one_or_all(answers: list[list[int]]) -> list[int] | list[list[int]]:
+    """An edit's answer tokens for its digest: one list when every wording shares it (as digests were
+    before wordings could differ in answer), else one per wording."""
+    return answers[0] if all(a == answers[0] for a in answers) else answers
 
 
 def _length_groups(lengths: Sequence[int], min_rows: int) -> list[list[int]]:
@@ -218,7 +239,9 @@ def _length_groups(lengths: Sequence[int], min_rows: int) -> list[list[int]]:
 
 
 def _row_loss_and_success(logits, labels, margin) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row mean answer cross-entropy, and whether every answer token wins by `margin`."""
+    """Per-row mean answer cross-entropy, and whether every answer token wins by `margin` (a number,
+    or one per row)."""
+    margin = torch.as_tensor(margin, device=logits.device, dtype=torch.float32).reshape(-1, 1)
     mask = labels >= 0
     safe = labels.clamp(min=0)
     logits = logits.float()
@@ -289,12 +312,13 @@ class _FitState:
     def __init__(self, model, tokenizer, requests, variants, fmt, config, spec, work_dir, part=None) -> None:
         self.model, self.config, self.spec = model, config, spec
         self.case_ids = [r.case_id for r in requests]
-        self.seqs, self.answers = _encode(requests, variants, tokenizer, fmt)
+        self.seqs, self.answers, chats = _encode(requests, variants, tokenizer, fmt, chat_wording(config, fmt, tokenizer))
+        self.margins = [[config.chat_margin if c else config.margin for c in cs] for cs in chats]
         limit = min(filter(None, (config.max_prompt_tokens, context_length(model))))
         for r, seqs in zip(requests, self.seqs):
             check_prompt_lengths(seqs, limit, [f"edit {r.case_id}: wording {j} (with its answer)" for j in range(len(seqs))])
         # what an edit's fit depends on besides the settings: its tokens (a prompt alone hashes as before variants existed)
-        self.digests = [hashlib.sha256(json.dumps([s[0], a] if len(s) == 1 else [s, a]).encode()).digest()
+        self.digests = [hashlib.sha256(json.dumps([s[0], a[0]] if len(s) == 1 else [s, _one_or_all(a)]).encode()).digest()
                         for s, a in zip(self.seqs, self.answers)]
         self.pad_id = tokenizer.pad_token_id
         n = len(requests)
@@ -342,7 +366,7 @@ class _FitState:
             return
         device = model_device(self.model)
         # similar answer lengths side by side (the LM head runs on the longest answer's span), then prompt lengths
-        queue = sorted(todo, key=lambda i: (len(self.answers[i]), len(self.seqs[i][0])))
+        queue = sorted(todo, key=lambda i: (len(self.answers[i][0]), len(self.seqs[i][0])))
         chunk = 4 * self.config.batch_size
         initial = self.spec.initial_vector(self.config.init_seed).to(device)
         rows = min(self.config.batch_size, len(queue))
@@ -419,14 +443,15 @@ class _FitState:
         if not pairs:
             return {}
         self.timing["trained_rows" if train else "tested_rows"] += len(pairs)
-        rows = [(self.seqs[edits[k]][j], self.hidden[edits[k]][j], edits[k]) for k, j in pairs]
+        rows = [(self.seqs[edits[k]][j], self.hidden[edits[k]][j], self.answers[edits[k]][j], self.margins[edits[k]][j])
+                for k, j in pairs]
         owner = torch.tensor([k for k, _ in pairs], device=device)
         row_loss = torch.zeros(len(rows), device=device)
         row_ok = torch.zeros(len(rows), dtype=torch.bool, device=device)
         # rows of similar length together (wordings differ in length; padding them to the longest costs
         # about 40% of the compute), one forward (and backward) each, the gradients adding up in edit_w
         with torch.set_grad_enabled(train):
-            for group in _length_groups([len(seq) for seq, _, _ in rows], self.MIN_GROUP_ROWS):
+            for group in _length_groups([len(row[0]) for row in rows], self.MIN_GROUP_ROWS):
                 idx = torch.tensor(group, device=device)
                 loss, ok = self._rows_forward(neuron, [rows[j] for j in group], edit_w[owner[idx]], device)
                 if train:
@@ -437,13 +462,14 @@ class _FitState:
 
     def _rows_forward(self, neuron, rows, row_w, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row answer loss and success test of `rows` with vectors `row_w`."""
-        batch, h, labels = _rows_batch(rows, self.answers, self.pad_id, device)
+        batch, h, labels = _rows_batch([row[:3] for row in rows], self.pad_id, device)
+        margins = torch.tensor([row[3] for row in rows], device=device)
         neuron.set_weights(row_w)
         with starting_at_layer(self.model, self.config.layer, h):
             # the LM head (49K x 576 on SmolLM2) costs as much as the layers: run it only where an answer is predicted
             keep = torch.arange(batch.ids.shape[1] - labels.shape[1] - 1, batch.ids.shape[1] - 1, device=device)
             logits = self.model(**batch.model_inputs, use_cache=False, logits_to_keep=keep).logits
-        return _row_loss_and_success(logits, labels, self.config.margin)
+        return _row_loss_and_success(logits, labels, margins)
 
     def result(self) -> FitResult:
         mine = torch.tensor(self.mine, dtype=torch.long)
@@ -457,7 +483,7 @@ class _FitState:
 
 # FitConfig fields that only say how MeGEditor builds the wordings: a fit depends on the wordings' tokens
 _BUILDER_FIELDS = ("paraphrases", "prefixes", "prefix_pool", "prefix_tokens", "exclude_eval_templates",
-                   "max_prompt_tokens")  # the limit only refuses
+                   "max_prompt_tokens", "chat_wording")  # the limit only refuses
 
 
 class _Shards:

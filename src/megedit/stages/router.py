@@ -19,8 +19,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -52,6 +53,10 @@ class RouterConfig:
     # Balanced thresholds sit at 3-10% false fire up to 4,096 CounterFact / ZsRE edits but at 22.5% at 10,000,
     # where each false fire can break an unrelated answer: the ceiling bounds that loss (docs/results.md)
     max_false_fire: float | None = 20.0  # calibration: false fire (percent) at most this; none: no ceiling
+    # negatives: prompts about an edit's subject that ask something else (data/specificity.py); a query
+    # nearer to one of them than to every edit prompt does not fire (nearest router only)
+    negatives: int = 16  # other-relation prompts per edit, from the pool's negative-half wordings
+    plain_negatives: int = 2  # plain prompts about the subject per edit ("Tell me about X.")
 
     @property
     def max_distance(self) -> float:
@@ -63,6 +68,8 @@ class RouterConfig:
         if self.classes < 2 or self.blocks < 0 or self.expansion < 1 or self.max_epochs < 1:
             raise ConfigError(f"router config: need classes >= 2, blocks >= 0, expansion >= 1, max_epochs >= 1, "
                               f"got {asdict(self)}")
+        if min(self.negatives, self.plain_negatives) < 0:
+            raise ConfigError(f"router config: negatives and plain_negatives must be >= 0, got {asdict(self)}")
         if self.epsilon is not None and not 0 < self.epsilon <= self.max_distance:
             raise ConfigError(f"router config: epsilon must be in (0, {self.max_distance:.3f}] for the {self.kind} "
                               f"router, got {self.epsilon}")
@@ -182,6 +189,10 @@ class Router:
     net: FamiliarityNet | None = None  # kind "entropy"
     bank: torch.Tensor | None = None  # kind "nearest": the edit prompts' normalised embeddings, (N, dim)
     record: dict = field(default_factory=dict)  # training record and the calibration (curve, choice)
+    negatives: torch.Tensor | None = None  # kind "nearest": where no edit fires, normalised embeddings (M, dim)
+    # kind "nearest": the edits' other wordings (stage A's variants), normalised (W, dim), and their edits' rows (W,)
+    wordings: torch.Tensor | None = None
+    wording_edits: torch.Tensor | None = None
 
     @classmethod
     def build(cls, edit_embeddings: torch.Tensor, config: RouterConfig, epsilon: float, progress: bool = True,
@@ -193,16 +204,40 @@ class Router:
         net, record = train_familiarity_net(edit_embeddings, config, progress, desc)
         return cls(config, epsilon, net=net, record={"training": record})
 
-    def with_edits(self, keep: list[int], embeddings: torch.Tensor) -> "Router":
+    def with_edits(self, keep: list[int], embeddings: torch.Tensor, wordings: torch.Tensor | None = None,
+                   wording_edits: Sequence[int] = ()) -> "Router":
         """A nearest router whose bank is rows `keep` of this one's, then these new edit prompts'
-        embeddings, at the same epsilon (adding or removing edits without a refit). The entropy
-        net memorises its edit set, so it has no such change short of training it again."""
+        embeddings, at the same epsilon (adding or removing edits without a refit); the kept
+        edits' wordings stay, the new edits' `wordings` (their rows among the new edits in
+        `wording_edits`) join. The entropy net memorises its edit set, so it has no such change
+        short of training it again."""
         if self.bank is None:
             raise ConfigError("router: the entropy router cannot take or drop edits without training it again")
         new = nn.functional.normalize(embeddings.detach().float().to(self.bank.device), dim=-1)
         bank = torch.cat([self.bank[torch.tensor(keep, dtype=torch.long)], new.reshape(-1, self.bank.shape[1])])
-        return Router(self.config, self.epsilon, bank=bank,
-                      record={**self.record, "training": {"n": len(bank), "seconds": 0.0}})
+        router = replace(self, bank=bank, record={**self.record, "training": {"n": len(bank), "seconds": 0.0}},
+                         wordings=None, wording_edits=None)
+        if self.wordings is not None:  # the kept edits' wordings, renumbered
+            row = {old: k for k, old in enumerate(keep)}
+            stays = [j for j, e in enumerate(self.wording_edits.tolist()) if e in row]
+            router = router.with_wordings(self.wordings[stays], [row[e] for e in self.wording_edits[stays].tolist()])
+        if wordings is not None and len(wordings):
+            router = router.with_wordings(wordings, [len(keep) + e for e in wording_edits])
+        return router
+
+    def with_wordings(self, embeddings: torch.Tensor, edits: Sequence[int]) -> "Router":
+        """This router with more wordings of its edits (`edits[j]`: the bank row wording j belongs to)."""
+        new = nn.functional.normalize(embeddings.detach().float().to(self.bank.device), dim=-1)
+        owners = torch.as_tensor(list(edits), dtype=torch.long)
+        if self.wordings is None:
+            return replace(self, wordings=new, wording_edits=owners)
+        return replace(self, wordings=torch.cat([self.wordings, new]), wording_edits=torch.cat([self.wording_edits, owners]))
+
+    def with_negatives(self, embeddings: torch.Tensor) -> "Router":
+        """This router with these negatives' embeddings added to its own."""
+        new = nn.functional.normalize(embeddings.detach().float().to(self.bank.device), dim=-1)
+        negatives = new if self.negatives is None else torch.cat([self.negatives, new])
+        return replace(self, negatives=negatives)
 
     @torch.no_grad()
     def distance(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -218,21 +253,38 @@ class Router:
         return [None] * len(embeddings) if self.bank is None else self._nearest(embeddings)[1].tolist()
 
     def _nearest(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cosine to the nearest edit prompt of the bank, and its index, per query (in chunks: the
-        (B, N) similarity matrix of a large batch against 10,000 edits would be big)."""
+        """Cosine to the nearest wording of an edit (its prompt or another wording), and that edit's
+        bank row, per query (in chunks: the (B, N) similarity matrix of a large batch against 10,000
+        edits would be big)."""
         queries = nn.functional.normalize(embeddings.to(self.bank.device, self.bank.dtype), dim=-1)
         if not len(queries):
             return queries.new_zeros(0), torch.zeros(0, dtype=torch.long)
-        best = [(chunk @ self.bank.T).max(dim=1) for chunk in queries.split(1024)]
-        return torch.cat([b.values for b in best]), torch.cat([b.indices for b in best])
+        keys = self.bank if self.wordings is None else torch.cat([self.bank, self.wordings])
+        owners = torch.arange(len(self.bank)) if self.wordings is None else torch.cat(
+            [torch.arange(len(self.bank)), self.wording_edits])
+        best = [(chunk @ keys.T).max(dim=1) for chunk in queries.split(1024)]
+        return torch.cat([b.values for b in best]), owners[torch.cat([b.indices for b in best]).cpu()]
 
     def familiar(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Bool (B,): which queries should get a generated neuron."""
-        return self.distance(embeddings) < self.epsilon
+        """Bool (B,): which queries should get a generated neuron: near an edit, and nearer to an edit
+        prompt than to any negative."""
+        near = self.distance(embeddings) < self.epsilon
+        return near & ~self.held_back(embeddings).to(near.device)
+
+    @torch.no_grad()
+    def held_back(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Bool (B,): queries at least as near to a negative as to the nearest wording of an edit."""
+        if self.negatives is None or not len(self.negatives) or not len(embeddings):
+            return torch.zeros(len(embeddings), dtype=torch.bool)
+        queries = nn.functional.normalize(embeddings.to(self.bank.device, self.bank.dtype), dim=-1)
+        negative = torch.cat([(chunk @ self.negatives.T).max(dim=1).values for chunk in queries.split(1024)])
+        return (negative >= self._nearest(embeddings)[0]).cpu()
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        atomic_save_tensors(path, self.net.state_dict() if self.net is not None else {"bank": self.bank})
+        tensors = {"bank": self.bank, **{name: t for name in ("negatives", "wordings", "wording_edits")
+                                          if (t := getattr(self, name)) is not None}}
+        atomic_save_tensors(path, self.net.state_dict() if self.net is not None else tensors)
         dim = self.net.head.in_features if self.net is not None else self.bank.shape[1]
         atomic_write_json(path.with_suffix(".json"), {
             "epsilon": self.epsilon, "dim": dim, "config": asdict(self.config), "record": self.record})
@@ -245,15 +297,32 @@ class Router:
             m, RouterConfig(**m["config"]).validate(), float(m["epsilon"]), int(m["dim"])))
         tensors = load_tensors(path, "router")
         if config.kind == "nearest":
-            if set(tensors) != {"bank"} or tensors["bank"].ndim != 2 or tensors["bank"].shape[1] != dim:
-                raise MeGError(f"{path}: expected one (N, {dim}) tensor 'bank' for a nearest router")
-            return cls(config, epsilon, bank=tensors["bank"], record=meta.get("record", {}))
+            _check_nearest(path, tensors, dim)
+            return cls(config, epsilon, bank=tensors["bank"], record=meta.get("record", {}),
+                       negatives=tensors.get("negatives"), wordings=tensors.get("wordings"),
+                       wording_edits=tensors.get("wording_edits"))
         net = FamiliarityNet(dim, config)
         try:
             net.load_state_dict(tensors)
         except RuntimeError as error:
             raise MeGError(f"{path}: router weights do not match its record ({str(error).splitlines()[0]})") from None
         return cls(config, epsilon, net=net.eval().requires_grad_(False), record=meta.get("record", {}))
+
+
+def _check_nearest(path: Path, tensors: dict, dim: int) -> None:
+    """A nearest router's tensors: an (N, dim) bank, optional (M, dim) negatives, and (W, dim) wordings
+    with W bank rows (each below N) naming their edits."""
+    matrices = {k: t for k, t in tensors.items() if k != "wording_edits"}
+    ok = "bank" in tensors and set(tensors) <= {"bank", "negatives", "wordings", "wording_edits"}
+    ok = ok and all(t.ndim == 2 and t.shape[1] == dim for t in matrices.values())
+    ok = ok and ("wordings" in tensors) == ("wording_edits" in tensors)
+    if ok and "wordings" in tensors:
+        owners = tensors["wording_edits"]
+        ok = owners.ndim == 1 and len(owners) == len(tensors["wordings"]) and bool(
+            ((owners >= 0) & (owners < len(tensors["bank"]))).all())
+    if not ok:
+        raise MeGError(f"{path}: expected an (N, {dim}) tensor 'bank', optional (M, {dim}) 'negatives' and (W, {dim}) "
+                       f"'wordings' with their bank rows in 'wording_edits', for a nearest router")
 
 
 def train_router(edit_embeddings: torch.Tensor, config: RouterConfig | None = None, *,

@@ -16,9 +16,10 @@ from typing import Sequence
 import torch
 
 from ..data.requests import EditRequest, pool_apart_from
+from ..data.specificity import negative_prompts
 from ..errors import ConfigError
 from ..models import SentenceEncoder
-from .encoder import EncoderConfig, EncoderTraining, paraphrase_pairs, retrieval_top1, train_encoder
+from .encoder import EncoderConfig, EncoderTraining, retrieval_top1, train_encoder, training_triples
 from .router import Router, RouterConfig, epsilon_curve, route_stats, separation_auroc, train_router
 
 log = logging.getLogger(__name__)
@@ -76,14 +77,29 @@ class Routing:
 
 
 def fit_router(edits: Sequence[EditRequest], tuned: SentenceEncoder, train_pool: Sequence[EditRequest],
-               calibration: Sequence[EditRequest], config: RoutingConfig, progress: bool = True) -> tuple[Router, dict]:
-    """Stage C: the router on the edits' prompts, epsilon from the calibration slice; and its record."""
+               calibration: Sequence[EditRequest], config: RoutingConfig, progress: bool = True,
+               wordings: Sequence[Sequence[str]] | None = None) -> tuple[Router, dict]:
+    """Stage C: the router on the edits' prompts, epsilon from the calibration slice; and its record.
+    A nearest router also holds each edit's other `wordings` (stage A's variants) and its negatives."""
     start = time.perf_counter()
     router = train_router(tuned.encode([r.prompt for r in edits], progress=progress), config.router,
                           calibration=calibration_embeddings(tuned, calibration, train_pool), progress=progress)
+    negatives = edit_negatives(edits, [*train_pool, *calibration], config) if router.bank is not None else []
+    if negatives:
+        router = router.with_negatives(tuned.encode(negatives, progress=progress))
+    flat = [(k, text) for k, texts in enumerate(wordings or []) for text in texts]
+    if flat and router.bank is not None:
+        router = router.with_wordings(tuned.encode([t for _, t in flat], progress=progress), [k for k, _ in flat])
     return router, {"config": asdict(config), "query_text": "raw prompts (no LM wrapping)", "n_edits": len(edits),
                     "n_pool": len(train_pool) + len(calibration), "n_encoder_pool": len(train_pool),
-                    "n_calibration": len(calibration), "timing": {"router_s": time.perf_counter() - start}}
+                    "n_calibration": len(calibration), "n_negatives": len(negatives),
+                    "timing": {"router_s": time.perf_counter() - start}}
+
+
+def edit_negatives(edits: Sequence[EditRequest], pool: Sequence[EditRequest], config: RoutingConfig) -> list[str]:
+    """Every edit's negatives (data/specificity.py), as one list of distinct prompts."""
+    per_edit = negative_prompts(edits, pool, config.router.negatives, config.router.plain_negatives, config.seed)
+    return list(dict.fromkeys(p for prompts in per_edit for p in prompts))
 
 
 def fit_routing(edits: Sequence[EditRequest], pool: Sequence[EditRequest], encoder: SentenceEncoder,
@@ -91,7 +107,8 @@ def fit_routing(edits: Sequence[EditRequest], pool: Sequence[EditRequest], encod
     """Stage B (encoder on the pool) then stage C (router on the edits, epsilon from the pool)."""
     config = config or RoutingConfig()
     train_pool, calibration = split_for_edits(edits, pool, config)
-    tuned, training = train_encoder(encoder, *paraphrase_pairs(train_pool), config.encoder, progress)
+    queries, paraphrases, negatives = training_triples(train_pool, config.encoder)
+    tuned, training = train_encoder(encoder, queries, paraphrases, config.encoder, progress, negatives=negatives)
     router, record = fit_router(edits, tuned, train_pool, calibration, config, progress)
     record["timing"] |= {"encoder_s": training.timing["total_s"],
                          "total_s": training.timing["total_s"] + record["timing"]["router_s"]}

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.requests import EditRequest
+from ..data.wordings import relation_template
 from ..errors import ConfigError
 from ..lm import left_pad, model_device
 
@@ -32,13 +33,6 @@ from ..lm import left_pad, model_device
 PREFIX_STARTS = ("The", "In", "It", "When", "This", "After", "Many", "Our", "She", "We", "There", "A")
 EXCLUDE_MODES = ("none", "own", "all")
 _SENTENCE_END = re.compile(r"[.!?]\s+|\n+")
-
-
-def relation_template(text: str, subject: str | None) -> str | None:
-    """`text` with its subject replaced by `{}` (first occurrence); None without the subject."""
-    if not subject or subject not in text:
-        return None
-    return text.replace("{", "{{").replace("}", "}}").replace(subject.replace("{", "{{").replace("}", "}}"), "{}", 1)
 
 
 def rephrase_template(rephrase: str, subject: str | None) -> str | None:

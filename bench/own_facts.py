@@ -1,0 +1,77 @@
+"""Your own facts, as users write them, fitted with the defaults and no pool (megedit's fallback pool
+stands in), then scored with the shared harness on SmolLM2:
+
+- `own`: the 64 shipped facts with a prompt and a target only (data/own-facts-64.jsonl);
+- `sentences`: 32 facts with sentence-long targets (12-16 words), a subject and a rephrase each
+  (data/sentence-facts.jsonl).
+
+Each fact is scored with an unrelated question of the demo pool (Locality), the fallback pool's
+probe wordings filled with its subject where it names one (Specificity), and its prompt and
+rephrase as chats. Reports stage A's success rate and seconds per edit beside the metrics.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/own_facts.py own
+    OMP_NUM_THREADS=2 .venv/bin/python bench/own_facts.py sentences
+
+Result: bench/results/own-facts-<set>.json; stages cached in bench/results/cases/own-facts-<set>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("set", choices=("own", "sentences"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("megedit").setLevel(logging.INFO)
+
+    from megedit import MeGConfig, MeGEditor, evaluate, load_model, load_requests
+    from megedit.data import LocalityQuery
+    from megedit.data.demo import DEMO_POOL, OWN_FACTS, SENTENCE_FACTS, fallback_pool
+    from megedit.data.specificity import with_specificity
+    from megedit.io import atomic_write_json
+
+    path = OWN_FACTS if args.set == "own" else SENTENCE_FACTS
+    facts = load_requests("jsonl", path)
+    unrelated = [q.prompt for r in load_requests("jsonl", DEMO_POOL) for q in r.locality
+                 if q.prompt not in {f.prompt for f in facts}]  # two of them are facts of the shipped set
+    model, tokenizer = load_model("smollm2", device="cpu")
+    config = MeGConfig(seed=args.seed)
+    work = HERE / "results" / "cases" / f"own-facts-{args.set}"
+    start = time.perf_counter()
+    edited = MeGEditor(model, tokenizer, config).fit(facts, work)  # no pool: the fallback pool serves
+    fit_s = time.perf_counter() - start
+    scored = [dataclasses.replace(r, locality=(LocalityQuery(unrelated[k % len(unrelated)]),))
+              for k, r in enumerate(facts)]
+    scored = with_specificity(scored, fallback_pool(), 3, args.seed)
+    longest = max(len(tokenizer(" " + r.target)["input_ids"]) for r in facts)
+    report = evaluate(edited, scored, data_name=f"jsonl:{path.name}", max_new_tokens=max(20, longest + 4),
+                      chat_edits=None, checkpoint=work / "eval.partial.json")
+    print(report.table())
+    fit = edited.record["fit"]
+    summary = {k: v for k, v in report.to_dict().items() if k != "cases"}
+    summary |= {"set": args.set, "pool": edited.record["pool"], "seed": args.seed, "config": config.to_dict(),
+                "fit_success": fit["success_rate"], "fit_s": fit_s,
+                "stage_a_s_per_edit": edited.record["timing"]["A"]["seconds"] / len(facts),
+                "longest_target_tokens": longest, "threads": torch.get_num_threads(),
+                "examples": [c for c in report.cases if c["kind"] == "chat"][:6]}
+    out = HERE / "results" / f"own-facts-{args.set}.json"
+    atomic_write_json(out, summary)
+    print(f"stage A success {fit['success_rate']:.1f}%, {summary['stage_a_s_per_edit']:.1f} s per edit; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The levers behind edits that stay specific and answers that end (docs/method.md), measured
+side by side on SmolLM2 and CounterFact, seed 0.
+
+routing (first 256 edits of counterfact-edit.json, pool counterfact-train.json): which queries
+fire an edit, under each combination of the tuned encoder's hard negatives, the router's
+negatives (other-relation and plain prompts about each edit's subject) and what counts as an
+edit's wordings (its prompt, or its prompt and stage A's other wordings). Queries: each edit's
+first rephrase (fires its own edit: the ceiling of Generality), 3 specificity probes (must not
+fire) and its locality prompt (must not fire). Stages B and C only; no LM decoding.
+
+answers (first 32 edits, stage A on the prompt alone, the fitted vectors applied directly, no
+routing): the answer's end token (newline or EOS) and the chat wording (the prompt as a one-turn
+chat, fitted with the same vector), against the chat replies' three rates, 50-token free
+generation after the raw prompt, RelAG and stage A's cost.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/real_use_levers.py [routing] [answers]
+
+Result: bench/results/real-use-levers.json; caches in bench/results/cases/real-use-levers/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parents[1] / "shared/data/counterfact"
+WORK = HERE / "results" / "cases" / "real-use-levers"
+OUT = HERE / "results" / "real-use-levers.json"
+# (label, encoder hard negatives, router negatives, plain negatives, the router knows the other wordings)
+ROUTING = [("before: no negatives", 0, 0, 0, False), ("router negatives, plain encoder", 0, 16, 2, False),
+           ("+ hard-negative encoder", 2, 16, 2, False), ("+ other wordings (defaults)", 2, 16, 2, True),
+           ("defaults, 4 negatives", 2, 4, 2, True), ("defaults, 8 negatives", 2, 8, 2, True),
+           ("defaults, 32 negatives", 2, 32, 2, True), ("defaults, no plain negatives", 2, 16, 0, True)]
+ANSWERS = [("newline", False), ("newline", True), ("eos", False), ("eos", True)]
+
+
+def routing_rates(model, tokenizer, n: int) -> list[dict]:
+    from megedit import MeGConfig, MeGEditor, load_requests
+    from megedit.data.specificity import with_specificity
+
+    pool = load_requests("counterfact", SHARED / "counterfact-train.json")
+    edits = with_specificity(load_requests("counterfact", SHARED / "counterfact-edit.json", limit=n), pool, 3)
+    queries = {"rephrase": [(r.rephrases[0], k) for k, r in enumerate(edits)],
+               "specificity": [(p, k) for k, r in enumerate(edits) for p in r.specificity],
+               "locality": [(r.locality[0].prompt, k) for k, r in enumerate(edits)]}
+    rows = []
+    for label, hard, negatives, plain, wordings in ROUTING:
+        config = MeGConfig()
+        config.routing.encoder.hard_negatives = hard
+        config.routing.router.negatives, config.routing.router.plain_negatives = negatives, plain
+        editor = MeGEditor(model, tokenizer, config, progress=False)
+        variants = editor.variants(edits, pool)[0] if wordings else [() for _ in edits]
+        routing = editor.stage_bc(edits, pool, WORK, variants)[0]
+        row = {"label": label, "hard_negatives": hard, "negatives": negatives, "plain_negatives": plain,
+               "wordings": wordings, "epsilon": routing["router"].epsilon}
+        for kind, pairs in queries.items():
+            emb = routing["encoder"].encode([text for text, _ in pairs])
+            fired = routing["router"].familiar(emb)
+            own = torch.tensor(routing["router"].nearest_edit(emb)) == torch.tensor([k for _, k in pairs])
+            row[kind] = {"n": len(pairs), "fires": 100.0 * float(fired.float().mean()),
+                         "fires_own_edit": 100.0 * float((fired & own).float().mean())}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def answer_rates(model, tokenizer, n: int) -> list[dict]:
+    from megedit import load_requests
+    from megedit.data.prompts import get_format
+    from megedit.eval import evaluate
+    from megedit.eval.subject import vector_table_subject
+    from megedit.stages.fit_neurons import FitConfig, fit_neurons
+
+    edits = load_requests("counterfact", SHARED / "counterfact-edit.json", limit=n)
+    scored = [dataclasses.replace(r, rephrases=(), locality=()) for r in edits]
+    rows, base = [], None
+    for stop, chat in ANSWERS:
+        fmt = dataclasses.replace(get_format("raw"), stop=stop)
+        start = time.perf_counter()
+        fit = fit_neurons(model, tokenizer, edits, fmt, FitConfig(layer=24, paraphrases=0, chat_wording=chat),
+                          progress=False, work_dir=WORK / "fit-shards")
+        fit_s = time.perf_counter() - start
+        subject = vector_table_subject(model, tokenizer, fit.spec, dict(zip((r.prompt for r in edits), fit.vectors)),
+                                       lambda q: q.text, "stage A vectors")
+        try:
+            report = evaluate(subject, scored, prompt_format=fmt, progress=False, chat_edits=None, cache_dir=WORK)
+            free = free_generation(subject, edits, 50)
+        finally:
+            subject.neuron.detach()
+        base = base or {"chat": report.chat["base"]}
+        summary = fit.summary()
+        row = {"stop": stop, "chat_wording": chat, "fit_s": fit_s, "success_rate": summary["success_rate"],
+               "median_steps": summary["median_steps"], "rel_ag": report.metrics["reliability"]["ag"],
+               "chat": report.chat["edited"], "free_generation_degenerate": free}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows + [{"stop": "base model", **base}]
+
+
+def free_generation(subject, edits, tokens: int) -> float:
+    """Percent of degenerate 50-token greedy continuations of the raw prompts (end-of-turn stops them)."""
+    from megedit.eval.chat import is_degenerate
+    from megedit.eval.subject import Query
+    from megedit.lm import end_of_turn_ids
+
+    tok, model = subject.tokenizer, subject.model
+    ends, loops = end_of_turn_ids(model, tok), []
+    for start in range(0, len(edits), 16):
+        batch = edits[start : start + 16]
+        inputs = tok([r.prompt for r in batch], return_tensors="pt", padding=True)
+        with subject.batch_context([Query(r.case_id, "free", r.prompt, r.target) for r in batch]):
+            out = model.generate(**inputs, max_new_tokens=tokens, do_sample=False, eos_token_id=ends,
+                                 pad_token_id=tok.pad_token_id)
+        for row in out[:, inputs.input_ids.shape[1]:].tolist():
+            cut = next((j for j, t in enumerate(row) if t in ends), len(row))
+            loops.append(is_degenerate(tok.decode(row[:cut], skip_special_tokens=True)))
+    return 100.0 * sum(loops) / len(loops)
+
+
+def main() -> int:
+    parts = set(sys.argv[1:]) or {"routing", "answers"}
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from megedit import load_model
+    from megedit.io import atomic_write_json
+
+    model, tokenizer = load_model("smollm2", device="cpu")
+    result = json.loads(OUT.read_text()) if OUT.exists() else {}
+    if "routing" in parts:
+        result["routing"] = {"n_edits": 256, "rows": routing_rates(model, tokenizer, 256)}
+    if "answers" in parts:
+        result["answers"] = {"n_edits": 32, "rows": answer_rates(model, tokenizer, 32)}
+    result |= {"model": "smollm2", "seed": 0, "threads": torch.get_num_threads()}
+    atomic_write_json(OUT, result)
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Specificity prompts and negatives (data/specificity.py), chat scoring (eval/chat.py), the two new
+query kinds in the harness, and the router's negatives."""
+
+import json
+
+import pytest
+import torch
+from tiny import char_tokenizer, tiny_model
+
+from megedit.data import EditRequest, LocalityQuery, load_requests
+from megedit.data.specificity import (PLAIN_SUBJECT_PROMPTS, negative_prompts, relation_wordings, wording_half,
+                                      with_specificity)
+from megedit.data.wordings import relation_template
+from megedit.eval import evaluate
+from megedit.eval.chat import holds_target, is_degenerate
+from megedit.stages.router import Router, RouterConfig
+
+WORDINGS = {  # relation -> (wordings, answers)
+    "language": (["The mother tongue of {} is", "{} is a native speaker of", "{} speaks"], ["French", "English"]),
+    "city": (["{} was born in", "The birthplace of {} is", "{} comes from the city of"], ["Paris", "Rome"]),
+    "job": (["{} works as a", "The profession of {} is", "{}'s occupation is"], ["actor", "poet"]),
+    "sport": (["{} plays the sport of", "The sport of {} is"], ["soccer", "tennis"]),
+    "label": (["{} is signed to", "The record label of {} is"], ["Sony", "EMI"]),
+    "genre": (["The genre of {} is", "{} performs"], ["jazz", "opera"]),
+}
+
+
+def _pool():
+    records = []
+    for rel, (wordings, answers) in WORDINGS.items():
+        for w in wordings:
+            for k, answer in enumerate(answers):
+                subject = f"{rel.title()} Person {w[:3]}{k}"
+                records.append(EditRequest(f"{rel}-{len(records)}", w.format(subject), answer, subject,
+                                           rephrases=(f"In short, {w.format(subject)}",)))
+    return records
+
+
+def test_wordings_with_the_same_answers_are_one_relation():
+    wordings = relation_wordings(_pool())
+    for rel, (ws, _) in WORDINGS.items():
+        assert len({wordings.relation[w] for w in ws}) == 1, rel
+    assert len(set(wordings.relation.values())) == len(WORDINGS)
+
+
+def test_probes_ask_other_relations_and_never_a_negative_wording():
+    pool = _pool()
+    edits = [EditRequest("e1", "The mother tongue of Ann Smith is", "German", "Ann Smith"),
+             EditRequest("e2", "Ann Smith was born in", "Oslo", "Ann Smith"),
+             EditRequest("e3", "Bob Lee works as a", "pilot", "Bob Lee")]
+    probed = with_specificity(edits, pool, per_edit=3)
+    negatives = negative_prompts(edits, pool, per_edit=6, plain=0)
+    wordings = relation_wordings(pool)
+    for edit, negs in zip(probed, negatives):
+        asked = {wordings.relation[relation_template(p, edit.subject)] for p in edit.specificity}
+        refused = {wordings.relation[w] for e in edits if e.subject == edit.subject
+                   for w in [relation_template(e.prompt, e.subject)]}
+        assert edit.specificity and not asked & refused  # another question, about the same subject
+        assert all(edit.subject in p for p in edit.specificity)
+        assert all(wording_half(relation_template(p, edit.subject)) == "probe" for p in edit.specificity)
+        assert all(wording_half(relation_template(p, edit.subject)) == "negative" for p in negs)
+    assert with_specificity(edits, pool, per_edit=3) == probed  # seeded, not random
+    given = EditRequest("e4", "Bob Lee works as a", "pilot", "Bob Lee", specificity=("Bob Lee is tall?",))
+    assert with_specificity([given], pool)[0].specificity == ("Bob Lee is tall?",)  # the user's own are kept
+
+
+def test_negatives_add_plain_prompts_about_the_subject_and_none_without_a_subject():
+    edits = [EditRequest("e1", "The mother tongue of Ann Smith is", "German", "Ann Smith"),
+             EditRequest("e2", "Two and two make", "five")]
+    negatives = negative_prompts(edits, _pool(), per_edit=2, plain=2)
+    plain = {p.format("Ann Smith") for p in PLAIN_SUBJECT_PROMPTS}
+    assert len(negatives[0]) == 4 and len(set(negatives[0]) & plain) == 2
+    assert negatives[1] == ()
+
+
+def test_jsonl_reads_specificity(tmp_path):
+    path = tmp_path / "facts.jsonl"
+    path.write_text(json.dumps({"prompt": "The capital of Peru is", "target": "Quito",
+                                "specificity": ["The currency of Peru is"]}) + "\n")
+    request = load_requests("jsonl", path)[0]
+    assert request.specificity == ("The currency of Peru is",)
+    assert request.to_dict()["specificity"] == ["The currency of Peru is"]
+    path.write_text(json.dumps({"prompt": "p", "target": "t", "specificity": [""]}) + "\n")
+    with pytest.raises(Exception, match="facts.jsonl: record 0: field 'specificity'"):
+        load_requests("jsonl", path)
+
+
+@pytest.mark.parametrize("reply, target, holds", [("English", "English", True), ("It is English.", "english", True),
+                                                   ("Englishman", "English", False), ("New York City", "York", True)])
+def test_a_reply_holds_the_target_as_whole_words(reply, target, holds):
+    assert holds_target(reply, target) is holds
+
+
+@pytest.mark.parametrize("reply, loops", [
+    ("English\nEnglish\n English\n English", True), ("the cat the cat the cat sat", True),
+    ("Paris is the capital of France. It is a big city.", False), ("no no", False),
+    ("a b c d a b c d a b c d", True), ("Rome.\nRome is old.\nRome.\nRome.", True)])
+def test_degenerate_replies_are_loops(reply, loops):
+    assert is_degenerate(reply) is loops
+
+
+def _requests(n=4):
+    return [EditRequest(str(i), f"fact {i} is", f"t{i}", subject=f"fact {i}", rephrases=(f"so fact {i} is",),
+                        locality=(LocalityQuery(f"other {i} is"),), specificity=(f"fact {i} has", f"fact {i} was"))
+            for i in range(n)]
+
+
+def test_the_unedited_model_keeps_every_specificity_answer_and_scores_eight_numbers(tmp_path):
+    report = evaluate((tiny_model("llama"), char_tokenizer()), _requests(), batch_size=3, max_new_tokens=4,
+                      progress=False, cache_dir=tmp_path)
+    assert report.metrics["specificity"] == {"ag": 100.0, "tf": 100.0}
+    assert report.protocol["counts"]["specificity"] == 8
+    assert sum(c["kind"] == "specificity" for c in report.cases) == 8
+    assert report.score_all is not None and report.score == 0.0  # the model knows no target: Rel 0
+    assert report.chat == {}  # the character tokenizer has no chat template
+
+
+def test_chat_rates_are_scored_beside_the_base_models(tmp_path):
+    model, tok = tiny_model("llama"), char_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}:"
+    report = evaluate((model, tok), _requests(3), max_new_tokens=4, progress=False, cache_dir=tmp_path, chat_edits=2)
+    assert report.chat["n"] == 4 and report.chat["edited"] == report.chat["base"]  # the unedited model is the base
+    rows = [c for c in report.cases if c["kind"] == "chat"]
+    assert [r["query"] for r in rows] == ["fact 0 is", "so fact 0 is", "fact 1 is", "so fact 1 is"]
+    assert all(r["got"] == r["base"] for r in rows)
+    assert "chat" in report.protocol
+
+
+def test_a_query_nearer_to_a_negative_than_to_every_edit_does_not_fire(tmp_path):
+    edits = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    router = Router.build(edits, RouterConfig(epsilon=0.5), 0.5)
+    router = router.with_negatives(torch.tensor([[1.0, 1.0, 0.0]]))
+    queries = torch.tensor([[1.0, 0.1, 0.0], [1.0, 0.9, 0.0], [0.0, 0.0, 1.0]])
+    assert router.familiar(queries).tolist() == [True, False, False]
+    loaded = Router.load(router.save(tmp_path / "router.safetensors"))
+    assert torch.equal(loaded.negatives, router.negatives) and loaded.familiar(queries).tolist() == [True, False, False]
