@@ -59,9 +59,12 @@ def split_for_edits(edits: Sequence[EditRequest], pool: Sequence[EditRequest],
 def calibration_embeddings(encoder: SentenceEncoder, calibration: Sequence[EditRequest],
                            train_pool: Sequence[EditRequest]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(prompts, first rephrases, unrelated queries) of the calibration records. Unrelated: their
-    own locality queries; a pool without them offers the prompts of encoder-training records
-    instead (unrelated to the edits and to the calibration slice)."""
-    unrelated = [q.prompt for r in calibration for q in r.locality[:1]] or [r.prompt for r in train_pool[: len(calibration)]]
+    own locality queries, less any that is a pool record's prompt (the calibration mirror holds
+    those, so they would count as false fire at any epsilon); a pool without such queries offers
+    the prompts of encoder-training records instead (unrelated to the edits and to the slice)."""
+    prompts = {r.prompt for r in [*calibration, *train_pool]}
+    unrelated = [q.prompt for r in calibration for q in r.locality[:1] if q.prompt not in prompts]
+    unrelated = unrelated or [r.prompt for r in train_pool[: len(calibration)]]
     return (encoder.encode([r.prompt for r in calibration]), encoder.encode([r.rephrases[0] for r in calibration]),
             encoder.encode(unrelated))
 
