@@ -155,7 +155,7 @@ def _meg_label(r: dict) -> str:
     elif fit.get("wording_schedule", "all") != MeGConfig().fit.wording_schedule:
         parts.append(f"stage A trains {fit.get('wording_schedule', 'all')} wordings each step")
     if "chat_wording" in fit and fit["max_steps"] != MeGConfig().fit.max_steps:
-        parts.append(f"stage A at most {fit['max_steps']} steps")
+        parts.append(f"stage A max_steps {fit['max_steps']}")
     if generator.get("passes") is None:
         parts.append(f"{r['fit']['generator']['steps']:,} steps")
     elif generator["passes"] != MeGConfig().generator.passes:
