@@ -6,8 +6,8 @@ import torch
 from megedit.data.requests import EditRequest
 from megedit.errors import ConfigError, MeGError
 from megedit.lm import starting_at_layer
-from megedit.stages.encoder import (EncoderConfig, _CachedInputs, info_nce, load_encoder_delta, paraphrase_pairs,
-                                    retrieval_top1, save_encoder_delta, train_encoder, trainable_parameters)
+from megedit.stages.encoder import (EncoderConfig, _CachedInputs, info_nce, load_encoder_delta, retrieval_top1,
+                                    save_encoder_delta, train_encoder, trainable_parameters, training_triples)
 from tiny import tiny_encoder
 
 WORDS = ["river", "stone", "cloud", "maple", "ember", "frost", "amber", "delta", "orbit", "prism", "quill", "sable"]
@@ -37,10 +37,10 @@ def test_info_nce_matches_the_formula():
     assert loss.item() == pytest.approx(-math.log(math.exp(2) / (math.exp(2) + 3)), abs=1e-6)
 
 
-def test_paraphrase_pairs_use_every_rephrase_once():
+def test_training_triples_use_every_rephrase_once():
     requests = [EditRequest("1", "q1", "t", rephrases=("p1", "p1b")), EditRequest("2", "q1", "t", rephrases=("p1",)),
                 EditRequest("3", "q3", "t")]
-    assert paraphrase_pairs(requests) == (["q1", "q1"], ["p1", "p1b"])
+    assert training_triples(requests, EncoderConfig(hard_negatives=0)) == (["q1", "q1"], ["p1", "p1b"], [(), ()])
 
 
 def test_retrieval_top1_counts_own_original_nearest():

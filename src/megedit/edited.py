@@ -94,8 +94,7 @@ class EditedModel(NeuronSubject):
     def route(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(embeddings, router distance, familiar) for raw query texts."""
         emb = self.encoder.encode(list(texts))
-        distance = self.router.distance(emb)
-        return emb, distance.cpu(), ((distance < self.router.epsilon).cpu() & ~self.router.held_back(emb))
+        return emb, *self.router.route(emb)
 
     @torch.no_grad()
     def vectors_for(self, texts: Sequence[str]) -> torch.Tensor:

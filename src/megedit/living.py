@@ -39,7 +39,7 @@ from .edited import EditedModel
 from .editor import MeGEditor
 from .errors import ConfigError, MeGError
 from .stages.generator import FineTune, Generator, train_generator
-from .stages.router import Router
+from .stages.router import Router, flat_wordings
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +192,9 @@ def _router(edited: EditedModel, edits: EditTable, kept: list[int], new: EditTab
     """The pack's router on the kept edits' rows and the new prompts at its epsilon; with a pool,
     epsilon chosen again on it the way a fit chooses it."""
     if pool is None:
-        flat = [(k, text) for k, texts in enumerate(new.wordings) for text in texts]
-        wordings = edited.encoder.encode([t for _, t in flat]) if flat and edited.router.wordings is not None else None
-        return edited.router.with_edits(kept, edited.encoder.encode(new.prompts), wordings, [k for k, _ in flat])
+        texts, owners = flat_wordings(new.wordings)
+        wordings = edited.encoder.encode(texts) if texts and edited.router.wordings is not None else None
+        return edited.router.with_edits(kept, edited.encoder.encode(new.prompts), wordings, owners)
     from .stages.routing import fit_router, split_for_edits
 
     requests = edits.requests()

@@ -279,13 +279,7 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
         key = _checkpoint_key(subject, queries, prompts, refs, chats, s, progress)
         resume = _Checkpoint(Path(checkpoint), key)
 
-    cases, credits, unchanged = [], {}, 0
-    for kind, qs in queries.items():
-        if qs:
-            rows, kept = _run_kind(subject, kind, qs, prompts[kind], refs.get(kind), s, progress, resume, timing)
-            unchanged += kept if kind == "locality" else 0
-            credits[kind] = {"ag": percent([r["ag"] for r in rows]), "tf": percent([r["tf"] for r in rows])}
-            cases.extend(rows)
+    cases, credits, unchanged = _run_kinds(subject, queries, prompts, refs, s, progress, resume, timing)
     chat = {}
     if chats:
         rows, chat = _run_chat(subject, chats, s, progress, cache_dir, resume, timing)
@@ -312,6 +306,19 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
         cases=cases,
         edit=subject.describe(),
     )
+
+
+def _run_kinds(subject, queries: dict, prompts: dict, refs: dict, s: DecodeSettings, progress: bool,
+               resume: "_Checkpoint | None", timing: dict) -> tuple[list[dict], dict, int]:
+    """Every query kind's scored rows, its AG / TF credits, and how many locality queries were unchanged."""
+    cases, credits, unchanged = [], {}, 0
+    for kind, qs in queries.items():
+        if qs:
+            rows, kept = _run_kind(subject, kind, qs, prompts[kind], refs.get(kind), s, progress, resume, timing)
+            unchanged += kept if kind == "locality" else 0
+            credits[kind] = {"ag": percent([r["ag"] for r in rows]), "tf": percent([r["tf"] for r in rows])}
+            cases.extend(rows)
+    return cases, credits, unchanged
 
 
 _INNER_TIMES = ("forward_pass_s", "decoding_steps_s")  # parts of the query kinds' times, not added to the total

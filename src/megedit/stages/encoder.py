@@ -59,12 +59,6 @@ class EncoderConfig:
         return self
 
 
-def paraphrase_pairs(requests: Sequence[EditRequest]) -> tuple[list[str], list[str]]:
-    """(query, paraphrase) pairs: each request's prompt with each of its rephrases, duplicates removed."""
-    pairs = dict.fromkeys((r.prompt, p) for r in requests for p in r.rephrases if p != r.prompt)
-    return [q for q, _ in pairs], [p for _, p in pairs]
-
-
 def training_triples(pool: Sequence[EditRequest], config: EncoderConfig,
                      ) -> tuple[list[str], list[str], list[tuple[str, ...]]]:
     """(queries, paraphrases, hard negatives) for `train_encoder`: each pool record's prompt with

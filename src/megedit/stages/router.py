@@ -266,19 +266,27 @@ class Router:
         return torch.cat([b.values for b in best]), owners[torch.cat([b.indices for b in best]).cpu()]
 
     def familiar(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Bool (B,): which queries should get a generated neuron: near an edit, and nearer to an edit
-        prompt than to any negative."""
-        near = self.distance(embeddings) < self.epsilon
-        return near & ~self.held_back(embeddings).to(near.device)
+        """Bool (B,): which queries should get a generated neuron (see `route`)."""
+        return self.route(embeddings)[1]
 
     @torch.no_grad()
-    def held_back(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Bool (B,): queries at least as near to a negative as to the nearest wording of an edit."""
+    def route(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distance, familiar) per query, on the CPU: familiar = near an edit (distance below epsilon)
+        and nearer to one of its wordings than to every negative."""
+        if self.net is not None:
+            distance = self.distance(embeddings).cpu()
+            return distance, distance < self.epsilon
+        nearest = self._nearest(embeddings)[0]
+        distance = (1.0 - nearest).cpu()
+        return distance, (distance < self.epsilon) & ~self._held_back(embeddings, nearest)
+
+    def _held_back(self, embeddings: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+        """Bool (B,): queries at least as near to a negative as to `nearest`, their nearest wording's cosine."""
         if self.negatives is None or not len(self.negatives) or not len(embeddings):
             return torch.zeros(len(embeddings), dtype=torch.bool)
         queries = nn.functional.normalize(embeddings.to(self.bank.device, self.bank.dtype), dim=-1)
         negative = torch.cat([(chunk @ self.negatives.T).max(dim=1).values for chunk in queries.split(1024)])
-        return (negative >= self._nearest(embeddings)[0]).cpu()
+        return (negative >= nearest).cpu()
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -307,6 +315,12 @@ class Router:
         except RuntimeError as error:
             raise MeGError(f"{path}: router weights do not match its record ({str(error).splitlines()[0]})") from None
         return cls(config, epsilon, net=net.eval().requires_grad_(False), record=meta.get("record", {}))
+
+
+def flat_wordings(wordings: Sequence[Sequence[str]]) -> tuple[list[str], list[int]]:
+    """Per-edit wordings as one list of texts and, for each, its edit's row (what `with_wordings` takes)."""
+    pairs = [(text, k) for k, texts in enumerate(wordings) for text in texts]
+    return [t for t, _ in pairs], [k for _, k in pairs]
 
 
 def _check_nearest(path: Path, tensors: dict, dim: int) -> None:

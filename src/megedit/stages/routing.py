@@ -20,7 +20,7 @@ from ..data.specificity import negative_prompts
 from ..errors import ConfigError
 from ..models import SentenceEncoder
 from .encoder import EncoderConfig, EncoderTraining, retrieval_top1, train_encoder, training_triples
-from .router import Router, RouterConfig, epsilon_curve, route_stats, separation_auroc, train_router
+from .router import Router, RouterConfig, epsilon_curve, flat_wordings, route_stats, separation_auroc, train_router
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,9 @@ def fit_router(edits: Sequence[EditRequest], tuned: SentenceEncoder, train_pool:
     negatives = edit_negatives(edits, [*train_pool, *calibration], config) if router.bank is not None else []
     if negatives:
         router = router.with_negatives(tuned.encode(negatives, progress=progress))
-    flat = [(k, text) for k, texts in enumerate(wordings or []) for text in texts]
-    if flat and router.bank is not None:
-        router = router.with_wordings(tuned.encode([t for _, t in flat], progress=progress), [k for k, _ in flat])
+    texts, owners = flat_wordings(wordings or [])
+    if texts and router.bank is not None:
+        router = router.with_wordings(tuned.encode(texts, progress=progress), owners)
     return router, {"config": asdict(config), "query_text": "raw prompts (no LM wrapping)", "n_edits": len(edits),
                     "n_pool": len(train_pool) + len(calibration), "n_encoder_pool": len(train_pool),
                     "n_calibration": len(calibration), "n_negatives": len(negatives),
