@@ -13,7 +13,12 @@ routing): the answer's end token (newline or EOS) and the chat wording (the prom
 chat, fitted with the same vector), against the chat replies' three rates, 50-token free
 generation after the raw prompt, RelAG and stage A's cost.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/real_use_levers.py [routing] [answers]
+costs (first 64 edits, stage A with its pool paraphrases, the fitted vectors applied directly):
+what the chat wording costs beside the other wordings, and cheaper forms of it (an empty system
+message: 24 tokens instead of 40 on SmolLM2; a lower chat margin; fewer paraphrases), against
+RelAG, GenAG and the chat rates (chats always in the template's default form).
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/real_use_levers.py [routing] [answers] [costs]
 
 Result: bench/results/real-use-levers.json; caches in bench/results/cases/real-use-levers/.
 """
@@ -39,6 +44,11 @@ ROUTING = [("before: no negatives", 0, 0, 0, False), ("router negatives, plain e
            ("defaults, 4 negatives", 2, 4, 2, True), ("defaults, 8 negatives", 2, 8, 2, True),
            ("defaults, 32 negatives", 2, 32, 2, True), ("defaults, no plain negatives", 2, 16, 0, True)]
 ANSWERS = [("newline", False), ("newline", True), ("eos", False), ("eos", True)]
+# (label, FitConfig overrides): what the chat wording costs in stage A with its other wordings, and cheaper forms
+COSTS = [("no chat wording", {"chat_wording": False}), ("defaults", {}),
+         ("chat wording with an empty system message", {"chat_system": ""}),
+         ("chat margin 0.5", {"chat_margin": 0.5}), ("2 paraphrases", {"paraphrases": 2}),
+         ("2 paraphrases, empty system message", {"paraphrases": 2, "chat_system": ""})]
 
 
 def routing_rates(model, tokenizer, n: int) -> list[dict]:
@@ -104,6 +114,42 @@ def answer_rates(model, tokenizer, n: int) -> list[dict]:
     return rows + [{"stop": "base model", **base}]
 
 
+def answer_costs(model, tokenizer, n: int) -> list[dict]:
+    from megedit import MeGConfig, MeGEditor, load_requests
+    from megedit.data.prompts import get_format
+    from megedit.eval import evaluate
+    from megedit.eval.subject import vector_table_subject
+    from megedit.stages.fit_neurons import fit_neurons
+
+    pool = load_requests("counterfact", SHARED / "counterfact-train.json")
+    edits = load_requests("counterfact", SHARED / "counterfact-edit.json", limit=n)
+    scored = [dataclasses.replace(r, locality=()) for r in edits]
+    rows = []
+    for label, overrides in COSTS:
+        config = MeGConfig()
+        config.fit = dataclasses.replace(config.fit, layer=24, **overrides)
+        editor = MeGEditor(model, tokenizer, config, progress=False)
+        start = time.perf_counter()
+        variants = editor.variants(edits, pool)[0]
+        fit = fit_neurons(model, tokenizer, edits, get_format("raw"), config.fit, progress=False, variants=variants)
+        fit_s = time.perf_counter() - start
+        table = {text: v for r, v in zip(edits, fit.vectors) for text in (r.prompt, *r.rephrases)}
+        subject = vector_table_subject(model, tokenizer, fit.spec, table, lambda q: q.text, "stage A vectors")
+        try:
+            report = evaluate(subject, scored, prompt_format=get_format("raw"), progress=False, chat_edits=None,
+                              cache_dir=WORK)
+        finally:
+            subject.neuron.detach()
+        summary = fit.summary()
+        row = {"label": label, "overrides": overrides, "fit_s": fit_s, "success_rate": summary["success_rate"],
+               "median_steps": summary["median_steps"], "rel_ag": report.metrics["reliability"]["ag"],
+               "gen_ag": report.metrics["generality"]["ag"], "chat": report.chat["edited"],
+               "chat_base": report.chat["base"]}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def free_generation(subject, edits, tokens: int) -> float:
     """Percent of degenerate 50-token greedy continuations of the raw prompts (end-of-turn stops them)."""
     from megedit.eval.chat import is_degenerate
@@ -125,7 +171,7 @@ def free_generation(subject, edits, tokens: int) -> float:
 
 
 def main() -> int:
-    parts = set(sys.argv[1:]) or {"routing", "answers"}
+    parts = set(sys.argv[1:]) or {"routing", "answers", "costs"}
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from megedit import load_model
     from megedit.io import atomic_write_json
@@ -136,6 +182,8 @@ def main() -> int:
         result["routing"] = {"n_edits": 256, "rows": routing_rates(model, tokenizer, 256)}
     if "answers" in parts:
         result["answers"] = {"n_edits": 32, "rows": answer_rates(model, tokenizer, 32)}
+    if "costs" in parts:
+        result["costs"] = {"n_edits": 64, "rows": answer_costs(model, tokenizer, 64)}
     result |= {"model": "smollm2", "seed": 0, "threads": torch.get_num_threads()}
     atomic_write_json(OUT, result)
     print(f"wrote {OUT}")

@@ -288,6 +288,18 @@ def levers_answers_table() -> str:
                    "chat ends %", "chat degenerate %", "50 free tokens degenerate %", "RelAG"], rows)
 
 
+def levers_costs_table() -> str:
+    """bench/real_use_levers.py, costs: the chat wording's cost beside the other wordings, and cheaper forms."""
+    path = RESULTS / "real-use-levers.json"
+    if not path.exists() or "costs" not in json.loads(path.read_text()):
+        return "(not run yet: bench/real_use_levers.py costs)"
+    rows = [[r["label"], f"{r['fit_s']:.0f}", f"{r['median_steps']:g}", f"{r['rel_ag']:.1f}", f"{r['gen_ag']:.1f}",
+             *(f"{r['chat'][k]:.1f}" for k in ("holds", "ends", "degenerate"))]
+            for r in json.loads(path.read_text())["costs"]["rows"]]
+    return _table(["stage A setting", "stage A s", "median steps", "RelAG", "GenAG", "chat holds target %",
+                   "chat ends %", "chat degenerate %"], rows)
+
+
 def layer_sweep_table() -> str:
     rows = []
     for r in _load("fit_neurons-sweep-*.json"):
@@ -587,7 +599,7 @@ def living_headline_table() -> str:
 
 
 TABLES = {"headline": headline_table, "real-use": real_use_table, "levers-routing": levers_routing_table,
-          "levers-answers": levers_answers_table, "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table, "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table, "causal-trace": causal_trace_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "meg-throughput": meg_throughput_table, "generator-ddp": generator_ddp_table, "generator-scale": generator_scale_table, "epsilon-whatif": epsilon_whatif_table, "router-ceiling": router_ceiling_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
+          "levers-answers": levers_answers_table, "levers-costs": levers_costs_table, "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table, "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table, "causal-trace": causal_trace_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "meg-throughput": meg_throughput_table, "generator-ddp": generator_ddp_table, "generator-scale": generator_scale_table, "epsilon-whatif": epsilon_whatif_table, "router-ceiling": router_ceiling_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
           "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table,
           "routing": routing_table, "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table,
           "denoising": denoising_table, "living-add": living_add_table, "living-successive": living_successive_table,

@@ -149,6 +149,7 @@ def test_prompt_formats_wrap_queries_and_answers():
     with pytest.raises(ConfigError, match="stop must be 'newline' or 'eos', found 'tab'"):
         dataclasses.replace(raw, stop="tab")
     assert chat.text("Q", tok) == "<user>Q<assistant>"
+    assert dataclasses.replace(chat, system="").text("Q", tok) == "<system><user>Q<assistant>"  # not the default
     assert chat.answer_ids("A", tok, with_stop=True) == [ord("A"), 1]
     with pytest.raises(ConfigError, match="unknown prompt format 'fancy'"):
         get_format("fancy")

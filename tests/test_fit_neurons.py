@@ -177,3 +177,13 @@ def test_an_edit_wording_longer_than_the_limit_is_refused_in_one_line_before_fit
     assert "\n" not in str(err.value) and not steps
     with pytest.raises(MeGError, match="wording 1"):  # other wordings too
         fit_neurons(model, tok, _requests(1), FMT, _config(max_prompt_tokens=20), progress=False, variants=[["x" * 30]])
+
+
+def test_the_chat_wording_takes_its_system_message_from_the_config():
+    class Templated:  # a tokenizer with a chat template
+        chat_template = "{{ messages }}"
+
+    assert stage.chat_wording(_config(chat_wording=False), FMT, Templated()) is None
+    assert stage.chat_wording(_config(), PromptFormat("chat", chat=True), Templated()) is None  # chats already
+    assert stage.chat_wording(_config(), FMT, Templated()).system is None  # the template's own default
+    assert stage.chat_wording(_config(chat_system=""), FMT, Templated()).system == ""

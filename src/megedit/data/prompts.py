@@ -27,7 +27,7 @@ class PromptFormat:
     name: str
     template: str = "{query}"  # wraps the raw query (ignored by chat formats)
     chat: bool = False  # use the tokenizer's chat template (instruct models)
-    system: str | None = None  # chat only: a system message
+    system: str | None = None  # chat only: a system message (None: the template's own default; "" an empty one)
     answer_prefix: str = " "  # text between the wrapped prompt and the answer
     stop: str = "newline"  # what a trained answer ends with outside chat: "newline" or "eos" (the tokenizer's EOS)
 
@@ -41,7 +41,7 @@ class PromptFormat:
     def text(self, query: str, tokenizer) -> str:
         if not self.chat:
             return self.template.format(query=query)
-        messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
+        messages = ([{"role": "system", "content": self.system}] if self.system is not None else []) + [
             {"role": "user", "content": query}
         ]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

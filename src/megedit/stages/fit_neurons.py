@@ -69,6 +69,7 @@ class FitConfig:
     # and stop, instead of looping on it (tokenizers with a chat template; docs/method.md)
     chat_wording: bool = True
     chat_margin: float = 1.0  # the chat wording's success margin (the prompt's and other wordings': `margin`)
+    chat_system: str | None = None  # the chat wording's system message; None: the chat template's default
     max_prompt_tokens: int = 512  # longer edit wordings are refused: fitting one costs minutes and says nothing
 
     def __post_init__(self) -> None:
@@ -171,13 +172,13 @@ class _RowOptimizer:
         w.sub_(self.lr * update * active)
 
 
-def _encode(requests, variants, tokenizer, fmt, chat: bool):
+def _encode(requests, variants, tokenizer, fmt, chat: PromptFormat | None):
     """Per edit and wording (its prompt, each other wording, then with `chat` its prompt as a
-    one-turn chat): the token sequence (prompt + answer), the answer tokens (the format's stop at
+    one-turn chat in the format `chat`): the token sequence (prompt + answer), the answer tokens (the format's stop at
     the end: end-of-turn for the chat wording) and whether it is the chat wording."""
     seqs, answers, chats = [], [], []
     for r, v in zip(requests, variants):
-        forms = [(fmt, text) for text in (r.prompt, *v)] + ([(PRESETS["chat"], r.prompt)] if chat else [])
+        forms = [(fmt, text) for text in (r.prompt, *v)] + ([(chat, r.prompt)] if chat else [])
         answer = {f.name: f.answer_ids(r.target, tokenizer, with_stop=True) for f, _ in forms}
         seqs.append([f.prompt_ids(text, tokenizer) + answer[f.name] for f, text in forms])
         answers.append([answer[f.name] for f, _ in forms])
@@ -185,10 +186,12 @@ def _encode(requests, variants, tokenizer, fmt, chat: bool):
     return seqs, answers, chats
 
 
-def chat_wording(config: FitConfig, fmt: PromptFormat, tokenizer) -> bool:
-    """Whether stage A adds each edit's prompt as a chat: asked for, the queries are not chats
-    already, and the tokenizer has a chat template."""
-    return config.chat_wording and not fmt.chat and bool(getattr(tokenizer, "chat_template", None))
+def chat_wording(config: FitConfig, fmt: PromptFormat, tokenizer) -> PromptFormat | None:
+    """The chat format stage A adds each edit's prompt in, or None: asked for, the queries are not
+    chats already, and the tokenizer has a chat template."""
+    if config.chat_wording and not fmt.chat and getattr(tokenizer, "chat_template", None):
+        return replace(PRESETS["chat"], system=config.chat_system)
+    return None
 
 
 @torch.no_grad()
