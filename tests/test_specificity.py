@@ -134,3 +134,18 @@ def test_a_query_nearer_to_a_negative_than_to_every_edit_does_not_fire(tmp_path)
     assert router.familiar(queries).tolist() == [True, False, False]
     loaded = Router.load(router.save(tmp_path / "router.safetensors"))
     assert torch.equal(loaded.negatives, router.negatives) and loaded.familiar(queries).tolist() == [True, False, False]
+
+
+def test_negatives_follow_the_edit_they_sit_nearest_when_edits_come_and_go():
+    e0, e1, e2 = torch.eye(3)
+    router = Router.build(torch.stack([e0, e1]), RouterConfig(epsilon=0.5), 0.5)
+    router = router.with_negatives(torch.stack([e0 + 0.5 * e2, e1 + 0.5 * e2]))  # one by each edit
+    removed = router.with_edits([1], torch.zeros(0, 3))  # edit 0 goes, and the negative by it
+    assert torch.allclose(removed.negatives, torch.nn.functional.normalize(e1 + 0.5 * e2, dim=0)[None])
+    # a new edit near edit 0's negative: that negative would hold the new edit back, so it goes; of the
+    # new negatives, the one nearest the old edit 1 would hold edit 1 back, so it stays out
+    added = router.with_edits([0, 1], (e0 + 0.6 * e2)[None])
+    added = added.with_negatives(torch.stack([e2 + 0.9 * e0, e1 + 0.1 * e2]), serve=[2])
+    kept = torch.nn.functional.normalize(torch.stack([e1 + 0.5 * e2, e2 + 0.9 * e0]), dim=1)
+    assert torch.allclose(added.negatives, kept)
+    assert added.familiar(torch.stack([e0 + 0.6 * e2, e1]))[0].item() is True

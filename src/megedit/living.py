@@ -208,13 +208,15 @@ def _router(edited: EditedModel, edits: EditTable, kept: list[int], new: EditTab
 def _with_new_negatives(router: Router, edited: EditedModel, requests: list[EditRequest], pool, meg: MeGConfig,
                         recalibrated: bool) -> Router:
     """The router with the new edits' negatives added (a recalibrated router has every edit's already),
-    built from the pool or, without one, from megedit's fallback pool."""
+    built from the pool or, without one, from megedit's fallback pool; the pack's negatives that
+    would hold back a new edit's queries go (Router.with_negatives)."""
     from .stages.routing import edit_negatives
 
-    if recalibrated or router.bank is None or not (meg.routing.router.negatives or meg.routing.router.plain_negatives):
+    if recalibrated or router.bank is None:
         return router
     negatives = edit_negatives(requests, pool_apart_from(pool or fallback_pool(), requests), meg.routing)
-    return router.with_negatives(edited.encoder.encode(negatives)) if negatives else router
+    embeddings = edited.encoder.encode(negatives) if negatives else router.bank.new_zeros(0, router.bank.shape[1])
+    return router.with_negatives(embeddings, range(len(router.bank) - len(requests), len(router.bank)))
 
 
 def _tune(edited: EditedModel, editor: MeGEditor, edits: EditTable, new_rows: Sequence[int], changed: int,

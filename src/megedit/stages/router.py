@@ -210,13 +210,14 @@ class Router:
         embeddings, at the same epsilon (adding or removing edits without a refit); the kept
         edits' wordings stay, the new edits' `wordings` (their rows among the new edits in
         `wording_edits`) join. The entropy net memorises its edit set, so it has no such change
-        short of training it again."""
+        short of training it again. A negative goes with the edit it sits nearest (the one whose
+        queries it holds back)."""
         if self.bank is None:
             raise ConfigError("router: the entropy router cannot take or drop edits without training it again")
         new = nn.functional.normalize(embeddings.detach().float().to(self.bank.device), dim=-1)
         bank = torch.cat([self.bank[torch.tensor(keep, dtype=torch.long)], new.reshape(-1, self.bank.shape[1])])
         router = replace(self, bank=bank, record={**self.record, "training": {"n": len(bank), "seconds": 0.0}},
-                         wordings=None, wording_edits=None)
+                         wordings=None, wording_edits=None, negatives=self._negatives_nearest(keep))
         if self.wordings is not None:  # the kept edits' wordings, renumbered
             row = {old: k for k, old in enumerate(keep)}
             stays = [j for j, e in enumerate(self.wording_edits.tolist()) if e in row]
@@ -233,11 +234,25 @@ class Router:
             return replace(self, wordings=new, wording_edits=owners)
         return replace(self, wordings=torch.cat([self.wordings, new]), wording_edits=torch.cat([self.wording_edits, owners]))
 
-    def with_negatives(self, embeddings: torch.Tensor) -> "Router":
-        """This router with these negatives' embeddings added to its own."""
+    def with_negatives(self, embeddings: torch.Tensor, serve: Sequence[int] | None = None) -> "Router":
+        """This router with these negatives' embeddings added to its own. With `serve`, the bank rows
+        they were built for (edits joining a pack): a negative holds back the queries of the edit it
+        sits nearest, so a new one nearest another edit stays out (it would ask what that edit
+        answers), and an old one nearest one of `serve` goes (likewise)."""
         new = nn.functional.normalize(embeddings.detach().float().to(self.bank.device), dim=-1)
-        negatives = new if self.negatives is None else torch.cat([self.negatives, new])
-        return replace(self, negatives=negatives)
+        old = self.negatives
+        if serve is not None:
+            serve = torch.as_tensor(list(serve), dtype=torch.long)
+            new = new[torch.isin(self._nearest(new)[1], serve)]
+            old = self._negatives_nearest(sorted(set(range(len(self.bank))) - set(serve.tolist())))
+        return replace(self, negatives=new if old is None else torch.cat([old, new]))
+
+    def _negatives_nearest(self, rows: Sequence[int]) -> torch.Tensor | None:
+        """This router's negatives whose nearest edit is one of bank rows `rows`."""
+        if self.negatives is None or not len(self.negatives):
+            return self.negatives
+        owners = self._nearest(self.negatives)[1]
+        return self.negatives[torch.isin(owners, torch.as_tensor(list(rows), dtype=torch.long))]
 
     @torch.no_grad()
     def distance(self, embeddings: torch.Tensor) -> torch.Tensor:
