@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,15 +51,15 @@ def main() -> int:
     model, tokenizer = load_model("smollm2", device="cpu")
     config = MeGConfig(seed=args.seed)
     work = HERE / "results" / "cases" / f"own-facts-{args.set}"
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), os.getloadavg()[0]  # another job on the machine shows here
     edited = MeGEditor(model, tokenizer, config).fit(facts, work)  # no pool: the fallback pool serves
     fit_s = time.perf_counter() - start
     scored = [dataclasses.replace(r, locality=(LocalityQuery(unrelated[k % len(unrelated)]),))
               for k, r in enumerate(facts)]
     scored = with_specificity(scored, fallback_pool(), 3, args.seed)
     longest = max(len(tokenizer(" " + r.target)["input_ids"]) for r in facts)
-    report = evaluate(edited, scored, data_name=f"jsonl:{path.name}", max_new_tokens=max(20, longest + 4),
-                      chat_edits=None, checkpoint=work / "eval.partial.json")
+    report = evaluate(edited, scored, data_name=f"jsonl:{path.name}", chat_edits=None,
+                      checkpoint=work / "eval.partial.json")  # the answer budget: 20 tokens or the longest target
     print(report.table())
     fit = edited.record["fit"]
     summary = {k: v for k, v in report.to_dict().items() if k != "cases"}
@@ -66,6 +67,7 @@ def main() -> int:
                 "fit_success": fit["success_rate"], "fit_s": fit_s,
                 "stage_a_s_per_edit": edited.record["timing"]["A"]["seconds"] / len(facts),
                 "longest_target_tokens": longest, "threads": torch.get_num_threads(),
+                "load_before": load_before, "load_after": os.getloadavg()[0],
                 "examples": [c for c in report.cases if c["kind"] == "chat"][:6]}
     out = HERE / "results" / f"own-facts-{args.set}.json"
     atomic_write_json(out, summary)

@@ -1,5 +1,6 @@
 """The harness on a tiny random model with a real byte-level tokenizer."""
 
+import dataclasses
 from contextlib import contextmanager
 
 import pytest
@@ -201,6 +202,13 @@ def test_a_token_budget_shorter_than_a_target_is_refused_in_one_line(lm, tmp_pat
 
     with pytest.raises(ConfigError, match=r"^max_new_tokens 2 is shorter than the target of edit 0 \(3 tokens"):
         evaluate(lm, _requests(), max_new_tokens=2, progress=False, cache_dir=tmp_path)
+
+
+def test_the_default_budget_is_20_tokens_or_the_longest_target(lm, tmp_path):
+    long = [dataclasses.replace(r, target=r.target * 10) for r in _requests(2)]  # a sentence-long target
+    assert "at most 20 new tokens" in evaluate(lm, _requests(2), progress=False, cache_dir=tmp_path).protocol["ag"]
+    longest = max(len(" " + r.target) for r in long)  # a character a token
+    assert longest > 20 and f"at most {longest} new tokens" in evaluate(lm, long, progress=False, cache_dir=tmp_path).protocol["ag"]
 
 
 def test_locality_queries_a_subject_leaves_unchanged_get_the_reference_without_decoding(lm, tmp_path):

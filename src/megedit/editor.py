@@ -246,7 +246,8 @@ class MeGEditor:
             subject = vector_table_subject(self.model, self.tokenizer, spec, dict(zip((r.prompt for r in requests), generated)),
                                            lambda q: q.text, "validation")
             try:
-                report = evaluate(subject, requests, prompt_format=self.config.prompt_format, progress=False)
+                report = evaluate(subject, requests, prompt_format=self.config.prompt_format, progress=False,
+                                  chat_edits=0)
             finally:
                 subject.neuron.detach()
             return {"rel_ag": report.metrics["reliability"]["ag"]}

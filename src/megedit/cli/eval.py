@@ -42,8 +42,8 @@ def add_eval(sub) -> None:
     p.add_argument("--load-edit", type=Path, default=None, help="evaluate saved weight deltas instead of editing")
     p.add_argument("--seed", type=int, default=0, help="seed of the baseline edit (ft, memit, alphaedit)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="evaluation batch size")
-    p.add_argument("--max-new-tokens", type=positive_int, default=20,
-                   help="at most this many new tokens per answer (AG)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="at most this many new tokens per answer (AG; default 20, or the longest target's tokens)")
     add_processes_arg(p, "decode the evaluation's batches")
     p.add_argument("--decode-unchanged", action="store_true",
                    help="decode the locality queries a pack's router turns away too (by default they get the "

@@ -233,17 +233,25 @@ def pre_edit_outputs(subject: Subject, queries: Sequence[Query], prompt_ids, s: 
     return tokens, earlier_s
 
 
-def _check_answer_room(queries: Sequence[Query], fmt, tok, max_new_tokens: int) -> None:
-    """Refuse a token budget shorter than a target: its answer could never be produced in full."""
-    for q in queries:
-        need = len(fmt.answer_ids(q.target, tok))
-        if need > max_new_tokens:
-            raise ConfigError(f"max_new_tokens {max_new_tokens} is shorter than the target of edit {q.case_id} "
-                              f"({need} tokens, {q.target!r}): raise it to at least the longest target")
+DEFAULT_ANSWER_TOKENS = 20  # the harness's budget (METHOD.md), raised to the longest target when that is longer
+
+
+def _answer_budget(queries: Sequence[Query], fmt, tok, max_new_tokens: int | None) -> int:
+    """The answer token budget. A budget given shorter than a target is refused: its answer could
+    never be produced in full. None: DEFAULT_ANSWER_TOKENS, or the longest target's length."""
+    lengths = [len(fmt.answer_ids(q.target, tok)) for q in queries]
+    longest = max(lengths, default=0)
+    if max_new_tokens is None:
+        return max(DEFAULT_ANSWER_TOKENS, longest)
+    if longest > max_new_tokens:
+        q = queries[lengths.index(longest)]
+        raise ConfigError(f"max_new_tokens {max_new_tokens} is shorter than the target of edit {q.case_id} "
+                          f"({longest} tokens, {q.target!r}): raise it to at least the longest target")
+    return max_new_tokens
 
 
 def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | PromptFormat | None = None,
-             data_kind: str | None = None, data_name: str | None = None, max_new_tokens: int = 20,
+             data_kind: str | None = None, data_name: str | None = None, max_new_tokens: int | None = None,
              batch_size: int = 32, progress: bool = True, cache_dir: Path | None = None,
              checkpoint: str | Path | None = None, processes: int = 1, decode_unchanged: bool = False,
              chat_edits: int | None = 256) -> EvalReport:
@@ -251,6 +259,7 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
 
     The prompt format defaults to the data kind's (raw cloze for CounterFact, the short-answer
     template for ZsRE). Returns an EvalReport with metrics in percent and one row per query.
+    `max_new_tokens`: the answer budget (None: 20, or the longest target's tokens when longer).
     Requests with `specificity` prompts add that query kind (data/specificity.py builds them from
     a pool); `chat_edits`: the prompt and first rephrase of that many edits (None: all, 0: none)
     are also asked as chats (eval/chat.py), when the tokenizer has a chat template.
@@ -266,11 +275,11 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
     check_forkable(subject.model, processes)
     tok = subject.tokenizer
     fmt = get_format(prompt_format or DEFAULT_FOR_KIND.get(data_kind or "", "raw"))
-    s = DecodeSettings(fmt, max_new_tokens, batch_size, processes, decode_unchanged)
     queries = build_queries(requests)
+    s = DecodeSettings(fmt, _answer_budget(queries["reliability"], fmt, tok, max_new_tokens), batch_size, processes,
+                       decode_unchanged)
     chats = chat_queries(requests, chat_edits) if chat_edits != 0 and has_chat_template(tok) else []
     prompts = {k: [fmt.prompt_ids(q.text, tok) for q in qs] for k, qs in queries.items()}
-    _check_answer_room(queries["reliability"], fmt, tok, max_new_tokens)
     timing: dict[str, float] = {}
     refs = {kind: _reference(subject, kind, queries[kind], prompts[kind], s, progress, cache_dir, timing)
             for kind in UNEDITED_KINDS}
