@@ -13,12 +13,18 @@ routing): the answer's end token (newline or EOS) and the chat wording (the prom
 chat, fitted with the same vector), against the chat replies' three rates, 50-token free
 generation after the raw prompt, RelAG and stage A's cost.
 
+margin (bench/meg.py's edit sets: the first 1,024 edits of each CounterFact file, the other file
+the pool; the 998 ZsRE edits, pool counterfact-train.json; their stages B and C, cached by
+bench/meg.py): the same three query kinds, with the router's negative margin (a negative holds
+a query back only when it is nearer than the query's nearest wording by this much cosine) from
+0 to 0.1.
+
 costs (first 64 edits, stage A with its pool paraphrases, the fitted vectors applied directly):
 what the chat wording costs beside the other wordings, and cheaper forms of it (an empty system
 message: 24 tokens instead of 40 on SmolLM2; a lower chat margin; fewer paraphrases), against
 RelAG, GenAG and the chat rates (chats always in the template's default form).
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/real_use_levers.py [routing] [answers] [costs]
+    OMP_NUM_THREADS=2 .venv/bin/python bench/real_use_levers.py [routing] [answers] [costs] [margin]
 
 Result: bench/results/real-use-levers.json; caches in bench/results/cases/real-use-levers/.
 """
@@ -44,6 +50,9 @@ ROUTING = [("before: no negatives", 0, 0, 0, False), ("router negatives, plain e
            ("defaults, 4 negatives", 2, 4, 2, True), ("defaults, 8 negatives", 2, 8, 2, True),
            ("defaults, 32 negatives", 2, 32, 2, True), ("defaults, no plain negatives", 2, 16, 0, True)]
 ANSWERS = [("newline", False), ("newline", True), ("eos", False), ("eos", True)]
+# the router's negative margin, on the edit sets of bench/meg.py (their stages B and C, cached there)
+MARGINS = (0.0, 0.02, 0.05, 0.1)
+MARGIN_SETS = ("counterfact", "counterfact-swap", "zsre")
 # (label, FitConfig overrides): what the chat wording costs in stage A with its other wordings, and cheaper forms
 COSTS = [("no chat wording", {"chat_wording": False}), ("defaults", {}),
          ("chat wording with an empty system message", {"chat_system": ""}),
@@ -57,9 +66,7 @@ def routing_rates(model, tokenizer, n: int) -> list[dict]:
 
     pool = load_requests("counterfact", SHARED / "counterfact-train.json")
     edits = with_specificity(load_requests("counterfact", SHARED / "counterfact-edit.json", limit=n), pool, 3)
-    queries = {"rephrase": [(r.rephrases[0], k) for k, r in enumerate(edits)],
-               "specificity": [(p, k) for k, r in enumerate(edits) for p in r.specificity],
-               "locality": [(r.locality[0].prompt, k) for k, r in enumerate(edits)]}
+    queries = probe_queries(edits)
     rows = []
     for label, hard, negatives, plain, wordings in ROUTING:
         config = MeGConfig()
@@ -70,48 +77,54 @@ def routing_rates(model, tokenizer, n: int) -> list[dict]:
         routing = editor.stage_bc(edits, pool, WORK, variants)[0]
         row = {"label": label, "hard_negatives": hard, "negatives": negatives, "plain_negatives": plain,
                "wordings": wordings, "epsilon": routing["router"].epsilon}
-        for kind, pairs in queries.items():
-            emb = routing["encoder"].encode([text for text, _ in pairs])
-            fired = routing["router"].familiar(emb)
-            own = torch.tensor(routing["router"].nearest_edit(emb)) == torch.tensor([k for _, k in pairs])
-            row[kind] = {"n": len(pairs), "fires": 100.0 * float(fired.float().mean()),
-                         "fires_own_edit": 100.0 * float((fired & own).float().mean())}
+        row |= fire_rates(routing["encoder"], routing["router"], queries)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
 
 
-def answer_rates(model, tokenizer, n: int) -> list[dict]:
-    from megedit import load_requests
-    from megedit.data.prompts import get_format
-    from megedit.eval import evaluate
-    from megedit.eval.subject import vector_table_subject
-    from megedit.stages.fit_neurons import FitConfig, fit_neurons
+def probe_queries(edits) -> dict[str, list[tuple[str, int]]]:
+    """Per kind, (query, its edit's row): each edit's first rephrase, specificity probes and first locality prompt."""
+    return {"rephrase": [(r.rephrases[0], k) for k, r in enumerate(edits)],
+            "specificity": [(p, k) for k, r in enumerate(edits) for p in r.specificity],
+            "locality": [(r.locality[0].prompt, k) for k, r in enumerate(edits)]}
 
-    edits = load_requests("counterfact", SHARED / "counterfact-edit.json", limit=n)
-    scored = [dataclasses.replace(r, rephrases=(), locality=()) for r in edits]
-    rows, base = [], None
-    for stop, chat in ANSWERS:
-        fmt = dataclasses.replace(get_format("raw"), stop=stop)
-        start = time.perf_counter()
-        fit = fit_neurons(model, tokenizer, edits, fmt, FitConfig(layer=24, paraphrases=0, chat_wording=chat),
-                          progress=False, work_dir=WORK / "fit-shards")
-        fit_s = time.perf_counter() - start
-        subject = vector_table_subject(model, tokenizer, fit.spec, dict(zip((r.prompt for r in edits), fit.vectors)),
-                                       lambda q: q.text, "stage A vectors")
-        try:
-            report = evaluate(subject, scored, prompt_format=fmt, progress=False, chat_edits=None, cache_dir=WORK)
-            free = free_generation(subject, edits, 50)
-        finally:
-            subject.neuron.detach()
-        base = base or {"chat": report.chat["base"]}
-        summary = fit.summary()
-        row = {"stop": stop, "chat_wording": chat, "fit_s": fit_s, "success_rate": summary["success_rate"],
-               "median_steps": summary["median_steps"], "rel_ag": report.metrics["reliability"]["ag"],
-               "chat": report.chat["edited"], "free_generation_degenerate": free}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows + [{"stop": "base model", **base}]
+
+def fire_rates(encoder, router, queries: dict) -> dict:
+    """Per kind: how many queries fire an edit, and fire their own edit (percent)."""
+    rates = {}
+    for kind, pairs in queries.items():
+        emb = encoder.encode([text for text, _ in pairs])
+        fired = router.familiar(emb)
+        own = torch.tensor(router.nearest_edit(emb)) == torch.tensor([k for _, k in pairs])
+        rates[kind] = {"n": len(pairs), "fires": 100.0 * float(fired.float().mean()),
+                       "fires_own_edit": 100.0 * float((fired & own).float().mean())}
+    return rates
+
+
+def margin_rates(model, tokenizer) -> list[dict]:
+    """The router's negative margin on bench/meg.py's edit sets, with their stages B and C (the defaults)."""
+    from meg import SETTINGS
+
+    from megedit import MeGConfig, MeGEditor, load_requests
+    from megedit.data.specificity import with_specificity
+
+    rows = []
+    for name in MARGIN_SETS:
+        kind, edits_path, n, pool_path = SETTINGS[name]
+        pool = load_requests("counterfact", pool_path)
+        edits = with_specificity(load_requests(kind, edits_path, limit=n, skip_invalid=True), pool, 3)
+        editor = MeGEditor(model, tokenizer, MeGConfig(), progress=False)
+        routing = editor.stage_bc(edits, pool, HERE / "results" / "cases" / f"meg-{name}",
+                                  editor.variants(edits, pool)[0])[0]
+        for margin in MARGINS:
+            router = dataclasses.replace(routing["router"], config=dataclasses.replace(
+                routing["router"].config, negative_margin=margin))
+            row = {"edits": name, "n_edits": len(edits), "negative_margin": margin, "epsilon": router.epsilon,
+                   **fire_rates(routing["encoder"], router, probe_queries(edits))}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
 
 
 def answer_costs(model, tokenizer, n: int) -> list[dict]:
@@ -171,7 +184,7 @@ def free_generation(subject, edits, tokens: int) -> float:
 
 
 def main() -> int:
-    parts = set(sys.argv[1:]) or {"routing", "answers", "costs"}
+    parts = set(sys.argv[1:]) or {"routing", "answers", "costs", "margin"}
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from megedit import load_model
     from megedit.io import atomic_write_json
@@ -182,6 +195,8 @@ def main() -> int:
         result["routing"] = {"n_edits": 256, "rows": routing_rates(model, tokenizer, 256)}
     if "answers" in parts:
         result["answers"] = {"n_edits": 32, "rows": answer_rates(model, tokenizer, 32)}
+    if "margin" in parts:
+        result["margin"] = {"rows": margin_rates(model, tokenizer)}
     if "costs" in parts:
         result["costs"] = {"n_edits": 64, "rows": answer_costs(model, tokenizer, 64)}
     result |= {"model": "smollm2", "seed": 0, "threads": torch.get_num_threads()}

@@ -1,6 +1,7 @@
 """Specificity prompts and negatives (data/specificity.py), chat scoring (eval/chat.py), the two new
 query kinds in the harness, and the router's negatives."""
 
+import dataclasses
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from megedit.data import EditRequest, LocalityQuery, load_requests
 from megedit.data.specificity import (PLAIN_SUBJECT_PROMPTS, negative_prompts, relation_wordings, wording_half,
                                       with_specificity)
 from megedit.data.wordings import relation_template
+from megedit.errors import ConfigError
 from megedit.eval import evaluate
 from megedit.eval.chat import holds_target, is_degenerate
 from megedit.stages.router import Router, RouterConfig
@@ -149,3 +151,15 @@ def test_negatives_follow_the_edit_they_sit_nearest_when_edits_come_and_go():
     kept = torch.nn.functional.normalize(torch.stack([e1 + 0.5 * e2, e2 + 0.9 * e0]), dim=1)
     assert torch.allclose(added.negatives, kept)
     assert added.familiar(torch.stack([e0 + 0.6 * e2, e1]))[0].item() is True
+
+
+def test_the_negative_margin_lets_a_query_fire_that_a_negative_barely_outranks():
+    e0, e1, e2 = torch.eye(3)
+    router = Router.build(torch.stack([e0, e1]), RouterConfig(epsilon=0.5), 0.5)
+    router = router.with_negatives((e0 + 0.3 * e2)[None])
+    query = (e0 + 0.2 * e2)[None]  # nearer to the negative (cos 0.99) than to edit 0 (0.98)
+    assert router.familiar(query).tolist() == [False]
+    loose = dataclasses.replace(router, config=dataclasses.replace(router.config, negative_margin=0.05))
+    assert loose.familiar(query).tolist() == [True]
+    with pytest.raises(ConfigError, match="negative_margin"):
+        RouterConfig(negative_margin=3.0).validate()

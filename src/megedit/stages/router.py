@@ -57,6 +57,7 @@ class RouterConfig:
     # nearer to one of them than to every edit prompt does not fire (nearest router only)
     negatives: int = 16  # other-relation prompts per edit, from the pool's negative-half wordings
     plain_negatives: int = 2  # plain prompts about the subject per edit ("Tell me about X.")
+    negative_margin: float = 0.0  # a negative holds a query back when its cosine is at least the wording's + this
 
     @property
     def max_distance(self) -> float:
@@ -68,8 +69,9 @@ class RouterConfig:
         if self.classes < 2 or self.blocks < 0 or self.expansion < 1 or self.max_epochs < 1:
             raise ConfigError(f"router config: need classes >= 2, blocks >= 0, expansion >= 1, max_epochs >= 1, "
                               f"got {asdict(self)}")
-        if min(self.negatives, self.plain_negatives) < 0:
-            raise ConfigError(f"router config: negatives and plain_negatives must be >= 0, got {asdict(self)}")
+        if min(self.negatives, self.plain_negatives) < 0 or not -1.0 <= self.negative_margin <= 2.0:
+            raise ConfigError(f"router config: negatives and plain_negatives must be >= 0 and negative_margin in "
+                              f"[-1, 2], got {asdict(self)}")
         if self.epsilon is not None and not 0 < self.epsilon <= self.max_distance:
             raise ConfigError(f"router config: epsilon must be in (0, {self.max_distance:.3f}] for the {self.kind} "
                               f"router, got {self.epsilon}")
@@ -296,12 +298,13 @@ class Router:
         return distance, (distance < self.epsilon) & ~self._held_back(embeddings, nearest)
 
     def _held_back(self, embeddings: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
-        """Bool (B,): queries at least as near to a negative as to `nearest`, their nearest wording's cosine."""
+        """Bool (B,): queries whose nearest negative's cosine is at least `nearest` (their nearest wording's) plus
+        the configured margin."""
         if self.negatives is None or not len(self.negatives) or not len(embeddings):
             return torch.zeros(len(embeddings), dtype=torch.bool)
         queries = nn.functional.normalize(embeddings.to(self.bank.device, self.bank.dtype), dim=-1)
         negative = torch.cat([(chunk @ self.negatives.T).max(dim=1).values for chunk in queries.split(1024)])
-        return (negative >= nearest).cpu()
+        return (negative >= nearest + self.config.negative_margin).cpu()
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
