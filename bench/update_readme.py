@@ -257,6 +257,19 @@ def real_use_table() -> str:
                    "holds target % (base)", "ends % (base)", "degenerate % (base)", "threads"], rows)
 
 
+def own_facts_table() -> str:
+    """bench/own_facts.py: megedit's shipped facts fitted with no pool, stage A's success and cost beside the scores."""
+    rows = []
+    for r in sorted(_load("own-facts-*.json"), key=lambda r: r["set"]):
+        chat = [f"{r['chat']['edited'][k]:.1f}" for k in ("holds", "ends", "degenerate")]
+        rows.append([r["set"], str(r["n"]), str(r["longest_target_tokens"]), f"{r['fit_success']:.1f}",
+                     f"{r['stage_a_s_per_edit']:.1f}", *(_metric(r, k, "ag") for k in
+                                                      ("reliability", "generality", "locality", "specificity")),
+                     *chat, threads(r)])
+    return _table(["facts", "N", "longest target (tokens)", "stage A fitted %", "stage A s per edit", "RelAG", "GenAG",
+                   "LocAG", "SpecAG", "chat holds target %", "chat ends %", "chat degenerate %", "threads"], rows)
+
+
 def levers_routing_table() -> str:
     """bench/real_use_levers.py, routing: which queries fire an edit under each lever."""
     path = RESULTS / "real-use-levers.json"
@@ -599,7 +612,7 @@ def living_headline_table() -> str:
 
 
 TABLES = {"headline": headline_table, "real-use": real_use_table, "levers-routing": levers_routing_table,
-          "levers-answers": levers_answers_table, "levers-costs": levers_costs_table, "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table, "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table, "causal-trace": causal_trace_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "meg-throughput": meg_throughput_table, "generator-ddp": generator_ddp_table, "generator-scale": generator_scale_table, "epsilon-whatif": epsilon_whatif_table, "router-ceiling": router_ceiling_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
+          "levers-answers": levers_answers_table, "own-facts": own_facts_table, "levers-costs": levers_costs_table, "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table, "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table, "causal-trace": causal_trace_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "meg-throughput": meg_throughput_table, "generator-ddp": generator_ddp_table, "generator-scale": generator_scale_table, "epsilon-whatif": epsilon_whatif_table, "router-ceiling": router_ceiling_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
           "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table,
           "routing": routing_table, "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table,
           "denoising": denoising_table, "living-add": living_add_table, "living-successive": living_successive_table,
