@@ -24,7 +24,7 @@ what the chat wording costs beside the other wordings, and cheaper forms of it (
 message: 24 tokens instead of 40 on SmolLM2; a lower chat margin; fewer paraphrases), against
 RelAG, GenAG and the chat rates (chats always in the template's default form).
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/real_use_levers.py [routing] [answers] [costs] [margin]
+    OMP_NUM_THREADS=2 .venv/bin/python bench/real_use_levers.py [routing] [answers] [costs] [margin[=SET,...]]
 
 Result: bench/results/real-use-levers.json; caches in bench/results/cases/real-use-levers/.
 """
@@ -37,6 +37,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -102,7 +103,7 @@ def fire_rates(encoder, router, queries: dict) -> dict:
     return rates
 
 
-def margin_rates(model, tokenizer) -> list[dict]:
+def margin_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
     """The router's negative margin on bench/meg.py's edit sets, with their stages B and C (the defaults)."""
     from meg import SETTINGS
 
@@ -110,7 +111,7 @@ def margin_rates(model, tokenizer) -> list[dict]:
     from megedit.data.specificity import with_specificity
 
     rows = []
-    for name in MARGIN_SETS:
+    for name in sets:
         kind, edits_path, n, pool_path = SETTINGS[name]
         pool = load_requests("counterfact", pool_path)
         edits = with_specificity(load_requests(kind, edits_path, limit=n, skip_invalid=True), pool, 3)
@@ -184,7 +185,9 @@ def free_generation(subject, edits, tokens: int) -> float:
 
 
 def main() -> int:
-    parts = set(sys.argv[1:]) or {"routing", "answers", "costs", "margin"}
+    parts = {arg.split("=")[0] for arg in sys.argv[1:]} or {"routing", "answers", "costs", "margin"}
+    # margin=SET,SET: only these edit sets (their rows replace those of an earlier run)
+    sets = next((arg.split("=")[1].split(",") for arg in sys.argv[1:] if arg.startswith("margin=")), MARGIN_SETS)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from megedit import load_model
     from megedit.io import atomic_write_json
@@ -196,7 +199,8 @@ def main() -> int:
     if "answers" in parts:
         result["answers"] = {"n_edits": 32, "rows": answer_rates(model, tokenizer, 32)}
     if "margin" in parts:
-        result["margin"] = {"rows": margin_rates(model, tokenizer)}
+        kept = [row for row in result.get("margin", {}).get("rows", []) if row["edits"] not in sets]
+        result["margin"] = {"rows": kept + margin_rates(model, tokenizer, sets)}
     if "costs" in parts:
         result["costs"] = {"n_edits": 64, "rows": answer_costs(model, tokenizer, 64)}
     result |= {"model": "smollm2", "seed": 0, "threads": torch.get_num_threads()}
