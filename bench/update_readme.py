@@ -196,19 +196,25 @@ def generality_levers_table() -> str:
                    "cost", "RelAG", "RelTF", "GenAG", "GenTF"], rows)
 
 
+# bench/generality.py cost names its three runs by when they were made; the table names them by what they are
+_COST_ARMS = ("prompt-only stage A (revision {before}: margin 1, lr 0.1)", "pool paraphrases' code, prompt-only settings",
+              "pool paraphrases' code and defaults (wordings built and fitted)")
+
+
 def stage_a_cost_table() -> str:
-    """Stage A's time: the code when the Generality issue was filed, today's code with its settings,
-    today's defaults; one job, one after the other (bench/generality.py cost)."""
+    """Stage A's time: the prompt-only code of before, the code that fits pool paraphrases with the old
+    settings, and with its defaults; one job, one after the other (bench/generality.py cost)."""
     rows = []
     for r in _load("stage-a-cost-*.json"):
         before, old_settings = (r["rows"][k]["stage_a_s"] if len(r["rows"]) > k else None for k in (0, 1))
-        for row in r["rows"]:
-            rows.append([str(r["n"]), row["setting"], f"{row['mean_wordings']:.1f}", f"{row['median_steps']:.0f}",
-                         f"{row['success_rate']:.1f}", f"{row['stage_a_s']:.0f}", f"{row['stage_a_s'] / before:.1f}x",
+        for arm, row in zip(_COST_ARMS, r["rows"]):
+            rows.append([str(r["n"]), arm.format(before=r["before"][:7]), f"{row['mean_wordings']:.1f}",
+                         f"{row['median_steps']:.0f}", f"{row['success_rate']:.1f}", f"{row['stage_a_s']:.0f}",
+                         f"{row['stage_a_s'] / before:.1f}x",
                          f"{row['stage_a_s'] / old_settings:.1f}x" if old_settings else "", str(row["threads"]),
                          f"{row['load_before']:.1f} / {row['load_after']:.1f}" if "load_before" in row else "—"])
-    return _table(["N", "stage A", "wordings / edit", "median steps", "success %", "s", "vs when filed",
-                   "vs today's code, settings of before", "threads", "load average before / after"], rows)
+    return _table(["N", "stage A", "wordings / edit", "median steps", "success %", "s", "vs prompt-only",
+                   "vs prompt-only settings", "threads", "load average before / after"], rows)
 
 
 def headline_table() -> str:
@@ -311,6 +317,18 @@ def levers_costs_table() -> str:
             for r in json.loads(path.read_text())["costs"]["rows"]]
     return _table(["stage A setting", "stage A s", "median steps", "RelAG", "GenAG", "chat holds target %",
                    "chat ends %", "chat degenerate %"], rows)
+
+
+def levers_margin_table() -> str:
+    """bench/real_use_levers.py, margin: the router's negative margin on bench/meg.py's edit sets."""
+    path = RESULTS / "real-use-levers.json"
+    if not path.exists() or "margin" not in json.loads(path.read_text()):
+        return "(not run yet: bench/real_use_levers.py margin)"
+    rows = [[r["edits"], f"{r['n_edits']:,}", f"{r['negative_margin']:g}", f"{r['rephrase']['fires_own_edit']:.1f}",
+             f"{r['specificity']['fires']:.1f}", f"{r['locality']['fires']:.1f}"]
+            for r in json.loads(path.read_text())["margin"]["rows"]]
+    return _table(["edits", "N", "negative margin", "rephrases fire their edit %", "specificity probes fire %",
+                   "locality prompts fire %"], rows)
 
 
 def layer_sweep_table() -> str:
