@@ -167,7 +167,7 @@ def trace_fact(model, fact, noise: torch.Tensor, masks: tuple[dict, dict]) -> di
     Tokens before the subject's last token are the same in every row of a draw (nothing is
     restored there yet), so they run once per draw and the restored rows reuse their KV cache.
     """
-    from megedit.lm import _cache_arg, _output_cache  # the installed transformers' name for the cache
+    from megedit.lm import cache_kwargs, output_cache
 
     samples, rows = noise.shape[0], 1 + 2 * len(model.model.layers)
     state = {"first": fact["first"], "last": fact["last"]}
@@ -177,11 +177,11 @@ def trace_fact(model, fact, noise: torch.Tensor, masks: tuple[dict, dict]) -> di
     with hooks(model, state):
         if s > 0:
             state.update(offset=0, noise=noise)
-            cache = _output_cache(model.model(ids[:, :s].expand(samples, -1), use_cache=True))
+            cache = output_cache(model.model(ids[:, :s].expand(samples, -1), use_cache=True))
             cache.batch_repeat_interleave(rows)
         state.update(offset=s, noise=noise.repeat_interleave(rows, 0), mlp=masks[0], hidden=masks[1])
         out = model.model(ids[:, s:].expand(samples * rows, -1), use_cache=cache is not None,
-                          **_cache_arg(model.model, cache))
+                          **cache_kwargs(model.model, cache))
     p = answer_prob(model, out.last_hidden_state, fact["answer"]).view(samples, rows).mean(0)
     n = len(model.model.layers)
     return {"clean": p_clean, "corrupted": p[0].item(), "mlp": p[1:1 + n] - p[0], "hidden": p[1 + n:] - p[0]}

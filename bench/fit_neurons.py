@@ -39,7 +39,7 @@ def naive_fit(model, tokenizer, requests, fmt, config, check: str = "tf"):
     from megedit.eval.metrics import ag_match
 
     from megedit.neuron import attach_neuron
-    from megedit.stages.fit_neurons import _row_loss_and_success
+    from megedit.stages.fit_neurons import row_loss_and_success
 
     neuron = attach_neuron(model, config.layer, config.variant)
     stops = stop_tokens(tokenizer)
@@ -56,7 +56,7 @@ def naive_fit(model, tokenizer, requests, fmt, config, check: str = "tf"):
             ok = False
             for step in range(config.max_steps + 1):
                 logits = model(input_ids=ids).logits[:, -len(answer) - 1 :]
-                loss, passed = _row_loss_and_success(logits, labels, config.margin)
+                loss, passed = row_loss_and_success(logits, labels, config.margin)
                 if check == "generate":
                     with torch.no_grad():
                         out = model.generate(input_ids=ids[:, : len(prompt)], max_new_tokens=20, do_sample=False,

@@ -29,7 +29,8 @@ def main() -> int:
     parser.add_argument("--entropy-epochs", default="100,300")
     args = parser.parse_args()
 
-    from megedit.cli import _load_data, _load_pool, build_parser  # read --data / --pseudo as fit-router does
+    from megedit.cli import build_parser
+    from megedit.cli.common import load_data, load_pool  # read --data / --pseudo as fit-router does
     from megedit.io import atomic_write_json
     from megedit.models import load_encoder
     from megedit.stages.encoder import load_encoder_delta
@@ -37,8 +38,8 @@ def main() -> int:
     from megedit.stages.routing import RoutingConfig, calibration_embeddings, split_for_edits
 
     cli = build_parser().parse_args(["fit-router", *SETTINGS[args.setting], "--out", "unused"])
-    kind, path, edits, _ = _load_data(cli)
-    pool_name, pool = _load_pool(cli, kind, path)
+    kind, path, edits, _ = load_data(cli)
+    pool_name, pool = load_pool(cli, kind, path)
     delta = HERE / "results" / "cases" / f"routing-{args.setting}" / "encoder.safetensors"
     if not delta.exists():
         print(f"{delta} is missing: run bench/routing.py {args.setting} first", file=sys.stderr)

@@ -12,7 +12,7 @@ from megedit.data import EditRequest
 from megedit.data.prompts import PromptFormat
 from megedit.errors import ConfigError, MeGError
 from megedit.neuron import attach_neuron
-from megedit.stages.fit_neurons import WORDING_SCHEDULES, FitConfig, _row_loss_and_success, fit_neurons
+from megedit.stages.fit_neurons import WORDING_SCHEDULES, FitConfig, row_loss_and_success, fit_neurons
 from megedit.stages.generator import Generator, GeneratorConfig, train_generator
 from megedit.stages.variants import (build_variants, context_prefixes, excluded_templates, paraphrase_templates,
                                      rephrase_template)
@@ -141,7 +141,7 @@ def test_an_edit_is_done_when_every_wording_passes_with_its_one_vector(lm, sched
                 prompt = FMT.prompt_ids(text, tok)
                 neuron.set_weights(result.vectors[i : i + 1])
                 logits = model(input_ids=torch.tensor([prompt + answer])).logits[:, -len(answer) - 1 :]
-                passed.append(bool(_row_loss_and_success(logits, torch.tensor([answer + [-100]]), 0.0)[1]))
+                passed.append(bool(row_loss_and_success(logits, torch.tensor([answer + [-100]]), 0.0)[1]))
             assert sum(passed) / len(passed) == pytest.approx(float(result.wordings_ok[i]), abs=1e-6)
             if result.steps[i] < 40:  # stopped early: every wording passed
                 assert all(passed)

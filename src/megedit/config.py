@@ -27,6 +27,14 @@ def _default_generator() -> GeneratorConfig:
     return GeneratorConfig(kind="lookup", passes=500.0)
 
 
+def with_step_budget(generator):
+    """Generator settings as given, where a budget in steps given alone (train_steps, no passes)
+    replaces the budget in passes that the defaults or a config file hold."""
+    if isinstance(generator, dict) and "train_steps" in generator and "passes" not in generator:
+        return {**generator, "passes": None}
+    return generator
+
+
 @dataclass
 class MeGConfig:
     """Settings of MeG. `seed` is the one seed of a run: it is copied into every stage's config
@@ -67,8 +75,7 @@ class MeGConfig:
         for key, value in d.items():
             if key in nested:
                 base = asdict(_default_generator()) if key == "generator" else {}
-                if isinstance(value, dict) and "train_steps" in value and "passes" not in value:
-                    base["passes"] = None  # a budget in steps given alone replaces the default's passes
+                value = with_step_budget(value) if key == "generator" else value
                 kwargs[key] = _build(nested[key], value, f"{where}.{key}", base=base)
             elif key == "routing":
                 _check_keys(value, {f.name for f in fields(RoutingConfig)}, f"{where}.routing")

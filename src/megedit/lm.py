@@ -114,7 +114,7 @@ def decode(
             break
     forward_s = time.perf_counter() - start
     if pending:
-        _continue_greedy(model, _output_cache(out), batch.mask, pending, next_tokens, next_positions,
+        _continue_greedy(model, output_cache(out), batch.mask, pending, next_tokens, next_positions,
                          generated, max_new_tokens, stop_ids, select_rows, give_up)
     return Decoded(forced, generated, forward_s, time.perf_counter() - start - forward_s)
 
@@ -148,14 +148,14 @@ def _continue_greedy(model, cache, mask, rows, tokens, positions, generated, max
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         out = model(input_ids=torch.tensor(tokens, device=device)[:, None], attention_mask=mask,
                     position_ids=torch.tensor(positions, device=device)[:, None],
-                    use_cache=True, **_cache_arg(model, cache))
+                    use_cache=True, **cache_kwargs(model, cache))
         step = out.logits[:, -1].argmax(-1).tolist()
         still = [(r, t, p + 1) for r, t, p in zip(rows, step, positions)
                  if _append(generated[r], t, stop_ids, max_new_tokens) and not (give_up and give_up(r, generated[r]))]
         rows, tokens, positions = [x[0] for x in still], [x[1] for x in still], [x[2] for x in still]
 
 
-def _cache_arg(model: nn.Module, cache) -> dict:
+def cache_kwargs(model: nn.Module, cache) -> dict:
     """The KV cache as a forward argument: transformers 5.x renamed past_key_values to cache (the
     old name warns on every call from then on); the installed version's own name."""
     return {_cache_name(type(model)): cache}
@@ -166,7 +166,7 @@ def _cache_name(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-def _output_cache(out):
+def output_cache(out):
     cache = getattr(out, "cache", None)  # the newer name; reading past_key_values warns there
     return out.past_key_values if cache is None else cache
 

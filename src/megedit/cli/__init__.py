@@ -14,8 +14,6 @@ import sys
 from . import eval as eval_verbs
 from . import living, meg, serve, stages
 from .common import Formatter, Parser, global_flags
-from .common import load_data as _load_data  # noqa: F401  (bench/router_kinds.py reads --data as the CLI does)
-from .common import load_pool as _load_pool  # noqa: F401
 
 VERBS = (meg.add_demo, meg.add_fit, living.add_add, living.add_remove, meg.add_generate, eval_verbs.add_eval,
          serve.add_serve, meg.add_inspect, meg.add_config, stages.add_fit_neurons, stages.add_sweep_layers,

@@ -191,14 +191,13 @@ def add_meg_flags(parser, formats: bool = False) -> None:
 def meg_config(args, verb_defaults: dict | None = None, prompt_format: str | None = None):
     """MeGConfig from the dataclass defaults, then the verb's own (only without --config), then
     --config, then the flags given; every value checked before any data or model loads."""
-    from ..config import MeGConfig
+    from ..config import MeGConfig, with_step_budget
 
     settings = MeGConfig.from_file(args.config).to_dict() if args.config else merged(MeGConfig().to_dict(),
                                                                                      verb_defaults or {})
     given = overrides(args)
-    budget = given.get("generator", {})
-    if "train_steps" in budget and "passes" not in budget:
-        budget["passes"] = None  # a budget in steps on the command line replaces the one in passes
+    if "generator" in given:
+        given["generator"] = with_step_budget(given["generator"])
     if prompt_format or getattr(args, "prompt_format", None):
         given["prompt_format"] = prompt_format or args.prompt_format
     config = MeGConfig.from_dict(merged(settings, given), where="settings")

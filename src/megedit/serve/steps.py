@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..lm import _cache_arg, _output_cache, left_pad, model_device  # the runtime's own cache plumbing
+from ..lm import cache_kwargs, output_cache, left_pad, model_device  # the runtime's own cache plumbing
 
 try:  # the plain layer of HF's DynamicCache: its keys and values are (B, heads, T, head_dim) tensors
     from transformers.cache_utils import DynamicLayer
@@ -68,7 +68,7 @@ class Cohort:
         vectors = vectors.to(batch.ids.device)
         with neuron.applied(vectors):
             out = model(**batch.model_inputs, use_cache=True, logits_to_keep=1)
-        cohort = cls(model, neuron, _output_cache(out), batch.mask, [len(s) for s in seqs], vectors)
+        cohort = cls(model, neuron, output_cache(out), batch.mask, [len(s) for s in seqs], vectors)
         return cohort, out.logits[:, -1].float().cpu()
 
     @torch.inference_mode()
@@ -80,7 +80,7 @@ class Cohort:
         with self.neuron.applied(self.vectors):
             out = self.model(input_ids=torch.tensor(tokens, device=device)[:, None], attention_mask=mask,
                              position_ids=torch.tensor(self.positions, device=device)[:, None],
-                             use_cache=True, **_cache_arg(self.model, self.cache))
+                             use_cache=True, **cache_kwargs(self.model, self.cache))
         self.mask, self.positions = mask, [p + 1 for p in self.positions]
         return out.logits[:, -1].float().cpu()
 

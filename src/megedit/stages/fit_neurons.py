@@ -241,7 +241,7 @@ def _length_groups(lengths: Sequence[int], min_rows: int) -> list[list[int]]:
     return groups
 
 
-def _row_loss_and_success(logits, labels, margin) -> tuple[torch.Tensor, torch.Tensor]:
+def row_loss_and_success(logits, labels, margin) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row mean answer cross-entropy, and whether every answer token wins by `margin` (a number,
     or one per row)."""
     margin = torch.as_tensor(margin, device=logits.device, dtype=torch.float32).reshape(-1, 1)
@@ -472,7 +472,7 @@ class _FitState:
             # the LM head (49K x 576 on SmolLM2) costs as much as the layers: run it only where an answer is predicted
             keep = torch.arange(batch.ids.shape[1] - labels.shape[1] - 1, batch.ids.shape[1] - 1, device=device)
             logits = self.model(**batch.model_inputs, use_cache=False, logits_to_keep=keep).logits
-        return _row_loss_and_success(logits, labels, margins)
+        return row_loss_and_success(logits, labels, margins)
 
     def result(self) -> FitResult:
         mine = torch.tensor(self.mine, dtype=torch.long)
