@@ -128,6 +128,34 @@ def margin_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
     return rows
 
 
+def calibration_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
+    """Epsilon calibrated on prompts alone against a mirror that holds every wording, on bench/meg.py's edit sets."""
+    from meg import SETTINGS
+
+    from megedit import MeGConfig, MeGEditor, load_requests
+    from megedit.data.specificity import with_specificity
+
+    rows = []
+    for name in sets:
+        kind, edits_path, n, pool_path = SETTINGS[name]
+        pool = load_requests("counterfact", pool_path)
+        edits = with_specificity(load_requests(kind, edits_path, limit=n, skip_invalid=True), pool, 3)
+        for wordings in (False, True):
+            config = MeGConfig()
+            config.routing.router.calibration_wordings = wordings
+            editor = MeGEditor(model, tokenizer, config, progress=False)
+            routing = editor.stage_bc(edits, pool, HERE / "results" / "cases" / f"meg-{name}",
+                                      editor.variants(edits, pool)[0])[0]
+            chosen = routing["router"].record["calibration"]["chosen"]
+            row = {"edits": name, "n_edits": len(edits), "calibration_wordings": wordings,
+                   "epsilon": routing["router"].epsilon, "calibration_recall": chosen["recall"],
+                   "calibration_false_fire": chosen["false_fire"],
+                   **fire_rates(routing["encoder"], routing["router"], probe_queries(edits))}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def answer_costs(model, tokenizer, n: int) -> list[dict]:
     from megedit import MeGConfig, MeGEditor, load_requests
     from megedit.data.prompts import get_format
@@ -201,6 +229,8 @@ def main() -> int:
     if "margin" in parts:
         kept = [row for row in result.get("margin", {}).get("rows", []) if row["edits"] not in sets]
         result["margin"] = {"rows": kept + margin_rates(model, tokenizer, sets)}
+    if "calibration" in parts:
+        result["calibration"] = {"rows": calibration_rates(model, tokenizer, MARGIN_SETS)}
     if "costs" in parts:
         result["costs"] = {"n_edits": 64, "rows": answer_costs(model, tokenizer, 64)}
     result |= {"model": "smollm2", "seed": 0, "threads": torch.get_num_threads()}

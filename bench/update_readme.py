@@ -331,6 +331,18 @@ def levers_margin_table() -> str:
                    "locality prompts fire %"], rows)
 
 
+def levers_calibration_table() -> str:
+    """bench/real_use_levers.py, calibration: epsilon from a mirror of prompts alone or of every wording."""
+    path = RESULTS / "real-use-levers.json"
+    if not path.exists() or "calibration" not in json.loads(path.read_text()):
+        return "(not run yet: bench/real_use_levers.py calibration)"
+    rows = [[r["edits"], f"{r['n_edits']:,}", "every wording" if r["calibration_wordings"] else "prompts",
+             f"{r['epsilon']:.3f}", f"{r['rephrase']['fires_own_edit']:.1f}", f"{r['specificity']['fires']:.1f}",
+             f"{r['locality']['fires']:.1f}"] for r in json.loads(path.read_text())["calibration"]["rows"]]
+    return _table(["edits", "N", "calibration mirror holds", "epsilon", "rephrases fire their edit %",
+                   "specificity probes fire %", "locality prompts fire %"], rows)
+
+
 def layer_sweep_table() -> str:
     rows = []
     for r in _load("fit_neurons-sweep-*.json"):
@@ -630,7 +642,7 @@ def living_headline_table() -> str:
 
 
 TABLES = {"headline": headline_table, "real-use": real_use_table, "levers-routing": levers_routing_table,
-          "levers-answers": levers_answers_table, "levers-margin": levers_margin_table, "own-facts": own_facts_table, "levers-costs": levers_costs_table, "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table, "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table, "causal-trace": causal_trace_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "meg-throughput": meg_throughput_table, "generator-ddp": generator_ddp_table, "generator-scale": generator_scale_table, "epsilon-whatif": epsilon_whatif_table, "router-ceiling": router_ceiling_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
+          "levers-answers": levers_answers_table, "levers-margin": levers_margin_table, "levers-calibration": levers_calibration_table, "own-facts": own_facts_table, "levers-costs": levers_costs_table, "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table, "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table, "causal-trace": causal_trace_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "meg-throughput": meg_throughput_table, "generator-ddp": generator_ddp_table, "generator-scale": generator_scale_table, "epsilon-whatif": epsilon_whatif_table, "router-ceiling": router_ceiling_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
           "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table,
           "routing": routing_table, "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table,
           "denoising": denoising_table, "living-add": living_add_table, "living-successive": living_successive_table,

@@ -124,3 +124,16 @@ def test_separation_auroc():
     assert separation_auroc(torch.tensor([0.1, 0.2]), torch.tensor([0.3, 0.4])) == 1.0
     assert separation_auroc(torch.tensor([0.5, 0.6]), torch.tensor([0.3, 0.4])) == 0.0
     assert separation_auroc(torch.tensor([0.1, 0.5]), torch.tensor([0.3, 0.5])) == 0.625  # (1 + 1 + 0 + 0.5) / 4
+
+
+def test_the_calibration_mirror_can_hold_every_wording_as_the_deployed_router_does():
+    edits, pool, unrelated = _unit(100, seed=20), _unit(40, seed=21), _unit(200, seed=22)
+    paraphrase = lambda x, seed: torch.nn.functional.normalize(x + 0.3 * _unit(len(x), seed=seed), dim=-1)
+    calibration = (pool, paraphrase(pool, 23), unrelated)
+    # the edits' other wordings sit right by the unrelated queries: a mirror of prompts alone never sees that
+    wordings = (paraphrase(unrelated[:100], 24), list(range(100)))
+    alone = train_router(edits, RouterConfig(), calibration=calibration, progress=False)
+    mirrored = train_router(edits, RouterConfig(calibration_wordings=True), calibration=calibration,
+                            mirror_wordings=wordings, progress=False)
+    assert alone.record["calibration"]["chosen"]["false_fire"] == 0.0
+    assert mirrored.epsilon < alone.epsilon and mirrored.wordings is None  # the mirror's wordings stay in the mirror

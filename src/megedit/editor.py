@@ -197,8 +197,9 @@ class MeGEditor:
             router, record = Router.load(folder / "router.safetensors"), json.loads(done.read_text())
         else:
             log.info("stage C (router): %d edits, epsilon from %d pool records", len(requests), len(calibration))
+            calibration_wordings = self.variants(calibration, pool)[0] if config.router.calibration_wordings else None
             router, record = fit_router(requests, encoder, train_pool, calibration, config, self.progress,
-                                        wordings=variants)
+                                        wordings=variants, calibration_wordings=calibration_wordings)
             router.save(folder / "router.safetensors")
             atomic_write_json(done, record)  # written last: marks the stage done
         log.info("stages B+C: epsilon %.3f (%s router)", router.epsilon, router.config.kind)

@@ -58,6 +58,9 @@ class RouterConfig:
     negatives: int = 16  # other-relation prompts per edit, from the pool's negative-half wordings
     plain_negatives: int = 2  # plain prompts about the subject per edit ("Tell me about X.")
     negative_margin: float = 0.0  # a negative holds a query back when its cosine is at least the wording's + this
+    # calibration: the mirror router holds every wording (the edits' other wordings and the calibration records'
+    # own), as the deployed router holds the edits'; False: prompts only
+    calibration_wordings: bool = False
 
     @property
     def max_distance(self) -> float:
@@ -359,11 +362,14 @@ def _check_nearest(path: Path, tensors: dict, dim: int) -> None:
 
 def train_router(edit_embeddings: torch.Tensor, config: RouterConfig | None = None, *,
                  calibration: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 mirror_wordings: tuple[torch.Tensor, Sequence[int]] | None = None,
                  progress: bool = True) -> Router:
     """The router for these edit queries' embeddings.
 
     `calibration` = (pool queries, their paraphrases, unrelated queries) embeddings from the
-    pseudo-edit pool, used to choose epsilon unless `config.epsilon` is set.
+    pseudo-edit pool, used to choose epsilon unless `config.epsilon` is set. `mirror_wordings`:
+    other wordings the calibration mirror holds (embeddings, and each one's row: the edits first,
+    then the pool queries).
     """
     config = (config or RouterConfig()).validate()
     if config.epsilon is None and calibration is None:
@@ -375,6 +381,8 @@ def train_router(edit_embeddings: torch.Tensor, config: RouterConfig | None = No
     pool_queries, pool_paraphrases, unrelated = calibration
     mirror = Router.build(torch.cat([edit_embeddings, pool_queries]), config, 0.0, progress,
                           desc="training calibration mirror")
+    if mirror_wordings is not None and mirror.bank is not None and len(mirror_wordings[0]):
+        mirror = mirror.with_wordings(*mirror_wordings)
     curve = epsilon_curve(mirror.distance(pool_paraphrases), mirror.distance(unrelated), config.max_distance)
     chosen = choose_epsilon(curve, config.max_false_fire)
     log.info("%s router: epsilon %.3f (calibration recall %.1f%%, false fire %.1f%%)",

@@ -81,22 +81,41 @@ class Routing:
 
 def fit_router(edits: Sequence[EditRequest], tuned: SentenceEncoder, train_pool: Sequence[EditRequest],
                calibration: Sequence[EditRequest], config: RoutingConfig, progress: bool = True,
-               wordings: Sequence[Sequence[str]] | None = None) -> tuple[Router, dict]:
+               wordings: Sequence[Sequence[str]] | None = None,
+               calibration_wordings: Sequence[Sequence[str]] | None = None) -> tuple[Router, dict]:
     """Stage C: the router on the edits' prompts, epsilon from the calibration slice; and its record.
-    A nearest router also holds each edit's other `wordings` (stage A's variants) and its negatives."""
+    A nearest router also holds each edit's other `wordings` (stage A's variants) and its negatives.
+    With `config.router.calibration_wordings`, the calibration mirror holds the edits' wordings and
+    the calibration records' own (`calibration_wordings`, built as the edits' are)."""
     start = time.perf_counter()
+    texts, owners = flat_wordings(wordings or [])
+    embedded = tuned.encode(texts, progress=progress) if texts and config.router.kind == "nearest" else None
     router = train_router(tuned.encode([r.prompt for r in edits], progress=progress), config.router,
-                          calibration=calibration_embeddings(tuned, calibration, train_pool), progress=progress)
+                          calibration=calibration_embeddings(tuned, calibration, train_pool),
+                          mirror_wordings=_mirror_wordings(tuned, embedded, owners, len(edits), calibration_wordings,
+                                                           config.router, progress),
+                          progress=progress)
     negatives = edit_negatives(edits, [*train_pool, *calibration], config) if router.bank is not None else []
     if negatives:
         router = router.with_negatives(tuned.encode(negatives, progress=progress))
-    texts, owners = flat_wordings(wordings or [])
-    if texts and router.bank is not None:
-        router = router.with_wordings(tuned.encode(texts, progress=progress), owners)
+    if embedded is not None and router.bank is not None:
+        router = router.with_wordings(embedded, owners)
     return router, {"config": asdict(config), "query_text": "raw prompts (no LM wrapping)", "n_edits": len(edits),
                     "n_pool": len(train_pool) + len(calibration), "n_encoder_pool": len(train_pool),
                     "n_calibration": len(calibration), "n_negatives": len(negatives),
                     "timing": {"router_s": time.perf_counter() - start}}
+
+
+def _mirror_wordings(tuned: SentenceEncoder, embedded, owners: list[int], n_edits: int,
+                     calibration_wordings, config, progress: bool):
+    """The other wordings the calibration mirror holds, or None (config.calibration_wordings off)."""
+    if not config.calibration_wordings:
+        return None
+    texts, rows = flat_wordings(calibration_wordings or [])
+    parts = ([embedded] if embedded is not None else []) + ([tuned.encode(texts, progress=progress)] if texts else [])
+    if not parts:
+        return None
+    return torch.cat(parts), [*(owners if embedded is not None else []), *(n_edits + r for r in rows)]
 
 
 def edit_negatives(edits: Sequence[EditRequest], pool: Sequence[EditRequest], config: RoutingConfig) -> list[str]:
