@@ -19,12 +19,16 @@ bench/meg.py): the same three query kinds, with the router's negative margin (a 
 a query back only when it is nearer than the query's nearest wording by this much cosine) from
 0 to 0.1.
 
+calibration (the same edit sets and stages): epsilon calibrated on a mirror of prompts alone
+(the default) or of every wording (routing.router.calibration_wordings), and the three query
+kinds' firing rates under each.
+
 costs (first 64 edits, stage A with its pool paraphrases, the fitted vectors applied directly):
 what the chat wording costs beside the other wordings, and cheaper forms of it (an empty system
 message: 24 tokens instead of 40 on SmolLM2; a lower chat margin; fewer paraphrases), against
 RelAG, GenAG and the chat rates (chats always in the template's default form).
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/real_use_levers.py [routing] [answers] [costs] [margin[=SET,...]]
+    OMP_NUM_THREADS=2 .venv/bin/python bench/real_use_levers.py [routing] [answers] [costs] [margin[=SET,...]] [calibration]
 
 Result: bench/results/real-use-levers.json; caches in bench/results/cases/real-use-levers/.
 """
@@ -213,7 +217,7 @@ def free_generation(subject, edits, tokens: int) -> float:
 
 
 def main() -> int:
-    parts = {arg.split("=")[0] for arg in sys.argv[1:]} or {"routing", "answers", "costs", "margin"}
+    parts = {arg.split("=")[0] for arg in sys.argv[1:]} or {"routing", "answers", "costs", "margin", "calibration"}
     # margin=SET,SET: only these edit sets (their rows replace those of an earlier run)
     sets = next((arg.split("=")[1].split(",") for arg in sys.argv[1:] if arg.startswith("margin=")), MARGIN_SETS)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
