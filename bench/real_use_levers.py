@@ -107,21 +107,29 @@ def fire_rates(encoder, router, queries: dict) -> dict:
     return rates
 
 
-def margin_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
-    """The router's negative margin on bench/meg.py's edit sets, with their stages B and C (the defaults)."""
+def meg_set_routing(model, tokenizer, name: str, config) -> tuple[list, dict]:
+    """One of bench/meg.py's edit sets (with 3 specificity probes per edit) and its stages B and C
+    under `config` (a MeGConfig), cached where bench/meg.py caches that set's stages."""
     from meg import SETTINGS
 
-    from megedit import MeGConfig, MeGEditor, load_requests
+    from megedit import MeGEditor, load_requests
     from megedit.data.specificity import with_specificity
+
+    kind, edits_path, n, pool_path = SETTINGS[name]
+    pool = load_requests("counterfact", pool_path)
+    edits = with_specificity(load_requests(kind, edits_path, limit=n, skip_invalid=True), pool, 3)
+    editor = MeGEditor(model, tokenizer, config, progress=False)
+    routing = editor.stage_bc(edits, pool, HERE / "results" / "cases" / f"meg-{name}", editor.variants(edits, pool)[0])[0]
+    return edits, routing
+
+
+def margin_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
+    """The router's negative margin on bench/meg.py's edit sets, with their stages B and C (the defaults)."""
+    from megedit import MeGConfig
 
     rows = []
     for name in sets:
-        kind, edits_path, n, pool_path = SETTINGS[name]
-        pool = load_requests("counterfact", pool_path)
-        edits = with_specificity(load_requests(kind, edits_path, limit=n, skip_invalid=True), pool, 3)
-        editor = MeGEditor(model, tokenizer, MeGConfig(), progress=False)
-        routing = editor.stage_bc(edits, pool, HERE / "results" / "cases" / f"meg-{name}",
-                                  editor.variants(edits, pool)[0])[0]
+        edits, routing = meg_set_routing(model, tokenizer, name, MeGConfig())
         for margin in MARGINS:
             router = dataclasses.replace(routing["router"], config=dataclasses.replace(
                 routing["router"].config, negative_margin=margin))
@@ -134,22 +142,14 @@ def margin_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
 
 def calibration_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
     """Epsilon calibrated on prompts alone against a mirror that holds every wording, on bench/meg.py's edit sets."""
-    from meg import SETTINGS
-
-    from megedit import MeGConfig, MeGEditor, load_requests
-    from megedit.data.specificity import with_specificity
+    from megedit import MeGConfig
 
     rows = []
     for name in sets:
-        kind, edits_path, n, pool_path = SETTINGS[name]
-        pool = load_requests("counterfact", pool_path)
-        edits = with_specificity(load_requests(kind, edits_path, limit=n, skip_invalid=True), pool, 3)
         for wordings in (False, True):
             config = MeGConfig()
             config.routing.router.calibration_wordings = wordings
-            editor = MeGEditor(model, tokenizer, config, progress=False)
-            routing = editor.stage_bc(edits, pool, HERE / "results" / "cases" / f"meg-{name}",
-                                      editor.variants(edits, pool)[0])[0]
+            edits, routing = meg_set_routing(model, tokenizer, name, config)
             chosen = routing["router"].record["calibration"]["chosen"]
             row = {"edits": name, "n_edits": len(edits), "calibration_wordings": wordings,
                    "epsilon": routing["router"].epsilon, "calibration_recall": chosen["recall"],

@@ -9,23 +9,14 @@ from __future__ import annotations
 import json
 import re
 import sys
-from pathlib import Path
 
 from scale_curve import current, edit_seconds, meg_stage_seconds, method_label, threads  # noqa: E402 (bench/ is this script's own folder)
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from tables_common import ROOT, RESULTS, load as _load, metric as _metric, table as _table  # noqa: E402
+from tables_real_use import (levers_answers_table, levers_calibration_table, levers_costs_table,  # noqa: E402
+                             levers_margin_table, levers_routing_table, own_facts_table, real_use_table)
 METRICS = [("reliability", "ag"), ("reliability", "tf"), ("generality", "ag"), ("generality", "tf"),
            ("locality", "ag"), ("locality", "tf")]
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in rows])
-
-
-def _load(pattern: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(RESULTS.glob(pattern))]
 
 
 def _where(edit: dict) -> str:
@@ -237,110 +228,6 @@ def headline_table() -> str:
         rows.append(cells)
     return _table(["data", "N", "method", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG", "LocTF", "Score",
                    "SpecAG", "SpecTF", "Score (8)", "edit + eval min"], rows)
-
-
-def _metric(result: dict, kind: str, setting: str) -> str:
-    """One metric of a result, or a dash where its evaluation did not ask that query kind."""
-    value = result["metrics"].get(kind, {}).get(setting)
-    return "—" if value is None else f"{value:.1f}"
-
-
-def real_use_table() -> str:
-    """Specificity and chat, per result that measured them: MeG runs, baselines, own facts."""
-    rows = []
-    runs = _load("meg-*.json") + _load("baseline-*.json") + _load("own-facts-*.json")
-    for r in sorted(runs, key=lambda r: (r.get("setting", r.get("set", r["data"])), r["n"], method_label(r))):
-        if "specificity" not in r["metrics"] and not r.get("chat"):
-            continue
-        chat = r.get("chat") or {}
-        rates = [f"{chat['edited'][k]:.1f} ({chat['base'][k]:.1f})" if chat else "—"
-                 for k in ("holds", "ends", "degenerate")]
-        rows.append([r.get("setting", r.get("set", r["data"])), f"{r['n']:,}", method_label(r),
-                     _metric(r, "specificity", "ag"), _metric(r, "specificity", "tf"), f"{r['score']:.1f}",
-                     "—" if r.get("score_all") is None else f"{r['score_all']:.1f}",
-                     str(chat.get("n", "—")), *rates, threads(r)])
-    return _table(["data", "N", "method", "SpecAG", "SpecTF", "Score", "Score (8)", "chats",
-                   "holds target % (base)", "ends % (base)", "degenerate % (base)", "threads"], rows)
-
-
-def own_facts_table() -> str:
-    """bench/own_facts.py: megedit's shipped facts fitted with no pool, stage A's success and cost beside the scores."""
-    rows = []
-    for r in sorted(_load("own-facts-*.json"), key=lambda r: r["set"]):
-        chat = [f"{r['chat']['edited'][k]:.1f}" for k in ("holds", "ends", "degenerate")]
-        rows.append([r["set"], str(r["n"]), str(r["longest_target_tokens"]), f"{r['fit_success']:.1f}",
-                     f"{r['stage_a_s_per_edit']:.1f}", *(_metric(r, k, "ag") for k in
-                                                      ("reliability", "generality", "locality", "specificity")),
-                     *chat, threads(r)])
-    return _table(["facts", "N", "longest target (tokens)", "stage A fitted %", "stage A s per edit", "RelAG", "GenAG",
-                   "LocAG", "SpecAG", "chat holds target %", "chat ends %", "chat degenerate %", "threads"], rows)
-
-
-def levers_routing_table() -> str:
-    """bench/real_use_levers.py, routing: which queries fire an edit under each lever."""
-    path = RESULTS / "real-use-levers.json"
-    if not path.exists() or "routing" not in json.loads(path.read_text()):
-        return "(not run yet: bench/real_use_levers.py routing)"
-    result = json.loads(path.read_text())
-    rows = [[r["label"], str(r["hard_negatives"]), f"{r['negatives']} + {r['plain_negatives']}",
-             "prompt and other wordings" if r["wordings"] else "prompt", f"{r['epsilon']:.3f}",
-             f"{r['rephrase']['fires_own_edit']:.1f}", f"{r['specificity']['fires']:.1f}", f"{r['locality']['fires']:.1f}"]
-            for r in result["routing"]["rows"]]
-    return _table(["setup", "encoder hard negatives", "router negatives + plain", "an edit's wordings", "epsilon",
-                   "rephrases fire their edit %", "specificity probes fire %", "locality prompts fire %"], rows)
-
-
-def levers_answers_table() -> str:
-    """bench/real_use_levers.py, answers: the answer's end token and the chat wording."""
-    path = RESULTS / "real-use-levers.json"
-    if not path.exists() or "answers" not in json.loads(path.read_text()):
-        return "(not run yet: bench/real_use_levers.py answers)"
-    rows = []
-    for r in json.loads(path.read_text())["answers"]["rows"]:
-        chat = [f"{r['chat'][k]:.1f}" for k in ("holds", "ends", "degenerate")]
-        if r["stop"] == "base model":
-            rows.append(["base model", "—", "—", "—", "—", *chat, "—", "—"])
-            continue
-        rows.append([r["stop"], "yes" if r["chat_wording"] else "no", f"{r['fit_s']:.0f}", f"{r['median_steps']:g}",
-                     f"{r['success_rate']:.1f}", *chat, f"{r['free_generation_degenerate']:.1f}", f"{r['rel_ag']:.1f}"])
-    return _table(["answer ends with", "chat wording", "stage A s", "median steps", "fitted %", "chat holds target %",
-                   "chat ends %", "chat degenerate %", "50 free tokens degenerate %", "RelAG"], rows)
-
-
-def levers_costs_table() -> str:
-    """bench/real_use_levers.py, costs: the chat wording's cost beside the other wordings, and cheaper forms."""
-    path = RESULTS / "real-use-levers.json"
-    if not path.exists() or "costs" not in json.loads(path.read_text()):
-        return "(not run yet: bench/real_use_levers.py costs)"
-    rows = [[r["label"], f"{r['fit_s']:.0f}", f"{r['median_steps']:g}", f"{r['rel_ag']:.1f}", f"{r['gen_ag']:.1f}",
-             *(f"{r['chat'][k]:.1f}" for k in ("holds", "ends", "degenerate"))]
-            for r in json.loads(path.read_text())["costs"]["rows"]]
-    return _table(["stage A setting", "stage A s", "median steps", "RelAG", "GenAG", "chat holds target %",
-                   "chat ends %", "chat degenerate %"], rows)
-
-
-def levers_margin_table() -> str:
-    """bench/real_use_levers.py, margin: the router's negative margin on bench/meg.py's edit sets."""
-    path = RESULTS / "real-use-levers.json"
-    if not path.exists() or "margin" not in json.loads(path.read_text()):
-        return "(not run yet: bench/real_use_levers.py margin)"
-    rows = [[r["edits"], f"{r['n_edits']:,}", f"{r['negative_margin']:g}", f"{r['rephrase']['fires_own_edit']:.1f}",
-             f"{r['specificity']['fires']:.1f}", f"{r['locality']['fires']:.1f}"]
-            for r in json.loads(path.read_text())["margin"]["rows"]]
-    return _table(["edits", "N", "negative margin", "rephrases fire their edit %", "specificity probes fire %",
-                   "locality prompts fire %"], rows)
-
-
-def levers_calibration_table() -> str:
-    """bench/real_use_levers.py, calibration: epsilon from a mirror of prompts alone or of every wording."""
-    path = RESULTS / "real-use-levers.json"
-    if not path.exists() or "calibration" not in json.loads(path.read_text()):
-        return "(not run yet: bench/real_use_levers.py calibration)"
-    rows = [[r["edits"], f"{r['n_edits']:,}", "every wording" if r["calibration_wordings"] else "prompts",
-             f"{r['epsilon']:.3f}", f"{r['rephrase']['fires_own_edit']:.1f}", f"{r['specificity']['fires']:.1f}",
-             f"{r['locality']['fires']:.1f}"] for r in json.loads(path.read_text())["calibration"]["rows"]]
-    return _table(["edits", "N", "calibration mirror holds", "epsilon", "rephrases fire their edit %",
-                   "specificity probes fire %", "locality prompts fire %"], rows)
 
 
 def layer_sweep_table() -> str:

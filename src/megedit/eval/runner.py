@@ -299,13 +299,19 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
     timing["total_s"] = sum(v for k, v in timing.items() if k.endswith("_s") and k not in _INNER_TIMES)
     protocol = _protocol(fmt, s, {**queries, "chat": chats}, credits)
     protocol["counts"]["locality_unchanged"] = unchanged
+    return _report(subject, data_name or data_kind or "custom", len(requests), protocol, credits, chat, timing, cases)
+
+
+def _report(subject, data: str, n: int, protocol: dict, credits: dict, chat: dict, timing: dict,
+            cases: list) -> EvalReport:
+    """The report of an evaluation: its metrics, the paper's Score over Rel/Gen/Loc and the Score over all."""
     paper = [v for k in PAPER_KINDS if k in credits for v in credits[k].values()]
     every = [v for m in credits.values() for v in m.values()]
     return EvalReport(
         method=subject.method,
         model=getattr(subject.model, "megedit_source", None) or subject.model.config._name_or_path,
-        data=data_name or data_kind or "custom",
-        n=len(requests),
+        data=data,
+        n=n,
         protocol=protocol,
         metrics=credits,
         score=harmonic_mean(paper) if paper else float("nan"),
