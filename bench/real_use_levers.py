@@ -20,8 +20,8 @@ a query back only when it is nearer than the query's nearest wording by this muc
 0 to 0.1.
 
 calibration (the same edit sets and stages): epsilon calibrated on a mirror of prompts alone
-(the default) or of every wording (routing.router.calibration_wordings), and the three query
-kinds' firing rates under each.
+or of every wording (routing.router.calibration_wordings), each under several weights on false
+fire (routing.router.false_fire_weight), and the three query kinds' firing rates under each.
 
 costs (first 64 edits, stage A with its pool paraphrases, the fitted vectors applied directly):
 what the chat wording costs beside the other wordings, and cheaper forms of it (an empty system
@@ -58,6 +58,8 @@ ANSWERS = [("newline", False), ("newline", True), ("eos", False), ("eos", True)]
 # the router's negative margin, on the edit sets of bench/meg.py (their stages B and C, cached there)
 MARGINS = (0.0, 0.02, 0.05, 0.1)
 MARGIN_SETS = ("counterfact", "counterfact-swap", "zsre")
+# calibration: epsilon maximises recall - weight x false fire on the mirror's curve
+FALSE_FIRE_WEIGHTS = (1.0, 0.75, 0.5, 0.35, 0.25)
 # (label, FitConfig overrides): what the chat wording costs in stage A with its other wordings, and cheaper forms
 COSTS = [("no chat wording", {"chat_wording": False}), ("defaults", {}),
          ("chat wording with an empty system message", {"chat_system": ""}),
@@ -141,8 +143,11 @@ def margin_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
 
 
 def calibration_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
-    """Epsilon calibrated on prompts alone against a mirror that holds every wording, on bench/meg.py's edit sets."""
+    """Epsilon calibrated on a mirror of prompts alone or of every wording, under each weight on false
+    fire, on bench/meg.py's edit sets: the epsilon chosen from the mirror's curve and the deployed
+    router's firing rates at it."""
     from megedit import MeGConfig
+    from megedit.stages.router import choose_epsilon
 
     rows = []
     for name in sets:
@@ -150,13 +155,16 @@ def calibration_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
             config = MeGConfig()
             config.routing.router.calibration_wordings = wordings
             edits, routing = meg_set_routing(model, tokenizer, name, config)
-            chosen = routing["router"].record["calibration"]["chosen"]
-            row = {"edits": name, "n_edits": len(edits), "calibration_wordings": wordings,
-                   "epsilon": routing["router"].epsilon, "calibration_recall": chosen["recall"],
-                   "calibration_false_fire": chosen["false_fire"],
-                   **fire_rates(routing["encoder"], routing["router"], probe_queries(edits))}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            calibration = routing["router"].record["calibration"]
+            for weight in FALSE_FIRE_WEIGHTS:
+                chosen = choose_epsilon(calibration["curve"], calibration["max_false_fire"], weight)
+                router = dataclasses.replace(routing["router"], epsilon=chosen["epsilon"])
+                row = {"edits": name, "n_edits": len(edits), "calibration_wordings": wordings,
+                       "false_fire_weight": weight, "epsilon": chosen["epsilon"],
+                       "calibration_recall": chosen["recall"], "calibration_false_fire": chosen["false_fire"],
+                       **fire_rates(routing["encoder"], router, probe_queries(edits))}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     return rows
 
 

@@ -49,6 +49,11 @@ def test_epsilon_curve_and_choice():
               {"epsilon": 0.3, "recall": 95.0, "false_fire": 30.0}]  # balanced: 0.3 (65), over a 20% ceiling
     assert choose_epsilon(skewed)["epsilon"] == 0.3 and choose_epsilon(skewed, max_false_fire=20.0)["epsilon"] == 0.2
     assert choose_epsilon(curve, max_false_fire=-1) == curve[0]
+    # a weight on false fire moves the choice: 3x favours 0.1 (40 - 15), a quarter favours 0.3 (95 - 7.5)
+    assert choose_epsilon(skewed, false_fire_weight=3.0)["epsilon"] == 0.1
+    assert choose_epsilon(skewed, false_fire_weight=0.25)["epsilon"] == 0.3
+    with pytest.raises(ConfigError, match="false_fire_weight"):
+        RouterConfig(false_fire_weight=0.0).validate()
 
 
 def test_train_router_calibrates_on_the_pool_and_round_trips(tmp_path):

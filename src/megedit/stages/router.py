@@ -53,6 +53,8 @@ class RouterConfig:
     # Balanced thresholds sit at 3-10% false fire up to 4,096 CounterFact / ZsRE edits but at 22.5% at 10,000,
     # where each false fire can break an unrelated answer: the ceiling bounds that loss (docs/results.md)
     max_false_fire: float | None = 20.0  # calibration: false fire (percent) at most this; none: no ceiling
+    # calibration: epsilon maximises recall - this x false fire; below 1 favours reaching paraphrases
+    false_fire_weight: float = 1.0
     # negatives: prompts about an edit's subject that ask something else (data/specificity.py); a query
     # nearer to one of them than to every edit prompt does not fire (nearest router only)
     negatives: int = 16  # other-relation prompts per edit, from the pool's negative-half wordings
@@ -75,6 +77,8 @@ class RouterConfig:
         if min(self.negatives, self.plain_negatives) < 0 or not -1.0 <= self.negative_margin <= 2.0:
             raise ConfigError(f"router config: negatives and plain_negatives must be >= 0 and negative_margin in "
                               f"[-1, 2], got {asdict(self)}")
+        if not 0 < self.false_fire_weight <= 100:
+            raise ConfigError(f"router config: false_fire_weight must be in (0, 100], got {self.false_fire_weight}")
         if self.epsilon is not None and not 0 < self.epsilon <= self.max_distance:
             raise ConfigError(f"router config: epsilon must be in (0, {self.max_distance:.3f}] for the {self.kind} "
                               f"router, got {self.epsilon}")
@@ -174,14 +178,14 @@ def separation_auroc(familiar: torch.Tensor, unrelated: torch.Tensor) -> float:
     return below / (len(f) * len(u))
 
 
-def choose_epsilon(curve: list[dict], max_false_fire: float | None = None) -> dict:
-    """The curve row to use: the best recall - false fire among rows whose false fire is within the
-    ceiling (all rows without one); ties go to the smaller epsilon (the safer side)."""
+def choose_epsilon(curve: list[dict], max_false_fire: float | None = None, false_fire_weight: float = 1.0) -> dict:
+    """The curve row to use: the best recall - weight x false fire among rows whose false fire is
+    within the ceiling (all rows without one); ties go to the smaller epsilon (the safer side)."""
     allowed = [r for r in curve if max_false_fire is None or r["false_fire"] <= max_false_fire]
     if not allowed:
         return curve[0]
-    best = max(r["recall"] - r["false_fire"] for r in allowed)
-    return next(r for r in allowed if r["recall"] - r["false_fire"] == best)
+    gain = [r["recall"] - false_fire_weight * r["false_fire"] for r in allowed]
+    return allowed[gain.index(max(gain))]
 
 
 @dataclass
@@ -384,7 +388,7 @@ def train_router(edit_embeddings: torch.Tensor, config: RouterConfig | None = No
     if mirror_wordings is not None and mirror.bank is not None and len(mirror_wordings[0]):
         mirror = mirror.with_wordings(*mirror_wordings)
     curve = epsilon_curve(mirror.distance(pool_paraphrases), mirror.distance(unrelated), config.max_distance)
-    chosen = choose_epsilon(curve, config.max_false_fire)
+    chosen = choose_epsilon(curve, config.max_false_fire, config.false_fire_weight)
     log.info("%s router: epsilon %.3f (calibration recall %.1f%%, false fire %.1f%%)",
              config.kind, chosen["epsilon"], chosen["recall"], chosen["false_fire"])
     router.epsilon = chosen["epsilon"]
