@@ -20,7 +20,6 @@ against N; bench/update_readme.py shows the table).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 
 from figures import pyplot, save_png
+from result_schema import payload, write_result
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -85,7 +85,7 @@ def run_point(method: str, n: int, value_parts: int, processes: int = 1) -> int:
 def done(method: str, n: int) -> bool:
     """A point is there when its file exists and was made with today's setup."""
     path = result_file(method, n)
-    return path.exists() and current(method_label(json.loads(path.read_text())))
+    return path.exists() and current(method_label(payload(path)))
 
 
 def edit_seconds(summary: dict) -> tuple[float, str]:
@@ -118,7 +118,7 @@ def meg_stage_seconds(summary: dict) -> tuple[dict[str, float], list[str]]:
     elif a.get("cached") is not False or a["seconds"] <= 5:  # older runs: stage A restored whole
         scale = RESULTS / f"fit_neurons-scale-{summary['n']}.json"
         if scale.exists():
-            seconds["A"] = json.loads(scale.read_text())["fit_s"]
+            seconds["A"] = payload(scale)["fit_s"]
             notes.append("stage A timed in fit_neurons-scale")
         else:
             notes.append("stage A restored, its time not included")
@@ -213,7 +213,7 @@ def collect(sizes: list[int], methods: list[str]) -> list[dict]:
             path = result_file(method, n)
             if not path.exists():
                 continue
-            summary = json.loads(path.read_text())
+            summary = payload(path)
             seconds, note = edit_seconds(summary)
             edit = summary.get("edit", {})
             points.append({"method": method, "label": method_label(summary), "n": summary["n"], "score": summary["score"],
@@ -294,13 +294,13 @@ def main() -> int:
                     print(f"scale curve: {method} at N={n} failed (exit {code})", file=sys.stderr)
                     return code
                 print(f"scale curve: {method} at N={n} took {time.perf_counter() - start:.0f} s", flush=True)
-    from megedit.io import atomic_write_json
-
     points = collect(sorted(set(sizes) | set(SIZES)), list(METHODS))
-    atomic_write_json(RESULTS / "scale_curve.json", {
+    write_result(RESULTS / "scale_curve.json", {
         "protocol": "first N records of counterfact-edit.json, raw cloze prompts, all N edits applied at once, "
                     "METHOD.md section 3 metrics (megedit.eval); SmolLM2-135M-Instruct fp32, CPU, seed 0",
-        "points": points})
+        "points": points}, model="smollm2", n=None, seed=0, method=None, config=None,
+        unknown={"n": "a curve over several N", "method.name": "a curve over several methods",
+                 "method.config": "each point's config is in its own result file"})
     if points:
         draw(points, RESULTS / "scale_curve.png")
     print(f"scale curve: {len(points)} points -> {RESULTS / 'scale_curve.json'}")

@@ -1,12 +1,11 @@
-"""What every results table is made with: the result files' folder, loading them, and Markdown tables."""
+"""What every results table is made with: the result files' folder, loading them, and Markdown tables.
+
+Tables read result files only through `load` and `load_one`: each file is checked against the
+schema (bench/result_schema.py) and the table sees its payload."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from result_schema import RESULTS, ROOT, read  # noqa: E402,F401 (bench/ is this folder; ROOT for the pages)
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -15,7 +14,14 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def load(pattern: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(RESULTS.glob(pattern))]
+    """The payloads of the result files matching `pattern`, in name order."""
+    return [read(p)["result"] for p in sorted(RESULTS.glob(pattern))]
+
+
+def load_one(name: str) -> dict | None:
+    """The payload of one result file, or None where it was not made."""
+    path = RESULTS / name
+    return read(path)["result"] if path.exists() else None
 
 
 def metric(result: dict, kind: str, setting: str) -> str:

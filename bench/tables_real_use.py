@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import json
-
 from scale_curve import method_label, threads  # noqa: E402 (bench/ is this folder)
-from tables_common import RESULTS, load as _load, metric as _metric, table as _table  # noqa: E402
+from tables_common import load as _load, load_one, metric as _metric, table as _table  # noqa: E402
 
 
 def real_use_table() -> str:
@@ -42,25 +40,24 @@ def own_facts_table() -> str:
 
 def levers_routing_table() -> str:
     """bench/real_use_levers.py, routing: which queries fire an edit under each lever."""
-    path = RESULTS / "real-use-levers.json"
-    if not path.exists() or "routing" not in json.loads(path.read_text()):
+    levers = load_one("real-use-levers.json")
+    if levers is None or "routing" not in levers:
         return "(not run yet: bench/real_use_levers.py routing)"
-    result = json.loads(path.read_text())
     rows = [[r["label"], str(r["hard_negatives"]), f"{r['negatives']} + {r['plain_negatives']}",
              "prompt and other wordings" if r["wordings"] else "prompt", f"{r['epsilon']:.3f}",
              f"{r['rephrase']['fires_own_edit']:.1f}", f"{r['specificity']['fires']:.1f}", f"{r['locality']['fires']:.1f}"]
-            for r in result["routing"]["rows"]]
+            for r in levers["routing"]["rows"]]
     return _table(["setup", "encoder hard negatives", "router negatives + plain", "an edit's wordings", "epsilon",
                    "rephrases fire their edit %", "specificity probes fire %", "locality prompts fire %"], rows)
 
 
 def levers_answers_table() -> str:
     """bench/real_use_levers.py, answers: the answer's end token and the chat wording."""
-    path = RESULTS / "real-use-levers.json"
-    if not path.exists() or "answers" not in json.loads(path.read_text()):
+    levers = load_one("real-use-levers.json")
+    if levers is None or "answers" not in levers:
         return "(not run yet: bench/real_use_levers.py answers)"
     rows = []
-    for r in json.loads(path.read_text())["answers"]["rows"]:
+    for r in levers["answers"]["rows"]:
         chat = [f"{r['chat'][k]:.1f}" for k in ("holds", "ends", "degenerate")]
         if r["stop"] == "base model":
             rows.append(["base model", "—", "—", "—", "—", *chat, "—", "—"])
@@ -73,35 +70,35 @@ def levers_answers_table() -> str:
 
 def levers_costs_table() -> str:
     """bench/real_use_levers.py, costs: the chat wording's cost beside the other wordings, and cheaper forms."""
-    path = RESULTS / "real-use-levers.json"
-    if not path.exists() or "costs" not in json.loads(path.read_text()):
+    levers = load_one("real-use-levers.json")
+    if levers is None or "costs" not in levers:
         return "(not run yet: bench/real_use_levers.py costs)"
     rows = [[r["label"], f"{r['fit_s']:.0f}", f"{r['median_steps']:g}", f"{r['rel_ag']:.1f}", f"{r['gen_ag']:.1f}",
              *(f"{r['chat'][k]:.1f}" for k in ("holds", "ends", "degenerate"))]
-            for r in json.loads(path.read_text())["costs"]["rows"]]
+            for r in levers["costs"]["rows"]]
     return _table(["stage A setting", "stage A s", "median steps", "RelAG", "GenAG", "chat holds target %",
                    "chat ends %", "chat degenerate %"], rows)
 
 
 def levers_margin_table() -> str:
     """bench/real_use_levers.py, margin: the router's negative margin on bench/meg.py's edit sets."""
-    path = RESULTS / "real-use-levers.json"
-    if not path.exists() or "margin" not in json.loads(path.read_text()):
+    levers = load_one("real-use-levers.json")
+    if levers is None or "margin" not in levers:
         return "(not run yet: bench/real_use_levers.py margin)"
     rows = [[r["edits"], f"{r['n_edits']:,}", f"{r['negative_margin']:g}", f"{r['rephrase']['fires_own_edit']:.1f}",
              f"{r['specificity']['fires']:.1f}", f"{r['locality']['fires']:.1f}"]
-            for r in json.loads(path.read_text())["margin"]["rows"]]
+            for r in levers["margin"]["rows"]]
     return _table(["edits", "N", "negative margin", "rephrases fire their edit %", "specificity probes fire %",
                    "locality prompts fire %"], rows)
 
 
 def levers_calibration_table() -> str:
     """bench/real_use_levers.py, calibration: epsilon from a mirror of prompts alone or of every wording."""
-    path = RESULTS / "real-use-levers.json"
-    if not path.exists() or "calibration" not in json.loads(path.read_text()):
+    levers = load_one("real-use-levers.json")
+    if levers is None or "calibration" not in levers:
         return "(not run yet: bench/real_use_levers.py calibration)"
     rows = [[r["edits"], f"{r['n_edits']:,}", "every wording" if r["calibration_wordings"] else "prompts",
              f"{r['epsilon']:.3f}", f"{r['rephrase']['fires_own_edit']:.1f}", f"{r['specificity']['fires']:.1f}",
-             f"{r['locality']['fires']:.1f}"] for r in json.loads(path.read_text())["calibration"]["rows"]]
+             f"{r['locality']['fires']:.1f}"] for r in levers["calibration"]["rows"]]
     return _table(["edits", "N", "calibration mirror holds", "epsilon", "rephrases fire their edit %",
                    "specificity probes fire %", "locality prompts fire %"], rows)

@@ -6,13 +6,13 @@ those files; everything between the markers is replaced. Numbers come only from 
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 
 from scale_curve import current, edit_seconds, meg_stage_seconds, method_label, threads  # noqa: E402 (bench/ is this script's own folder)
 
-from tables_common import ROOT, RESULTS, load as _load, metric as _metric, table as _table  # noqa: E402
+from result_schema import read  # noqa: E402
+from tables_common import ROOT, RESULTS, load as _load, load_one, metric as _metric, table as _table  # noqa: E402
 from tables_real_use import (levers_answers_table, levers_calibration_table, levers_costs_table,  # noqa: E402
                              levers_margin_table, levers_routing_table, own_facts_table, real_use_table)
 METRICS = [("reliability", "ag"), ("reliability", "tf"), ("generality", "ag"), ("generality", "tf"),
@@ -83,10 +83,9 @@ def meg_throughput_table() -> str:
 
 def generator_ddp_table() -> str:
     """bench/generator_ddp.py: the generator's steps/s in one process against two under accelerate."""
-    path = RESULTS / "generator_ddp.json"
-    if not path.exists():
+    r = load_one("generator_ddp.json")
+    if r is None:
         return "(not measured yet: `.venv/bin/python bench/generator_ddp.py`)"
-    r = json.loads(path.read_text())
     rows = [[setup, f"{r['width']}", f"{r['edits']:,} ({r['pairs']:,} pairs)", str(r["batch_size"]),
              ", ".join(f"{v:.1f}" for v in rates), f"{r['best'][setup]:.1f}"] for setup, rates in r["rates"].items()]
     rows.append(["speed-up (best against best)", "", "", "", "", f"**{r['speedup']:.2f}x**"])
@@ -124,10 +123,10 @@ def epsilon_whatif_table() -> str:
 
 def router_ceiling_table() -> str:
     """bench/router_ceiling.py: the threshold each false-fire ceiling picks, per setting and N."""
-    path = RESULTS / "router_ceiling.json"
-    if not path.exists():
+    result = load_one("router_ceiling.json")
+    if result is None:
         return "(not measured yet: `.venv/bin/python bench/router_ceiling.py`)"
-    runs = json.loads(path.read_text())["runs"]
+    runs = result["runs"]
     ceilings = [c["ceiling"] for c in runs[0]["choices"]]
     rows = [[r["setting"], f"{r['n']:,}"] + [f"{c['epsilon']:.3f} ({c['recall']:.1f} / {c['false_fire']:.1f})"
                                              for c in r["choices"]] for r in runs]
@@ -244,7 +243,7 @@ def layer_sweep_table() -> str:
 def routing_table() -> str:
     rows = []
     for path in sorted(RESULTS.glob("routing-*.json")):
-        r = json.loads(path.read_text())
+        r = read(path)["result"]
         c, s, t = r["config"], r["routing"], r["timing"]
         chosen = r["router_record"]["calibration"].get("chosen", {})
         png = path.with_suffix(".png").name
@@ -340,8 +339,8 @@ def denoising_table() -> str:
 
 def scale_curve_table() -> str:
     """The points of bench/scale_curve.py: every method at every N measured so far."""
-    path = RESULTS / "scale_curve.json"
-    points = json.loads(path.read_text())["points"] if path.exists() else []
+    curve = load_one("scale_curve.json")
+    points = curve["points"] if curve else []
     rows = [[str(p["n"]), p.get("label", p["method"])] + [f"{p['metrics'][k][s]:.1f}" for k, s in METRICS]
             + [f"**{p['score']:.2f}**", f"{p['edit_time_s']:.0f}", p["edit_time_note"] or "—",
                f"{p['eval_time_s']:.0f}", str(p.get("threads") or "—")]
@@ -369,10 +368,9 @@ def _sweep_setup(row: dict, cov_source: str | None) -> tuple[str, str, str]:
 
 def causal_trace_table() -> str:
     """Per layer, the indirect effects of bench/causal_trace.py (two layers a row to keep it short)."""
-    path = RESULTS / "causal_trace-smollm2.json"
-    if not path.exists():
+    r = load_one("causal_trace-smollm2.json")
+    if r is None:
         return "(not run yet: bench/causal_trace.py)"
-    r = json.loads(path.read_text())
     mlp, hidden = r["mlp_indirect_effect"], r["hidden_indirect_effect"]
     half = (len(mlp) + 1) // 2
     rows = [[str(i), f"{mlp[i]:.4f}", f"{hidden[i]:.4f}"]
