@@ -91,7 +91,7 @@ def main() -> int:
     from megedit.baselines.generic_text import sampled_text
     from megedit.baselines.memit import pool_texts
     from megedit.data.prompts import get_format
-    from megedit.io import atomic_write_json
+    from result_schema import write_result
 
     model, tokenizer = load_model("smollm2", device="cpu")
     requests = load_requests("counterfact", CF, limit=args.limit)
@@ -119,8 +119,11 @@ def main() -> int:
               f"Gen {m['generality']['ag']:.1f}/{m['generality']['tf']:.1f} "
               f"Loc {m['locality']['ag']:.1f}/{m['locality']['tf']:.1f} Score {report.score:.2f} ({edit_s:.0f} s)",
               flush=True)
-        atomic_write_json(path, {"n": len(requests), "data": f"counterfact:{CF.name}", "format": "raw", "seed": 0,
-                                 "threads": torch.get_num_threads(), "rows": rows})
+        write_result(path, {"n": len(requests), "data": f"counterfact:{CF.name}", "format": "raw", "seed": 0,
+                            "threads": torch.get_num_threads(), "rows": rows},
+                     model="smollm2", n=len(requests), seed=0, method=None, config=None, data={"edits": CF},
+                     unknown={"method.name": "a sweep: each row names its method",
+                              "method.config": "a sweep: each row holds its settings"})
     print(f"wrote {path}")
     return 0
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from baseline_sweep import edit, memit_config
 from result_names import tag
+from result_schema import write_result
 
 HERE = Path(__file__).resolve().parent
 # memit / alphaedit with --cov pool: the key covariance from the pseudo-edit pool's text (never the edits)
@@ -67,7 +68,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("megedit").setLevel(logging.INFO)
 
-    from megedit import evaluate, load_model, load_requests
+    from megedit import evaluate, load_model, load_requests, model_fingerprint
     from megedit.baselines.ft import FTConfig, fine_tune
     from megedit.baselines.generic_text import sampled_text
     from megedit.baselines.memit import pool_texts
@@ -78,6 +79,7 @@ def main() -> int:
     requests = load_requests(kind, path, limit=args.limit, skip_invalid=True)
     fmt = get_format(DEFAULT_FOR_KIND[kind])
     model, tokenizer = load_model(args.model, device="cpu")
+    fingerprint = model_fingerprint(model)  # of the base weights, before any method changes them
 
     def covariance():
         if args.cov == "generic":
@@ -123,9 +125,9 @@ def main() -> int:
                               "python": platform.python_version()}
         (args.out / "cases").mkdir(parents=True, exist_ok=True)
         (args.out / "cases" / f"{name}.json").write_text(json.dumps(cases, indent=0))
-        from megedit.io import atomic_write_json
-
-        atomic_write_json(target, summary)
+        write_result(target, summary, model=args.model, fingerprint=fingerprint, n=len(requests), seed=args.seed,
+                     method=method, config=summary["edit"], data={"edits": path, "covariance": COV_SOURCE}
+                     if method in ("memit", "alphaedit") and args.cov != "generic" else {"edits": path})
         training.unlink(missing_ok=True)
         print(report.table())
         print(f"{name}: edit {edit_s:.0f} s, eval {report.timing['total_s']:.0f} s -> {target}")

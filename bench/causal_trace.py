@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from result_schema import write_result
 
 HERE = Path(__file__).resolve().parent
 POOL = HERE.parents[1] / "shared/data/counterfact/counterfact-train.json"
@@ -226,9 +227,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from megedit import load_model, load_requests
+    from megedit import load_model, load_requests, model_fingerprint
     from megedit.data.prompts import get_format
-    from megedit.io import atomic_write_json
 
     start = time.perf_counter()
     model, tokenizer = load_model("smollm2", device="cpu")
@@ -251,7 +251,8 @@ def main() -> int:
         print(f"{layer:5d}  {mlp:15.4f}  {hidden:9.4f}")
     print(f"MLP peak: layer {result['mlp_peak_layer']}; suggested span: {result['suggested_span']}; "
           f"{result['wall_s']:.0f} s on {result['torch_threads']} thread(s)")
-    atomic_write_json(RESULT, result)
+    write_result(RESULT, result, model="smollm2", fingerprint=model_fingerprint(model), n=len(facts), seed=args.seed,
+                 method="causal trace", config=vars(args), data={"facts": POOL})
     return 0
 
 

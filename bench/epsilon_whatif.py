@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from result_schema import payload, write_result
+
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared/data/counterfact"
 
@@ -29,13 +31,12 @@ def main() -> int:
     parser.add_argument("--points", type=int, default=8, help="epsilons from the run's own down to 60% of it")
     args = parser.parse_args()
 
-    from megedit import MeGConfig, MeGEditor, load_model, load_requests
-    from megedit.io import atomic_write_json
+    from megedit import MeGConfig, MeGEditor, load_model, load_requests, model_fingerprint
 
     default_kind = MeGConfig().generator.kind
     kind = args.generator or default_kind
     suffix = ("" if args.limit == 1024 else f"-{args.limit}") + ("" if kind == default_kind else f"-{kind}")
-    run = json.loads((HERE / "results" / f"meg-cf{suffix}.json").read_text())  # the stages as that run had them
+    run = payload(HERE / "results" / f"meg-cf{suffix}.json")  # the stages as that run had them
     work = HERE / "results" / "cases" / "meg-counterfact"
     cases = json.loads((work / f"eval{suffix}.json").read_text())["cases"]
     requests = load_requests("counterfact", SHARED / "counterfact-edit.json", limit=args.limit, skip_invalid=True)
@@ -60,9 +61,12 @@ def main() -> int:
               + f"; pool recall {pool.get('recall')}, false fire {pool.get('false_fire')}", flush=True)
     calibration = edited.router.record.get("calibration", {})
     out = HERE / "results" / f"epsilon_whatif{suffix}.json"
-    atomic_write_json(out, {"n": args.limit, "generator": kind, "own_epsilon": own, "rows": rows,
-                            "calibration_choice": calibration.get("chosen"), "seed": 0,
-                            "data": "counterfact:counterfact-edit.json", "model": "smollm2"})
+    write_result(out, {"n": args.limit, "generator": kind, "own_epsilon": own, "rows": rows,
+                       "calibration_choice": calibration.get("chosen"), "seed": 0,
+                       "data": "counterfact:counterfact-edit.json", "model": "smollm2"},
+                 model="smollm2", fingerprint=model_fingerprint(model), n=args.limit, seed=0, method="meg",
+                 config=run["config"], data={"edits": SHARED / "counterfact-edit.json",
+                                             "pool": SHARED / "counterfact-train.json"})
     print(f"wrote {out}")
     edited.close()
     return 0

@@ -23,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from result_schema import payload, write_result
 
 HERE = Path(__file__).resolve().parent
 CF = HERE.parents[1] / "shared/data/counterfact/counterfact-edit.json"
@@ -125,7 +126,7 @@ def sweep(args, model, tokenizer, requests, fmt, config) -> dict:
     from megedit.stages.fit_neurons import sweep_layers
 
     path = HERE / "results" / f"fit_neurons-sweep-{args.limit}.json"
-    rows = {r["layer"]: r for r in (json.loads(path.read_text())["rows"] if path.exists() else [])}
+    rows = {r["layer"]: r for r in (payload(path)["rows"] if path.exists() else [])}
     todo = [int(x) for x in args.layers.split(",") if int(x) not in rows]
     for row in sweep_layers(model, tokenizer, requests, fmt, todo, config, progress=False):
         rows[row["layer"]] = row
@@ -144,9 +145,8 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("megedit").setLevel(logging.INFO)
 
-    from megedit import load_model, load_requests
+    from megedit import load_model, load_requests, model_fingerprint
     from megedit.data.prompts import get_format
-    from megedit.io import atomic_write_json
     from megedit.stages.fit_neurons import FitConfig
 
     model, tokenizer = load_model("smollm2", device="cpu")
@@ -156,7 +156,9 @@ def main() -> int:
         args, model, tokenizer, requests, get_format("raw"), config)
     result.update(model="smollm2", data=f"counterfact:{CF.name}", format="raw", seed=config.init_seed,
                   threads=torch.get_num_threads())
-    path = atomic_write_json(HERE / "results" / f"fit_neurons-{args.job}-{args.limit}.json", result)
+    path = write_result(HERE / "results" / f"fit_neurons-{args.job}-{args.limit}.json", result, model="smollm2",
+                        fingerprint=model_fingerprint(model), n=len(requests), seed=config.init_seed,
+                        method="meg stage A", config=asdict(config), data={"edits": CF})
     print(f"wrote {path}")
     return 0
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from result_names import tag
+from result_schema import payload, write_result
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared/data"
@@ -124,10 +125,9 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("megedit").setLevel(logging.INFO)
 
-    from megedit import EvalReport, MeGConfig, MeGEditor, evaluate, load_model, load_requests
+    from megedit import EvalReport, MeGConfig, MeGEditor, evaluate, load_model, load_requests, model_fingerprint
     from megedit.data.prompts import DEFAULT_FOR_KIND
     from megedit.data.specificity import with_specificity
-    from megedit.io import atomic_write_json
 
     kind, path, limit, pool_path = SETTINGS[args.setting]
     suffix = "" if args.limit in (None, limit) else f"-{args.limit}"
@@ -183,12 +183,11 @@ def main() -> int:
                 "config": config.to_dict(), "fit": edited.record, "inference": cost, "threads": torch.get_num_threads(),
                 "processes": args.processes}
     if args.reuse_eval and result.exists():  # the stages were loaded from cache: keep the record of the real fit
-        import json
-
-        summary["fit"] = json.loads(result.read_text())["fit"]
+        summary["fit"] = payload(result)["fit"]
     summary["fit"].pop("routing", None)
     summary["fit"]["generator"] = {k: v for k, v in summary["fit"]["generator"].items() if k != "history"}
-    atomic_write_json(result, summary)
+    write_result(result, summary, model=args.model, fingerprint=model_fingerprint(model), n=summary["n"],
+                 seed=args.seed, method="meg", config=summary["config"], data={"edits": path, "pool": pool_path})
     print(f"wrote {result}")
     return 0
 

@@ -22,7 +22,7 @@ NOT_RECORDED = "not recorded by the bench script of before the schema"
 # file-name prefix -> the script that writes such files (longest prefixes first: baseline_sweep before baseline)
 SCRIPTS = (("baseline_sweep-", "baseline_sweep"), ("baseline-", "baselines"), ("causal_trace", "causal_trace"),
            ("denoising-profile-", "generator"), ("epsilon_whatif-", "epsilon_whatif"),
-           ("fit_neurons-", "fit_neurons"), ("generality-levers-", "generality"), ("stage-a-", "generality"),
+           ("fit_neurons-", "fit_neurons"), ("generality-levers-", "generality"), ("stage-a-cost-", "generality"),
            ("generator_ddp", "generator_ddp"), ("generator-", "generator"), ("living-", "living"),
            ("meg-", "meg"), ("own-facts-", "own_facts"), ("pipeline-", "pipeline"), ("processes-", "processes"),
            ("real-use-levers", "real_use_levers"), ("router_ceiling", "router_ceiling"),
@@ -32,6 +32,7 @@ SCRIPTS = (("baseline_sweep-", "baseline_sweep"), ("baseline-", "baselines"), ("
 DATA_KEYS = {"edits": ("data", "edits"), "pool": ("pool",)}
 N_KEYS = ("n", "n_edits", "n_pack", "n_facts")  # the first integer of these is the result's N
 THREAD_KEYS = ("threads", "torch_threads")
+HEX = set("0123456789abcdef")
 
 
 def script_of(name: str) -> str | None:
@@ -53,16 +54,33 @@ def _data(old: dict, unknown: dict[str, str]) -> dict[str, dict]:
     return data
 
 
+def _text(old: dict, *keys: str) -> str | None:
+    """A string at `keys` (nested) of the old payload, or None."""
+    value: Any = old
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _revision(old: dict) -> str | None:
+    """bench/generality.py cost's "revision": the full hash of the checkout it ran from."""
+    revision = _text(old, "revision")
+    return revision if revision and len(revision) == 40 and set(revision) <= HEX else None
+
+
 def _provenance(old: dict, unknown: dict[str, str]) -> dict[str, Any]:
-    """The envelope's fields that an old payload recorded itself."""
-    model = old.get("model") if isinstance(old.get("model"), str) else None
-    config = old.get("config") if isinstance(old.get("config"), dict) else None
-    date = old.get("date") if isinstance(old.get("date"), str) else None
-    wall = old.get("wall_s") if isinstance(old.get("wall_s"), (int, float)) else None
-    found = {"model.name": model, "n": _first_int(old, N_KEYS), "seed": _first_int(old, ("seed",)),
-             "method.name": old.get("method") if isinstance(old.get("method"), str) else None,
-             "method.config": config, "threads": _first_int(old, THREAD_KEYS), "timings.finished": date,
-             "timings.wall_s": wall}
+    """The envelope's fields that an old payload recorded itself (bench/baselines.py's thread count
+    and versions under "machine")."""
+    machine = old.get("machine") if isinstance(old.get("machine"), dict) else {}
+    wall = old.get("wall_s")
+    found = {"model.name": _text(old, "model"), "n": _first_int(old, N_KEYS), "seed": _first_int(old, ("seed",)),
+             "method.name": _text(old, "method"),
+             "method.config": old.get("config") if isinstance(old.get("config"), dict) else None,
+             "threads": _first_int(old, THREAD_KEYS) or _first_int(machine, ("cpu_threads",)),
+             "timings.finished": _text(old, "date"),
+             "timings.wall_s": wall if isinstance(wall, (int, float)) and not isinstance(wall, bool) else None,
+             "versions.python": _text(machine, "python"), "versions.torch": _text(machine, "torch"),
+             "git.revision": _revision(old)}
     unknown.update({field: NOT_RECORDED for field, value in found.items() if value is None})
     return found
 
@@ -72,7 +90,7 @@ def wrap(name: str, old: dict) -> dict:
     unknown: dict[str, str] = {}
     script = script_of(name)
     if script is None:
-        unknown["protocol.script"] = f"{name} matches no bench script's file names"
+        unknown["protocol.script"] = f"{name} matches no bench script's file names (a record made by hand?)"
     unknown["protocol.argv"] = NOT_RECORDED
     data = _data(old, unknown)
     found = _provenance(old, unknown)
@@ -86,8 +104,8 @@ def wrap(name: str, old: dict) -> dict:
         "model": {"name": found["model.name"], "fingerprint": None},
         "n": found["n"], "seed": found["seed"],
         "method": {"name": found["method.name"], "config": found["method.config"]},
-        "versions": {name: None for name in ("python", *PACKAGES)},
-        "git": {"revision": None, "dirty": None},
+        "versions": {name: found.get(f"versions.{name}") for name in ("python", *PACKAGES)},
+        "git": {"revision": found["git.revision"], "dirty": None},
         "threads": found["threads"],
         "load": {"start": None, "end": None},
         "timings": {"started": None, "finished": found["timings.finished"], "wall_s": found["timings.wall_s"]},
