@@ -14,7 +14,6 @@ generation after every step. Results go to bench/results/fit_neurons-*.json; ben
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import resource
 import sys

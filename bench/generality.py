@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from result_schema import payload, write_result
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared/data/counterfact"
@@ -70,9 +71,8 @@ LEVERS = [
 
 
 def levers(args, path: Path) -> dict:
-    from megedit import MeGConfig, MeGEditor, evaluate, load_model, load_requests
+    from megedit import MeGConfig, MeGEditor, evaluate, load_model, load_requests, model_fingerprint
     from megedit.data.prompts import get_format
-    from megedit.io import atomic_write_json
     from megedit.stages.fit_neurons import fit_neurons, fitted_subject
 
     edits_path, pool_path = FILES[::-1] if args.swap else FILES
@@ -80,9 +80,10 @@ def levers(args, path: Path) -> dict:
     pool = load_requests("counterfact", pool_path)
     scored = [dataclasses.replace(r, locality=()) for r in requests]  # the static neuron's locality is not the question
     model, tokenizer = load_model("smollm2", device="cpu")
+    fingerprint = model_fingerprint(model)
     out = {"n": args.limit, "edits": edits_path.name, "pool": pool_path.name, "exclude_eval_templates": args.exclude,
            "layer": None, "seed": args.seed, "threads": torch.get_num_threads(), "rows": []}
-    done = {r["setting"]: r for r in json.loads(path.read_text())["rows"]} if path.exists() else {}
+    done = {r["setting"]: r for r in payload(path)["rows"]} if path.exists() else {}
     for label, overrides in LEVERS:
         rerun = bool(args.only) and label in args.only
         if label in done and not rerun:  # a killed run resumes: rows already measured are kept
@@ -111,7 +112,9 @@ def levers(args, path: Path) -> dict:
                "fit_s": result.timing["total_s"], "build_s": build_s, "metrics": report.metrics}
         out["rows"].append(row)
         out["layer"] = editor.config.fit.layer
-        atomic_write_json(path, out)
+        write_result(path, out, model="smollm2", fingerprint=fingerprint, n=args.limit, seed=args.seed,
+                     method="meg stage A", config=None, data={"edits": edits_path, "pool": pool_path},
+                     unknown={"method.config": "one stage A setting per row (its overrides in the row)"})
         print(f"{label:40s} GenAG {report.metrics['generality']['ag']:5.1f} GenTF {report.metrics['generality']['tf']:5.1f} "
               f"RelAG {report.metrics['reliability']['ag']:5.1f} steps {summary['median_steps']} fit {row['fit_s']:.0f} s "
               f"wordings {record['mean_wordings']:.1f}", flush=True)
@@ -153,8 +156,6 @@ def cost(args, path: Path) -> dict:
     import tarfile
     import tempfile
 
-    from megedit.io import atomic_write_json
-
     def git(*cmd) -> bytes:
         return subprocess.run(["git", *cmd], cwd=HERE.parent, check=True, capture_output=True).stdout
 
@@ -176,7 +177,10 @@ def cost(args, path: Path) -> dict:
             row = {"setting": label, **json.loads(proc.stdout.strip().splitlines()[-1]), "load_before": load_before,
                    "load_after": os.getloadavg()[0]}
             out["rows"].append(row)
-            atomic_write_json(path, out)
+            write_result(path, out, model="smollm2", n=args.limit, seed=None, method="meg stage A", config=None,
+                         data={"edits": FILES[0], "pool": FILES[1]},
+                         unknown={"seed": "each revision's FitConfig default", "model.fingerprint":
+                                  "the model is loaded by each row's process", "method.config": "each row's config"})
             print(f"{label:70s} {row['stage_a_s']:7.0f} s  success {row['success_rate']:5.1f}%  "
                   f"median steps {row['median_steps']}", flush=True)
     return out

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from result_schema import write_result
 
 HERE = Path(__file__).resolve().parent
 CF = HERE.parents[1] / "shared/data/counterfact/counterfact-edit.json"
@@ -100,6 +101,16 @@ def sampling_error(generator, cond: torch.Tensor, vectors: torch.Tensor, steps: 
     return {"steps": steps, "rel_l2": rel, "ms_per_query": ms, **validate(generated)}
 
 
+def provenance(model, n: int) -> dict:
+    """What a result of this bench records beside its rows (bench/result_schema.py)."""
+    from megedit import model_fingerprint
+
+    return {"model": "smollm2", "fingerprint": model_fingerprint(model), "n": n, "seed": None,
+            "method": "meg stage D (generator)", "config": None, "data": {"edits": CF},
+            "unknown": {"seed": "each row's generator config holds its seed",
+                        "method.config": "one generator config per row"}}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=1024)
@@ -122,7 +133,6 @@ def main() -> int:
     from megedit import load_model, load_requests
     from megedit.data.prompts import get_format
     from megedit.eval import evaluate
-    from megedit.io import atomic_write_json
     from megedit.models import load_encoder
     from megedit.stages.encoder import load_encoder_delta
     from megedit.stages.fit_neurons import FitConfig, fit_neurons
@@ -161,10 +171,10 @@ def main() -> int:
                              "profile": denoising_profile(generator, prompt_emb[:64], fit.vectors[ok[:64]]),
                              "sampling": [sampling_error(generator, prompt_emb[:64], fit.vectors[ok[:64]], s, validate)
                                           for s in (int(x) for x in args.grid.split(","))]})
-        path = atomic_write_json(HERE / "results" / f"denoising-profile-{args.limit}.json",
-                                 {"n_validation": min(64, len(ok)), "model": "smollm2", "data": f"counterfact:{CF.name}",
-                                  "sampler": "ddim, 50 steps, seed 0", "threads": torch.get_num_threads(),
-                                  "rows": profiles})
+        path = write_result(HERE / "results" / f"denoising-profile-{args.limit}.json",
+                            {"n_validation": min(64, len(ok)), "model": "smollm2", "data": f"counterfact:{CF.name}",
+                             "sampler": "ddim, 50 steps, seed 0", "threads": torch.get_num_threads(),
+                             "rows": profiles}, **provenance(model, min(64, len(ok))))
         print(f"wrote {path}")
         return 0
     results = {"n": len(requests), "n_fitted": len(ok), "fit_success": fit.success_rate, "spec": fit.spec.to_dict(),
@@ -192,8 +202,8 @@ def main() -> int:
         print(f"{kind}: trained {generator.record['seconds']:.0f} s; RelAG {m['reliability']['ag']:.1f} "
               f"GenAG {m['generality']['ag']:.1f}")
     results["threads"] = torch.get_num_threads()
-    path = atomic_write_json(HERE / "results" / (f"generator-{args.limit}" + (f"-{args.tag}" if args.tag else "")
-                                                 + ".json"), results)
+    path = write_result(HERE / "results" / (f"generator-{args.limit}" + (f"-{args.tag}" if args.tag else "") + ".json"),
+                        results, **provenance(model, len(requests)))
     print(f"wrote {path}")
     return 0
 

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from result_schema import write_result
+
 HERE = Path(__file__).resolve().parent
 RESULT = HERE / "results" / "generator_ddp.json"
 LENGTH, COND, WORDINGS = 1152, 384, 4.8  # SmolLM2's neuron vector, MiniLM's embedding, wordings per edit
@@ -88,9 +90,11 @@ def main() -> int:
                "batch_size": 128, "steps": args.steps, "rounds": args.rounds, "rates": rates, "best": best,
                "speedup": best[setups[1]] / best[setups[0]], "cpu_count": os.cpu_count(),
                "measured": time.strftime("%Y-%m-%d")}
-    from megedit.io import atomic_write_json
-
-    atomic_write_json(RESULT, summary)
+    write_result(RESULT, summary, model=None, n=args.edits, seed=0, method="meg stage D (generator)",
+                 config={"kind": "mlp", "mlp": {"hidden": args.width}, "train_steps": args.steps,
+                         "validate_every": args.steps // 2},  # over GeneratorConfig's defaults, as the worker sets them
+                 threads=None, unknown={"model.name": "no language model: random condition -> vector pairs",
+                                        "threads": "each setup's own (1 process x 2, 2 processes x 1)"})
     print(f"2 processes / 1 process: {summary['speedup']:.2f}x (best of {args.rounds}) -> {RESULT}")
     return 0
 

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from figures import pyplot, save_png
+from result_schema import payload, write_result
 
 import torch
 
@@ -225,11 +226,10 @@ def main() -> int:
     parser.add_argument("--replay", type=float, default=None, help="add: AddConfig.replay (a variant: its own files)")
     args = parser.parse_args()
     if args.draw:
-        print(draw(json.loads((RESULTS / "living-successive.json").read_text()), RESULTS / "living-successive.png"))
+        print(draw(payload(RESULTS / "living-successive.json"), RESULTS / "living-successive.png"))
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("megedit").setLevel(logging.INFO)
-    from megedit.io import atomic_write_json
     from megedit.living import AddConfig
 
     WORK.mkdir(parents=True, exist_ok=True)
@@ -242,7 +242,10 @@ def main() -> int:
         result = run_successive(args.new or 100, args.times)
     result |= {"model": "smollm2", "data": f"counterfact:{CF_EDIT.name}", "pool": f"counterfact:{CF_TRAIN.name}",
                "seed": 0, "protocol": "megedit-ag-tf-v1"}
-    path = atomic_write_json(RESULTS / f"living-{name}.json", result)
+    path = write_result(RESULTS / f"living-{name}.json", result, model="smollm2", n=result["n_pack"], seed=0,
+                        method="meg, edits added to a pack", config=result.get("add_config"),
+                        data={"edits": CF_EDIT, "pool": CF_TRAIN},
+                        unknown={"method.config": "MeGConfig's and AddConfig's defaults of this revision"})
     if args.bench == "successive":
         draw(result, RESULTS / "living-successive.png")
     print(json.dumps({k: v for k, v in result.items() if k != "steps"}, indent=1)[:3000])

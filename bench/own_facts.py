@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from result_schema import write_result
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,11 +39,10 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("megedit").setLevel(logging.INFO)
 
-    from megedit import MeGConfig, MeGEditor, evaluate, load_model, load_requests
+    from megedit import MeGConfig, MeGEditor, evaluate, load_model, load_requests, model_fingerprint
     from megedit.data import LocalityQuery
     from megedit.data.demo import DEMO_POOL, OWN_FACTS, SENTENCE_FACTS, fallback_pool
     from megedit.data.specificity import with_specificity
-    from megedit.io import atomic_write_json
 
     path = OWN_FACTS if args.set == "own" else SENTENCE_FACTS
     facts = load_requests("jsonl", path)
@@ -71,7 +71,8 @@ def main() -> int:
                 "load_before": load_before, "load_after": os.getloadavg()[0],
                 "examples": [c for c in report.cases if c["kind"] == "chat"][:6]}
     out = HERE / "results" / f"own-facts-{args.set}.json"
-    atomic_write_json(out, summary)
+    write_result(out, summary, model="smollm2", fingerprint=model_fingerprint(model), n=len(facts), seed=args.seed,
+                 method="meg", config=summary["config"], data={"edits": path, "locality": DEMO_POOL})
     print(f"stage A success {fit['success_rate']:.1f}%, {summary['stage_a_s_per_edit']:.1f} s per edit; wrote {out}")
     return 0
 

@@ -29,6 +29,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from result_schema import write_result
+
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared/data/counterfact"
 CF_EDIT, CF_TRAIN = SHARED / "counterfact-edit.json", SHARED / "counterfact-train.json"
@@ -51,7 +53,6 @@ def main() -> int:
                         help="keep a killed run's work dir and go on (the result is marked resumed: its times then "
                              "leave out the killed run's work)")
     args = parser.parse_args()
-    from megedit.io import atomic_write_json
 
     edits, pool = (CF_TRAIN, CF_EDIT) if args.swap else (CF_EDIT, CF_TRAIN)
     name = ("swap-" if args.swap else "") + f"{args.limit}" + (f"-processes{args.processes}" if args.processes > 1 else "")
@@ -77,7 +78,10 @@ def main() -> int:
               "generator": manifest["config"]["generator"]["kind"],
               "fit_s": fit_s, "eval_s": eval_s, "total_s": fit_s + eval_s, "stages": _stages(manifest),
               "metrics": report["metrics"], "score": report["score"]}
-    path = atomic_write_json(HERE / "results" / f"pipeline-cf-{name}.json", result)
+    path = write_result(HERE / "results" / f"pipeline-cf-{name}.json", result, model="smollm2",
+                        fingerprint=manifest["base_model"]["fingerprint"], n=args.limit, seed=0, method="meg",
+                        config=manifest["config"], threads=result["threads"], data={"edits": edits, "pool": pool},
+                        timings={"fit_s": fit_s, "eval_s": eval_s})
     print(f"fit {fit_s:.0f} s + eval {eval_s:.0f} s = {(fit_s + eval_s) / 60:.1f} min "
           f"({result['threads']} threads, {args.processes} process(es) for stage A and eval; load {load_before[0]:.1f} before); Score {report['score']:.1f}; wrote {path}")
     return 0

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from result_schema import write_result
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared/data/counterfact"
@@ -59,8 +60,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
-    from megedit import MeGConfig, MeGEditor, load_model, load_requests
-    from megedit.io import atomic_write_json
+    from megedit import MeGConfig, MeGEditor, load_model, load_requests, model_fingerprint
 
     model, tokenizer = load_model("smollm2", device="cpu")
     requests = load_requests("counterfact", CF_EDIT, limit=args.limit)
@@ -72,7 +72,10 @@ def main() -> int:
               "model": "smollm2", "seed": 0, "cpus": os.cpu_count(), "one": one, "many": many,
               "max_vector_difference": gap, "fit_speedup": one["fit_s"] / many["fit_s"],
               "eval_speedup": one["eval_s"] / many["eval_s"]}
-    path = atomic_write_json(HERE / "results" / f"processes-cf-{args.limit}.json", result)
+    path = write_result(HERE / "results" / f"processes-cf-{args.limit}.json", result, model="smollm2",
+                        fingerprint=model_fingerprint(model), n=args.limit, seed=0, method="meg stage A",
+                        config=None, data={"edits": CF_EDIT, "pool": CF_TRAIN},
+                        unknown={"method.config": "fit_neurons' defaults and MeGConfig()'s wordings of this revision"})
     print(f"stage A {result['fit_speedup']:.2f}x, eval {result['eval_speedup']:.2f}x faster with {args.processes} "
           f"one-thread processes than 1 process of {one['threads_each']} threads; largest vector difference "
           f"{gap:.2g}; fitted vectors' RelAG {one['metrics']['reliability']['ag']:.1f} / "

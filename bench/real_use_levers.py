@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from result_schema import payload, write_result
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared/data/counterfact"
@@ -229,11 +230,10 @@ def main() -> int:
     # margin=SET,SET: only these edit sets (their rows replace those of an earlier run)
     sets = next((arg.split("=")[1].split(",") for arg in sys.argv[1:] if arg.startswith("margin=")), MARGIN_SETS)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from megedit import load_model
-    from megedit.io import atomic_write_json
+    from megedit import load_model, model_fingerprint
 
     model, tokenizer = load_model("smollm2", device="cpu")
-    result = json.loads(OUT.read_text()) if OUT.exists() else {}
+    result = payload(OUT) if OUT.exists() else {}
     if "routing" in parts:
         result["routing"] = {"n_edits": 256, "rows": routing_rates(model, tokenizer, 256)}
     if "answers" in parts:
@@ -246,7 +246,12 @@ def main() -> int:
     if "costs" in parts:
         result["costs"] = {"n_edits": 64, "rows": answer_costs(model, tokenizer, 64)}
     result |= {"model": "smollm2", "seed": 0, "threads": torch.get_num_threads()}
-    atomic_write_json(OUT, result)
+    data = {name: SHARED / f"{name}.json" for name in ("counterfact-edit", "counterfact-train")}
+    if parts & {"margin", "calibration"}:
+        data["zsre"] = SHARED.parent / "zsre/zsre_mend_train-1k.json"
+    write_result(OUT, result, model="smollm2", fingerprint=model_fingerprint(model), n=None, seed=0, method="meg",
+                 config=None, data=data, unknown={"n": "each part's own (its n_edits or rows)",
+                                                  "method.config": "MeGConfig's defaults with each row's lever"})
     print(f"wrote {OUT}")
     return 0
 

@@ -104,7 +104,8 @@ def problems(record: Any) -> list[str]:
     if not isinstance(record, Mapping):
         return ["not a JSON object"]
     if record.get("schema") != SCHEMA:
-        return [f"schema: {record.get('schema')!r}, expected {SCHEMA!r}"]
+        return [f"schema: {record.get('schema')!r}, expected {SCHEMA!r} (a result of before it? "
+                "bench/migrate_results.py wraps it)"]
     found = [f"{key}: missing" for key in TOP_LEVEL if key not in record]
     found += [f"{key}: not part of the schema" for key in record if key not in TOP_LEVEL]
     unknown = record.get("unknown")
@@ -205,7 +206,7 @@ def _git(unknown: dict[str, str]) -> dict[str, str | bool | None]:
 def _threads(unknown: dict[str, str]) -> int | None:
     torch = sys.modules.get("torch")  # only a script that loaded torch has a thread count to report
     if torch is None:
-        unknown["threads"] = "torch not loaded by the writing process"
+        unknown.setdefault("threads", "torch not loaded by the writing process")
         return None
     return torch.get_num_threads()
 

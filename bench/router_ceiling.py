@@ -16,17 +16,18 @@ import json
 import sys
 from pathlib import Path
 
+from result_schema import payload, write_result
+
 HERE = Path(__file__).resolve().parent
 CEILINGS = (None, 25.0, 20.0, 15.0, 10.0)
 
 
 def main() -> int:
-    from megedit.io import atomic_write_json
     from megedit.stages.router import choose_epsilon
 
     out = HERE / "results" / "router_ceiling.json"
     # the runs found before stay (their caches may be gone); a router found again replaces its run
-    runs = {(r["setting"], r["n"]): r for r in (json.loads(out.read_text())["runs"] if out.exists() else [])}
+    runs = {(r["setting"], r["n"]): r for r in (payload(out)["runs"] if out.exists() else [])}
     cases = HERE / "results" / "cases"
     found = [(p, p.parts[-4][len("meg-"):]) for p in cases.glob("meg-*/routing/*/router.json")]
     found += [(p, "counterfact-swap") for p in cases.glob("pipeline-swap-*/work/routing/*/router.json")]
@@ -38,8 +39,11 @@ def main() -> int:
         n = saved["record"]["training"]["n"]
         runs[(setting, n)] = {"setting": setting, "n": n, "choices": [
             {"ceiling": c, **choose_epsilon(curve, c)} for c in CEILINGS]}
-    atomic_write_json(out, {"router": "nearest", "model": "smollm2", "encoder": "minilm (fine-tuned, stage B)",
-                            "seed": 0, "runs": [runs[k] for k in sorted(runs)]})
+    write_result(out, {"router": "nearest", "model": "smollm2", "encoder": "minilm (fine-tuned, stage B)",
+                       "seed": 0, "runs": [runs[k] for k in sorted(runs)]},
+                 model="smollm2", n=None, seed=0, method="meg router calibration",
+                 config={"kind": "nearest", "ceilings": list(CEILINGS)},
+                 unknown={"n": "one run per setting and N", "model.fingerprint": "no model loaded: read from caches"})
     for r in runs.values():
         print(r["setting"], r["n"], "; ".join(f"ceiling {c['ceiling']}: eps {c['epsilon']:.3f} recall {c['recall']:.1f} "
                                              f"false fire {c['false_fire']:.1f}" for c in r["choices"]))

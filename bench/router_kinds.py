@@ -13,6 +13,7 @@ Results: bench/results/router_kinds-<cf|zs-...>.json (bench/update_readme.py sho
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from result_names import tag  # noqa: E402
-from routing import SETTINGS  # noqa: E402  (the same edit sets and pools)
+from result_schema import write_result  # noqa: E402
+from routing import SETTINGS, data_files  # noqa: E402  (the same edit sets and pools)
 
 
 def main() -> int:
@@ -31,7 +33,6 @@ def main() -> int:
 
     from megedit.cli import build_parser
     from megedit.cli.common import load_data, load_pool  # read --data / --pseudo as fit-router does
-    from megedit.io import atomic_write_json
     from megedit.models import load_encoder
     from megedit.stages.encoder import load_encoder_delta
     from megedit.stages.router import RouterConfig, route_stats, separation_auroc, train_router
@@ -66,9 +67,12 @@ def main() -> int:
                      "seconds": seconds})
         print(f"{config.kind} ({rows[-1]['epochs']} epochs): AUROC {rows[-1]['auroc']:.3f}, recall "
               f"{rows[-1]['recall']:.1f}%, false fire {rows[-1]['false_fire']:.1f}% ({seconds:.0f} s)", flush=True)
-    atomic_write_json(HERE / "results" / f"router_kinds-{tag(args.setting)}.json", {
+    write_result(HERE / "results" / f"router_kinds-{tag(args.setting)}.json", {
         "setting": args.setting, "data": f"{kind}:{path.name}", "pool": pool_name, "n_edits": len(edits),
-        "encoder": str(delta.relative_to(HERE.parent)), "seed": 0, "rows": rows})
+        "encoder": str(delta.relative_to(HERE.parent)), "seed": 0, "rows": rows},
+        model=None, n=len(edits), seed=0, method="meg stage C (router)",
+        config={"routers": [dataclasses.asdict(c) for c in configs]}, data=data_files(args.setting),
+        unknown={"model.name": "the MiniLM encoder and the router only: no language model"})
     return 0
 
 

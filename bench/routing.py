@@ -14,11 +14,13 @@ bench/results/routing-<cf|zs-cross|zs-split>[-tag].json and .png (bench/update_r
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
 
 from result_names import tag
+from result_schema import write_result
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared/data"
@@ -30,6 +32,12 @@ SETTINGS = {
     "zsre-split": ["--data", f"zsre:{ZSRE}", "--limit", "800", "--skip-invalid"],  # pool: records 800..999
     "zsre-cross": ["--data", f"zsre:{ZSRE}", "--skip-invalid", "--pseudo", f"counterfact:{CF_POOL}"],
 }
+
+
+def data_files(setting: str) -> dict[str, Path]:
+    """A setting's edits file and its pool file (none where the pool is the edits' own later records)."""
+    argv, roles = SETTINGS[setting], {"--data": "edits", "--pseudo": "pool"}
+    return {roles[flag]: Path(argv[i + 1].split(":", 1)[1]) for i, flag in enumerate(argv) if flag in roles}
 
 
 def main() -> int:
@@ -46,7 +54,11 @@ def main() -> int:
     result = HERE / "results" / f"routing-{tag(args.setting)}{variant}"
     code = megedit(["fit-router", *SETTINGS[args.setting], "--out", str(work), *args.extra])
     if code == 0:
-        shutil.copyfile(work / "routing.json", result.with_suffix(".json"))
+        routing = json.loads((work / "routing.json").read_text())
+        write_result(result.with_suffix(".json"), routing, model=None, n=routing["n_edits"],
+                     seed=routing["config"]["seed"], method="meg stages B and C (encoder, router)",
+                     config=routing["config"], data=data_files(args.setting),
+                     unknown={"model.name": "the MiniLM encoder and the router only: no language model"})
         shutil.copyfile(work / "router-distance.png", result.with_suffix(".png"))
     return code
 

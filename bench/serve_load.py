@@ -66,6 +66,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from result_schema import write_result
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = f"counterfact:{HERE.parents[1] / 'shared/data/counterfact/counterfact-edit.json'}"
@@ -429,11 +430,18 @@ def _secs(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f} s"
 
 
+def provenance(edited, args, n_edits: int) -> dict:
+    """The result's provenance beyond what the writer finds itself: the pack's base model and edits."""
+    return {"model": getattr(edited.model, "megedit_source", None) or edited.model.config.name_or_path,
+            "fingerprint": edited.fingerprint, "n": n_edits, "seed": MIX_SEED, "method": "meg (a saved pack, served)",
+            "config": edited.config or None, "data": {"edits": args.data.split(":", 1)[-1]},
+            "unknown": {"method.config": "the pack records no config"}}
+
+
 def main() -> int:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from megedit.cli.common import load_pack
-    from megedit.io import atomic_write_json
     from megedit.serve import create_app, in_thread
 
     edited = load_pack(args)
@@ -442,7 +450,7 @@ def main() -> int:
     if args.workload == "mixed":
         result = run_mixed(edited, args, mix, n_edits)
         out = args.out or HERE / "results" / f"serve-load-mixed-{args.pack.resolve().name}.json"
-        atomic_write_json(out, result)
+        write_result(out, result, **provenance(edited, args, n_edits))
         show_mixed(result)
         print(f"wrote {out}")
         return 1 if any(result[name]["errors"] for name in ("continuous", "compared") if name in result) else 0
@@ -452,7 +460,7 @@ def main() -> int:
         tallies = asyncio.run(measure(root, models, mix, args))
     result = report(edited, args, mix, n_edits, app.state.batcher, models, tallies)
     out = args.out or HERE / "results" / f"serve-load-{args.pack.resolve().name}.json"
-    atomic_write_json(out, result)
+    write_result(out, result, **provenance(edited, args, n_edits))
     show(result)
     print(f"wrote {out}")
     failed = [m for name in ("edited", "base") for m in result[name]["error_messages"]]

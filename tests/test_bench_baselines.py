@@ -69,6 +69,8 @@ def test_a_killed_ft_run_resumes_from_its_last_epoch_and_counts_the_killed_epoch
     assert training.exists()
     calls = _killed_after(monkeypatch, 99)
     assert baselines.main() == 0
-    summary = json.loads((tmp_path / "baseline-cf-2-ft.json").read_text())
+    record = json.loads((tmp_path / "baseline-cf-2-ft.json").read_text())
+    summary = record["result"]  # the script's payload in the schema's envelope (bench/result_schema.py)
+    assert record["method"]["name"] == "ft" and record["n"] == 2 and record["model"]["fingerprint"]
     assert len(calls) == 5 and len(summary["edit"]["epoch_losses"]) == 8  # FTConfig's 8, 3 of them before the kill
     assert summary["edit_time_s"] == summary["edit"]["edit_time_s"] and not training.exists()

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -26,7 +27,8 @@ def scale_curve(tmp_path, monkeypatch):
         scale_curve.ran.append(cmd)
         return subprocess.CompletedProcess(cmd, scale_curve.exit_code)
 
-    monkeypatch.setattr(scale_curve.subprocess, "run", fake_run)
+    # scale_curve's own subprocess module only: the result writer still asks git for the revision
+    monkeypatch.setattr(scale_curve, "subprocess", SimpleNamespace(run=fake_run, Popen=subprocess.Popen))
     return scale_curve
 
 
@@ -40,7 +42,7 @@ def test_missing_points_run_with_the_chosen_baseline_settings(scale_curve, monke
     assert [cmd[cmd.index("--methods") + 1] for cmd in scale_curve.ran] == ["memit:2000:1-5", "alphaedit:10:1-5"]
     assert all(cmd[cmd.index("--contexts") + 1] == "0" and cmd[cmd.index("--limit") + 1] == "1024"
                for cmd in scale_curve.ran)
-    assert json.loads((tmp_path / "scale_curve.json").read_text())["points"] == []
+    assert json.loads((tmp_path / "scale_curve.json").read_text())["result"]["points"] == []
 
 
 def test_a_point_of_the_setup_of_before_runs_again_and_a_current_one_does_not(scale_curve, monkeypatch, tmp_path):
