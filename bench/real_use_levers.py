@@ -23,12 +23,16 @@ calibration (the same edit sets and stages): epsilon calibrated on a mirror of p
 or of every wording (routing.router.calibration_wordings), each under several weights on false
 fire (routing.router.false_fire_weight), and the three query kinds' firing rates under each.
 
+neighbours (the same edit sets and stages): router negatives per edit that ask its relation about
+other subjects (pool prompts of its wording's relation; routing.router.same_relation_negatives),
+0 to 16, and the three query kinds' firing rates under each.
+
 costs (first 64 edits, stage A with its pool paraphrases, the fitted vectors applied directly):
 what the chat wording costs beside the other wordings, and cheaper forms of it (an empty system
 message: 24 tokens instead of 40 on SmolLM2; a lower chat margin; fewer paraphrases), against
 RelAG, GenAG and the chat rates (chats always in the template's default form).
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/real_use_levers.py [routing] [answers] [costs] [margin[=SET,...]] [calibration]
+    OMP_NUM_THREADS=2 .venv/bin/python bench/real_use_levers.py [routing] [answers] [costs] [margin[=SET,...]] [calibration] [neighbours]
 
 Result: bench/results/real-use-levers.json; caches in bench/results/cases/real-use-levers/.
 """
@@ -61,6 +65,8 @@ MARGINS = (0.0, 0.02, 0.05, 0.1)
 MARGIN_SETS = ("counterfact", "counterfact-swap", "zsre")
 # calibration: epsilon maximises recall - weight x false fire on the mirror's curve
 FALSE_FIRE_WEIGHTS = (1.0, 0.75, 0.5, 0.35, 0.25)
+# neighbours: router negatives per edit that ask its relation about other subjects
+SAME_RELATION_NEGATIVES = (0, 2, 4, 8, 16)
 # (label, FitConfig overrides): what the chat wording costs in stage A with its other wordings, and cheaper forms
 COSTS = [("no chat wording", {"chat_wording": False}), ("defaults", {}),
          ("chat wording with an empty system message", {"chat_system": ""}),
@@ -169,6 +175,31 @@ def calibration_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
     return rows
 
 
+def neighbour_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
+    """Router negatives that ask an edit's relation about other subjects (pool prompts), per edit, on
+    bench/meg.py's edit sets with their default stages B and C (epsilon as calibrated there)."""
+    from meg import SETTINGS
+
+    from megedit import MeGConfig, load_requests
+    from megedit.stages.routing import edit_negatives
+
+    rows = []
+    for name in sets:
+        edits, routing = meg_set_routing(model, tokenizer, name, MeGConfig())
+        pool = load_requests("counterfact", SETTINGS[name][3])
+        base, encoder = dataclasses.replace(routing["router"], negatives=None), routing["encoder"]
+        for k in SAME_RELATION_NEGATIVES:
+            config = MeGConfig()
+            config.routing.router.same_relation_negatives = k
+            negatives = edit_negatives(edits, pool, config.routing)
+            router = base.with_negatives(encoder.encode(negatives))
+            row = {"edits": name, "n_edits": len(edits), "same_relation_negatives": k, "n_negatives": len(negatives),
+                   "epsilon": router.epsilon, **fire_rates(encoder, router, probe_queries(edits))}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def answer_costs(model, tokenizer, n: int) -> list[dict]:
     from megedit import MeGConfig, MeGEditor, load_requests
     from megedit.data.prompts import get_format
@@ -243,11 +274,13 @@ def main() -> int:
         result["margin"] = {"rows": kept + margin_rates(model, tokenizer, sets)}
     if "calibration" in parts:
         result["calibration"] = {"rows": calibration_rates(model, tokenizer, MARGIN_SETS)}
+    if "neighbours" in parts:
+        result["neighbours"] = {"rows": neighbour_rates(model, tokenizer, MARGIN_SETS)}
     if "costs" in parts:
         result["costs"] = {"n_edits": 64, "rows": answer_costs(model, tokenizer, 64)}
     result |= {"model": "smollm2", "seed": 0, "threads": torch.get_num_threads()}
     data = {name: SHARED / f"{name}.json" for name in ("counterfact-edit", "counterfact-train")}
-    if parts & {"margin", "calibration"}:
+    if parts & {"margin", "calibration", "neighbours"}:
         data["zsre"] = SHARED.parent / "zsre/zsre_mend_train-1k.json"
     write_result(OUT, result, model="smollm2", fingerprint=model_fingerprint(model), n=None, seed=0, method="meg",
                  config=None, data=data, unknown={"n": "each part's own (its n_edits or rows)",

@@ -130,13 +130,36 @@ def with_specificity(requests: Sequence[EditRequest], pool: Sequence[EditRequest
     return [r if r.specificity else dataclasses.replace(r, specificity=p) for r, p in zip(requests, probes)]
 
 
-def negative_prompts(requests: Sequence[EditRequest], pool: Sequence[EditRequest], per_edit: int,
-                     plain: int, seed: int = 0) -> list[tuple[str, ...]]:
-    """Per edit, where it must not fire: `per_edit` other-relation prompts from the negative half of the
-    pool's wordings and `plain` plain prompts about its subject."""
-    others = other_relation_prompts(requests, relation_wordings(pool), "negative", per_edit, seed)
+def same_relation_prompts(requests: Sequence[EditRequest], pool: Sequence[EditRequest], wordings: RelationWordings,
+                          per_edit: int, seed: int = 0) -> list[tuple[str, ...]]:
+    """Per edit, up to `per_edit` pool prompts that ask its relation about other subjects (a seeded
+    choice per edit); () for an edit whose prompt is no pool wording (its relation is unknown)."""
+    by_relation: dict[int, list[EditRequest]] = defaultdict(list)
+    for record in pool:
+        wording = relation_template(record.prompt, record.subject)
+        if wording in wordings.relation:
+            by_relation[wordings.relation[wording]].append(record)
     out = []
-    for r, extra in zip(requests, others):
+    for r in requests:
+        wording = relation_template(r.prompt, r.subject) if r.subject else None
+        if per_edit <= 0 or wording not in wordings.relation:
+            out.append(())
+            continue
+        others = {p.prompt for p in by_relation[wordings.relation[wording]] if p.subject != r.subject}
+        out.append(tuple(_seeded_order(sorted(others), f"{seed}:same:{r.case_id}")[:per_edit]))
+    return out
+
+
+def negative_prompts(requests: Sequence[EditRequest], pool: Sequence[EditRequest], per_edit: int,
+                     plain: int, seed: int = 0, same_relation: int = 0) -> list[tuple[str, ...]]:
+    """Per edit, where it must not fire: `per_edit` other-relation prompts from the negative half of the
+    pool's wordings, `plain` plain prompts about its subject and `same_relation` pool prompts asking its
+    relation about other subjects."""
+    wordings = relation_wordings(pool)
+    others = other_relation_prompts(requests, wordings, "negative", per_edit, seed)
+    neighbours = same_relation_prompts(requests, pool, wordings, same_relation, seed)
+    out = []
+    for r, extra, near in zip(requests, others, neighbours):
         plain_ones = _seeded_order(PLAIN_SUBJECT_PROMPTS, f"{seed}:plain:{r.case_id}")[:plain] if r.subject else []
-        out.append(tuple(dict.fromkeys([*extra, *(p.format(r.subject) for p in plain_ones)])))
+        out.append(tuple(dict.fromkeys([*extra, *(p.format(r.subject) for p in plain_ones), *near])))
     return out

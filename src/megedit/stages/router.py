@@ -59,6 +59,7 @@ class RouterConfig:
     # nearer to one of them than to every edit prompt does not fire (nearest router only)
     negatives: int = 16  # other-relation prompts per edit, from the pool's negative-half wordings
     plain_negatives: int = 2  # plain prompts about the subject per edit ("Tell me about X.")
+    same_relation_negatives: int = 0  # pool prompts asking the edit's relation about other subjects, per edit
     negative_margin: float = 0.0  # a negative holds a query back when its cosine is at least the wording's + this
     # calibration: the mirror router holds every wording (the edits' other wordings and the calibration records'
     # own), as the deployed router holds the edits'; False: prompts only
@@ -74,9 +75,10 @@ class RouterConfig:
         if self.classes < 2 or self.blocks < 0 or self.expansion < 1 or self.max_epochs < 1:
             raise ConfigError(f"router config: need classes >= 2, blocks >= 0, expansion >= 1, max_epochs >= 1, "
                               f"got {asdict(self)}")
-        if min(self.negatives, self.plain_negatives) < 0 or not -1.0 <= self.negative_margin <= 2.0:
-            raise ConfigError(f"router config: negatives and plain_negatives must be >= 0 and negative_margin in "
-                              f"[-1, 2], got {asdict(self)}")
+        if min(self.negatives, self.plain_negatives, self.same_relation_negatives) < 0 or not (
+                -1.0 <= self.negative_margin <= 2.0):
+            raise ConfigError(f"router config: negatives, plain_negatives and same_relation_negatives must be >= 0 "
+                              f"and negative_margin in [-1, 2], got {asdict(self)}")
         if not 0 < self.false_fire_weight <= 100:
             raise ConfigError(f"router config: false_fire_weight must be in (0, 100], got {self.false_fire_weight}")
         if self.epsilon is not None and not 0 < self.epsilon <= self.max_distance:

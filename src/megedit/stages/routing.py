@@ -120,7 +120,9 @@ def _mirror_wordings(tuned: SentenceEncoder, embedded, owners: list[int], n_edit
 
 def edit_negatives(edits: Sequence[EditRequest], pool: Sequence[EditRequest], config: RoutingConfig) -> list[str]:
     """Every edit's negatives (data/specificity.py), as one list of distinct prompts."""
-    per_edit = negative_prompts(edits, pool, config.router.negatives, config.router.plain_negatives, config.seed)
+    router = config.router
+    per_edit = negative_prompts(edits, pool, router.negatives, router.plain_negatives, config.seed,
+                                router.same_relation_negatives)
     return list(dict.fromkeys(p for prompts in per_edit for p in prompts))
 
 
