@@ -98,6 +98,23 @@ def test_flags_named_in_the_user_pages_exist():
     assert not unknown, sorted(unknown)
 
 
+def test_verbs_named_in_the_user_pages_exist():
+    from megedit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    pages = [ROOT / "README.md", DOCS / "tutorial.md", *sorted((DOCS / "how-to").glob("*.md")),
+             *sorted((DOCS / "reference").glob("*.md"))]
+    command = r"(?:^|&&\s*)(?:[A-Z_]+=\S+\s+)*(?:\.venv/bin/)?megedit\s+(?:--[a-z-]+\s+)*([a-z][a-z-]*)"
+    named = set()
+    for page in pages:
+        text = page.read_text()
+        shell = "\n".join(re.findall(r"^```bash[^\n]*\n(.*?)^```", text, flags=re.S | re.M))
+        verbs = re.findall(command, shell, flags=re.M) + re.findall(r"`megedit ([a-z][a-z-]*)", text)
+        named |= {(page.relative_to(ROOT).as_posix(), verb) for verb in verbs}
+    unknown = sorted((page, verb) for page, verb in named if verb not in sub.choices)
+    assert not unknown, unknown
+
+
 def test_the_python_reference_names_every_public_name():
     import megedit
 
