@@ -16,6 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "reference" / "cli.md"
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's megedit, installed or not
 
 HEADER = """# Command-line reference
 
