@@ -16,6 +16,7 @@ from megedit.errors import ConfigError
 from megedit.eval import evaluate
 from megedit.eval.chat import holds_target, is_degenerate
 from megedit.stages.router import Router, RouterConfig
+from megedit.stages.routing import calibration_embeddings
 
 WORDINGS = {  # relation -> (wordings, answers)
     "language": (["The mother tongue of {} is", "{} is a native speaker of", "{} speaks"], ["French", "English"]),
@@ -163,3 +164,26 @@ def test_the_negative_margin_lets_a_query_fire_that_a_negative_barely_outranks()
     assert loose.familiar(query).tolist() == [True]
     with pytest.raises(ConfigError, match="negative_margin"):
         RouterConfig(negative_margin=3.0).validate()
+
+
+def test_same_relation_negatives_ask_the_edits_relation_about_other_subjects():
+    pool = _pool()
+    edit = EditRequest("e", "The mother tongue of Ann Smith is", "German", "Ann Smith")
+    stranger = EditRequest("x", "Ann Smith likes", "tea", "Ann Smith")  # no pool wording: relation unknown
+    with_near, without = negative_prompts([edit, stranger], pool, 0, 0, same_relation=3)
+    language = {w.format(r.subject) for w in WORDINGS["language"][0] for r in pool}
+    assert len(with_near) == 3 and all(p in language and "Ann Smith" not in p for p in with_near)
+    assert without == () and negative_prompts([edit], pool, 0, 0)[0] == ()
+
+
+def test_calibration_never_counts_an_edit_prompt_as_unrelated():
+    class Recorder:
+        def encode(self, texts, progress=False):
+            seen.append(list(texts))
+            return torch.zeros(len(texts), 4)
+
+    seen = []
+    record = EditRequest("c", "Bob Lee works as a", "pilot", "Bob Lee", rephrases=("Bob Lee's job is",),
+                         locality=(LocalityQuery("The capital of France is", "Paris"),))
+    calibration_embeddings(Recorder(), [record], [], edit_prompts=["The capital of France is"])
+    assert "The capital of France is" not in seen[2]

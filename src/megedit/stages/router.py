@@ -185,6 +185,8 @@ def choose_epsilon(curve: list[dict], max_false_fire: float | None = None, false
     within the ceiling (all rows without one); ties go to the smaller epsilon (the safer side)."""
     allowed = [r for r in curve if max_false_fire is None or r["false_fire"] <= max_false_fire]
     if not allowed:
+        log.warning("router calibration: no epsilon keeps false fire within %s%%; using the smallest, %.3f",
+                    max_false_fire, curve[0]["epsilon"])
         return curve[0]
     gain = [r["recall"] - false_fire_weight * r["false_fire"] for r in allowed]
     return allowed[gain.index(max(gain))]

@@ -57,14 +57,18 @@ def split_for_edits(edits: Sequence[EditRequest], pool: Sequence[EditRequest],
 
 
 def calibration_embeddings(encoder: SentenceEncoder, calibration: Sequence[EditRequest],
-                           train_pool: Sequence[EditRequest]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           train_pool: Sequence[EditRequest], edit_prompts: Sequence[str] = ()
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(prompts, first rephrases, unrelated queries) of the calibration records. Unrelated: their
-    own locality queries, less any that is a pool record's prompt (the calibration mirror holds
-    those, so they would count as false fire at any epsilon); a pool without such queries offers
-    the prompts of encoder-training records instead (unrelated to the edits and to the slice)."""
-    prompts = {r.prompt for r in [*calibration, *train_pool]}
+    own locality queries, less any that is a pool record's or an edit's prompt (the calibration
+    mirror holds those, so they would count as false fire at any epsilon); a pool without such
+    queries offers the prompts of encoder-training records instead (unrelated to the edits and to
+    the slice)."""
+    mirrored = {*edit_prompts, *(r.prompt for r in calibration)}
+    prompts = mirrored | {r.prompt for r in train_pool}
     unrelated = [q.prompt for r in calibration for q in r.locality[:1] if q.prompt not in prompts]
-    unrelated = unrelated or [r.prompt for r in train_pool[: len(calibration)]]
+    unrelated = unrelated or [r.prompt for r in train_pool[: len(calibration)] if r.prompt not in mirrored]
+    unrelated = unrelated or [r.prompt for r in train_pool if r.prompt not in mirrored][: len(calibration)]
     return (encoder.encode([r.prompt for r in calibration]), encoder.encode([r.rephrases[0] for r in calibration]),
             encoder.encode(unrelated))
 
@@ -91,7 +95,7 @@ def fit_router(edits: Sequence[EditRequest], tuned: SentenceEncoder, train_pool:
     texts, owners = flat_wordings(wordings or [])
     embedded = tuned.encode(texts, progress=progress) if texts and config.router.kind == "nearest" else None
     router = train_router(tuned.encode([r.prompt for r in edits], progress=progress), config.router,
-                          calibration=calibration_embeddings(tuned, calibration, train_pool),
+                          calibration=calibration_embeddings(tuned, calibration, train_pool, [r.prompt for r in edits]),
                           mirror_wordings=_mirror_wordings(tuned, embedded, owners, len(edits), calibration_wordings,
                                                            config.router, progress),
                           progress=progress)
