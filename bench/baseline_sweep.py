@@ -53,32 +53,41 @@ def edit(run: str, model, tokenizer, requests, fmt, contexts: int, kl: float, co
     """(method, main weight or None, the edited model as a subject) for one run spec; MEMIT /
     AlphaEdit without a weight take MemitConfig's. `covariance()` gives (texts, their source);
     `checkpoint`: FT's training state file, for a resume."""
-    from megedit.baselines.ft import FTConfig, fine_tune
-    from megedit.baselines.memit import batch_edit
+    from megedit.methods import EditJob, get_method
 
-    method, *rest = run.split(":")
-    if method == "ft":
-        lr, layer, *box = rest
-        config = FTConfig(layer=int(layer), lr=float(lr), optimizer="adam", epochs=FT_EPOCHS, stop_loss=FT_STOP,
-                          norm_constraint=float(box[0]) if box else None, seed=seed)
-        return method, float(lr), fine_tune(model, tokenizer, requests, fmt, config, progress=False,
-                                             checkpoint=checkpoint)
-    weight, config = memit_config(run, contexts, kl, seed)
-    texts, _ = covariance()
-    return method, weight, batch_edit(model, tokenizer, requests, fmt, texts, config, progress=False)
+    method = get_method(run.split(":")[0])
+    weight, config = RUN_CONFIGS[method.flags](run, contexts, kl, seed)
+    job = EditJob(model, tokenizer, requests, fmt, config, progress=False, checkpoint=checkpoint,
+                  covariance_texts=lambda: covariance()[0])
+    return method.name, weight, method.edit(job)
+
+
+def ft_config(run: str, contexts: int, kl: float, seed: int = 0):
+    """(the learning rate, FTConfig) of an ft:LR:LAYER[:BOX] run spec: Adam, at most FT_EPOCHS
+    epochs, stopped below FT_STOP."""
+    from megedit.baselines.config import FTConfig
+
+    _, lr, layer, *box = run.split(":")
+    return float(lr), FTConfig(layer=int(layer), lr=float(lr), optimizer="adam", epochs=FT_EPOCHS, stop_loss=FT_STOP,
+                               norm_constraint=float(box[0]) if box else None, seed=seed)
 
 
 def memit_config(run: str, contexts: int, kl: float, seed: int = 0):
     """(the main weight or None, MemitConfig) of a METHOD[:WEIGHT[:FIRST-LAST]] run spec."""
     from megedit.baselines.config import MemitConfig
+    from megedit.methods import get_method
 
     method, *rest = run.split(":")
     weight = float(rest[0]) if rest else None
     span = tuple(map(int, rest[1].split("-"))) if len(rest) > 1 else None
     config = MemitConfig(method=method, layers=tuple(range(span[0], span[1] + 1)) if span else None,
                          context_prefixes=contexts, kl_factor=kl, seed=seed,
-                         **({} if weight is None else {"mom2_weight" if method == "memit" else "l2": weight}))
+                         **({} if weight is None else {get_method(method).main_setting: weight}))
     return weight, config.validate()
+
+
+# a run spec's settings, by the settings class its method uses (megedit.methods: Method.flags)
+RUN_CONFIGS = {"ft": ft_config, "memit": memit_config}
 
 
 def main() -> int:
@@ -91,6 +100,7 @@ def main() -> int:
     from megedit.baselines.generic_text import sampled_text
     from megedit.baselines.memit import pool_texts
     from megedit.data.prompts import get_format
+    from megedit.methods import get_method
     from result_schema import write_result
 
     model, tokenizer = load_model("smollm2", device="cpu")
@@ -111,7 +121,8 @@ def main() -> int:
         edit_s = time.perf_counter() - start
         report = evaluate(subject, requests, data_kind="counterfact", batch_size=64, progress=False)
         subject.restore()
-        settings = subject.settings | ({"cov_source": covariance()[1]} if method != "ft" else {})
+        needs_covariance = get_method(method).needs_covariance
+        settings = subject.settings | ({"cov_source": covariance()[1]} if needs_covariance else {})
         rows.append({"method": method, "weight": weight, "metrics": report.metrics, "score": report.score,
                      "edit_s": edit_s, "settings": settings})
         m = report.metrics

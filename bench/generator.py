@@ -181,7 +181,7 @@ def main() -> int:
                "encoder": str(delta.relative_to(HERE.parent)), "model": "smollm2", "data": f"counterfact:{CF.name}",
                "format": "raw", "rows": []}
     for kind in args.kinds.split(","):
-        config = GeneratorConfig(kind=kind, dit=json.loads(args.dit))
+        config = GeneratorConfig(kind=kind, dit=json.loads(args.dit), passes=None)  # the budget: train_steps
         if args.train_steps:
             config.train_steps = args.train_steps
         if args.prediction:

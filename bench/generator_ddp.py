@@ -40,7 +40,8 @@ def worker(out: Path, edits: int, steps: int, width: int) -> None:
     pairs = int(edits * WORDINGS)
     cond = torch.nn.functional.normalize(torch.randn(pairs, COND, generator=g), dim=-1)
     vectors = torch.randn(pairs, LENGTH, generator=g)
-    config = GeneratorConfig(kind="mlp", mlp={"hidden": width}, train_steps=steps, validate_every=steps // 2)
+    config = GeneratorConfig(kind="mlp", mlp={"hidden": width}, train_steps=steps, passes=None,
+                             validate_every=steps // 2)
     generator = train_generator(cond, vectors, config, progress=False, n_edits=edits)
     if PartialState().is_main_process:
         (first, last) = generator.record["history"][:2]

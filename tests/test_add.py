@@ -374,4 +374,4 @@ def test_the_cli_refuses_bad_input_in_one_line(setup, load, tmp_path):
     line = _error_line("add", entropy, "--data", f"jsonl:{data}", "--out", tmp_path / "p3", *common)
     assert line.startswith("megedit: error: add: this pack's router is the entropy net, which memorises its edit set")
     assert _error_line("add", pack, "--data", f"jsonl:{data}", "--out", tmp_path / "p4", "--passes", "-1", *common) == (
-        "megedit: error: add config: passes must be > 0 (or null: the pack's own), found -1.0")
+        "megedit: error: add config: passes must be > 0 or null, found -1.0")

@@ -17,6 +17,7 @@ import yaml
 from megedit.cli import build_parser
 from megedit.cli.options import DEST, RESOLVED, Section, add_dataclass_flags, meg_config, overrides
 from megedit.config import MeGConfig
+from megedit.settings import setting
 
 MEGEDIT = [sys.executable, "-m", "megedit.cli"]
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"
@@ -113,7 +114,7 @@ def test_help_shows_defaults():
     assert out.returncode == 0
     text = " ".join(out.stdout.split())  # argparse wraps lines
     for expected in ("--device DEVICE cpu, cuda, cuda:N, mps or auto", "(default: auto)", "(default: float32)",
-                     "--fit-margin MARGIN, --margin MARGIN", "(default: 3.0)", "--generator-steps TRAIN_STEPS",
+                     "--fit-margin MARGIN, --margin MARGIN", "must be >= 0 (default: 3.0)", "--generator-steps TRAIN_STEPS",
                      "(default: 500.0)", "--no-generator-augment", "(default: lookup)"):
         assert expected in text, expected
 
@@ -196,11 +197,11 @@ def test_ft_with_json_checkpoints_its_training_and_clears_the_file_once_written(
 
 @dataclass
 class _Toy:
-    steps: int = 3  # how many
+    steps: int = setting(3, at_least=1, help="how many")
     rate: float = 0.5
-    name: str = "a"
+    name: str = setting("a", choices=("a", "b"), help="which")
     on: bool = True
-    limit: float | None = None  # None: no limit
+    limit: float | None = setting(None, help="None: no limit")
     table: dict | None = None
 
 
@@ -215,12 +216,12 @@ def test_dataclass_flags_are_typed_and_give_back_only_what_was_given():
     assert overrides(args) == {"toy": {"steps": 4, "rate": 2.0, "on": False, "limit": None}}
     assert overrides(parser.parse_args(["--toy-limit", "1.5"])) == {"toy": {"limit": 1.5}}
     help_text = " ".join(parser.format_help().split())
-    assert "how many (default: 3)" in help_text and "None: no limit (default: none)" in help_text
+    assert "how many; must be >= 1 (default: 3)" in help_text and "None: no limit (default: none)" in help_text
 
 
 def test_dataclass_flags_check_choices_and_counts_at_parse_time(capsys):
     parser = argparse.ArgumentParser()
-    add_dataclass_flags(parser, _Toy(), Section((), "", "toy"), choices={"name": ("a", "b")}, positive={"steps"})
+    add_dataclass_flags(parser, _Toy(), Section((), "", "toy"))  # choices and counts from the fields' metadata
     assert overrides(parser.parse_args(["--name", "b", "--steps", "1"])) == {"name": "b", "steps": 1}
     for bad in (["--name", "c"], ["--steps", "0"], ["--rate", "fast"]):
         with pytest.raises(SystemExit):
@@ -309,7 +310,7 @@ def test_config_with_a_file_and_flags(tmp_path):
                                  "expected a positive integer, found '0'"),
     (["--router", "far"], "megedit config: error: argument --router-kind/--router: invalid choice: 'far' "
                           "(choose from 'entropy', 'nearest')"),
-    (["--fit-lr", "-1"], "megedit: error: fit needs lr > 0, max_steps >= 1, batch_size >= 1, margin and chat_margin >= 0: "),
+    (["--fit-lr", "-1"], "megedit: error: fit config: lr must be > 0, found -1.0"),
 ])
 def test_config_refuses_invalid_values_in_one_line(args, message):
     assert _error_line("config", *args).startswith(message)
@@ -353,8 +354,8 @@ def test_eval_flags_set_the_baselines_settings():
 @pytest.mark.parametrize("args, message", [
     (["--method", "memit", "--ft-lr", "1"], "megedit: error: eval: --ft-lr set a method that is not run (--method memit)"),
     (["--memit-kl-factor", "0"], "megedit: error: eval: --memit-kl-factor set a method that is not run (--method none)"),
-    (["--method", "memit", "--memit-mom2-weight", "-1"], "megedit: error: memit needs mom2_weight >= 0"),
-    (["--method", "ft", "--ft-norm-constraint", "0"], "megedit: error: FT needs optimizer sgd or adam and norm_constraint > 0"),
+    (["--method", "memit", "--memit-mom2-weight", "-1"], "megedit: error: memit config: mom2_weight must be >= 0, found -1.0"),
+    (["--method", "ft", "--ft-norm-constraint", "0"], "megedit: error: ft config: norm_constraint must be > 0 or null, found 0.0"),
     (["--method", "ft", "--ft-optimizer", "rmsprop"], "megedit eval: error: argument --ft-optimizer"),
     (["--method", "memit", "--pseudo", "jsonl:x", "--cov-tokens", "9"], "megedit: error: --pseudo and --cov-tokens"),
 ])

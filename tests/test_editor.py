@@ -213,7 +213,7 @@ def test_config_from_files_checks_names_and_spreads_the_seed(tmp_path):
     (tmp_path / "bad.yaml").write_text("layer: [1\n")
     with pytest.raises(ConfigError, match="bad.yaml: not a readable config file"):
         MeGConfig.from_file(tmp_path / "bad.yaml")
-    with pytest.raises(ConfigError, match="prompt format"):
+    with pytest.raises(ConfigError, match="prompt_format must be one of raw, qa, chat, found 'fancy'"):
         MeGConfig(prompt_format="fancy").resolved()
 
 

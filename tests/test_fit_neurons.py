@@ -161,7 +161,7 @@ def test_result_round_trips_through_safetensors(lm, tmp_path):
 def test_bad_settings_are_refused():
     with pytest.raises(ConfigError, match="optimizer must be one of"):
         FitConfig(optimizer="lbfgs")
-    with pytest.raises(ConfigError, match="max_steps >= 1"):
+    with pytest.raises(ConfigError, match="max_steps must be >= 1, found 0"):
         FitConfig(max_steps=0)
 
 

@@ -91,7 +91,7 @@ def test_dit_starts_as_zero_and_handles_padding():
 def _fit(kind: str, steps: int, tmp_path=None, **extra) -> Generator:
     cond, vectors = _pairs(8)
     config = GeneratorConfig(kind=kind, dit=TINY_DIT, mlp=dict(hidden=128, depth=2, dropout=0.0), lr=2e-3,
-                             batch_size=8, train_steps=steps, validate_every=extra.pop("validate_every", steps),
+                             batch_size=8, train_steps=steps, passes=None, validate_every=extra.pop("validate_every", steps),
                              ema_decay=0.99, validation_size=8, **extra)
     return train_generator(cond, vectors, config, work_dir=tmp_path, progress=False)
 
@@ -100,7 +100,8 @@ def _fit(kind: str, steps: int, tmp_path=None, **extra) -> Generator:
 def test_the_dit_overfits_eight_vectors(prediction):
     cond, vectors = _pairs(8)
     # each pair 16 times per batch: 16 noise draws per vector and step, so it converges in few steps
-    config = GeneratorConfig(dit=dict(TINY_DIT, cond_dropout=0.0), lr=2e-3, batch_size=128, train_steps=600,
+    config = GeneratorConfig(kind="dit", dit=dict(TINY_DIT, cond_dropout=0.0), lr=2e-3, batch_size=128, train_steps=600,
+                             passes=None,
                              validate_every=200, ema_decay=0.9, validation_size=8, prediction=prediction)
     generator = train_generator(cond.repeat(16, 1), vectors.repeat(16, 1), config, progress=False)
     history = [h["rel_l2"] for h in generator.record["history"]]
@@ -117,7 +118,7 @@ def test_the_mlp_generator_overfits_and_zero_augmentation_maps_unrelated_queries
     cond, vectors = _pairs(8)
     unrelated, _ = _pairs(8, seed=5)
     config = GeneratorConfig(kind="mlp", mlp=dict(hidden=128, depth=2, dropout=0.0), lr=2e-3, batch_size=16,
-                             train_steps=600, validate_every=600, ema_decay=0.9, zero_augment=1.0)
+                             train_steps=600, passes=None, validate_every=600, ema_decay=0.9, zero_augment=1.0)
     generator = train_generator(cond, vectors, config, unrelated=unrelated, progress=False)
     assert generator.record["n_pairs"] == 16
     assert ((generator.generate(cond) - vectors).norm(dim=1) / vectors.norm(dim=1)).mean() < 0.05
@@ -144,7 +145,7 @@ def test_save_load_gives_the_same_vectors_and_a_corrupt_file_is_one_error(tmp_pa
 
 def test_a_file_saved_before_prediction_types_were_recorded_loads_as_it_was_trained(tmp_path):
     cond, vectors = _pairs(4)
-    then = GeneratorConfig(dit=dict(TINY_DIT, cond_dropout=0.2, cond_token=False), prediction="v")
+    then = GeneratorConfig(kind="dit", dit=dict(TINY_DIT, cond_dropout=0.2, cond_token=False), prediction="v", passes=None)
     generator = Generator.for_vectors(then, vectors, cond.shape[1])
     with torch.no_grad():
         for p in generator.net.parameters():

@@ -91,7 +91,7 @@ def test_manual_epsilon_and_config_errors():
         RouterConfig(kind="entropy", epsilon=3.0).validate()
     with pytest.raises(ConfigError, match="kind must be one of"):
         RouterConfig(kind="knn").validate()
-    with pytest.raises(ConfigError, match="classes >= 2"):
+    with pytest.raises(ConfigError, match="classes must be >= 2, found 1"):
         RouterConfig(classes=1).validate()
 
 

@@ -227,7 +227,7 @@ def test_the_lookup_table_keeps_each_vector_once_and_reads_tables_of_before(tmp_
 def test_the_budget_in_passes_grows_with_the_edits():
     config = GeneratorConfig(kind="mlp", passes=10, batch_size=32)
     assert config.steps_for(64) == 20 and config.steps_for(640) == 200
-    assert GeneratorConfig(kind="mlp", train_steps=7).steps_for(640) == 7
+    assert GeneratorConfig(kind="mlp", train_steps=7, passes=None).steps_for(640) == 7
     with pytest.raises(ConfigError, match="passes"):
         GeneratorConfig(passes=0).validate()
     cond, vectors = _pairs(8)

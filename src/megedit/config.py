@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from .data.prompts import PRESETS
 from .errors import ConfigError
 from .io import parse_text
+from .settings import check_settings, setting
 from .stages.encoder import EncoderConfig
 from .stages.fit_neurons import FitConfig
 from .stages.generator import GeneratorConfig
@@ -17,22 +19,20 @@ from .stages.router import RouterConfig
 from .stages.routing import RoutingConfig
 
 
-def _default_generator() -> GeneratorConfig:
-    # The lookup (each query takes the fitted vector of its nearest training wording), not a network:
-    # measured against the MLP on the same stages A-C it scored at least as high everywhere, the more
-    # so as N grows (Score 95.1 vs 94.3 at 1,024 CounterFact edits, 92.0 vs 85.2 at 4,096, 88.2 vs
-    # 64.2 at 10,000; 91.4 vs 90.3 on the swapped files, 99.2 vs 96.4 on ZsRE; docs/results.md).
-    # The MLP and the DiT stay one setting away; `passes` (500 over the edits, growing linearly with
-    # them) is their training budget, unused by the lookup.
-    return GeneratorConfig(kind="lookup", passes=500.0)
+def layered(base: dict, top: dict) -> dict:
+    """Settings `base` with the layer `top` written over it, section by section (a config file over
+    the defaults, flags over a file); a generator budget in steps given alone replaces the budget in
+    passes below it (GeneratorConfig.step_budget)."""
+    if isinstance(top.get("generator"), dict):
+        top = {**top, "generator": GeneratorConfig.step_budget(top["generator"])}
+    return _merged(base, top)
 
 
-def with_step_budget(generator):
-    """Generator settings as given, where a budget in steps given alone (train_steps, no passes)
-    replaces the budget in passes that the defaults or a config file hold."""
-    if isinstance(generator, dict) and "train_steps" in generator and "passes" not in generator:
-        return {**generator, "passes": None}
-    return generator
+def _merged(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 @dataclass
@@ -40,25 +40,26 @@ class MeGConfig:
     """Settings of MeG. `seed` is the one seed of a run: it is copied into every stage's config
     (fit initial vector, pool split, encoder order, router, generator) by `resolved()`."""
 
-    layer: int | None = None  # None: the architecture's default (80% of the depth; 24 on SmolLM2)
-    prompt_format: str = "raw"  # how queries are shown to the LM: raw | qa | chat
-    encoder: str = "minilm"  # base sentence encoder: 'minilm' (embedded), a folder or a hub id
-    fit: FitConfig = field(default_factory=FitConfig)
-    routing: RoutingConfig = field(default_factory=RoutingConfig)
-    generator: GeneratorConfig = field(default_factory=_default_generator)
-    seed: int = 0
+    layer: int | None = setting(None, at_least=0, help=(
+        "the layer whose MLP gets the neuron; null: the architecture's default (80% of the depth; 24 on SmolLM2)"))
+    prompt_format: str = setting("raw", choices=PRESETS, help="how queries are shown to the LM: raw, qa or chat")
+    encoder: str = setting("minilm", help="base sentence encoder: minilm (embedded), a folder or a hub id")
+    fit: FitConfig = setting(default_factory=FitConfig, help="stage A: fitting one neuron vector per edit")
+    routing: RoutingConfig = setting(default_factory=RoutingConfig, help="stages B and C: the encoder and the router")
+    generator: GeneratorConfig = setting(default_factory=GeneratorConfig, help="stage D: the weight generator")
+    seed: int = setting(0, help="the one seed of a run, copied into every stage's settings")
 
     def resolved(self) -> "MeGConfig":
         """A copy with the layer and the seed written into the stage configs, validated."""
-        from .data.prompts import get_format
-
-        get_format(self.prompt_format)
-        routing = RoutingConfig(replace(self.routing.encoder, seed=self.seed),
-                                replace(self.routing.router, seed=self.seed).validate(),
-                                self.routing.calibration_size, self.seed)
-        routing.encoder.validate()
+        check_settings(self, "config")
+        routing = RoutingConfig(replace(self.routing.encoder, seed=self.seed), replace(self.routing.router, seed=self.seed),
+                                self.routing.calibration_size, self.seed).validate()
         return replace(self, fit=replace(self.fit, layer=self.layer, init_seed=self.seed), routing=routing,
                        generator=replace(self.generator, seed=self.seed).validate())
+
+    def validate(self) -> "MeGConfig":
+        self.resolved()
+        return self
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,11 +73,9 @@ class MeGConfig:
         _check_keys(d, {f.name for f in fields(cls)}, where)
         _check_types(cls, {k: v for k, v in d.items() if k not in (*nested, "routing")}, where)
         kwargs = {}
-        for key, value in d.items():
+        for key, value in layered({}, d).items():
             if key in nested:
-                base = asdict(_default_generator()) if key == "generator" else {}
-                value = with_step_budget(value) if key == "generator" else value
-                kwargs[key] = _build(nested[key], value, f"{where}.{key}", base=base)
+                kwargs[key] = _build(nested[key], value, f"{where}.{key}")
             elif key == "routing":
                 _check_keys(value, {f.name for f in fields(RoutingConfig)}, f"{where}.routing")
                 _check_types(RoutingConfig, {k: v for k, v in value.items() if k not in ("encoder", "router")},
@@ -111,11 +110,11 @@ def _check_keys(d, allowed: set[str], where: str) -> None:
         raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; expected some of {', '.join(sorted(allowed))}")
 
 
-def _build(cls, d, where: str, base: dict | None = None):
+def _build(cls, d, where: str):
     _check_keys(d, {f.name for f in fields(cls)}, where)
     _check_types(cls, d, where)
     try:
-        return cls(**{**(base or {}), **d})
+        return cls(**d)
     except TypeError as error:
         raise ConfigError(f"{where}: {error}") from None
 

@@ -38,6 +38,7 @@ from .edit_table import EditTable
 from .edited import EditedModel
 from .editor import MeGEditor
 from .errors import ConfigError, MeGError
+from .settings import check_settings, setting
 from .stages.generator import FineTune, Generator, train_generator
 from .stages.router import Router, flat_wordings
 
@@ -48,17 +49,16 @@ GERUND = {"add": "adding", "remove": "removing"}
 
 @dataclass
 class AddConfig:
-    passes: float | None = None  # generator passes over each added or removed edit (None: the pack's own, its
-    # generator's passes, else the steps x batch size per edit its fit trained)
-    replay: float = 1.0  # old edits' pairs drawn per new edits' pair while the generator is fine-tuned
-    recalibrate: bool = False  # choose epsilon again on the pool (adding needs one then); else keep the pack's
+    passes: float | None = setting(None, above=0, help=(
+        "generator passes over each added or removed edit (null: the pack's own, its generator's passes, else the "
+        "steps x batch size per edit its fit trained)"))
+    replay: float = setting(1.0, at_least=0, help=(
+        "old edits' pairs drawn per new edits' pair while the generator is fine-tuned"))
+    recalibrate: bool = setting(False, help=(
+        "choose epsilon again on the pool (adding needs one then); else keep the pack's"))
 
     def validate(self) -> "AddConfig":
-        if self.passes is not None and not self.passes > 0:
-            raise ConfigError(f"add config: passes must be > 0 (or null: the pack's own), found {self.passes!r}")
-        if not self.replay >= 0:
-            raise ConfigError(f"add config: replay must be >= 0, found {self.replay!r}")
-        return self
+        return check_settings(self, "add config")
 
 
 def add_edits(edited: EditedModel, requests: Sequence[EditRequest], work_dir: str | Path, *,
@@ -234,8 +234,8 @@ def _tune(edited: EditedModel, editor: MeGEditor, edits: EditTable, new_rows: Se
                                      generator.config.augment, edited.encoder, progress)
     is_new = torch.tensor([o in new_rows for o in owners])
     weights, replay = _draws(is_new, config.replay)
-    # a lookup trains nothing: its table is rebuilt from the pairs
-    steps = 0 if generator.config.kind == "lookup" else max(1, math.ceil(passes * changed * (1 + replay)
+    # a kind that trains nothing (the lookup) is rebuilt from the pairs
+    steps = 0 if not generator.kind.trains else max(1, math.ceil(passes * changed * (1 + replay)
                                                                           / generator.config.batch_size))
     fine_tune = FineTune(generator, steps, weights)
     folder = work_dir / "generator-tune" / _key(edited.fingerprint, edits, fine_tune)

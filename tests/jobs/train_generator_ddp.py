@@ -15,7 +15,7 @@ g = torch.Generator().manual_seed(0)
 cond = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
 vectors = 0.3 * torch.randn(8, 20, generator=g) + 0.1
 config = GeneratorConfig(kind="mlp", mlp=dict(hidden=64, depth=2, dropout=0.0), lr=2e-3, batch_size=8,
-                         train_steps=200, validate_every=100, ema_decay=0.9, validation_size=8)
+                         train_steps=200, passes=None, validate_every=100, ema_decay=0.9, validation_size=8)
 generator = train_generator(cond, vectors, config, progress=False)
 state = PartialState()
 digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in generator.net.parameters())).hexdigest()

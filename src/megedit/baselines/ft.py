@@ -28,6 +28,7 @@ from ..data.requests import EditRequest
 from ..eval.subject import WeightEditSubject
 from ..io import load_keyed_state, save_keyed_state
 from ..lm import Batch, layer_input, left_pad, length_batches, model_device, starting_at_layer
+from ..methods import EditJob
 from ..models import model_fingerprint
 from .config import FTConfig
 
@@ -191,3 +192,11 @@ def fine_tune(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptForm
     settings = {**asdict(config), "method": "ft", "trained": prefix.rstrip("."), "epoch_losses": losses,
                 "edit_time_s": seconds}
     return WeightEditSubject(model, tokenizer, "ft", originals, settings)
+
+
+def edit_with_ft(job: EditJob) -> WeightEditSubject:
+    """The method registry's entry for "ft" (megedit/methods.py)."""
+    config = replace(job.config, layer=resolve_layer(job.model, job.config.layer))
+    log.info("fine-tuning layer %d on %d edits", config.layer, len(job.requests))
+    return fine_tune(job.model, job.tokenizer, job.requests, job.fmt, config, progress=job.progress,
+                     checkpoint=job.checkpoint)

@@ -40,6 +40,7 @@ from ..errors import ConfigError
 from ..eval.subject import WeightEditSubject
 from ..io import atomic_save_tensors, load_tensors
 from ..lm import Batch, layer_input, left_pad, length_batches, model_device, starting_at_layer
+from ..methods import EditJob
 from ..models import cache_root, model_fingerprint
 from ..stages.variants import context_prefixes
 from .config import MemitConfig
@@ -397,6 +398,19 @@ def search_values(model, tokenizer, requests: Sequence[EditRequest], fmt: Prompt
     return config, prefixes, z, record
 
 
+def _memit_layer(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, config: MemitConfig) -> tuple:
+    return memit_update(keys, resid, cov, config.mom2_weight), {}
+
+
+def _alphaedit_layer(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, config: MemitConfig) -> tuple:
+    projector = null_space_projector(cov, config.null_threshold)
+    return alphaedit_update(keys, resid, projector, config.l2), {"null_space_dim": round(float(projector.trace()))}
+
+
+# MemitConfig.method -> one layer's update and its record (the two methods differ only here)
+_LAYER_UPDATES = {"memit": _memit_layer, "alphaedit": _alphaedit_layer}
+
+
 def batch_edit(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFormat, cov_texts: Sequence[str],
                config: MemitConfig | None = None, progress: bool = True) -> WeightEditSubject:
     """Edit the output projections of `config.layers` for all requests at once (MEMIT or
@@ -411,13 +425,7 @@ def batch_edit(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFor
         weight = _out_weight(model.get_submodule(name))
         keys, h = context_keys(model, tokenizer, fmt, requests, prefixes, layer, last, config.batch_size)
         resid = (z - h) / (last - layer + 1)  # this layer's share of the remaining gap
-        if config.method == "memit":
-            update = memit_update(keys, resid, covs[layer], config.mom2_weight)
-            record["per_layer"][layer] = {}
-        else:
-            projector = null_space_projector(covs[layer], config.null_threshold)
-            update = alphaedit_update(keys, resid, projector, config.l2)
-            record["per_layer"][layer] = {"null_space_dim": round(float(projector.trace()))}
+        update, record["per_layer"][layer] = _LAYER_UPDATES[config.method](keys, resid, covs[layer], config)
         originals[f"{name}.weight"] = model.get_submodule(name).weight.detach().clone()
         with torch.no_grad():
             weight += update.to(weight.device, weight.dtype)
@@ -428,3 +436,10 @@ def batch_edit(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFor
                 "subject_positions": "subject's last token (prompt's last where unknown)", **v_record, **record,
                 "edit_time_s": time.perf_counter() - start}
     return WeightEditSubject(model, tokenizer, config.method, originals, settings)
+
+
+def edit_with_memit(job: EditJob) -> WeightEditSubject:
+    """The method registry's entry for "memit" and "alphaedit" (megedit/methods.py)."""
+    texts = job.covariance_texts()
+    log.info("%s: %d edits, key covariance from %d texts", job.config.method, len(job.requests), len(texts))
+    return batch_edit(job.model, job.tokenizer, job.requests, job.fmt, texts, job.config, progress=job.progress)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
 
+from ..methods import WEIGHT_EDITORS
 from .common import add_data_args, add_model_args, add_processes_arg, add_verb, load_data, load_lm, load_pack, load_pool
 from .types import layer_list, non_negative_int, positive_int
 
 log = logging.getLogger("megedit")
 
-METHODS = ("none", "ft", "memit", "alphaedit")
+# none: the unedited model; the others from the method registry
+METHODS = ("none", *WEIGHT_EDITORS)
 
 
 def add_eval(sub) -> None:
@@ -64,16 +65,18 @@ def add_eval(sub) -> None:
 
 
 def _add_baseline_flags(p) -> None:
-    """The baselines' settings, one flag per field of FTConfig (--ft-...) and MemitConfig
-    (--memit-..., for memit and alphaedit); --layer, --layers and --seed set the rest."""
-    from ..baselines.config import FTConfig, MemitConfig
+    """The baselines' settings, one flag per field of each registered method's settings class
+    (--ft-..., --memit-... for memit and alphaedit, which share theirs); --layer, --layers and
+    --seed set the rest, and the name sets MemitConfig.method."""
+    from ..methods import METHODS as REGISTRY
     from .options import Section, add_dataclass_flags
 
-    add_dataclass_flags(p, FTConfig(), Section(("ft",), "ft", "ft settings (--method ft)"), skip=("layer", "seed"),
-                        aliases={"lr": ("--lr",), "epochs": ("--epochs",)}, choices={"ft.optimizer": ("sgd", "adam")},
-                        positive=("ft.epochs", "ft.batch_size"))
-    add_dataclass_flags(p, MemitConfig(), Section(("memit",), "memit", "memit / alphaedit settings"),
-                        skip=("method", "seed"), positive=("memit.v_steps", "memit.batch_size"))
+    aliases = {"ft": {"lr": ("--lr",), "epochs": ("--epochs",)}}
+    sections = {m.flags: m for m in map(REGISTRY.get, WEIGHT_EDITORS)}
+    for prefix, method in sections.items():
+        users = " / ".join(name for name in WEIGHT_EDITORS if REGISTRY[name].flags == prefix)
+        add_dataclass_flags(p, method.config(), Section((prefix,), prefix, f"{users} settings (--method {users})"),
+                            skip=("layer", "layers", "seed", *dict(method.fixed)), aliases=aliases.get(prefix, {}))
 
 
 def _subject(args, requests, fmt, kind, path):
@@ -101,26 +104,24 @@ def _subject(args, requests, fmt, kind, path):
 
 
 def _baseline_config(args):
-    """FTConfig or MemitConfig of the --ft-* / --memit-* flags given, checked before anything loads;
-    None for the other methods. Flags of a method that is not run are a usage error."""
-    from ..baselines.config import FTConfig, MemitConfig
+    """The settings of --method from the --ft-* / --memit-* flags given, checked before anything
+    loads; None for the unedited model and packs. Flags of a method that is not run are a usage error."""
     from ..errors import ConfigError
+    from ..methods import get_method
     from .options import overrides
 
     given = overrides(args)
-    family = {"ft": "ft", "memit": "memit", "alphaedit": "memit"}.get(args.method if args.pack is None else "none")
-    stray = sorted(set(given) - {family})
+    method = get_method(args.method) if args.pack is None and args.method != "none" else None
+    stray = sorted(set(given) - ({method.flags} if method else set()))
     if stray:
         flags = ", ".join(f"--{section}-{name.replace('_', '-')}" for section in stray for name in given[section])
         raise ConfigError(f"eval: {flags} set a method that is not run (--method {args.method})")
-    if family == "ft":
-        return FTConfig(**given.get("ft", {}), seed=args.seed).validate()
-    if family == "memit":
-        if args.pseudo and args.cov_tokens:
-            raise ConfigError("--pseudo and --cov-tokens name two sources for the key covariance: give one")
-        layers = tuple(args.layers) if args.layers else None
-        return MemitConfig(**given.get("memit", {}), method=args.method, layers=layers, seed=args.seed).validate()
-    return None
+    if method is None:
+        return None
+    if method.needs_covariance and args.pseudo and args.cov_tokens:
+        raise ConfigError("--pseudo and --cov-tokens name two sources for the key covariance: give one")
+    return method.settings(given.get(method.flags, {}), layer=args.layer, seed=args.seed,
+                           layers=tuple(args.layers) if args.layers else None)
 
 
 def run_eval(args) -> int:
@@ -160,25 +161,26 @@ def _with_specificity(args, kind: str, path: Path, requests):
 
 
 def _weight_edit(args, model, tokenizer, requests, fmt, kind, path):
-    """Edit the model's weights with a baseline (ft, memit, alphaedit)."""
-    if args.method == "ft":
-        from ..arch import resolve_layer
-        from ..baselines.ft import fine_tune
+    """Edit the model's weights with the --method from the registry (ft, memit, alphaedit)."""
+    from ..methods import EditJob, get_method
 
-        config = dataclasses.replace(args.baseline, layer=resolve_layer(model, args.layer))
-        log.info("fine-tuning layer %d on %d edits", config.layer, len(requests))
-        return fine_tune(model, tokenizer, requests, fmt, config, progress=args.progress, checkpoint=_ft_training(args))
+    job = EditJob(model, tokenizer, requests, fmt, args.baseline, progress=args.progress,
+                  checkpoint=_ft_training(args), covariance_texts=lambda: _covariance_texts(args, model, tokenizer,
+                                                                                           kind, path))
+    return get_method(args.method).edit(job)
+
+
+def _covariance_texts(args, model, tokenizer, kind: str, path: Path) -> list[str]:
+    """The key covariance's texts: the --pseudo pool's prompts, else text the base model writes."""
     from ..baselines.generic_text import DEFAULT_TOKENS, sampled_text
-    from ..baselines.memit import batch_edit, pool_texts
+    from ..baselines.memit import pool_texts
 
     if args.pseudo:
         pool_name, pool = load_pool(args, kind, path)
-        texts = pool_texts(pool)[: args.cov_texts]
-    else:
-        pool_name = "text the base model wrote"
-        texts = sampled_text(model, tokenizer, args.cov_tokens or DEFAULT_TOKENS, progress=args.progress)
-    log.info("%s: %d edits, key covariance from %d texts of %s", args.method, len(requests), len(texts), pool_name)
-    return batch_edit(model, tokenizer, requests, fmt, texts, args.baseline, progress=args.progress)
+        log.info("key covariance from the texts of %s", pool_name)
+        return pool_texts(pool)[: args.cov_texts]
+    log.info("key covariance from text the base model wrote")
+    return sampled_text(model, tokenizer, args.cov_tokens or DEFAULT_TOKENS, progress=args.progress)
 
 
 def _ft_training(args) -> Path | None:

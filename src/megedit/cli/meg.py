@@ -183,11 +183,7 @@ def add_inspect(sub) -> None:
 
 
 def _generator_size(generator) -> str:
-    net, config = generator.net, generator.config
-    if config.kind == "lookup":
-        return f"lookup ({len(net.keys):,} keys, {len(net.values):,} distinct vectors)"
-    steps = f", {config.sample_steps} {config.sampler} steps" if config.kind == "dit" else ""
-    return f"{config.kind} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters{steps})"
+    return generator.kind.describe(generator.net, generator.config)
 
 
 def run_inspect(args) -> int:

@@ -1,8 +1,8 @@
 """Command-line flags derived from the config dataclasses, and the config they give back.
 
 `add_dataclass_flags` turns each int / float / str / bool field (Optional ones included) of a
-dataclass into `--PREFIX-FIELD-NAME`, typed as the field, with the field's comment and default as
-help. Its dest is `cfg:` + the field's dotted path in MeGConfig (e.g. `cfg:fit.margin`) and its
+dataclass into `--PREFIX-FIELD-NAME`, typed as the field, with the help, choices and range of the
+field's metadata (megedit.settings) and its default. Its dest is `cfg:` + the field's dotted path in MeGConfig (e.g. `cfg:fit.margin`) and its
 default SUPPRESS, so `overrides` finds exactly the flags given, as nested settings that are
 merged over a config file and then checked by config.py like a file would be.
 """
@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import inspect
-import re
 import types
 import typing
 from dataclasses import dataclass, fields
 
+from ..settings import choices_of, help_of, range_of, show_value
 from .types import positive_int, scalar
 
 DEST = "cfg:"
@@ -51,49 +50,6 @@ ALIASES = {
                        "max_false_fire": ("--max-false-fire",)},
     "generator": {"kind": ("--generator",), "train_steps": ("--generator-steps",)},
 }
-# counts the config classes require to be at least 1: a usage error at once, not after loading
-POSITIVE = {"fit.max_steps", "fit.batch_size", "routing.encoder.trainable_layers", "routing.router.expansion",
-            "routing.router.max_epochs", "generator.batch_size", "generator.train_steps", "generator.validate_every",
-            "generator.validation_size", "generator.sample_steps"}
-
-
-@functools.cache
-def _choices() -> dict[str, tuple]:
-    """Allowed values of the str fields that have a fixed set (the modules' own constants)."""
-    from ..neuron import VARIANTS
-    from ..stages.fit_neurons import OPTIMIZERS
-    from ..stages.generator.diffusion import PREDICTIONS, SAMPLERS
-    from ..stages.generator.dit import DIT_PRESETS
-    from ..stages.generator.model import GENERATOR_KINDS, NORMALIZATIONS
-    from ..stages.router import ROUTER_KINDS
-    from ..stages.variants import EXCLUDE_MODES
-
-    return {"fit.optimizer": OPTIMIZERS, "fit.variant": VARIANTS, "fit.exclude_eval_templates": EXCLUDE_MODES,
-            "routing.router.kind": ROUTER_KINDS, "generator.kind": GENERATOR_KINDS,
-            "generator.preset": tuple(DIT_PRESETS), "generator.normalization": NORMALIZATIONS,
-            "generator.sampler": SAMPLERS, "generator.prediction": PREDICTIONS}
-
-
-@functools.cache
-def field_comments(cls) -> dict[str, str]:
-    """Each field's trailing comment in the class's source (`name: type = default  # comment`),
-    with the comment lines after it while its parentheses are still open."""
-    try:
-        lines = inspect.getsource(cls).splitlines()
-    except (OSError, TypeError):  # no source shipped: flags without help text still work
-        return {}
-    found = {}
-    for i, line in enumerate(lines):
-        m = re.match(r"\s+(\w+): [^#]*=[^#]*#\s*(.+)$", line)
-        if not m or m[1] in found:
-            continue
-        text = m[2].strip()
-        for more in lines[i + 1:]:
-            if text.count("(") <= text.count(")") or not more.strip().startswith("#"):
-                break
-            text += " " + more.strip().lstrip("#").strip()
-        found[m[1]] = text
-    return found
 
 
 def _scalar_kind(hint) -> tuple[type | None, bool]:
@@ -105,34 +61,34 @@ def _scalar_kind(hint) -> tuple[type | None, bool]:
     return None, False
 
 
-def _show(value) -> str:
-    """A default as a config file writes it."""
-    if value is None or isinstance(value, bool):
-        return {None: "none", True: "true", False: "false"}[value]
-    return repr(value) if isinstance(value, float) else str(value)
+def _counts_from_one(f) -> bool:
+    """An int field whose range starts at 1: a usage error at once, not after loading."""
+    valid = range_of(f)
+    return valid is not None and valid.low == 1 and not valid.low_open and valid.high is None
 
 
-def add_dataclass_flags(parser, defaults, section: Section, skip=(), aliases=None, choices=None,
-                        positive=()) -> None:
+def add_dataclass_flags(parser, defaults, section: Section, skip=(), aliases=None) -> None:
     """One flag per scalar field of the dataclass instance `defaults` (its values are the defaults
     shown); nested dataclasses and dicts are left to their own sections or to a config file.
-    `aliases`: field -> extra flag names; `choices`, `positive`: by dotted path, the allowed values
-    of a str field, the int fields that must be at least 1."""
+    `aliases`: field -> extra flag names. Help, allowed values and counts (ints of at least 1) come
+    from each field's metadata (megedit.settings)."""
     group = parser.add_argument_group(section.title)
-    comments, hints = field_comments(type(defaults)), typing.get_type_hints(type(defaults))
+    hints = typing.get_type_hints(type(defaults))
     for f in fields(defaults):
         kind, optional = _scalar_kind(hints[f.name])
         if kind is None or f.name in skip:
             continue
         path = ".".join((*section.path, f.name))
         names = ("--" + "-".join(filter(None, (section.prefix, *f.name.split("_")))), *(aliases or {}).get(f.name, ()))
-        text = f"{comments.get(f.name, '')} (default: {_show(getattr(defaults, f.name))})".strip().replace("%", "%%")
+        valid = range_of(f)
+        text = help_of(f) + (f"; must be {valid}" if valid else "")
+        text = f"{text} (default: {show_value(getattr(defaults, f.name))})".strip().replace("%", "%%")
         common = dict(dest=DEST + path, default=argparse.SUPPRESS, help=text)
         if kind is bool:
             group.add_argument(*names, action=argparse.BooleanOptionalAction, **common)
             continue
-        allowed = (choices or {}).get(path)
-        parse = positive_int if path in positive and not optional else scalar(kind, optional)
+        allowed = choices_of(f)
+        parse = positive_int if kind is int and _counts_from_one(f) and not optional else scalar(kind, optional)
         group.add_argument(*names, type=parse, **common,
                            choices=(*allowed, None) if allowed and optional else allowed,
                            metavar="{" + ",".join(allowed) + "}" if allowed else f.name.upper())
@@ -151,28 +107,19 @@ def overrides(args) -> dict:
     return given
 
 
-def merged(base: dict, top: dict) -> dict:
-    """`base` with `top` written over it, section by section."""
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def _section_defaults(root, path: tuple[str, ...]):
     return functools.reduce(getattr, path, root)
 
 
 def _add_sections(parser, sections, aliases=ALIASES, keep=()) -> None:
-    """The flags of `sections`, defaults from MeGConfig() (its generator differs from GeneratorConfig())."""
+    """The flags of `sections`, defaults from MeGConfig()."""
     from ..config import MeGConfig
 
     root = MeGConfig()
     for s in sections:
         key = ".".join(s.path)
         skip = [name for name in RESOLVED.get(key, ()) if name not in keep]
-        add_dataclass_flags(parser, _section_defaults(root, s.path), s, skip=skip, aliases=aliases.get(key, {}),
-                            choices=_choices(), positive=POSITIVE)
+        add_dataclass_flags(parser, _section_defaults(root, s.path), s, skip=skip, aliases=aliases.get(key, {}))
 
 
 def add_meg_flags(parser, formats: bool = False) -> None:
@@ -191,16 +138,14 @@ def add_meg_flags(parser, formats: bool = False) -> None:
 def meg_config(args, verb_defaults: dict | None = None, prompt_format: str | None = None):
     """MeGConfig from the dataclass defaults, then the verb's own (only without --config), then
     --config, then the flags given; every value checked before any data or model loads."""
-    from ..config import MeGConfig, with_step_budget
+    from ..config import MeGConfig, layered
 
-    settings = MeGConfig.from_file(args.config).to_dict() if args.config else merged(MeGConfig().to_dict(),
-                                                                                     verb_defaults or {})
+    settings = MeGConfig.from_file(args.config).to_dict() if args.config else layered(MeGConfig().to_dict(),
+                                                                                      verb_defaults or {})
     given = overrides(args)
-    if "generator" in given:
-        given["generator"] = with_step_budget(given["generator"])
     if prompt_format or getattr(args, "prompt_format", None):
         given["prompt_format"] = prompt_format or args.prompt_format
-    config = MeGConfig.from_dict(merged(settings, given), where="settings")
+    config = MeGConfig.from_dict(layered(settings, given), where="settings")
     config.resolved()  # validates every stage's settings now, not after minutes of fitting
     return config
 
@@ -229,9 +174,9 @@ def routing_config(args, seed: int):
     from ..stages.routing import RoutingConfig
 
     given = overrides(args).get("routing", {})
-    encoder = EncoderConfig(**{**given.pop("encoder", {}), "seed": seed}).validate()
-    router = RouterConfig(**{**given.pop("router", {}), "seed": seed}).validate()
-    return RoutingConfig(encoder, router, seed=seed, **given)
+    encoder = EncoderConfig(**{**given.pop("encoder", {}), "seed": seed})
+    router = RouterConfig(**{**given.pop("router", {}), "seed": seed})
+    return RoutingConfig(encoder, router, seed=seed, **given).validate()
 
 
 LIVING = Section(("add",), "", "adding and removing edits (living.AddConfig)")

@@ -173,8 +173,8 @@ def run_fit_router(args) -> int:
 
 def _routing_plot(args, config, routing, distances, kind, path, n) -> None:
     from ..plots import router_histogram
+    from ..stages.router import router_kind
 
-    xlabel = (f"router entropy (nats; max ln {config.router.classes})" if config.router.kind == "entropy"
-              else "1 - cosine to the nearest edit prompt")
+    xlabel = router_kind(config.router.kind).distance_label(config.router)
     router_histogram(distances, routing.router.epsilon, config.router.max_distance, xlabel,
                      args.out / "router-distance.png", title=f"{kind}:{path.name}, N={n}, {config.router.kind} router")

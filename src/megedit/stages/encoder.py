@@ -34,29 +34,27 @@ from ..errors import ConfigError, MeGError
 from ..io import atomic_save_tensors, atomic_write_bytes, atomic_write_json, load_tensors, read_record
 from ..lm import layer_input, starting_at_layer
 from ..models import SentenceEncoder
+from ..settings import check_settings, setting
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class EncoderConfig:
-    trainable_layers: int = 1  # the authors train only the last transformer layer
-    temperature: float = 0.05  # cosine / temperature; the authors' 1.0 learns far slower here (README)
-    batch_size: int = 256
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    epochs: int = 4
-    seed: int = 0
-    # per pair, prompts about the same subject that ask something else (data/specificity.py), as extra
-    # candidates the paraphrase must not pick: the encoder learns the relation, not just the subject
-    hard_negatives: int = 2
+    trainable_layers: int = setting(1, at_least=1, help="top transformer layers tuned (the authors tune the last)")
+    temperature: float = setting(0.05, above=0, help=(
+        "InfoNCE's: cosine / temperature; the authors' 1.0 learns far slower here"))
+    batch_size: int = setting(256, at_least=2, help="pairs per step")
+    lr: float = setting(1e-4, above=0, help="AdamW's learning rate")
+    weight_decay: float = setting(0.01, at_least=0, help="AdamW's weight decay")
+    epochs: int = setting(4, at_least=0, help="passes over the pseudo-edit pairs")
+    seed: int = setting(0, help="the pairs' order and the hard negatives' draw")
+    hard_negatives: int = setting(2, at_least=0, help=(
+        "per pair, prompts about the same subject that ask something else, as extra candidates the paraphrase must "
+        "not pick: the encoder learns the relation, not just the subject"))
 
     def validate(self) -> "EncoderConfig":
-        if self.trainable_layers < 1 or self.batch_size < 2 or self.epochs < 0 or self.temperature <= 0 \
-                or self.hard_negatives < 0:
-            raise ConfigError(f"encoder config: need trainable_layers >= 1, batch_size >= 2, epochs >= 0, "
-                              f"temperature > 0 and hard_negatives >= 0, got {asdict(self)}")
-        return self
+        return check_settings(self, "encoder config")
 
 
 def training_triples(pool: Sequence[EditRequest], config: EncoderConfig,

@@ -34,8 +34,9 @@ from ..errors import ConfigError, MeGError
 from ..io import atomic_save_tensors, atomic_write_json, load_tensors, read_record
 from ..lm import (Batch, check_prompt_lengths, context_length, layer_input, left_pad, length_batches, model_device,
                   starting_at_layer)
-from ..neuron import NeuronSpec, attach_neuron
+from ..neuron import VARIANTS, NeuronSpec, attach_neuron
 from ..parallel import check_forkable, run_forked
+from ..settings import check_settings, setting
 from .variants import EXCLUDE_MODES
 
 log = logging.getLogger(__name__)
@@ -50,43 +51,44 @@ WORDING_SCHEDULES = ("all", "prompt-first")
 
 @dataclass
 class FitConfig:
-    layer: int | None = None  # None: arch.default_layer (24 on SmolLM2)
-    variant: str | None = None  # None: the architecture's default (linear for gated MLPs)
-    optimizer: str = "adam"  # "sgd" is the authors' setting (lr 0.01-0.07)
-    lr: float = 0.3  # Adam; 0.1 takes about half again as many steps to margin 3 (docs/method.md, stage A)
-    max_steps: int = 200  # the chat wording makes a few edits slow: 100 left 1 of 64 own facts unfitted
-    batch_size: int = 64
-    margin: float = 3.0  # 1 fits the prompt alone; 3 carries the edit to paraphrases (docs/method.md, stage A)
-    init_seed: int = 0  # seeds the one initial vector every edit starts from
-    wording_schedule: str = "prompt-first"  # or "all": which wordings train at a step; prompt-first costs about half
+    layer: int | None = setting(None, at_least=0, help="null: the architecture's default (24 on SmolLM2)")
+    variant: str | None = setting(None, choices=VARIANTS, help=(
+        "the neuron's form; null: the architecture's default (linear for gated MLPs)"))
+    optimizer: str = setting("adam", choices=OPTIMIZERS, help="sgd is the authors' setting (lr 0.01-0.07)")
+    lr: float = setting(0.3, above=0, help=(
+        "Adam's; 0.1 takes about half again as many steps to margin 3 (docs/method.md, stage A)"))
+    max_steps: int = setting(200, at_least=1, help=(
+        "optimiser steps per edit at most; the chat wording makes a few edits slow: 100 left 1 of 64 own facts "
+        "unfitted"))
+    batch_size: int = setting(64, at_least=1, help="edits fitted together")
+    margin: float = setting(3.0, at_least=0, help=(
+        "logits by which each answer token must lead the runner-up; 1 fits the prompt alone, 3 carries the edit to "
+        "paraphrases (docs/method.md, stage A)"))
+    init_seed: int = setting(0, help="seeds the one initial vector every edit starts from")
+    wording_schedule: str = setting("prompt-first", choices=WORDING_SCHEDULES, help=(
+        "which wordings train at a step: all, or the prompt first and each other wording once a test finds it "
+        "failing (about half the cost)"))
     # other wordings fitted with the prompt, all sharing its vector (stages/variants.py; MeGEditor builds them)
-    paraphrases: int = 4  # pool paraphrases per edit
-    prefixes: int = 0  # context prefixes per edit, drawn from `prefix_pool` sentences the model writes
-    prefix_pool: int = 12
-    prefix_tokens: int = 10
-    exclude_eval_templates: str = "none"  # benchmark only: "own" / "all" keep the test rephrases' wordings out
-    # the prompt as a one-turn chat too, its answer ended by end-of-turn: chat replies then say the target
-    # and stop, instead of looping on it (tokenizers with a chat template; docs/method.md)
-    chat_wording: bool = True
-    chat_margin: float = 1.0  # the chat wording's success margin (the prompt's and other wordings': `margin`)
-    chat_system: str | None = None  # the chat wording's system message; None: the chat template's default
-    max_prompt_tokens: int = 512  # longer edit wordings are refused: fitting one costs minutes and says nothing
+    paraphrases: int = setting(4, at_least=0, help="pool paraphrases per edit, fitted with the prompt")
+    prefixes: int = setting(0, at_least=0, help=(
+        "context prefixes per edit, drawn from prefix_pool sentences the model writes"))
+    prefix_pool: int = setting(12, at_least=0, help="sentences the model writes for the context prefixes")
+    prefix_tokens: int = setting(10, at_least=0, help="tokens per context prefix")
+    exclude_eval_templates: str = setting("none", choices=EXCLUDE_MODES, help=(
+        "benchmark only: own / all keep the test rephrases' wordings out"))
+    chat_wording: bool = setting(True, help=(
+        "fit the prompt as a one-turn chat too, its answer ended by end-of-turn: chat replies then say the target "
+        "and stop (tokenizers with a chat template; docs/method.md)"))
+    chat_margin: float = setting(1.0, at_least=0, help="the chat wording's success margin (the others': margin)")
+    chat_system: str | None = setting(None, help="the chat wording's system message; null: the template's default")
+    max_prompt_tokens: int = setting(512, at_least=1, help=(
+        "longer edit wordings are refused: fitting one costs minutes and says nothing"))
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, found {self.optimizer!r}")
-        if self.lr <= 0 or self.max_steps < 1 or self.batch_size < 1 or min(self.margin, self.chat_margin) < 0:
-            raise ConfigError(f"fit needs lr > 0, max_steps >= 1, batch_size >= 1, margin and chat_margin >= 0: {self}")
-        if self.max_prompt_tokens < 1:
-            raise ConfigError(f"fit needs max_prompt_tokens >= 1, found {self.max_prompt_tokens}")
-        if min(self.paraphrases, self.prefixes, self.prefix_pool, self.prefix_tokens) < 0:
-            raise ConfigError(f"fit needs paraphrases, prefixes, prefix_pool, prefix_tokens >= 0: {self}")
-        if self.wording_schedule not in WORDING_SCHEDULES:
-            raise ConfigError(f"wording_schedule must be one of {', '.join(WORDING_SCHEDULES)}, "
-                              f"found {self.wording_schedule!r}")
-        if self.exclude_eval_templates not in EXCLUDE_MODES:
-            raise ConfigError(f"exclude_eval_templates must be one of {', '.join(EXCLUDE_MODES)}, "
-                              f"found {self.exclude_eval_templates!r}")
+        self.validate()  # at construction: a bad FitConfig never reaches the fitting loop
+
+    def validate(self) -> "FitConfig":
+        return check_settings(self, "fit config")
 
 
 @dataclass

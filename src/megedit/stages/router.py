@@ -29,58 +29,114 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, MeGError
 from ..io import atomic_save_tensors, atomic_write_json, load_tensors, read_record
+from ..settings import check_settings, setting
 
 log = logging.getLogger(__name__)
 
 
-ROUTER_KINDS = ("entropy", "nearest")
+class EntropyKind:
+    """The "entropy" router: a net memorises a random label per edit prompt; distance = its entropy."""
+
+    holds_wordings = False  # the net knows its edit prompts only
+
+    def max_distance(self, config: "RouterConfig") -> float:
+        return math.log(config.classes)
+
+    def distance_label(self, config: "RouterConfig") -> str:
+        return f"router entropy (nats; max ln {config.classes})"
+
+    def build(self, edit_embeddings: torch.Tensor, config: "RouterConfig", epsilon: float, progress: bool,
+              desc: str) -> "Router":
+        net, record = train_familiarity_net(edit_embeddings, config, progress, desc)
+        return Router(config, epsilon, net=net, record={"training": record})
+
+    def load(self, path: Path, tensors: dict, config: "RouterConfig", epsilon: float, dim: int,
+             record: dict) -> "Router":
+        net = FamiliarityNet(dim, config)
+        try:
+            net.load_state_dict(tensors)
+        except RuntimeError as error:
+            raise MeGError(f"{path}: router weights do not match its record ({str(error).splitlines()[0]})") from None
+        return Router(config, epsilon, net=net.eval().requires_grad_(False), record=record)
+
+
+class NearestKind:
+    """The "nearest" router: a bank of the edits' normalised embeddings; distance = 1 - cosine."""
+
+    holds_wordings = True  # the edits' other wordings join the bank
+
+    def max_distance(self, config: "RouterConfig") -> float:
+        return 2.0
+
+    def distance_label(self, config: "RouterConfig") -> str:
+        return "1 - cosine to the nearest edit prompt"
+
+    def build(self, edit_embeddings: torch.Tensor, config: "RouterConfig", epsilon: float, progress: bool,
+              desc: str) -> "Router":
+        bank = nn.functional.normalize(edit_embeddings.detach().float(), dim=-1)
+        return Router(config, epsilon, bank=bank, record={"training": {"n": len(bank), "seconds": 0.0}})
+
+    def load(self, path: Path, tensors: dict, config: "RouterConfig", epsilon: float, dim: int,
+             record: dict) -> "Router":
+        _check_nearest(path, tensors, dim)
+        return Router(config, epsilon, bank=tensors["bank"], record=record, negatives=tensors.get("negatives"),
+                      wordings=tensors.get("wordings"), wording_edits=tensors.get("wording_edits"))
+
+
+# the router kinds by name, the one place a name meets its code: adding a kind is a class like the
+# two above (in its own file) and one entry here
+ROUTER_KINDS = {"entropy": EntropyKind(), "nearest": NearestKind()}
+
+
+def router_kind(name: str) -> EntropyKind | NearestKind:
+    if name not in ROUTER_KINDS:
+        raise ConfigError(f"router kind must be one of {', '.join(ROUTER_KINDS)}, found {name!r}")
+    return ROUTER_KINDS[name]
 
 
 @dataclass
 class RouterConfig:
-    kind: str = "nearest"  # or "entropy" (the paper's); see the module docstring and bench/routing.py
-    classes: int = 10  # K, far below the number of edits
-    blocks: int = 5
-    expansion: int = 4
-    dropout: float = 0.1
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    batch_size: int = 256
-    max_epochs: int = 1000
-    fit_entropy: float = 0.01  # stop once the edit queries' mean entropy is below this
-    seed: int = 0
-    epsilon: float | None = None  # None: calibrate on the pseudo-edit pool
+    kind: str = setting("nearest", choices=ROUTER_KINDS, help=(
+        "nearest: 1 - cosine to the nearest edit wording; entropy: the paper's net (module docstring, "
+        "bench/routing.py)"))
+    classes: int = setting(10, at_least=2, help="entropy: K random labels, far below the number of edits")
+    blocks: int = setting(5, at_least=0, help="entropy: residual blocks of the net")
+    expansion: int = setting(4, at_least=1, help="entropy: hidden width of a block, in multiples of the input's")
+    dropout: float = setting(0.1, at_least=0, below=1, help="entropy: dropout in each block")
+    lr: float = setting(1e-3, above=0, help="entropy: AdamW's learning rate")
+    weight_decay: float = setting(0.01, at_least=0, help="entropy: AdamW's weight decay")
+    batch_size: int = setting(256, at_least=1, help="entropy: edit prompts per step")
+    max_epochs: int = setting(1000, at_least=1, help="entropy: passes over the edit prompts at most")
+    fit_entropy: float = setting(0.01, at_least=0, help="entropy: stop once the edit queries' mean entropy is below this")
+    seed: int = setting(0, help="entropy: the labels and the net's initial weights")
+    epsilon: float | None = setting(None, help=(
+        "a query fires when its distance is below this (in (0, 2] for nearest, (0, ln classes] for entropy); "
+        "null: calibrate on the pseudo-edit pool"))
     # Balanced thresholds sit at 3-10% false fire up to 4,096 CounterFact / ZsRE edits but at 22.5% at 10,000,
     # where each false fire can break an unrelated answer: the ceiling bounds that loss (docs/results.md)
-    max_false_fire: float | None = 20.0  # calibration: false fire (percent) at most this; none: no ceiling
-    # calibration: epsilon maximises recall - this x false fire; below 1 favours reaching paraphrases
-    false_fire_weight: float = 1.0
-    # negatives: prompts about an edit's subject that ask something else (data/specificity.py); a query
-    # nearer to one of them than to every edit prompt does not fire (nearest router only)
-    negatives: int = 16  # other-relation prompts per edit, from the pool's negative-half wordings
-    plain_negatives: int = 2  # plain prompts about the subject per edit ("Tell me about X.")
-    same_relation_negatives: int = 0  # pool prompts asking the edit's relation about other subjects, per edit
-    negative_margin: float = 0.0  # a negative holds a query back when its cosine is at least the wording's + this
-    # calibration: the mirror router holds every wording (the edits' other wordings and the calibration records'
-    # own), as the deployed router holds the edits'; False: prompts only
-    calibration_wordings: bool = False
+    max_false_fire: float | None = setting(20.0, at_least=0, at_most=100, help=(
+        "calibration: false fire (percent) at most this; null: no ceiling"))
+    false_fire_weight: float = setting(1.0, above=0, at_most=100, help=(
+        "calibration: epsilon maximises recall - this x false fire; below 1 favours reaching paraphrases"))
+    negatives: int = setting(16, at_least=0, help=(
+        "nearest: other-relation prompts per edit, from the pool's negative-half wordings; a query nearer to one of "
+        "them than to every edit wording does not fire"))
+    plain_negatives: int = setting(2, at_least=0, help='nearest: plain prompts about the subject per edit '
+                                   '("Tell me about X.")')
+    same_relation_negatives: int = setting(0, at_least=0, help=(
+        "nearest: pool prompts asking the edit's relation about other subjects, per edit"))
+    negative_margin: float = setting(0.0, at_least=-1, at_most=2, help=(
+        "nearest: a negative holds a query back when its cosine is at least the wording's + this"))
+    calibration_wordings: bool = setting(False, help=(
+        "calibration: the mirror router holds every wording (the edits' other wordings and the calibration "
+        "records' own), as the deployed router holds the edits'; false: prompts only"))
 
     @property
     def max_distance(self) -> float:
-        return math.log(self.classes) if self.kind == "entropy" else 2.0
+        return router_kind(self.kind).max_distance(self)
 
     def validate(self) -> "RouterConfig":
-        if self.kind not in ROUTER_KINDS:
-            raise ConfigError(f"router config: kind must be one of {', '.join(ROUTER_KINDS)}, got {self.kind!r}")
-        if self.classes < 2 or self.blocks < 0 or self.expansion < 1 or self.max_epochs < 1:
-            raise ConfigError(f"router config: need classes >= 2, blocks >= 0, expansion >= 1, max_epochs >= 1, "
-                              f"got {asdict(self)}")
-        if min(self.negatives, self.plain_negatives, self.same_relation_negatives) < 0 or not (
-                -1.0 <= self.negative_margin <= 2.0):
-            raise ConfigError(f"router config: negatives, plain_negatives and same_relation_negatives must be >= 0 "
-                              f"and negative_margin in [-1, 2], got {asdict(self)}")
-        if not 0 < self.false_fire_weight <= 100:
-            raise ConfigError(f"router config: false_fire_weight must be in (0, 100], got {self.false_fire_weight}")
+        check_settings(self, "router config")
         if self.epsilon is not None and not 0 < self.epsilon <= self.max_distance:
             raise ConfigError(f"router config: epsilon must be in (0, {self.max_distance:.3f}] for the {self.kind} "
                               f"router, got {self.epsilon}")
@@ -211,11 +267,7 @@ class Router:
     def build(cls, edit_embeddings: torch.Tensor, config: RouterConfig, epsilon: float, progress: bool = True,
               desc: str = "training router") -> "Router":
         """A router of `config.kind` over these edit prompts (training the net for "entropy")."""
-        if config.kind == "nearest":
-            bank = nn.functional.normalize(edit_embeddings.detach().float(), dim=-1)
-            return cls(config, epsilon, bank=bank, record={"training": {"n": len(bank), "seconds": 0.0}})
-        net, record = train_familiarity_net(edit_embeddings, config, progress, desc)
-        return cls(config, epsilon, net=net, record={"training": record})
+        return router_kind(config.kind).build(edit_embeddings, config, epsilon, progress, desc)
 
     def with_edits(self, keep: list[int], embeddings: torch.Tensor, wordings: torch.Tensor | None = None,
                    wording_edits: Sequence[int] = ()) -> "Router":
@@ -333,17 +385,7 @@ class Router:
         meta, config, epsilon, dim = read_record(path, "router", lambda m: (
             m, RouterConfig(**m["config"]).validate(), float(m["epsilon"]), int(m["dim"])))
         tensors = load_tensors(path, "router")
-        if config.kind == "nearest":
-            _check_nearest(path, tensors, dim)
-            return cls(config, epsilon, bank=tensors["bank"], record=meta.get("record", {}),
-                       negatives=tensors.get("negatives"), wordings=tensors.get("wordings"),
-                       wording_edits=tensors.get("wording_edits"))
-        net = FamiliarityNet(dim, config)
-        try:
-            net.load_state_dict(tensors)
-        except RuntimeError as error:
-            raise MeGError(f"{path}: router weights do not match its record ({str(error).splitlines()[0]})") from None
-        return cls(config, epsilon, net=net.eval().requires_grad_(False), record=meta.get("record", {}))
+        return router_kind(config.kind).load(path, tensors, config, epsilon, dim, meta.get("record", {}))
 
 
 def flat_wordings(wordings: Sequence[Sequence[str]]) -> tuple[list[str], list[int]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
@@ -19,18 +19,25 @@ from ..data.requests import EditRequest, pool_apart_from
 from ..data.specificity import negative_prompts
 from ..errors import ConfigError
 from ..models import SentenceEncoder
+from ..settings import check_settings, setting
 from .encoder import EncoderConfig, EncoderTraining, retrieval_top1, train_encoder, training_triples
-from .router import Router, RouterConfig, epsilon_curve, flat_wordings, route_stats, separation_auroc, train_router
+from .router import (Router, RouterConfig, epsilon_curve, flat_wordings, route_stats, router_kind, separation_auroc,
+                     train_router)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RoutingConfig:
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    router: RouterConfig = field(default_factory=RouterConfig)
-    calibration_size: int = 512  # pool records held out of encoder training for the epsilon calibration
-    seed: int = 0  # the pool split
+    encoder: EncoderConfig = setting(default_factory=EncoderConfig, help="stage B: tuning the sentence encoder")
+    router: RouterConfig = setting(default_factory=RouterConfig, help="stage C: the router")
+    calibration_size: int = setting(512, at_least=0, help=(
+        "pool records held out of encoder training for the epsilon calibration"))
+    seed: int = setting(0, help="the pool split and the negatives' draw")
+
+    def validate(self) -> "RoutingConfig":
+        self.encoder.validate(), self.router.validate()
+        return check_settings(self, "routing config")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RoutingConfig":
@@ -93,7 +100,8 @@ def fit_router(edits: Sequence[EditRequest], tuned: SentenceEncoder, train_pool:
     the calibration records' own (`calibration_wordings`, built as the edits' are)."""
     start = time.perf_counter()
     texts, owners = flat_wordings(wordings or [])
-    embedded = tuned.encode(texts, progress=progress) if texts and config.router.kind == "nearest" else None
+    holds_wordings = router_kind(config.router.kind).holds_wordings
+    embedded = tuned.encode(texts, progress=progress) if texts and holds_wordings else None
     router = train_router(tuned.encode([r.prompt for r in edits], progress=progress), config.router,
                           calibration=calibration_embeddings(tuned, calibration, train_pool, [r.prompt for r in edits]),
                           mirror_wordings=_mirror_wordings(tuned, embedded, owners, len(edits), calibration_wordings,

@@ -25,18 +25,22 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
+from ...settings import setting
+from .diffusion import Diffusion, Schedule
 
 
 @dataclass
 class DiTConfig:
-    patch: int = 96
-    hidden: int = 192
-    depth: int = 4
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    cond_dropout: float = 0.2  # the spec's
-    unit_condition: bool = True  # scale the unit-norm query embedding to unit variance per coordinate
-    cond_token: bool = False  # also add the projected query embedding to every token (not only through adaLN)
+    patch: int = setting(96, at_least=1, help="coordinates of the vector per token")
+    hidden: int = setting(192, at_least=1, help="token width (a multiple of heads)")
+    depth: int = setting(4, at_least=1, help="transformer blocks")
+    heads: int = setting(4, at_least=1, help="attention heads")
+    mlp_ratio: float = setting(4.0, above=0, help="a block's MLP width, in multiples of hidden")
+    cond_dropout: float = setting(0.2, at_least=0, below=1, help=(
+        "dropout on the condition while training (the spec's 0.2; the cpu preset's 0)"))
+    unit_condition: bool = setting(True, help="scale the unit-norm query embedding to unit variance per coordinate")
+    cond_token: bool = setting(False, help=(
+        "also add the projected query embedding to every token (not only through adaLN)"))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,3 +121,26 @@ class DiT(nn.Module):
         shift, scale = self.final_ada(c).chunk(2, dim=-1)
         out = self.out(_modulate(self.final_norm(h), shift, scale))
         return out.reshape(batch, -1)[:, : self.length]
+
+
+class DiTKind:
+    """The "dit" generator kind: this network, sampled by diffusion (the registry's entry, kinds.py)."""
+
+    trains = True
+
+    def network(self, config, length: int, cond_dim: int) -> nn.Module:
+        return DiT(length, cond_dim, config.dit_config())
+
+    def diffusion(self, config) -> Diffusion:
+        return Diffusion(Schedule(), config.prediction, config.sigma_data)
+
+    def saved_settings(self, net: DiT) -> dict:
+        """Every network field, so a later change of the presets cannot alter a saved generator."""
+        return {"dit": asdict(net.config)}
+
+    def saved_network(self, path, tensors: dict) -> None:
+        return None  # built from the config; its weights are loaded into it
+
+    def describe(self, net: DiT, config) -> str:
+        parameters = sum(p.numel() for p in net.parameters())
+        return f"dit ({parameters / 1e6:.2f}M parameters, {config.sample_steps} {config.sampler} steps)"

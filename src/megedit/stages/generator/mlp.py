@@ -8,12 +8,14 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ...settings import setting
+
 
 @dataclass
 class MLPConfig:
-    hidden: int = 1024
-    depth: int = 3
-    dropout: float = 0.1
+    hidden: int = setting(1024, at_least=1, help="width of the residual blocks")
+    depth: int = setting(3, at_least=0, help="residual blocks")
+    dropout: float = setting(0.1, at_least=0, below=1, help="dropout in each block")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,3 +38,24 @@ class MLPGenerator(nn.Module):
         for block in self.blocks:
             h = h + block(h)
         return self.out(h)
+
+
+class MLPKind:
+    """The "mlp" generator kind: one forward pass per query, trained with MSE (kinds.py)."""
+
+    trains = True
+
+    def network(self, config, length: int, cond_dim: int) -> nn.Module:
+        return MLPGenerator(length, cond_dim, config.mlp_config())
+
+    def diffusion(self, config) -> None:
+        return None
+
+    def saved_settings(self, net: MLPGenerator) -> dict:
+        return {}
+
+    def saved_network(self, path, tensors: dict) -> None:
+        return None  # built from the config; its weights are loaded into it
+
+    def describe(self, net: MLPGenerator, config) -> str:
+        return f"mlp ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters)"

@@ -105,8 +105,8 @@ def train_generator(embeddings: torch.Tensor, vectors: torch.Tensor, config: Gen
     generator = fine_tune.start() if fine_tune else Generator.for_vectors(config, vectors, embeddings.shape[1])
     cond, x = _training_pairs(generator, embeddings, vectors, unrelated)
     validation = embeddings[: config.validation_size].float(), vectors[: config.validation_size].float().cpu()
-    if config.kind == "lookup":  # no training: the table is the pairs
-        return _lookup(generator, cond, x, *validation, validate, start, n_edits)
+    if not generator.kind.trains:  # its network is the pairs
+        return _untrained(generator, cond, x, *validation, validate, start, n_edits)
     total = fine_tune.steps if fine_tune else config.steps_for(n_edits)
     log.info("generator: %d steps of %d pairs (%.0f passes over %d edits, %.0f over their %d pairs)", total,
              config.batch_size, total * config.batch_size / n_edits, n_edits, total * config.batch_size / len(x), len(x))
@@ -275,12 +275,11 @@ def _validation_point(generator: Generator, ema, validation: tuple, validate: Va
     return broadcast_object_list([numbers])[0]
 
 
-def _lookup(generator: Generator, cond, x, val_cond, val_vectors, validate: Validate | None, start: float,
-            n_edits: int) -> Generator:
-    """The lookup generator: its table is the training pairs; validated once, like a trained one."""
-    from .lookup import LookupTable
-
-    generator.net = LookupTable(cond, x).eval().requires_grad_(False)
+def _untrained(generator: Generator, cond, x, val_cond, val_vectors, validate: Validate | None, start: float,
+                n_edits: int) -> Generator:
+    """A generator of a kind that trains nothing (the lookup): its network is built from the
+    training pairs; validated once, like a trained one."""
+    generator.net = generator.kind.from_pairs(cond, x).eval().requires_grad_(False)
     generated, numbers = validation_numbers(generator, generator.net, val_cond, val_vectors, generator.config.seed)
     if validate is not None:
         numbers |= validate(generated)
