@@ -123,8 +123,9 @@ class RouterConfig:
         "them than to every edit wording does not fire"))
     plain_negatives: int = setting(2, at_least=0, help='nearest: plain prompts about the subject per edit '
                                    '("Tell me about X.")')
-    same_relation_negatives: int = setting(0, at_least=0, help=(
-        "nearest: pool prompts asking the edit's relation about other subjects, per edit"))
+    same_relation_negatives: int = setting(16, at_least=0, help=(
+        "nearest: pool prompts asking the edit's relation about other subjects, per edit (locality: a query "
+        "about another subject is held back by its like)"))
     negative_margin: float = setting(0.0, at_least=-1, at_most=2, help=(
         "nearest: a negative holds a query back when its cosine is at least the wording's + this"))
     calibration_wordings: bool = setting(False, help=(
