@@ -93,12 +93,25 @@ def levers_margin_table() -> str:
 
 
 def levers_calibration_table() -> str:
-    """bench/real_use_levers.py, calibration: epsilon from a mirror of prompts alone or of every wording."""
+    """bench/real_use_levers.py, calibration: epsilon from a mirror of prompts alone or of every wording,
+    under a weight on false fire."""
     levers = load_one("real-use-levers.json")
     if levers is None or "calibration" not in levers:
         return "(not run yet: bench/real_use_levers.py calibration)"
     rows = [[r["edits"], f"{r['n_edits']:,}", "every wording" if r["calibration_wordings"] else "prompts",
-             f"{r['epsilon']:.3f}", f"{r['rephrase']['fires_own_edit']:.1f}", f"{r['specificity']['fires']:.1f}",
-             f"{r['locality']['fires']:.1f}"] for r in levers["calibration"]["rows"]]
-    return _table(["edits", "N", "calibration mirror holds", "epsilon", "rephrases fire their edit %",
-                   "specificity probes fire %", "locality prompts fire %"], rows)
+             f"{r.get('false_fire_weight', 1.0):g}", f"{r['epsilon']:.3f}", f"{r['rephrase']['fires_own_edit']:.1f}",
+             f"{r['specificity']['fires']:.1f}", f"{r['locality']['fires']:.1f}"] for r in levers["calibration"]["rows"]]
+    return _table(["edits", "N", "calibration mirror holds", "false-fire weight", "epsilon",
+                   "rephrases fire their edit %", "specificity probes fire %", "locality prompts fire %"], rows)
+
+
+def levers_neighbours_table() -> str:
+    """bench/real_use_levers.py, neighbours: router negatives asking an edit's relation about other subjects."""
+    levers = load_one("real-use-levers.json")
+    if levers is None or "neighbours" not in levers:
+        return "(not run yet: bench/real_use_levers.py neighbours)"
+    rows = [[r["edits"], f"{r['n_edits']:,}", str(r["same_relation_negatives"]), f"{r['n_negatives']:,}",
+             f"{r['rephrase']['fires_own_edit']:.1f}", f"{r['specificity']['fires']:.1f}",
+             f"{r['locality']['fires']:.1f}"] for r in levers["neighbours"]["rows"]]
+    return _table(["edits", "N", "same-relation negatives per edit", "negatives in all",
+                   "rephrases fire their edit %", "specificity probes fire %", "locality prompts fire %"], rows)
