@@ -8,6 +8,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from .data.prompts import get_format
 from .errors import ConfigError
 from .io import parse_text
 from .stages.encoder import EncoderConfig
@@ -50,8 +51,6 @@ class MeGConfig:
 
     def resolved(self) -> "MeGConfig":
         """A copy with the layer and the seed written into the stage configs, validated."""
-        from .data.prompts import get_format
-
         get_format(self.prompt_format)
         routing = RoutingConfig(replace(self.routing.encoder, seed=self.seed),
                                 replace(self.routing.router, seed=self.seed).validate(),

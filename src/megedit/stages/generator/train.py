@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ...errors import ConfigError
 from ...io import load_keyed_state, save_keyed_state
+from .lookup import LookupTable
 from .model import Generator, GeneratorConfig
 
 log = logging.getLogger(__name__)
@@ -278,8 +279,6 @@ def _validation_point(generator: Generator, ema, validation: tuple, validate: Va
 def _lookup(generator: Generator, cond, x, val_cond, val_vectors, validate: Validate | None, start: float,
             n_edits: int) -> Generator:
     """The lookup generator: its table is the training pairs; validated once, like a trained one."""
-    from .lookup import LookupTable
-
     generator.net = LookupTable(cond, x).eval().requires_grad_(False)
     generated, numbers = validation_numbers(generator, generator.net, val_cond, val_vectors, generator.config.seed)
     if validate is not None:
