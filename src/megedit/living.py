@@ -71,7 +71,7 @@ def add_edits(edited: EditedModel, requests: Sequence[EditRequest], work_dir: st
     pseudo-edit records for the new edits' other wordings (and for `config.recalibrate`).
     `work_dir` caches the steps: a killed call resumes. `processes`: stage A's forked one-thread
     CPU processes (megedit.parallel). The returned model takes over the base model; `edited` is
-    closed. (`edited.add_edits(...)` calls this.)"""
+    closed."""
     config, table = (config or AddConfig()).validate(), _editable(edited, "add")
     requests = _checked(requests)
     replaced = table.rows_matching(requests)
@@ -101,7 +101,7 @@ def remove_edits(edited: EditedModel, ids: Sequence[str], work_dir: str | Path, 
                  progress: bool = True) -> EditedModel:
     """`edited` without the edits of these case ids: their router rows dropped (their prompts stop
     firing), the generator fine-tuned on the remaining edits. As `add_edits`, the returned model
-    takes over the base model. (`edited.remove_edits(...)` calls this.)"""
+    takes over the base model."""
     config, table = (config or AddConfig()).validate(), _editable(edited, "remove")
     ids = list(dict.fromkeys(str(i) for i in ids))
     if not ids:
