@@ -42,7 +42,7 @@ CASES = HERE / "results" / "cases"
 
 def generated_subject(model, tokenizer, spec, vectors_by_text: dict[str, torch.Tensor], method: str):
     """The LM with the neuron set, per query, to the vector generated for that query's text."""
-    from megedit.eval.subject import vector_table_subject
+    from megedit.runtime.subject import vector_table_subject
 
     return vector_table_subject(model, tokenizer, spec, vectors_by_text, lambda q: q.text, method)
 

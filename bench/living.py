@@ -7,7 +7,7 @@ records after those.
     .venv/bin/python bench/living.py add          # 128 edits added, against a refit of all 1,152
     .venv/bin/python bench/living.py successive   # 10 additions of 100 edits, one after another
 
-add: the pack is scored on its 1,024 edits; 128 edits are added (`EditedModel.add_edits`, the
+add: the pack is scored on its 1,024 edits; 128 edits are added (`megedit.add_edits`, the
 pack's settings, the same pool) and the grown pack is scored on the old edits and on the new ones;
 then all 1,152 are fitted again from scratch in one fit (every stage: the encoder too, whose pool
 leaves out records that share a case id or a prompt with an edit, so it changes when they do) and
@@ -107,6 +107,8 @@ class Bench:
 
     def added(self, edited, requests, key: str):
         """`edited` with `requests` added, saved as WORK/<key>; timed once (a resumed run loads it)."""
+        from megedit import add_edits
+
         folder, work = WORK / key, WORK / f"{key}-work"
         if f"{key}-cost" in self.state and folder.exists():
             edited.close()
@@ -114,7 +116,7 @@ class Bench:
         if work.exists():  # a killed add: start over, or its cached steps would make it look cheap
             shutil.rmtree(work)
         start = time.perf_counter()
-        grown = edited.add_edits(requests, work, pool=self.pool, config=self.add_config)
+        grown = add_edits(edited, requests, work, pool=self.pool, config=self.add_config)
         seconds = time.perf_counter() - start
         grown.save_pretrained(folder)
         return grown, self.done(f"{key}-cost", {"seconds": seconds, "threads": torch.get_num_threads(),

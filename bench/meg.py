@@ -47,7 +47,8 @@ SETTINGS = {  # data kind, edits, default N, pseudo-edit pool
 def speed(edited, requests, rounds: int) -> dict:
     """Queries per second, edited vs unedited, on the same queries, alternating rounds."""
     from megedit.eval import PlainSubject
-    from megedit.eval.runner import DecodeSettings, build_queries, run_queries
+    from megedit.eval.runner import build_queries
+    from megedit.runtime.decoding import DecodeSettings, run_queries
 
     queries = [q for qs in build_queries(requests).values() for q in qs]
     fmt = edited.prompt_format

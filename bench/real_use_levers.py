@@ -204,7 +204,7 @@ def answer_costs(model, tokenizer, n: int) -> list[dict]:
     from megedit import MeGConfig, MeGEditor, load_requests
     from megedit.data.prompts import get_format
     from megedit.eval import evaluate
-    from megedit.eval.subject import vector_table_subject
+    from megedit.runtime.subject import vector_table_subject
     from megedit.stages.fit_neurons import fit_neurons
 
     pool = load_requests("counterfact", SHARED / "counterfact-train.json")
@@ -239,7 +239,7 @@ def answer_costs(model, tokenizer, n: int) -> list[dict]:
 def free_generation(subject, edits, tokens: int) -> float:
     """Percent of degenerate 50-token greedy continuations of the raw prompts (end-of-turn stops them)."""
     from megedit.eval.chat import is_degenerate
-    from megedit.eval.subject import Query
+    from megedit.runtime.subject import Query
     from megedit.lm import end_of_turn_ids
 
     tok, model = subject.tokenizer, subject.model

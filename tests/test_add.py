@@ -1,4 +1,4 @@
-"""Living edits: adding edits to a pack and removing some without a refit (EditedModel.add_edits,
+"""Living edits: adding edits to a pack and removing some without a refit (megedit.add_edits,
 remove_edits, `megedit add` / `megedit remove`), on a tiny LM and encoder saved as folders so that
 fresh CLI processes load the very same ones."""
 
@@ -17,7 +17,7 @@ from tiny import char_tokenizer, tiny_encoder, tiny_model
 from megedit import EditedModel, MeGConfig, MeGEditor, load_encoder, load_model
 from megedit.data import EditRequest, LocalityQuery
 from megedit.errors import ConfigError, MeGError
-from megedit.living import AddConfig
+from megedit.living import AddConfig, add_edits, remove_edits
 from megedit.pack import PACK_FILES, file_sha256, manifest_sha256, read_manifest
 from megedit.stages.fit_neurons import FitConfig
 from megedit.stages.router import Router, RouterConfig
@@ -89,7 +89,7 @@ def grown(setup, encoder):
     root, lm_dir, _, pack = setup
     model, tok = load_model(str(lm_dir), device="cpu")
     before = EditedModel.from_pretrained(pack, model, tok, encoder=encoder)
-    after = before.add_edits([*NEW, AGAIN], root / "add-work", pool=POOL, progress=False)
+    after = add_edits(before, [*NEW, AGAIN], root / "add-work", pool=POOL, progress=False)
     after.save_pretrained(root / "grown")
     yield before, after
     after.close()
@@ -145,13 +145,13 @@ def test_a_lookup_pack_grows_and_shrinks_its_table_without_training(setup, encod
     edited = MeGEditor(model, tok, config, encoder=encoder, progress=False).fit(EDITS, tmp_path / "work", POOL)
     keys = len(edited.generator.net.keys)
     # stage A of the new edits in two forked processes (megedit.parallel): the same answers as in one
-    grown = edited.add_edits([*NEW, AGAIN], tmp_path / "add", pool=POOL, progress=False, processes=2)
+    grown = add_edits(edited, [*NEW, AGAIN], tmp_path / "add", pool=POOL, progress=False, processes=2)
     smaller = None
     try:
         prompts = [r.prompt for r in EDITS + NEW]
         assert _answers(grown, prompts) == ["x", "d", "d", "x", "a", "x"]  # the new table holds every edit's vectors
         assert grown.history[-1]["generator"]["steps"] == 0 and len(grown.generator.net.keys) > keys
-        smaller = grown.remove_edits(["n0"], tmp_path / "remove", progress=False)
+        smaller = remove_edits(grown, ["n0"], tmp_path / "remove", progress=False)
         with smaller.unedited():
             base = _answers(smaller, ["Rome lies in"])
         assert _answers(smaller, prompts) == ["x", "d", "d", "x", base[0], "x"]
@@ -165,10 +165,10 @@ def test_a_lookup_pack_grows_and_shrinks_its_table_without_training(setup, encod
 def test_an_edit_the_pack_holds_is_replaced_and_logged(setup, load, tmp_path, caplog):
     edited = load(setup[3])
     with pytest.raises(ConfigError, match=r"already holds 'e2' \(same case id or prompt\)"):
-        edited.add_edits([AGAIN], tmp_path, replace=False, progress=False)
+        add_edits(edited, [AGAIN], tmp_path, replace=False, progress=False)
     assert edited.neuron.attached  # a refused add leaves the pack as it was
     with caplog.at_level(logging.INFO, logger="megedit"):
-        after = edited.add_edits([_edit("e9", "Zed?", "d")], tmp_path, progress=False)  # same prompt, new id
+        after = add_edits(edited, [_edit("e9", "Zed?", "d")], tmp_path, progress=False)  # same prompt, new id
     try:
         assert any("replacing 1 edits" in m and "later fact wins" in m and "e2" in m for m in caplog.messages)
         assert after.edits.case_ids == ["e0", "e1", "e3", "e9"] and after.history[-1]["replaced"] == ["e2"]
@@ -179,7 +179,7 @@ def test_an_edit_the_pack_holds_is_replaced_and_logged(setup, load, tmp_path, ca
 
 def test_remove_stops_an_edit_firing_and_keeps_the_others(setup, grown, load, tmp_path):
     prompts = [r.prompt for r in EDITS + NEW]
-    smaller = load(setup[0] / "grown").remove_edits(["e0", "n1"], tmp_path, progress=False)
+    smaller = remove_edits(load(setup[0] / "grown"), ["e0", "n1"], tmp_path, progress=False)
     try:
         routing = smaller.routing(prompts)
         assert routing.edits == [None, "e1", "e2", "e3", "n0", None]  # their bank rows are gone: they never fire
@@ -197,13 +197,13 @@ def test_remove_stops_an_edit_firing_and_keeps_the_others(setup, grown, load, tm
 def test_remove_refuses_unknown_ids_and_emptying_the_pack(grown, tmp_path):
     _, after = grown
     with pytest.raises(ConfigError, match=r"^remove: no edit with id 'zz' in the pack \(its 6 ids: e0, e1, e3, n0"):
-        after.remove_edits(["e1", "zz"], tmp_path)
+        remove_edits(after, ["e1", "zz"], tmp_path)
     with pytest.raises(ConfigError, match="that is all 6 edits"):
-        after.remove_edits(after.edits.case_ids, tmp_path)
+        remove_edits(after, after.edits.case_ids, tmp_path)
     with pytest.raises(ConfigError, match="given twice"):
-        after.add_edits([NEW[0], NEW[0]], tmp_path)
+        add_edits(after, [NEW[0], NEW[0]], tmp_path)
     with pytest.raises(ConfigError, match="add config: passes must be > 0"):
-        after.add_edits(NEW, tmp_path, config=AddConfig(passes=0.0))
+        add_edits(after, NEW, tmp_path, config=AddConfig(passes=0.0))
     assert after.neuron.attached
 
 
@@ -225,7 +225,7 @@ def test_pack_json_records_the_changes_and_the_pack_loads_whole(setup, grown, lo
 
 def test_a_rerun_in_the_same_work_dir_reuses_stage_a_and_the_fine_tune(setup, grown, load, caplog):
     with caplog.at_level(logging.INFO, logger="megedit"):
-        again = load(setup[3]).add_edits([*NEW, AGAIN], setup[0] / "add-work", pool=POOL, progress=False)
+        again = add_edits(load(setup[3]), [*NEW, AGAIN], setup[0] / "add-work", pool=POOL, progress=False)
     try:
         assert [m.split(":")[0] for m in caplog.messages if "done before" in m] == ["stage A (fit neurons)",
                                                                                     "generator fine-tune"]
@@ -248,7 +248,7 @@ def test_the_pack_keeps_its_pairs_embeddings_and_an_add_encodes_only_the_new_tex
         return original(texts, **kwargs)
 
     monkeypatch.setattr(encoder, "encode", counting)
-    grown = edited.add_edits(NEW, tmp_path / "work", pool=POOL, progress=False)
+    grown = add_edits(edited, NEW, tmp_path / "work", pool=POOL, progress=False)
     try:
         assert encoded and not set(encoded) & set(table.prompts) - {r.prompt for r in NEW}
         assert set(encoded) == {t for i in range(len(table), len(grown.edits))
@@ -261,7 +261,7 @@ def test_a_pack_saved_without_embeddings_computes_them_when_edits_are_added(setu
     folder = _without_embeddings(setup[3], tmp_path / "plain")
     edited = load(folder)
     assert all(e is None for e in edited.edits.embeddings)
-    grown = edited.add_edits(NEW, tmp_path / "work", pool=POOL, progress=False)
+    grown = add_edits(edited, NEW, tmp_path / "work", pool=POOL, progress=False)
     try:
         assert all(e is not None for e in grown.edits.embeddings)
         assert _answers(grown, [r.prompt for r in NEW]) == [r.target for r in NEW]
@@ -317,7 +317,7 @@ def test_an_old_pack_without_the_edit_list_loads_and_names_edits_by_index(setup,
     assert edited.routing(["Kp7:", "Zed?", UNRELATED]).edits == ["0", "2", None]
     assert _answers(edited, ["Kp7:"]) == ["x"]
     with pytest.raises(ConfigError, match="^add: this pack does not list its edits"):
-        edited.add_edits(NEW, tmp_path)
+        add_edits(edited, NEW, tmp_path)
 
 
 def _entropy_pack(load, pack, folder):
@@ -333,7 +333,7 @@ def _entropy_pack(load, pack, folder):
 def test_an_entropy_router_pack_is_refused(setup, load, tmp_path):
     edited = load(_entropy_pack(load, setup[3], tmp_path / "entropy"))
     with pytest.raises(ConfigError, match="^remove: this pack's router is the entropy net"):
-        edited.remove_edits(["e0"], tmp_path)
+        remove_edits(edited, ["e0"], tmp_path)
 
 
 # -- the verbs ----------------------------------------------------------------------------------

@@ -104,9 +104,9 @@ class _CountingSubject(PlainSubject):
 
 
 def test_a_killed_evaluation_resumes_from_its_checkpoint(lm, tmp_path, monkeypatch):
-    from megedit.eval import runner
+    from megedit.runtime.checkpoint import Checkpoint
 
-    monkeypatch.setattr(runner._Checkpoint, "every_s", 0.0)  # save after every batch
+    monkeypatch.setattr(Checkpoint, "every_s", 0.0)  # save after every batch
     model, tok = lm
     reqs, settings = _requests(7), {"batch_size": 2, "max_new_tokens": 6, "progress": False, "cache_dir": tmp_path}
     full = evaluate(_CountingSubject(model, tok), reqs, **settings)  # caches the pre-edit locality reference
@@ -127,9 +127,9 @@ def test_a_killed_evaluation_resumes_from_its_checkpoint(lm, tmp_path, monkeypat
 
 
 def test_a_killed_pre_edit_reference_resumes(lm, tmp_path, monkeypatch):
-    from megedit.eval import runner
+    from megedit.runtime.checkpoint import Checkpoint
 
-    monkeypatch.setattr(runner._Checkpoint, "every_s", 0.0)
+    monkeypatch.setattr(Checkpoint, "every_s", 0.0)
     model, tok = lm
     reqs, settings = _requests(7), {"batch_size": 2, "max_new_tokens": 6, "progress": False}
     full = evaluate(_CountingSubject(model, tok), reqs, cache_dir=tmp_path / "a", **settings)
@@ -156,9 +156,9 @@ def test_a_stopped_part_names_itself_and_its_finished_batches_are_kept(lm, tmp_p
     import json
 
     from megedit.errors import MeGError
-    from megedit.eval import runner
+    from megedit.runtime.checkpoint import Checkpoint
 
-    monkeypatch.setattr(runner._Checkpoint, "every_s", 0.0)
+    monkeypatch.setattr(Checkpoint, "every_s", 0.0)
     model, tok = lm
     reqs, settings = _requests(7), {"batch_size": 2, "max_new_tokens": 6, "progress": False, "cache_dir": tmp_path}
     full = evaluate(_CountingSubject(model, tok), reqs, **settings)  # caches the pre-edit reference
@@ -214,7 +214,7 @@ def test_the_default_budget_is_20_tokens_or_the_longest_target(lm, tmp_path):
 def test_locality_queries_a_subject_leaves_unchanged_get_the_reference_without_decoding(lm, tmp_path):
     """A neuron subject with zero vectors on the locality queries: they are not decoded, and the
     report is the one decoding them all gives."""
-    from megedit.eval.subject import NeuronSubject
+    from megedit.runtime.subject import NeuronSubject
 
     model, tok = lm
     neuron = attach_neuron(model, 1)

@@ -41,8 +41,8 @@ class Script(LogitsProcessor):
 
 
 def test_the_default_call_is_the_harness_greedy_decoder_and_hf_greedy_agrees(edited):
-    from megedit.eval.runner import DecodeSettings, run_queries
-    from megedit.eval.subject import Query
+    from megedit.runtime.decoding import DecodeSettings, run_queries
+    from megedit.runtime.subject import Query
 
     ids = [edited.prompt_format.prompt_ids(p, edited.tokenizer) for p in PROMPTS]
     out = run_queries(edited, [Query("", "generate", p, None) for p in PROMPTS], ids, [[] for _ in PROMPTS],

@@ -151,7 +151,7 @@ def test_bad_settings():
 
 def test_weight_deltas_save_and_load_onto_the_same_base_only(tmp_path):
     from megedit.errors import MeGError
-    from megedit.eval.subject import WeightEditSubject
+    from megedit.runtime.subject import WeightEditSubject
 
     model, tok = tiny_model("llama", init_range=0.2), char_tokenizer()
     subject = batch_edit(model, tok, EDITS, FMT, TEXTS, MemitConfig(layers=(0, 1), v_steps=5), progress=False)

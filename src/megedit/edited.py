@@ -3,7 +3,8 @@ the dynamic neuron), and edit packs (`save_pretrained` / `from_pretrained`).
 
 For each batch of queries: embed the raw query text, route (unfamiliar queries keep the zero
 vector, so the generator never runs for them and the model is exactly the base model), sample a
-neuron vector for the familiar ones, apply the vectors per batch row, decode.
+neuron vector for the familiar ones, then hand the vectors to the runtime (runtime/), which applies
+them per batch row and decodes.
 """
 
 from __future__ import annotations
@@ -13,28 +14,28 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
-import jinja2
 import torch
+import transformers
 from torch import nn
 
+from . import __version__
 from .data.prompts import PromptFormat, get_format, stop_tokens
 from .edit_table import EDIT_FILES, EditTable
 from .errors import ConfigError, MeGError
-from .eval.subject import NeuronSubject, Query
-from .lm import check_prompt_lengths, end_of_turn_ids, hf_generate, model_device, prompt_limit, token_id_set
+from .lm import check_prompt_lengths, end_of_turn_ids, model_device, prompt_limit
 from .models import SentenceEncoder, model_fingerprint
 from .neuron import NeuronSpec, attach_neuron
 from .pack import (PACK_FILES, PACK_FORMAT, PACK_VERSION, check_pack_target, file_sha256,  # noqa: F401
                    manifest_sha256, read_manifest, write_pack)  # check_pack_target, manifest_sha256: re-exported
+from .runtime.conversation import chat_prompt_ids, conversation, is_batch
+from .runtime.decoding import greedy_answers
+from .runtime.generation import check_row_vectors, generate_answers, streamer_batch_size
+from .runtime.subject import NeuronSubject, Query
 from .stages.encoder import load_encoder_delta, write_encoder_delta
 from .stages.generator import Generator
 from .stages.router import Router
-
-if TYPE_CHECKING:
-    from .data.requests import EditRequest
-    from .living import AddConfig
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ class EditedModel(NeuronSubject):
     `with edited.routed(texts):`. Prompts longer than `max_prompt_tokens` (None: the model's
     context) are refused. `edits`: the edits it holds, in the router's order (what adding and
     removing edits needs; None for a pack from before packs listed them); `history`: the
-    additions and removals since the fit."""
+    additions and removals since the fit. Adding and removing edits fit, so they live on the
+    fitting side: `megedit.add_edits(edited, ...)`, `megedit.remove_edits(edited, ...)` (living.py)."""
 
     method = "meg"
 
@@ -171,8 +173,8 @@ class EditedModel(NeuronSubject):
         fmt = get_format(prompt_format or self.prompt_format)
         ids = [fmt.prompt_ids(p, self.tokenizer) for p in prompts]
         self._check_prompts(ids, max_prompt_tokens)
-        if not generation_kwargs and vectors is None:
-            return self._greedy(prompts, ids, fmt, max_new_tokens, batch_size)
+        if not generation_kwargs and vectors is None:  # the harness's own decoder
+            return greedy_answers(self, prompts, ids, fmt, max_new_tokens, batch_size)
         return self._hf_generate(prompts, ids, self.answer_end_ids(fmt), max_new_tokens, batch_size, seed,
                                  generation_kwargs, vectors)
 
@@ -186,20 +188,13 @@ class EditedModel(NeuronSubject):
         (`vectors` included: one row per conversation). A list of conversations (each a string or
         a message list) gives a list of replies, the conversations run as one batch."""
         _check_count("max_new_tokens", max_new_tokens)
-        batch = _is_batch(messages)
-        conversations = [_conversation(m, self.prompt_format) for m in (messages if batch else [messages])]
-        ids = [self._chat_ids(c) for c in conversations]
+        batch = is_batch(messages)
+        conversations = [conversation(m, self.prompt_format) for m in (messages if batch else [messages])]
+        ids = [chat_prompt_ids(self.tokenizer, c) for c in conversations]
         self._check_prompts(ids, max_prompt_tokens)
         out = self._hf_generate([c[-1]["content"] for c in conversations], ids, self.end_of_turn_ids(),
                                 max_new_tokens, len(ids), seed, generation_kwargs, vectors)
         return out if batch or generation_kwargs.get("return_dict_in_generate") else out[0]
-
-    def _chat_ids(self, messages: list[dict]) -> list[int]:
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except (ValueError, jinja2.TemplateError) as error:
-            raise ConfigError(f"chat needs the tokenizer's chat template, which failed: {error}") from None
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote the special tokens
 
     def answer_end_ids(self, prompt_format: str | PromptFormat | None = None) -> list[int]:
         """Tokens that end generate()'s answers under a prompt format (default: the pack's):
@@ -215,77 +210,22 @@ class EditedModel(NeuronSubject):
         limit = max_prompt_tokens if max_prompt_tokens is not None else self.max_prompt_tokens
         check_prompt_lengths(ids, prompt_limit(self.model, limit))
 
-    def _greedy(self, prompts: list[str], ids: list[list[int]], fmt: PromptFormat, max_new_tokens: int,
-                batch_size: int) -> list[str]:
-        """Greedy answers up to the first newline, decoded exactly as the evaluation harness does."""
-        from .eval.runner import DecodeSettings, run_queries
-
-        queries = [Query("", "generate", p, None) for p in prompts]
-        with torch.inference_mode():
-            out = run_queries(self, queries, ids, [[] for _ in prompts], DecodeSettings(fmt, max_new_tokens, batch_size),
-                              progress=False, desc="generating")
-        return [self.tokenizer.decode(g, skip_special_tokens=True).strip() for g in out.generated]
-
     def _hf_generate(self, texts: list[str], ids: list[list[int]], stops: list[int], max_new_tokens: int,
                      batch_size: int, seed: int | None, kwargs: dict, vectors: torch.Tensor | None = None):
-        """HF generate() on prompt token ids, the neuron routed on `texts` (one per prompt) unless
-        `vectors` gives each prompt's vector."""
-        from transformers import TextStreamer
-
-        if kwargs.get("streamer") is not None:
-            if isinstance(kwargs["streamer"], TextStreamer) and len(ids) != 1:  # HF's text streamers take one row
-                raise ConfigError(f"a streamer takes one prompt at a time, found {len(ids)} prompts (a "
-                                  f"BaseStreamer of your own can take them all as one batch)")
-            batch_size = max(1, len(ids))  # one generate() call: the streamer sees each row once
-        if vectors is not None and tuple(vectors.shape) != (len(ids), self.spec.size):
-            raise ConfigError(f"vectors must have shape ({len(ids)}, {self.spec.size}) (one row per prompt), "
-                              f"found {tuple(vectors.shape)}")
-        if "generation_config" not in kwargs:  # greedy and the format's stops unless the caller says otherwise
-            kwargs = {"do_sample": False, "eos_token_id": stops, **kwargs}
-        if kwargs.get("stop_strings") and "tokenizer" not in kwargs:
-            kwargs["tokenizer"] = self.tokenizer  # HF needs it to match stop strings
-        raw = bool(kwargs.get("return_dict_in_generate"))
-        device = model_device(self.model)
-        if ids:
-            vectors = (self.vectors_for(texts) if vectors is None else vectors).to(device)
-
-        def rows(idx: list[int], repeat: int):
-            return self.neuron.applied(vectors[idx].repeat_interleave(repeat, dim=0))
-
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        with _seeded(seed, device):
-            batches = hf_generate(self.model, ids, pad, len(ids) if raw else batch_size, rows,
-                                  **kwargs, max_new_tokens=max_new_tokens)
-        if raw:
-            return batches[0][2] if batches else None
-        config = kwargs.get("generation_config") or self.model.generation_config
-        return self._answers(batches, len(ids), token_id_set(kwargs.get("eos_token_id", config.eos_token_id)))
-
-    def _answers(self, batches: list, n: int, ends: set[int]) -> list:
-        """Each output row's new tokens up to its first end token, decoded; grouped per prompt
-        when generate() returned several rows per prompt."""
-        texts: list[list[str]] = [[] for _ in range(n)]
-        per = 1
-        for idx, width, out in batches:
-            rows = out[:, width:].tolist()
-            per = len(rows) // len(idx)
-            for k, i in enumerate(idx):
-                texts[i] = [self._decode_answer(r, ends) for r in rows[k * per : (k + 1) * per]]
-        return [t[0] for t in texts] if per == 1 else texts
-
-    def _decode_answer(self, tokens: list[int], ends: set[int]) -> str:
-        # rows that stop early are padded by generate(); the first end token closes the answer
-        cut = next((j + 1 for j, t in enumerate(tokens) if t in ends), len(tokens))
-        return self.tokenizer.decode(tokens[:cut], skip_special_tokens=True).strip()
+        """HF generate() on prompt token ids (runtime/generation.py), the neuron routed on `texts`
+        (one per prompt) unless `vectors` gives each prompt's vector."""
+        batch_size = streamer_batch_size(kwargs, len(ids), batch_size)
+        check_row_vectors(vectors, len(ids), self.spec.size)
+        if ids and vectors is None:
+            vectors = self.vectors_for(texts)
+        return generate_answers(self.model, self.tokenizer, self.neuron, ids, vectors, stops, max_new_tokens,
+                                batch_size, seed, kwargs)
 
     # -- edit packs ----------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write the added parts only (never the base weights) to `directory`, atomically:
         the folder is complete or absent (an existing pack there is replaced whole)."""
-        import transformers
-
-        from . import __version__
 
         def write(folder: Path) -> list[str]:
             write_encoder_delta(self.encoder, self.encoder_record, folder / "encoder.safetensors")
@@ -336,32 +276,6 @@ class EditedModel(NeuronSubject):
                    sample_seed=manifest.get("sample_seed", 0), fingerprint=fingerprint, edits=edits,
                    history=manifest.get("history", []))
 
-    # -- living edits (living.py) --------------------------------------------------------------
-
-    def add_edits(self, requests: Sequence["EditRequest"], work_dir: str | Path, *,
-                  pool: Sequence["EditRequest"] | None = None, replace: bool = True,
-                  config: "AddConfig | None" = None, progress: bool = True, processes: int = 1) -> "EditedModel":
-        """This pack with `requests` added, without a refit (docs/living-edits.md): stage A for
-        them alone, their prompts added to the router, the generator fine-tuned on their pairs
-        with the old edits' replayed. An edit whose case id or prompt the pack holds replaces it
-        (`replace=False` refuses instead). `pool`: pseudo-edit records for the new edits' other
-        wordings (and for `config.recalibrate`). `work_dir` caches the steps: a killed call
-        resumes. `processes`: stage A's forked one-thread CPU processes (megedit.parallel). The
-        returned model takes over the base model; this one is closed."""
-        from .living import add_edits
-
-        return add_edits(self, requests, work_dir, pool=pool, replace=replace, config=config, progress=progress,
-                         processes=processes)
-
-    def remove_edits(self, ids: Sequence[str], work_dir: str | Path, *, config: "AddConfig | None" = None,
-                     progress: bool = True) -> "EditedModel":
-        """This pack without the edits of these case ids: their router rows dropped (their prompts
-        stop firing), the generator fine-tuned on the remaining edits. As `add_edits`, the
-        returned model takes over the base model."""
-        from .living import remove_edits
-
-        return remove_edits(self, ids, work_dir, config=config, progress=progress)
-
     def close(self) -> None:
         """Take the neuron off the model (the model object is then the plain base model again)."""
         self.neuron.detach()
@@ -370,43 +284,6 @@ class EditedModel(NeuronSubject):
 def _check_count(name: str, value) -> None:
     if type(value) is not int or value < 1:  # not a bool or a float either
         raise ConfigError(f"{name} must be a positive integer, found {value!r}")
-
-
-def _is_batch(messages) -> bool:
-    """Whether chat() was given several conversations (a list of strings or of message lists)."""
-    return (isinstance(messages, (list, tuple)) and bool(messages)
-            and all(isinstance(m, (str, list, tuple)) for m in messages))
-
-
-def _conversation(messages, fmt: PromptFormat) -> list[dict]:
-    """Chat messages checked: a string is one user turn; the last turn must be the user's. A
-    pack fitted under a chat format with a system message gets it when the caller gives none."""
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    if not isinstance(messages, (list, tuple)) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages):
-        raise ConfigError(f"chat takes a string or a list of {{'role': str, 'content': str}} messages, "
-                          f"found {messages!r:.80}")
-    if not messages or messages[-1]["role"] != "user":
-        raise ConfigError(f"chat needs a conversation that ends with a user message, found roles "
-                          f"{[m['role'] for m in messages]}")
-    if fmt.chat and fmt.system and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": fmt.system}, *messages]
-    return list(messages)
-
-
-@contextmanager
-def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
-    """Seed the sampling RNG for one call, leaving the caller's RNG state as it was."""
-    if seed is None:
-        yield
-        return
-    if type(seed) is not int:
-        raise ConfigError(f"seed must be an integer, found {seed!r}")
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
 
 
 def _edit_table(directory: Path, manifest: dict, spec: NeuronSpec, router: Router) -> EditTable | None:

@@ -22,13 +22,23 @@ import torch
 
 from .config import MeGConfig
 from .data.demo import fallback_pool
+from .data.prompts import get_format
 from .data.requests import EditRequest, pool_apart_from
 from .edit_table import EditTable
 from .edited import EditedModel
 from .errors import ConfigError
+from .eval import evaluate
 from .io import atomic_write_json
 from .models import SentenceEncoder, load_encoder, model_fingerprint
 from .parallel import check_forkable
+from .runtime.subject import vector_table_subject
+from .stages.encoder import (encoder_delta_record, load_encoder_delta, train_encoder, training_triples,
+                             write_encoder_delta)
+from .stages.fit_neurons import FitResult, fit_neurons
+from .stages.generator import Generator, train_generator
+from .stages.router import Router
+from .stages.routing import fit_router, split_for_edits
+from .stages.variants import build_variants, context_prefixes, relation_template
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +123,6 @@ class MeGEditor:
     def variants(self, requests: Sequence[EditRequest], pool: Sequence[EditRequest]) -> tuple[list[tuple[str, ...]], dict]:
         """Each edit's other wordings (stages/variants.py) from the pool and the model's own
         context prefixes, and a record of what was built."""
-        from .stages.variants import build_variants, context_prefixes, relation_template
-
         fit = self.config.fit
         prefixes = context_prefixes(self.model, self.tokenizer, fit.prefix_pool if fit.prefixes else 0,
                                     fit.prefix_tokens, self.config.seed, progress=self.progress)
@@ -130,9 +138,6 @@ class MeGEditor:
     def stage_a(self, requests, variants, work_dir: Path):
         """Stage A on `requests` and their other wordings, cached in `work_dir`: (the FitResult,
         its cache key, its timing record). Adding edits to a pack runs it on the new edits alone."""
-        from .data.prompts import get_format
-        from .stages.fit_neurons import FitResult, fit_neurons
-
         key = _digest({"model": self.fingerprint, "format": self.config.prompt_format,
                        "fit": dataclasses.asdict(self.config.fit), "edits": _records(requests),
                        **({"variants": variants} if any(variants) else {})})
@@ -159,8 +164,6 @@ class MeGEditor:
     def _stage_b(self, train_pool, work_dir: Path):
         """The tuned encoder. It depends on the pool and the encoder settings, not on the edits,
         so fits of different edit sets in one work_dir with the same pool share it."""
-        from .stages.encoder import encoder_delta_record, load_encoder_delta, train_encoder, training_triples, write_encoder_delta
-
         settings = self.config.routing.encoder
         key = _digest({"encoder": self.config.encoder, "training": dataclasses.asdict(settings), "pool": _records(train_pool)})
         path = work_dir / "encoder" / key / "encoder.safetensors"
@@ -180,9 +183,6 @@ class MeGEditor:
     def stage_bc(self, requests, pool, work_dir: Path, variants: Sequence[Sequence[str]] = ()):
         """Stages B and C on `requests` (and their other wordings), cached in `work_dir`: ({"encoder",
         "encoder_record", "router", "record"}, its cache key, its timing record)."""
-        from .stages.router import Router
-        from .stages.routing import fit_router, split_for_edits
-
         config = self.config.routing
         key = _digest({"encoder": self.config.encoder, "routing": dataclasses.asdict(config),
                        "edits": [r.prompt for r in requests], "pool": _records(pool),
@@ -209,8 +209,6 @@ class MeGEditor:
     # -- stage D: the generator -----------------------------------------------------------------
 
     def _stage_d(self, edits: EditTable, spec, routing: dict, upstream: str, work_dir: Path):
-        from .stages.generator import Generator, train_generator
-
         config = self.config.generator
         key = _digest({"upstream": upstream, "generator": dataclasses.asdict(config)})
         folder = work_dir / "generator" / key
@@ -238,9 +236,6 @@ class MeGEditor:
     def validation(self, spec, requests: list[EditRequest]):
         """Reliability AG of the generated vectors on the validation edits' own prompts (a
         callback for train_generator: the first pairs it validates are these prompts, in order)."""
-        from .eval import evaluate
-        from .eval.subject import vector_table_subject
-
         requests = [dataclasses.replace(r, rephrases=(), locality=()) for r in requests]
 
         def validate(generated: torch.Tensor) -> dict:

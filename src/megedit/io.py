@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import ConfigError, MeGError
+
 
 def _umask() -> int:
     """The process's umask, read race-free from /proc where it is there (os.umask can only be
@@ -98,8 +100,6 @@ def load_keyed_state(path: str | Path, key: str, what: str) -> dict | None:
 
     import torch
 
-    from .errors import MeGError
-
     path = Path(path)
     if not path.exists():
         return None
@@ -119,8 +119,6 @@ def load_tensors(path: str | Path, what: str) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .errors import MeGError
-
     try:
         return load_file(str(path))
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
@@ -130,8 +128,6 @@ def load_tensors(path: str | Path, what: str) -> dict:
 def read_record(path: str | Path, what: str, parse=lambda meta: meta):
     """`parse(meta)` of the JSON record beside a safetensors file (`x.safetensors` -> `x.json`);
     a one-line MeGError naming the record if it is unreadable or `parse` finds it malformed."""
-    from .errors import ConfigError, MeGError
-
     record = Path(path).with_suffix(".json")
     try:
         return parse(parse_text(record.read_text(encoding="utf-8")))

@@ -41,6 +41,7 @@ from .errors import ConfigError, MeGError
 from .settings import check_settings, setting
 from .stages.generator import FineTune, Generator, train_generator
 from .stages.router import Router, flat_wordings
+from .stages.routing import edit_negatives, fit_router, split_for_edits
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,13 @@ class AddConfig:
 def add_edits(edited: EditedModel, requests: Sequence[EditRequest], work_dir: str | Path, *,
               pool: Sequence[EditRequest] | None = None, replace: bool = True, config: AddConfig | None = None,
               progress: bool = True, processes: int = 1) -> EditedModel:
-    """`edited` with `requests` added (see `EditedModel.add_edits`)."""
+    """`edited` with `requests` added, without a refit: stage A for them alone, their prompts added
+    to the router, the generator fine-tuned on their pairs with the old edits' replayed. An edit
+    whose case id or prompt the pack holds replaces it (`replace=False` refuses instead). `pool`:
+    pseudo-edit records for the new edits' other wordings (and for `config.recalibrate`).
+    `work_dir` caches the steps: a killed call resumes. `processes`: stage A's forked one-thread
+    CPU processes (megedit.parallel). The returned model takes over the base model; `edited` is
+    closed."""
     config, table = (config or AddConfig()).validate(), _editable(edited, "add")
     requests = _checked(requests)
     replaced = table.rows_matching(requests)
@@ -92,7 +99,9 @@ def add_edits(edited: EditedModel, requests: Sequence[EditRequest], work_dir: st
 
 def remove_edits(edited: EditedModel, ids: Sequence[str], work_dir: str | Path, *, config: AddConfig | None = None,
                  progress: bool = True) -> EditedModel:
-    """`edited` without the edits of these case ids (see `EditedModel.remove_edits`)."""
+    """`edited` without the edits of these case ids: their router rows dropped (their prompts stop
+    firing), the generator fine-tuned on the remaining edits. As `add_edits`, the returned model
+    takes over the base model."""
     config, table = (config or AddConfig()).validate(), _editable(edited, "remove")
     ids = list(dict.fromkeys(str(i) for i in ids))
     if not ids:
@@ -195,8 +204,6 @@ def _router(edited: EditedModel, edits: EditTable, kept: list[int], new: EditTab
         texts, owners = flat_wordings(new.wordings)
         wordings = edited.encoder.encode(texts) if texts and edited.router.wordings is not None else None
         return edited.router.with_edits(kept, edited.encoder.encode(new.prompts), wordings, owners)
-    from .stages.routing import fit_router, split_for_edits
-
     requests = edits.requests()
     train_pool, calibration = split_for_edits(requests, pool, meg.routing)
     router, _ = fit_router(requests, edited.encoder, train_pool, calibration, meg.routing, progress,
@@ -210,8 +217,6 @@ def _with_new_negatives(router: Router, edited: EditedModel, requests: list[Edit
     """The router with the new edits' negatives added (a recalibrated router has every edit's already),
     built from the pool or, without one, from megedit's fallback pool; the pack's negatives that
     would hold back a new edit's queries go (Router.with_negatives)."""
-    from .stages.routing import edit_negatives
-
     if recalibrated or router.bank is None:
         return router
     negatives = edit_negatives(requests, pool_apart_from(pool or fallback_pool(), requests), meg.routing)

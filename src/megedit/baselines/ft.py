@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 from ..arch import mlp_path, resolve_layer
 from ..data.prompts import PromptFormat
 from ..data.requests import EditRequest
-from ..eval.subject import WeightEditSubject
 from ..io import load_keyed_state, save_keyed_state
 from ..lm import Batch, layer_input, left_pad, length_batches, model_device, starting_at_layer
 from ..methods import EditJob
 from ..models import model_fingerprint
+from ..runtime.subject import WeightEditSubject
 from .config import FTConfig
 
 log = logging.getLogger(__name__)

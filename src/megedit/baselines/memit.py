@@ -37,11 +37,11 @@ from ..arch import mlp_out_path, num_layers
 from ..data.prompts import PromptFormat
 from ..data.requests import EditRequest
 from ..errors import ConfigError
-from ..eval.subject import WeightEditSubject
 from ..io import atomic_save_tensors, load_tensors
 from ..lm import Batch, layer_input, left_pad, length_batches, model_device, starting_at_layer
 from ..methods import EditJob
 from ..models import cache_root, model_fingerprint
+from ..runtime.subject import WeightEditSubject
 from ..stages.variants import context_prefixes
 from .config import MemitConfig
 from .ft import TrainingBatch

@@ -92,7 +92,7 @@ def _subject(args, requests, fmt, kind, path):
         return subject, subject.prompt_format
     model, tokenizer = load_lm(args, args.model or "smollm2")
     if args.load_edit is not None:
-        from ..eval.subject import WeightEditSubject
+        from ..runtime.subject import WeightEditSubject
 
         return WeightEditSubject.load(args.load_edit, model, tokenizer), fmt
     if args.method == "none":

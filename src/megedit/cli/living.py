@@ -30,15 +30,16 @@ def add_add(sub) -> None:
 
 
 def run_add(args) -> int:
-    from ..edited import check_pack_target
+    from ..living import add_edits
+    from ..pack import check_pack_target
 
     check_pack_target(args.out)  # before any work, not after it
     config = living_config(args)
     kind, path, requests, _ = load_data(args)
     pool = load_pool(args, kind, path)[1] if args.pseudo or args.limit is not None else None
     edited = load_pack(args)
-    grown = edited.add_edits(requests, _work_dir(args), pool=pool, config=config, progress=args.progress,
-                             processes=args.processes)
+    grown = add_edits(edited, requests, _work_dir(args), pool=pool, config=config, progress=args.progress,
+                      processes=args.processes)
     grown.save_pretrained(args.out)
     h = grown.history[-1]
     print(f"added {len(h['ids'])} edits ({len(h['replaced'])} replacing edits the pack held; fit success "
@@ -62,11 +63,12 @@ def add_remove(sub) -> None:
 
 
 def run_remove(args) -> int:
-    from ..edited import check_pack_target
+    from ..living import remove_edits
+    from ..pack import check_pack_target
 
     check_pack_target(args.out)
     config = living_config(args)
-    smaller = load_pack(args).remove_edits(args.ids, _work_dir(args), config=config, progress=args.progress)
+    smaller = remove_edits(load_pack(args), args.ids, _work_dir(args), config=config, progress=args.progress)
     smaller.save_pretrained(args.out)
     h = smaller.history[-1]
     print(f"removed {len(h['ids'])} edits: {h['n_before']} -> {h['n_after']} edits, generator "

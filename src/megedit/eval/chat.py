@@ -20,8 +20,8 @@ from typing import Sequence
 from ..data.prompts import PRESETS
 from ..data.requests import EditRequest
 from ..lm import end_of_turn_ids
+from ..runtime.subject import Query, Subject
 from .metrics import percent
-from .subject import Query, Subject
 
 CHAT_BUDGET = 48  # new tokens per reply
 _MAX_LOOP = 8  # the longest run of words a loop is looked for in

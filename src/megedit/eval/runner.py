@@ -15,25 +15,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from tqdm.auto import tqdm
-
-from ..data.prompts import DEFAULT_FOR_KIND, PromptFormat, get_format, stop_tokens
+from ..data.prompts import DEFAULT_FOR_KIND, PromptFormat, get_format
 from ..data.requests import EditRequest
 from ..errors import ConfigError
 from ..io import atomic_write_json
-from ..lm import Decoded, decode, length_batches
+from ..lm import Decoded
 from ..models import cache_root, model_fingerprint
-from ..parallel import check_forkable, run_forked
+from ..parallel import check_forkable
+from ..runtime.checkpoint import Checkpoint
+from ..runtime.decoding import DecodeSettings, GiveUp, run_queries
+from ..runtime.subject import Query, Subject, as_subject
 from .metrics import ag_match, could_still_match, first_line, harmonic_mean, normalize_answer, percent, tf_accuracy
 from .chat import CHAT_BUDGET, chat_queries, chat_settings, has_chat_template, score_chat
 from .report import EvalReport
-from .subject import Query, Subject, as_subject
 
 log = logging.getLogger(__name__)
 
@@ -54,162 +52,6 @@ def build_queries(requests: Sequence[EditRequest]) -> dict[str, list[Query]]:
     return queries
 
 
-@dataclass(frozen=True)
-class DecodeSettings:
-    prompt_format: PromptFormat
-    max_new_tokens: int = 20
-    batch_size: int = 32
-    processes: int = 1  # forked CPU processes sharing the batches (megedit.parallel); not in any cache key
-    decode_unchanged: bool = False  # decode the locality queries the subject leaves unchanged too (a check)
-    stops: tuple[int, ...] | None = None  # tokens that end an answer; None: a newline or EOS
-
-
-def run_queries(subject: Subject, queries: Sequence[Query], prompt_ids: Sequence[list[int]],
-                drafts: Sequence[list[int]], s: DecodeSettings, progress: bool, desc: str,
-                goals: Sequence[str] | None = None, resume: _Checkpoint | None = None) -> Decoded:
-    """Teacher forcing over `drafts` and greedy decoding for every query, in length-sorted
-    batches inside the subject's per-batch context; results in the original order.
-
-    With `goals` (the answers AG compares against), a row stops decoding as soon as its output
-    can no longer match its goal: the AG credit is the same, and the output is kept up to there.
-    With `resume`, batches it holds are taken from it and each finished batch is given to it.
-    With `s.processes` > 1 the batches left are dealt to that many forked processes first.
-    """
-    result = Decoded([None] * len(queries), [None] * len(queries))
-    batches = length_batches([len(p) for p in prompt_ids], s.batch_size)
-    done = resume.rows(desc) if resume else {}
-    todo = [idx for idx in batches if not all(i in done for i in idx)]  # a resumed batch is whole
-    if s.processes > 1 and len(todo) > 1:
-        done = _decode_in_parts(subject, queries, prompt_ids, drafts, s, progress, desc, goals, resume, todo, result)
-        todo = []
-    for i, (forced, generated) in done.items():  # rows of a batch in `todo` are decoded again below
-        result.forced[i], result.generated[i] = forced, generated
-    _decode_batches(subject, queries, prompt_ids, drafts, s, progress, desc, goals, todo, result, resume)
-    return result
-
-
-def _decode_batches(subject: Subject, queries, prompt_ids, drafts, s: DecodeSettings, progress: bool, desc: str,
-                    goals, batches: list[list[int]], result: Decoded, resume: _Checkpoint | None) -> None:
-    """Decode `batches` into `result` (and `resume`), one subject batch context each."""
-    tok = subject.tokenizer
-    stops, pad = set(s.stops) if s.stops is not None else stop_tokens(tok), tok.pad_token_id
-    for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        start = time.perf_counter()
-        give_up = None
-        if goals is not None:
-            def give_up(r, tokens, idx=idx):
-                return not could_still_match(tok.decode(tokens, skip_special_tokens=True), goals[idx[r]])
-        with subject.batch_context([queries[i] for i in idx]) as select_rows:
-            out = decode(subject.model, [prompt_ids[i] for i in idx], [drafts[i] for i in idx],
-                         s.max_new_tokens, stops, pad, select_rows, give_up)
-        for k, i in enumerate(idx):
-            result.forced[i], result.generated[i] = out.forced[k], out.generated[k]
-        result.forward_s += out.forward_s
-        result.steps_s += out.steps_s
-        if resume:
-            resume.add(desc, idx, out, time.perf_counter() - start)
-
-
-def _decode_in_parts(subject: Subject, queries, prompt_ids, drafts, s: DecodeSettings, progress: bool, desc: str,
-                     goals, resume: _Checkpoint | None, todo: list[list[int]], result: Decoded) -> dict:
-    """The batches `todo` dealt round-robin to `s.processes` forked parts, each saving what it
-    finishes to a part file beside the checkpoint (a temporary folder without one); returns every
-    finished row, all parts' work taken into `resume` and their times into `result`."""
-    with tempfile.TemporaryDirectory(prefix="megedit-eval-") as scratch:
-        into = resume or _Checkpoint(Path(scratch) / "eval.json", "parts of one call")
-        paths = [_Checkpoint.part_path(into.path, k) for k in range(s.processes)]
-
-        def work(k: int) -> None:
-            part = _Checkpoint(paths[k], into.key, parts=False)
-            _decode_batches(subject, queries, prompt_ids, drafts, s, progress and k == 0, desc, goals,
-                            todo[k :: s.processes], Decoded([None] * len(queries), [None] * len(queries)), part)
-            part.save()
-
-        try:
-            run_forked(work, s.processes, f"evaluation ({desc})", rerun="the batches saved" if resume else "")
-        finally:  # what the parts finished, a stopped one's too, goes into the checkpoint
-            times = into.absorb_parts()
-            result.forward_s += times.get("forward_s", 0.0)
-            result.steps_s += times.get("steps_s", 0.0)
-    return into.rows(desc)
-
-
-class _Checkpoint:
-    """The finished batches of one evaluation, written atomically at most every `every_s`
-    seconds (and after each query kind), so that a killed evaluation resumes where it stopped; removed once it completes.
-    Its key covers the subject (method, settings, weights) and every query and setting, so a
-    file left by a different evaluation is ignored, never mixed in."""
-
-    every_s = 60.0
-
-    def __init__(self, path: Path, key: str, parts: bool = True) -> None:
-        self.path, self.key = Path(path), key
-        self.kinds: dict[str, dict] = {}
-        if self.path.exists():
-            saved = json.loads(self.path.read_text())
-            if saved.get("key") == key:
-                self.kinds = saved["kinds"]
-            else:
-                log.warning("%s was written by a different evaluation; starting afresh", self.path)
-        if parts:
-            self.absorb_parts()  # those a killed run's forked processes left
-        if self.kinds:
-            log.info("resuming the evaluation from %s (%d queries done)", self.path,
-                     sum(len(k["rows"]) for k in self.kinds.values()))
-        self.saved_at = time.perf_counter()
-
-    @staticmethod
-    def part_path(path: Path, k: int) -> Path:
-        return path.with_name(f"{path.name}.part{k + 1}")
-
-    def absorb_parts(self) -> dict[str, float]:
-        """Take in the batches the forked processes' part files hold (then delete them); returns
-        their times. The parts ran side by side: their wall time is the longest part's, and the
-        forward / decoding-step times are scaled to it (their shares of the parts' summed time)."""
-        found = sorted(self.path.parent.glob(self.path.name + ".part*"))
-        parts = [_Checkpoint(path, self.key, parts=False).kinds for path in found]
-        times: dict[str, float] = {}
-        for kind in {kind for part in parts for kind in part}:
-            entries = [part[kind] for part in parts if kind in part]
-            wall, total = max(e["seconds"] for e in entries), sum(e["seconds"] for e in entries)
-            mine = self.kinds.setdefault(kind, {"rows": {}, "seconds": 0.0, "forward_s": 0.0, "steps_s": 0.0})
-            for e in entries:
-                mine["rows"].update(e["rows"])
-            for field in ("seconds", "forward_s", "steps_s"):
-                share = wall if field == "seconds" else wall * sum(e[field] for e in entries) / max(total, 1e-9)
-                mine[field] += share
-                times[field] = times.get(field, 0.0) + share
-        if found:
-            self.save()
-            for path in found:
-                path.unlink()
-        return times
-
-    def rows(self, kind: str) -> dict[int, tuple[list[int], list[int]]]:
-        return {int(i): tuple(v) for i, v in self.kinds.get(kind, {}).get("rows", {}).items()}
-
-    def seconds(self, kind: str) -> dict[str, float]:
-        """What the batches restored for `kind` took when they ran."""
-        return {k: v for k, v in self.kinds.get(kind, {}).items() if k != "rows"}
-
-    def add(self, kind: str, idx: Sequence[int], out: Decoded, seconds: float) -> None:
-        entry = self.kinds.setdefault(kind, {"rows": {}, "seconds": 0.0, "forward_s": 0.0, "steps_s": 0.0})
-        for k, i in enumerate(idx):
-            entry["rows"][str(i)] = [out.forced[k], out.generated[k]]
-        entry["seconds"] += seconds
-        entry["forward_s"] += out.forward_s
-        entry["steps_s"] += out.steps_s
-        if time.perf_counter() - self.saved_at >= self.every_s:
-            self.save()
-
-    def save(self) -> None:
-        atomic_write_json(self.path, {"key": self.key, "kinds": self.kinds})
-        self.saved_at = time.perf_counter()
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-
 def pre_edit_outputs(subject: Subject, queries: Sequence[Query], prompt_ids, s: DecodeSettings, progress: bool = True,
                      cache_dir: Path | None = None, desc: str = "pre-edit locality") -> tuple[list[list[int]], float]:
     """The unedited model's greedy tokens on each query, cached by the model's fingerprint, the
@@ -224,7 +66,7 @@ def pre_edit_outputs(subject: Subject, queries: Sequence[Query], prompt_ids, s: 
         path = (cache_dir or cache_root()) / "locality-references" / f"{key}.json"
         if path.exists():
             return json.loads(path.read_text())["tokens"], 0.0
-        resume = _Checkpoint(path.with_suffix(".partial.json"), key)
+        resume = Checkpoint(path.with_suffix(".partial.json"), key)
         earlier_s = resume.seconds(desc).get("seconds", 0.0)  # batches a killed run finished
         tokens = run_queries(subject, queries, prompt_ids, [[] for _ in queries], s, progress, desc,
                              resume=resume).generated
@@ -286,7 +128,7 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
     resume = None
     if checkpoint is not None:
         key = _checkpoint_key(subject, queries, prompts, refs, chats, s, progress)
-        resume = _Checkpoint(Path(checkpoint), key)
+        resume = Checkpoint(Path(checkpoint), key)
 
     cases, credits, unchanged = _run_kinds(subject, queries, prompts, refs, s, progress, resume, timing)
     chat = {}
@@ -324,7 +166,7 @@ def _report(subject, data: str, n: int, protocol: dict, credits: dict, chat: dic
 
 
 def _run_kinds(subject, queries: dict, prompts: dict, refs: dict, s: DecodeSettings, progress: bool,
-               resume: "_Checkpoint | None", timing: dict) -> tuple[list[dict], dict, int]:
+               resume: "Checkpoint | None", timing: dict) -> tuple[list[dict], dict, int]:
     """Every query kind's scored rows, its AG / TF credits, and how many locality queries were unchanged."""
     cases, credits, unchanged = [], {}, 0
     for kind, qs in queries.items():
@@ -350,7 +192,7 @@ def _reference(subject: Subject, kind: str, qs: Sequence[Query], prompts: list, 
 
 
 def _run_chat(subject: Subject, queries: Sequence[Query], s: DecodeSettings, progress: bool, cache_dir: Path | None,
-              resume: "_Checkpoint | None", timing: dict) -> tuple[list[dict], dict]:
+              resume: "Checkpoint | None", timing: dict) -> tuple[list[dict], dict]:
     """The chat replies of the edited and the unedited model (the latter cached on disk), scored."""
     s = chat_settings(s, subject)
     ids = [s.prompt_format.prompt_ids(q.text, subject.tokenizer) for q in queries]
@@ -370,7 +212,7 @@ def _run_chat(subject: Subject, queries: Sequence[Query], s: DecodeSettings, pro
 
 
 def _run_kind(subject, kind: str, qs: Sequence[Query], prompts: list, ref_tokens, s: DecodeSettings, progress: bool,
-              resume: "_Checkpoint | None", timing: dict) -> tuple[list[dict], int]:
+              resume: "Checkpoint | None", timing: dict) -> tuple[list[dict], int]:
     """The scored rows of one query kind and how many of them the subject left unchanged (given the
     reference, not decoded); its times added to `timing` (a killed run's batches included)."""
     expected, drafts, goals = _answers_sought(kind, qs, ref_tokens, s.prompt_format, subject.tokenizer)
@@ -379,7 +221,7 @@ def _run_kind(subject, kind: str, qs: Sequence[Query], prompts: list, ref_tokens
     same = _unchanged(subject, qs, s) if kind in UNEDITED_KINDS else [False] * len(qs)
     todo = [i for i, u in enumerate(same) if not u]
     part = run_queries(subject, [qs[i] for i in todo], [prompts[i] for i in todo], [drafts[i] for i in todo], s,
-                       progress, kind, [goals[i] for i in todo], resume)
+                       progress, kind, _give_up_on([goals[i] for i in todo], subject.tokenizer), resume)
     # an unchanged query's greedy output is the reference, and so is its teacher-forced argmax
     out = Decoded(list(expected), list(expected), part.forward_s, part.steps_s)
     for k, i in enumerate(todo):  # the decoded rows replace theirs
@@ -420,6 +262,15 @@ def _answers_sought(kind: str, qs: Sequence[Query], ref_tokens, fmt: PromptForma
         return ref_tokens, ref_tokens, [tok.decode(t, skip_special_tokens=True) for t in ref_tokens]
     expected = [fmt.answer_ids(q.target, tok) for q in qs]
     return expected, [e + [fmt.stop_token(tok)] for e in expected], [q.target for q in qs]
+
+
+def _give_up_on(goals: Sequence[str], tok) -> GiveUp:
+    """The early stop: query i stops decoding once its output can no longer match `goals[i]`
+    (its AG credit is then decided; the output is kept up to there)."""
+    def give_up(i: int, tokens: list[int]) -> bool:
+        return not could_still_match(tok.decode(tokens, skip_special_tokens=True), goals[i])
+
+    return give_up
 
 
 def _protocol(fmt: PromptFormat, s: DecodeSettings, queries: dict, credits: dict) -> dict:

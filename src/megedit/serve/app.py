@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 
 from ..errors import MeGError
 from ..lm import check_prompt_lengths, context_length
+from ..runtime.conversation import chat_prompt_ids, conversation
 from .batcher import Batcher, QueueFull, Row, Settings
 from .guard import BODY_TIMEOUT_S, MAX_BODY_BYTES, Guard
 
@@ -236,10 +237,8 @@ def _encode(app: FastAPI, prompt, chat: bool, settings: Settings, param: str) ->
     """A prompt's tokens as the model will see them (the pack's prompt format, or the chat
     template); refused when empty or too long to leave room for max_tokens."""
     edited = app.state.edited
-    if chat:
-        from ..edited import _conversation  # the pack's system message, as EditedModel.chat adds it
-
-        ids = edited._chat_ids(_conversation(prompt, edited.prompt_format))
+    if chat:  # with the pack's system message, as EditedModel.chat adds it
+        ids = chat_prompt_ids(edited.tokenizer, conversation(prompt, edited.prompt_format))
     else:
         ids = edited.prompt_format.prompt_ids(prompt, edited.tokenizer)
     if not ids:

@@ -33,7 +33,7 @@ from ..data.specificity import negative_prompts
 from ..errors import ConfigError, MeGError
 from ..io import atomic_save_tensors, atomic_write_bytes, atomic_write_json, load_tensors, read_record
 from ..lm import layer_input, starting_at_layer
-from ..models import SentenceEncoder
+from ..models import SentenceEncoder, load_encoder, model_fingerprint
 from ..settings import check_settings, setting
 
 log = logging.getLogger(__name__)
@@ -222,8 +222,6 @@ class _Checkpoint:
 
 def _inputs_digest(encoder: SentenceEncoder, pairs: list[tuple], config: EncoderConfig, progress: bool) -> str:
     """What a checkpoint's training depends on: the base encoder's weights, the pairs, the settings."""
-    from ..models import model_fingerprint
-
     queries, paraphrases, negatives = zip(*pairs)
     blob = {"encoder": model_fingerprint(encoder.model, progress), "max_length": encoder.max_length,
             "config": asdict(config), "queries": list(queries), "paraphrases": list(paraphrases),
@@ -339,8 +337,6 @@ def write_encoder_delta(tuned: SentenceEncoder, record: dict, path: str | Path) 
 def load_encoder_delta(path: str | Path, base_encoder: SentenceEncoder | None = None) -> tuple[SentenceEncoder, dict]:
     """The tuned encoder from a delta written by `save_encoder_delta` (loading its base encoder
     unless one is given) and the delta's JSON record."""
-    from ..models import load_encoder
-
     path = Path(path)
     meta = read_record(path, "encoder")
     tensors = load_tensors(path, "encoder delta")

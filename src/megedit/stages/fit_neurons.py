@@ -31,11 +31,14 @@ from ..arch import resolve_layer
 from ..data.prompts import PRESETS, PromptFormat
 from ..data.requests import EditRequest
 from ..errors import ConfigError, MeGError
+from ..eval import evaluate
 from ..io import atomic_save_tensors, atomic_write_json, load_tensors, read_record
 from ..lm import (Batch, check_prompt_lengths, context_length, layer_input, left_pad, length_batches, model_device,
                   starting_at_layer)
+from ..models import model_fingerprint
 from ..neuron import VARIANTS, NeuronSpec, attach_neuron
 from ..parallel import check_forkable, run_forked
+from ..runtime.subject import vector_table_subject
 from ..settings import check_settings, setting
 from .variants import EXCLUDE_MODES
 
@@ -346,8 +349,6 @@ class _FitState:
             self.shards.restore(self)
 
     def _key(self, fmt: PromptFormat) -> str:
-        from ..models import model_fingerprint
-
         fit = {k: v for k, v in asdict(self.config).items() if k not in _BUILDER_FIELDS}  # the tokens say it
         blob = json.dumps({"model": model_fingerprint(self.model), "config": fit,
                            "spec": self.spec.to_dict(), "format": fmt.to_dict()})
@@ -539,8 +540,6 @@ def fitted_subject(model, tokenizer, result: FitResult):
     """The model with each edit's fitted vector applied to every query of that edit (its prompt,
     rephrase and locality query): the upper bound a generator can reach with a perfect router,
     and, on locality queries, the damage a static neuron would do without one."""
-    from ..eval.subject import vector_table_subject
-
     settings = {"method": "fitted-vectors", "spec": result.spec.to_dict(), "fit": result.summary()}
     return vector_table_subject(model, tokenizer, result.spec, dict(zip(result.case_ids, result.vectors)),
                                 lambda q: q.case_id, "fitted", settings)
@@ -550,8 +549,6 @@ def sweep_layers(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptF
                  config: FitConfig | None = None, progress: bool = True) -> list[dict]:
     """Fit the same edits at each layer; per layer: success, steps, time, and the fitted vectors'
     Reliability / Generality / Locality through the evaluation harness."""
-    from ..eval import evaluate
-
     rows = []
     for layer in tqdm(layers, desc="sweeping layers", disable=not progress):
         cfg = FitConfig(**{**asdict(config or FitConfig()), "layer": layer})

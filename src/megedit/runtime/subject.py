@@ -1,7 +1,7 @@
-"""What the harness evaluates: anything that can run the LM for a batch of queries.
+"""What the runtime runs: the base model plus whatever an editing method adds, for a batch of queries.
 
-A subject is the base model plus whatever a method adds. The harness decodes and scores every
-subject with the same code; a subject only says what to switch on for a batch of queries
+The greedy decoder (runtime/decoding.py), and so the harness (eval/), runs every subject with the
+same code; a subject only says what to switch on for a batch of queries
 (`batch_context`, given the batch's queries; it may yield a `select_rows(index)` callback for
 rows leaving the batch, e.g. MeG's per-query neuron) and how to get the unedited model back
 (`unedited`, for the pre-edit locality references), and which queries it leaves exactly as the
@@ -18,6 +18,11 @@ from typing import Callable, ContextManager, Iterator, Protocol, Sequence, runti
 
 import torch
 from torch import nn
+
+from ..errors import MeGError
+from ..io import atomic_save_tensors, atomic_write_json, load_tensors, read_record
+from ..models import model_fingerprint
+from ..neuron import attach_neuron
 
 
 @dataclass(frozen=True)
@@ -101,9 +106,6 @@ class WeightEditSubject(PlainSubject):
     def save(self, path) -> None:
         """The weight deltas (edited - original) as safetensors, the method, its settings and the
         base model's fingerprint as JSON beside them; never the base weights."""
-        from ..io import atomic_save_tensors, atomic_write_json
-        from ..models import model_fingerprint
-
         params = dict(self.model.named_parameters())
         with self.unedited():
             fingerprint = model_fingerprint(self.model)
@@ -114,10 +116,6 @@ class WeightEditSubject(PlainSubject):
     @classmethod
     def load(cls, path, model: nn.Module, tokenizer) -> "WeightEditSubject":
         """Apply saved weight deltas to `model` (the base model they were made on; checked)."""
-        from ..errors import MeGError
-        from ..io import load_tensors, read_record
-        from ..models import model_fingerprint
-
         meta = read_record(path, "weight delta", lambda m: {k: m[k] for k in ("method", "base_fingerprint", "settings")})
         if model_fingerprint(model) != meta["base_fingerprint"]:
             raise MeGError(f"{path}: these weight deltas were made for another base model")
@@ -176,8 +174,6 @@ def vector_table_subject(model: nn.Module, tokenizer, spec, table: dict, key: Ca
                          settings: dict | None = None) -> NeuronSubject:
     """The model with a neuron attached (per `spec`) and set, per query, to `table[key(query)]`;
     queries with no entry get the zero vector (the base model). Detach with `.neuron.detach()`."""
-    from ..neuron import attach_neuron
-
     neuron = attach_neuron(model, spec.layer, spec.variant)
     zero = torch.zeros(spec.size)
     return NeuronSubject(model, tokenizer, neuron, lambda qs: torch.stack([table.get(key(q), zero) for q in qs]),
