@@ -27,6 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+from megedit.baselines.config import FTConfig, MemitConfig
+from megedit.methods import EditJob, get_method
+
 HERE = Path(__file__).resolve().parent
 CF = HERE.parents[1] / "shared/data/counterfact/counterfact-edit.json"
 POOL = HERE.parents[1] / "shared/data/counterfact/counterfact-train.json"
@@ -49,34 +52,30 @@ def parse_args() -> argparse.Namespace:
 
 
 def edit(run: str, model, tokenizer, requests, fmt, contexts: int, kl: float, covariance, seed: int = 0,
-         checkpoint=None):
+         checkpoint=None, layer: int | None = None):
     """(method, main weight or None, the edited model as a subject) for one run spec; MEMIT /
-    AlphaEdit without a weight take MemitConfig's. `covariance()` gives (texts, their source);
-    `checkpoint`: FT's training state file, for a resume."""
-    from megedit.methods import EditJob, get_method
-
+    AlphaEdit without a weight take MemitConfig's, a bare `ft` FTConfig's at `layer`. `covariance()`
+    gives (texts, their source); `checkpoint`: FT's training state file, for a resume."""
     method = get_method(run.split(":")[0])
-    weight, config = RUN_CONFIGS[method.flags](run, contexts, kl, seed)
+    weight, config = RUN_CONFIGS[method.config](run, contexts, kl, seed, layer)
     job = EditJob(model, tokenizer, requests, fmt, config, progress=False, checkpoint=checkpoint,
                   covariance_texts=lambda: covariance()[0])
     return method.name, weight, method.edit(job)
 
 
-def ft_config(run: str, contexts: int, kl: float, seed: int = 0):
+def ft_config(run: str, contexts: int, kl: float, seed: int = 0, layer: int | None = None):
     """(the learning rate, FTConfig) of an ft:LR:LAYER[:BOX] run spec: Adam, at most FT_EPOCHS
-    epochs, stopped below FT_STOP."""
-    from megedit.baselines.config import FTConfig
-
+    epochs, stopped below FT_STOP; a bare `ft` is the paper's FT (FTConfig's defaults) at `layer`."""
+    if ":" not in run:
+        return None, FTConfig(layer=layer, seed=seed)
     _, lr, layer, *box = run.split(":")
     return float(lr), FTConfig(layer=int(layer), lr=float(lr), optimizer="adam", epochs=FT_EPOCHS, stop_loss=FT_STOP,
                                norm_constraint=float(box[0]) if box else None, seed=seed)
 
 
-def memit_config(run: str, contexts: int, kl: float, seed: int = 0):
-    """(the main weight or None, MemitConfig) of a METHOD[:WEIGHT[:FIRST-LAST]] run spec."""
-    from megedit.baselines.config import MemitConfig
-    from megedit.methods import get_method
-
+def memit_config(run: str, contexts: int, kl: float, seed: int = 0, layer: int | None = None):
+    """(the main weight or None, MemitConfig) of a METHOD[:WEIGHT[:FIRST-LAST]] run spec (`layer`:
+    not used, the span is the spec's)."""
     method, *rest = run.split(":")
     weight = float(rest[0]) if rest else None
     span = tuple(map(int, rest[1].split("-"))) if len(rest) > 1 else None
@@ -86,8 +85,8 @@ def memit_config(run: str, contexts: int, kl: float, seed: int = 0):
     return weight, config.validate()
 
 
-# a run spec's settings, by the settings class its method uses (megedit.methods: Method.flags)
-RUN_CONFIGS = {"ft": ft_config, "memit": memit_config}
+# a run spec's settings, by the settings class its method uses (megedit.methods: Method.config)
+RUN_CONFIGS = {FTConfig: ft_config, MemitConfig: memit_config}
 
 
 def main() -> int:
@@ -100,7 +99,6 @@ def main() -> int:
     from megedit.baselines.generic_text import sampled_text
     from megedit.baselines.memit import pool_texts
     from megedit.data.prompts import get_format
-    from megedit.methods import get_method
     from result_schema import write_result
 
     model, tokenizer = load_model("smollm2", device="cpu")

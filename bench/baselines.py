@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from baseline_sweep import edit, memit_config
+from megedit.methods import WEIGHT_EDITORS, get_method
 from result_names import tag
 from result_schema import write_result
 
@@ -69,11 +70,9 @@ def main() -> int:
     logging.getLogger("megedit").setLevel(logging.INFO)
 
     from megedit import evaluate, load_model, load_requests, model_fingerprint
-    from megedit.baselines.ft import FTConfig, fine_tune
     from megedit.baselines.generic_text import sampled_text
     from megedit.baselines.memit import pool_texts
     from megedit.data.prompts import DEFAULT_FOR_KIND, get_format
-    from megedit.eval import PlainSubject
 
     kind, path = DATA[args.data]
     requests = load_requests(kind, path, limit=args.limit, skip_invalid=True)
@@ -96,21 +95,8 @@ def main() -> int:
             print(f"{name}: done already ({target})")
             continue
         torch.manual_seed(args.seed)
-        start = time.perf_counter()
         training = args.out / "cases" / f"{name}.ft-training.pt"  # FT's state after each epoch, for a resume
-        if method == "none":
-            subject = PlainSubject(model, tokenizer)
-        elif spec == "ft":  # the paper's FT
-            subject = fine_tune(model, tokenizer, requests, fmt, FTConfig(layer=args.layer, seed=args.seed),
-                                checkpoint=training)
-        elif method in ("ft", "memit", "alphaedit"):
-            subject = edit(spec, model, tokenizer, requests, fmt, args.contexts, args.kl, covariance, args.seed,
-                           checkpoint=training)[2]
-        else:
-            raise SystemExit(f"unknown method {method!r}")
-        edit_s = time.perf_counter() - start
-        if method == "ft":  # its own count: with the epochs of killed runs, without reloading their state
-            edit_s = subject.settings["edit_time_s"]
+        subject, edit_s = edited_subject(spec, args, model, tokenizer, requests, fmt, covariance, training)
         report = evaluate(subject, requests, prompt_format=fmt, data_kind=kind, data_name=f"{kind}:{path.name}",
                           batch_size=64, checkpoint=args.out / "cases" / f"{name}.partial.json",
                           processes=args.eval_processes)
@@ -125,13 +111,32 @@ def main() -> int:
                               "python": platform.python_version()}
         (args.out / "cases").mkdir(parents=True, exist_ok=True)
         (args.out / "cases" / f"{name}.json").write_text(json.dumps(cases, indent=0))
+        pool_covariance = method in WEIGHT_EDITORS and get_method(method).needs_covariance and args.cov == "pool"
         write_result(target, summary, model=args.model, fingerprint=fingerprint, n=len(requests), seed=args.seed,
-                     method=method, config=summary["edit"], data={"edits": path, "covariance": COV_SOURCE}
-                     if method in ("memit", "alphaedit") and args.cov != "generic" else {"edits": path})
+                     method=method, config=summary["edit"],
+                     data={"edits": path, "covariance": COV_SOURCE} if pool_covariance else {"edits": path})
         training.unlink(missing_ok=True)
         print(report.table())
         print(f"{name}: edit {edit_s:.0f} s, eval {report.timing['total_s']:.0f} s -> {target}")
     return 0
+
+
+def edited_subject(spec: str, args, model, tokenizer, requests, fmt, covariance, training: Path):
+    """(the subject of one run spec, its edit seconds): the unedited model for "none", else the
+    model its method edited; a method that resumes a killed edit (FT) counts its own time, with the
+    killed runs' epochs, without reloading their state."""
+    from megedit.eval import PlainSubject
+
+    method = spec.split(":")[0]
+    start = time.perf_counter()
+    if method == "none":
+        return PlainSubject(model, tokenizer), time.perf_counter() - start
+    if method not in WEIGHT_EDITORS:
+        raise SystemExit(f"unknown method {method!r}")
+    subject = edit(spec, model, tokenizer, requests, fmt, args.contexts, args.kl, covariance, args.seed,
+                   checkpoint=training, layer=args.layer)[2]
+    edit_s = time.perf_counter() - start
+    return subject, subject.settings["edit_time_s"] if get_method(method).resumes else edit_s
 
 
 def part(text: str) -> tuple[int, int]:

@@ -166,8 +166,9 @@ def main() -> int:
         profiles = []
         for name in args.profile.split(","):
             generator = Generator.load(CASES / name / "generator.safetensors")
-            profiles.append({"generator": name, "kind": "dit", "config": dataclasses.asdict(generator.config),
-                             "network": generator.net.config.to_dict(), "steps": generator.record.get("steps"),
+            profiles.append({"generator": name, "kind": generator.config.kind,
+                             "config": dataclasses.asdict(generator.config), "network": generator.net.config.to_dict(),
+                             "steps": generator.record.get("steps"),
                              "profile": denoising_profile(generator, prompt_emb[:64], fit.vectors[ok[:64]]),
                              "sampling": [sampling_error(generator, prompt_emb[:64], fit.vectors[ok[:64]], s, validate)
                                           for s in (int(x) for x in args.grid.split(","))]})
@@ -194,7 +195,7 @@ def main() -> int:
         row = {"kind": kind, "config": dataclasses.asdict(config), "network": generator.net.config.to_dict(),
                "training": generator.record,
                "eval": score(model, tokenizer, fit.spec, requests, generator, encoder, config.sample_steps, name)}
-        if kind == "dit":
+        if generator.diffusion is not None:  # sampled in steps: how the step count trades speed for accuracy
             row["steps_grid"] = [score(model, tokenizer, fit.spec, requests[: args.grid_n], generator, encoder, s, name)
                                  for s in (int(x) for x in args.grid.split(","))]
         results["rows"].append(row)

@@ -20,6 +20,7 @@ from result_schema import payload, write_result
 
 HERE = Path(__file__).resolve().parent
 CEILINGS = (None, 25.0, 20.0, 15.0, 10.0)
+ROUTER = "nearest"  # the router kind whose calibration curves this reads (the default, MeG's)
 
 
 def main() -> int:
@@ -34,15 +35,15 @@ def main() -> int:
     for path, setting in sorted(found):
         saved = json.loads(path.read_text())
         curve = saved["record"]["calibration"].get("curve")
-        if not curve or saved["config"]["kind"] != "nearest":
+        if not curve or saved["config"]["kind"] != ROUTER:
             continue
         n = saved["record"]["training"]["n"]
         runs[(setting, n)] = {"setting": setting, "n": n, "choices": [
             {"ceiling": c, **choose_epsilon(curve, c)} for c in CEILINGS]}
-    write_result(out, {"router": "nearest", "model": "smollm2", "encoder": "minilm (fine-tuned, stage B)",
+    write_result(out, {"router": ROUTER, "model": "smollm2", "encoder": "minilm (fine-tuned, stage B)",
                        "seed": 0, "runs": [runs[k] for k in sorted(runs)]},
                  model="smollm2", n=None, seed=0, method="meg router calibration",
-                 config={"kind": "nearest", "ceilings": list(CEILINGS)},
+                 config={"kind": ROUTER, "ceilings": list(CEILINGS)},
                  unknown={"n": "one run per setting and N", "model.fingerprint": "no model loaded: read from caches"})
     for r in runs.values():
         print(r["setting"], r["n"], "; ".join(f"ceiling {c['ceiling']}: eps {c['epsilon']:.3f} recall {c['recall']:.1f} "

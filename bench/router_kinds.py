@@ -35,7 +35,7 @@ def main() -> int:
     from megedit.cli.common import load_data, load_pool  # read --data / --pseudo as fit-router does
     from megedit.models import load_encoder
     from megedit.stages.encoder import load_encoder_delta
-    from megedit.stages.router import RouterConfig, route_stats, separation_auroc, train_router
+    from megedit.stages.router import RouterConfig, route_stats, router_kind, separation_auroc, train_router
     from megedit.stages.routing import RoutingConfig, calibration_embeddings, split_for_edits
 
     cli = build_parser().parse_args(["fit-router", *SETTINGS[args.setting], "--out", "unused"])
@@ -59,7 +59,8 @@ def main() -> int:
         router = train_router(prompts, config, calibration=calib)
         seconds = time.perf_counter() - start
         stats = route_stats(router, groups)
-        rows.append({"kind": config.kind, "max_epochs": config.max_epochs if config.kind == "entropy" else None,
+        trains = router_kind(config.kind).trains  # only a trained router has an epoch budget
+        rows.append({"kind": config.kind, "max_epochs": config.max_epochs if trains else None,
                      "epochs": router.record["training"].get("epochs"),
                      "auroc": separation_auroc(router.distance(groups["rephrase"]), router.distance(groups["locality"])),
                      "epsilon": router.epsilon, "calibration": router.record["calibration"]["chosen"],

@@ -27,33 +27,43 @@ import time
 from pathlib import Path
 
 from figures import pyplot, save_png
+# VALUE_SEARCHERS: the methods with a target-value search per edit (MEMIT / AlphaEdit), split by --value-parts
+from megedit.baselines.config import METHODS as VALUE_SEARCHERS, FTConfig, MemitConfig
+from megedit.methods import METHODS as REGISTRY, WEIGHT_EDITORS
 from result_schema import payload, write_result
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-METHODS = ("meg", "ft", "memit", "alphaedit")
+METHODS = tuple(REGISTRY)  # meg, ft, memit, alphaedit
 SIZES = (1024, 2048, 4096, 10000)
 PANELS = [("score", None), ("reliability", "ag"), ("reliability", "tf"), ("generality", "ag"),
           ("generality", "tf"), ("locality", "ag"), ("locality", "tf"), ("edit_time_s", None)]
 
 
+def fitted(method: str) -> bool:
+    """Whether `method` is fitted into a pack by `megedit fit` (MeG: bench/meg.py runs it) rather
+    than editing the weights in place (bench/baselines.py) or leaving them as they are ("none")."""
+    return method in REGISTRY and method not in WEIGHT_EDITORS
+
+
 def result_file(method: str, n: int) -> Path:
     """Where bench/meg.py and bench/baselines.py write the point (N, method)."""
-    if method == "meg":
+    if fitted(method):
         return RESULTS / ("meg-cf.json" if n == 1024 else f"meg-cf-{n}.json")
     return RESULTS / f"baseline-cf-{n}-{method}.json"
 
 
 # the baselines' settings, chosen on the first 128 edits (bench/baseline_sweep.py; docs/results.md):
-# the causal-traced span, MEMIT's lambda where its Score peaks, AlphaEdit's published ridge term
-BASELINE_RUNS = {"ft": "ft", "memit": "memit:2000:1-5", "alphaedit": "alphaedit:10:1-5"}
+# the causal-traced span, MEMIT's lambda where its Score peaks, AlphaEdit's published ridge term;
+# by the method each run spec names
+BASELINE_RUNS = {spec.split(":")[0]: spec for spec in ("ft", "memit:2000:1-5", "alphaedit:10:1-5")}
 
 
 def command(method: str, n: int, values_part: tuple[int, int] | None = None, processes: int = 1) -> list[str]:
     """The point's process (its stage A / evaluation in `processes` one-thread processes); with
     `values_part` (I, K), the one that searches the I-th of K slices of its target values
     (memit / alphaedit) into the cache the point then reads."""
-    if method == "meg":
+    if fitted(method):
         return [sys.executable, str(HERE / "meg.py"), "counterfact", "--limit", str(n), "--no-speed",
                 "--processes", str(processes)]
     # no context prefixes: with them the value search takes ~92 s per edit here (docs/results.md)
@@ -75,7 +85,7 @@ def search_values_in_parts(method: str, n: int, parts: int) -> int:
 
 def run_point(method: str, n: int, value_parts: int, processes: int = 1) -> int:
     """One point in its own process (after its value search in parts, where asked); its exit code."""
-    if value_parts > 1 and method in ("memit", "alphaedit"):
+    if value_parts > 1 and method in VALUE_SEARCHERS:
         code = search_values_in_parts(method, n, value_parts)
         if code:
             return code
@@ -182,22 +192,40 @@ def threads(summary: dict) -> str | None:
     return f"{count}; {'stage A and ' if 'processes' in summary else ''}eval {processes} x 1"
 
 
+# how the results write each baseline's main setting (megedit.methods: Method.main_setting)
+WEIGHT_SYMBOLS = {"mom2_weight": "lambda", "l2": "a", "lr": "lr"}
+
+
+def _memit_label(r: dict) -> str:
+    """'memit (lambda 2000, layers 1-5, 0 prefixes, KL 0.0625)', or the setup of before."""
+    edit, name = r.get("edit", {}), r["method"]
+    span = f"layers {min(edit['layers'])}-{max(edit['layers'])}"
+    if "context_prefixes" not in edit:
+        return f"{name} (setup of before: pool-prompt covariance)"
+    setting = REGISTRY[name].main_setting
+    weight = f"{WEIGHT_SYMBOLS[setting]} {edit[setting]:g}"
+    return f"{name} ({weight}, {span}, {edit['context_prefixes']} prefixes, KL {edit['kl_factor']:g})"
+
+
+def _ft_label(r: dict) -> str:
+    """'ft (layer 24, SGD lr 3, 8 epochs)' or, with Adam or the FT-L box, its stopping loss."""
+    edit = r.get("edit", {})
+    if edit.get("optimizer", "sgd") == "sgd" and not edit.get("norm_constraint"):
+        return f"ft (layer {edit['layer']}, SGD lr {edit['lr']:g}, {edit['epochs']} epochs)"
+    box = f", FT-L box {edit['norm_constraint']:g}" if edit.get("norm_constraint") else ""
+    return f"ft (layer {edit['layer']}, {edit['optimizer']} lr {edit['lr']:g}{box}, stop at loss {edit['stop_loss']:g})"
+
+
+# a weight editor's label, by the settings class its method uses (megedit.methods: Method.config)
+_LABELS = {FTConfig: _ft_label, MemitConfig: _memit_label}
+
+
 def method_label(r: dict) -> str:
     """The method of a result file and, where it matters for reading the number, its setup."""
-    if r["method"] == "meg":
+    if fitted(r["method"]):
         return _meg_label(r)
-    edit = r.get("edit", {})
-    if r["method"] in ("memit", "alphaedit"):
-        span = f"layers {min(edit['layers'])}-{max(edit['layers'])}"
-        if "context_prefixes" not in edit:
-            return f"{r['method']} (setup of before: pool-prompt covariance)"
-        weight = f"lambda {edit['mom2_weight']:g}" if r["method"] == "memit" else f"a {edit['l2']:g}"
-        return f"{r['method']} ({weight}, {span}, {edit['context_prefixes']} prefixes, KL {edit['kl_factor']:g})"
-    if r["method"] == "ft":
-        if edit.get("optimizer", "sgd") == "sgd" and not edit.get("norm_constraint"):
-            return f"ft (layer {edit['layer']}, SGD lr {edit['lr']:g}, {edit['epochs']} epochs)"
-        box = f", FT-L box {edit['norm_constraint']:g}" if edit.get("norm_constraint") else ""
-        return f"ft (layer {edit['layer']}, {edit['optimizer']} lr {edit['lr']:g}{box}, stop at loss {edit['stop_loss']:g})"
+    if r["method"] in WEIGHT_EDITORS:
+        return _LABELS[REGISTRY[r["method"]].config](r)
     return r["method"]
 
 

@@ -9,7 +9,12 @@ from __future__ import annotations
 import re
 import sys
 
-from scale_curve import current, edit_seconds, meg_stage_seconds, method_label, threads  # noqa: E402 (bench/ is this script's own folder)
+from megedit.baselines.config import FTConfig, MemitConfig
+from megedit.methods import get_method
+from megedit.stages.generator import GeneratorConfig
+from megedit.stages.generator.kinds import generator_kind
+from scale_curve import (WEIGHT_SYMBOLS, current, edit_seconds, fitted, meg_stage_seconds, method_label,  # noqa: E402
+                         threads)  # (bench/ is this script's own folder)
 
 from result_schema import read  # noqa: E402
 from tables_common import ROOT, RESULTS, load as _load, load_one, metric as _metric, table as _table  # noqa: E402
@@ -215,8 +220,9 @@ def headline_table() -> str:
 
     rows = []
     runs = _load("meg-*.json") + _load("baseline-cf-1024-*.json") + _load("baseline-cf-10000-*.json")
-    for r in sorted(runs, key=lambda r: (r.get("setting", r["data"].split(":")[0]), r["n"], r["method"] != "meg", method_label(r))):
-        if r["method"] == "meg" and (not current(method_label(r)) or "of before" in method_label(r)
+    for r in sorted(runs, key=lambda r: (r.get("setting", r["data"].split(":")[0]), r["n"], not fitted(r["method"]),
+                                         method_label(r))):
+        if fitted(r["method"]) and (not current(method_label(r)) or "of before" in method_label(r)
                                      or r["n"] > 1024 and r["config"]["generator"]["kind"] != MeGConfig().generator.kind
                                      or r.get("edits_applied", r["n"]) != r["n"]):
             continue  # setups of before, other generators at scale, runs scoring part of their edits: docs/results.md
@@ -276,7 +282,8 @@ def router_kinds_table() -> str:
 
 
 def _generator_label(row: dict) -> str:
-    if row["kind"] != "dit":
+    """The kind; for a kind sampled by diffusion (the DiT), the settings of its sampler and network."""
+    if generator_kind(row["kind"]).diffusion(GeneratorConfig()) is None:
         return row["kind"]
     config, network = row["config"], row.get("network", {})  # older runs: v-prediction, raw condition, dropout 0.2
     prediction = config.get("prediction", "v")
@@ -350,21 +357,33 @@ def scale_curve_table() -> str:
                    "edit time note", "eval s", "threads"], rows)
 
 
-def _sweep_setup(row: dict, cov_source: str | None) -> tuple[str, str, str]:
-    """(weight, layers, setup) of one bench/baseline_sweep.py row."""
-    settings = row["settings"]
-    if row["method"] == "ft":
-        box = settings.get("norm_constraint")
-        setup = (f"Adam, {len(settings['epoch_losses'])} of {settings['epochs']} epochs (stop at loss "
-                 f"{settings['stop_loss']:g})" + (f", box {box:g}" if box else ""))
-        return f"lr {row['weight']:g}", str(settings["layer"]), setup
-    weight = ("lambda " if row["method"] == "memit" else "a ") + f"{row['weight']:g}"
+def _ft_sweep_setup(settings: dict, cov_source: str | None) -> tuple[str, str]:
+    """(layers, setup) of an FT row of bench/baseline_sweep.py."""
+    box = settings.get("norm_constraint")
+    setup = (f"Adam, {len(settings['epoch_losses'])} of {settings['epochs']} epochs (stop at loss "
+             f"{settings['stop_loss']:g})" + (f", box {box:g}" if box else ""))
+    return str(settings["layer"]), setup
+
+
+def _memit_sweep_setup(settings: dict, cov_source: str | None) -> tuple[str, str]:
+    """(layers, setup) of a MEMIT / AlphaEdit row of bench/baseline_sweep.py."""
     stop = f"loss < {settings['v_tol']:g}" if "v_tol" in settings else "all steps"  # runs before v_tol
     source = settings.get("cov_source", cov_source or "")
     cov = "model text" if "model wrote" in source else "pool prompts"
     setup = (f"cov: {cov} ({settings['cov_tokens'] // 1000}K tok); {settings.get('context_prefixes', 0)} prefixes; "
              f"KL {settings.get('kl_factor', 0):g}; values {settings['v_steps']} steps, {stop}")
-    return weight, f"{min(settings['layers'])}-{max(settings['layers'])}", setup
+    return f"{min(settings['layers'])}-{max(settings['layers'])}", setup
+
+
+# a sweep row's setup, by the settings class its method uses (megedit.methods: Method.config)
+_SWEEP_SETUPS = {FTConfig: _ft_sweep_setup, MemitConfig: _memit_sweep_setup}
+
+
+def _sweep_setup(row: dict, cov_source: str | None) -> tuple[str, str, str]:
+    """(weight, layers, setup) of one bench/baseline_sweep.py row."""
+    method = get_method(row["method"])
+    weight = f"{WEIGHT_SYMBOLS[method.main_setting]} {row['weight']:g}"
+    return weight, *_SWEEP_SETUPS[method.config](row["settings"], cov_source)
 
 
 def causal_trace_table() -> str:

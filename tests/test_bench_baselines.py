@@ -43,6 +43,19 @@ def test_only_memit_and_alphaedit_have_a_value_search(baselines):
         baselines.value_search_configs("memit:2000:1-5,ft:5e-4:24", contexts=0, kl=0.0625, seed=0)
 
 
+def test_a_run_spec_takes_the_settings_of_its_methods_class(baselines):
+    from baseline_sweep import RUN_CONFIGS
+    from megedit.baselines.config import FTConfig
+    from megedit.methods import get_method
+
+    paper = RUN_CONFIGS[get_method("ft").config]("ft", 0, 0.0, 3, 7)  # a bare ft: FTConfig's defaults at the layer
+    assert paper == (None, FTConfig(layer=7, seed=3))
+    lr, ft = RUN_CONFIGS[get_method("ft").config]("ft:5e-4:12:0.1", 0, 0.0, 3, 7)
+    assert (lr, ft.layer, ft.optimizer, ft.norm_constraint) == (5e-4, 12, "adam", 0.1)
+    weight, alpha = RUN_CONFIGS[get_method("alphaedit").config]("alphaedit:5:1-3", 0, 0.0, 3)
+    assert (weight, alpha.method, alpha.l2, alpha.layers) == (5.0, "alphaedit", 5.0, (1, 2, 3))
+
+
 @pytest.mark.parametrize("text", ["0/2", "3/2", "1", "a/b"])
 def test_a_bad_part_is_refused(baselines, text):
     with pytest.raises(argparse.ArgumentTypeError, match="expected"):

@@ -94,3 +94,14 @@ def test_processes_reach_every_point_and_the_threads_column_says_so(scale_curve,
     assert scale_curve.threads({"threads": 1, "processes": 2}) == "1; stage A and eval 2 x 1"
     assert scale_curve.threads({"machine": {"cpu_threads": 1, "eval_processes": 2}}) == "1; eval 2 x 1"
     assert scale_curve.threads({"machine": {"cpu_threads": 2}}) == "2" and scale_curve.threads({}) is None
+
+
+def test_each_methods_label_comes_from_its_registry_entry(scale_curve):
+    assert [m for m in scale_curve.METHODS if scale_curve.fitted(m)] == ["meg"] and not scale_curve.fitted("none")
+    edit = {"layers": [1, 2, 3], "context_prefixes": 0, "kl_factor": 0.0625, "mom2_weight": 2000.0, "l2": 10.0}
+    memit = scale_curve.method_label({"method": "memit", "edit": edit})
+    assert memit == "memit (lambda 2000, layers 1-3, 0 prefixes, KL 0.0625)"
+    assert scale_curve.method_label({"method": "alphaedit", "edit": edit}).startswith("alphaedit (a 10, layers 1-3")
+    ft = {"layer": 24, "lr": 3.0, "epochs": 8}
+    assert scale_curve.method_label({"method": "ft", "edit": ft}) == "ft (layer 24, SGD lr 3, 8 epochs)"
+    assert scale_curve.method_label({"method": "none"}) == "none"

@@ -71,6 +71,8 @@ def test_each_kind_and_method_is_one_registry_entry():
     assert list(METHODS) == ["meg", "ft", "memit", "alphaedit"] and WEIGHT_EDITORS == ("ft", "memit", "alphaedit")
     assert [generator_kind(k).trains for k in GENERATOR_KINDS] == [True, True, False]
     assert router_kind("nearest").max_distance(RouterConfig()) == 2.0
+    assert [router_kind(k).trains for k in ROUTER_KINDS] == [True, False]
+    assert [m.resumes for m in METHODS.values()] == [False, True, False, False]
     alpha = get_method("alphaedit").settings({"l2": 5.0}, seed=3, layer=9, layers=(1, 2))
     assert (alpha.method, alpha.l2, alpha.seed, alpha.layers) == ("alphaedit", 5.0, 3, (1, 2))
     assert is_dataclass(get_method("meg").config())
@@ -80,9 +82,37 @@ def test_each_kind_and_method_is_one_registry_entry():
             lookup("x")
 
 
+NAMES = "lookup|mlp|dit|entropy|nearest|memit|alphaedit|ft|meg"  # every generator, router and method name
+Q = "[\"']"
+# a comparison with a name, or a test of membership (not a for loop) in a literal list of names
+BRANCH = re.compile(rf"(==|!=)\s*{Q}({NAMES}){Q}|{Q}({NAMES}){Q}\s*(==|!=)"
+                    rf"|(?<!for )\b[\w.\[\]\"']+ in [(\[{{]\s*{Q}({NAMES}){Q}")
+# a dict keyed by names beside the registries, a branch in disguise (checked in bench/)
+KEYED = re.compile(rf"{{\s*{Q}({NAMES}){Q}\s*:")
+# bench/ lines that match but name no kind or method: (file, text on the line, why)
+NOT_A_KIND = [("causal_trace.py", 'keep = {"mlp": {}, "hidden": {}}', "the model's MLP blocks, not a generator kind")]
+
+
+def _matches(paths, pattern) -> list[str]:
+    return [f"{path.relative_to(ROOT)}:{i}: {line.strip()}" for path in paths
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+
+
 def test_no_branch_on_a_kind_or_method_name_outside_the_registries():
-    names = "lookup|mlp|dit|entropy|nearest|memit|alphaedit|ft|meg"
-    branch = re.compile(rf'(==|!=)\s*"({names})"|"({names})"\s*(==|!=)|\bin \("({names})"')
-    found = [f"{path.relative_to(ROOT)}:{i}" for path in sorted((ROOT / "src" / "megedit").rglob("*.py"))
-             for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if branch.search(line)]
+    assert not _matches(sorted((ROOT / "src" / "megedit").rglob("*.py")), BRANCH)
+
+
+def test_no_branch_on_a_kind_or_method_name_in_bench():
+    either = re.compile(f"{BRANCH.pattern}|{KEYED.pattern}")
+    found = [hit for hit in _matches(sorted((ROOT / "bench").glob("*.py")), either)
+             if not any(hit.startswith(f"bench/{file}:") and hit.endswith(text) for file, text, _ in NOT_A_KIND)]
     assert not found, found
+
+
+def test_the_name_patterns_catch_branches_and_pass_data():
+    for branch in ('if kind == "dit":', "if 'ft' != method:", 'elif m in ("ft", "memit"):', 'RUNS = {"ft": ft_config}',
+                   'if r["method"] in ["memit"]:'):
+        assert BRANCH.search(branch) or KEYED.search(branch), branch
+    for data in ('RouterConfig(kind="nearest")', 'write({"router": "nearest"})', 'r.get("generator", "mlp")',
+                 'runs = [s for s in ("ft", "memit:2000")]'):
+        assert not (BRANCH.search(data) or KEYED.search(data)), data

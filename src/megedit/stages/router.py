@@ -38,6 +38,7 @@ class EntropyKind:
     """The "entropy" router: a net memorises a random label per edit prompt; distance = its entropy."""
 
     holds_wordings = False  # the net knows its edit prompts only
+    trains = True  # a net trained for up to max_epochs
 
     def max_distance(self, config: "RouterConfig") -> float:
         return math.log(config.classes)
@@ -64,6 +65,7 @@ class NearestKind:
     """The "nearest" router: a bank of the edits' normalised embeddings; distance = 1 - cosine."""
 
     holds_wordings = True  # the edits' other wordings join the bank
+    trains = False  # the bank is the embeddings themselves
 
     def max_distance(self, config: "RouterConfig") -> float:
         return 2.0
