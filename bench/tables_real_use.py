@@ -40,15 +40,10 @@ def own_facts_table() -> str:
 
 def levers_routing_table() -> str:
     """bench/real_use_levers.py, routing: which queries fire an edit under each lever."""
-    levers = load_one("real-use-levers.json")
-    if levers is None or "routing" not in levers:
-        return "(not run yet: bench/real_use_levers.py routing)"
-    rows = [[r["label"], str(r["hard_negatives"]), f"{r['negatives']} + {r['plain_negatives']}",
-             "prompt and other wordings" if r["wordings"] else "prompt", f"{r['epsilon']:.3f}",
-             f"{r['rephrase']['fires_own_edit']:.1f}", f"{r['specificity']['fires']:.1f}", f"{r['locality']['fires']:.1f}"]
-            for r in levers["routing"]["rows"]]
-    return _table(["setup", "encoder hard negatives", "router negatives + plain", "an edit's wordings", "epsilon",
-                   "rephrases fire their edit %", "specificity probes fire %", "locality prompts fire %"], rows)
+    return _levers_fire_table("routing", ["setup", "encoder hard negatives", "router negatives + plain",
+                                          "an edit's wordings", "epsilon"], lambda r: [
+        r["label"], str(r["hard_negatives"]), f"{r['negatives']} + {r['plain_negatives']}",
+        "prompt and other wordings" if r["wordings"] else "prompt", f"{r['epsilon']:.3f}"])
 
 
 def levers_answers_table() -> str:
@@ -82,36 +77,35 @@ def levers_costs_table() -> str:
 
 def levers_margin_table() -> str:
     """bench/real_use_levers.py, margin: the router's negative margin on bench/meg.py's edit sets."""
-    levers = load_one("real-use-levers.json")
-    if levers is None or "margin" not in levers:
-        return "(not run yet: bench/real_use_levers.py margin)"
-    rows = [[r["edits"], f"{r['n_edits']:,}", f"{r['negative_margin']:g}", f"{r['rephrase']['fires_own_edit']:.1f}",
-             f"{r['specificity']['fires']:.1f}", f"{r['locality']['fires']:.1f}"]
-            for r in levers["margin"]["rows"]]
-    return _table(["edits", "N", "negative margin", "rephrases fire their edit %", "specificity probes fire %",
-                   "locality prompts fire %"], rows)
+    return _levers_fire_table("margin", ["edits", "N", "negative margin"], lambda r: [
+        r["edits"], f"{r['n_edits']:,}", f"{r['negative_margin']:g}"])
 
 
 def levers_calibration_table() -> str:
     """bench/real_use_levers.py, calibration: epsilon from a mirror of prompts alone or of every wording,
     under a weight on false fire."""
-    levers = load_one("real-use-levers.json")
-    if levers is None or "calibration" not in levers:
-        return "(not run yet: bench/real_use_levers.py calibration)"
-    rows = [[r["edits"], f"{r['n_edits']:,}", "every wording" if r["calibration_wordings"] else "prompts",
-             f"{r.get('false_fire_weight', 1.0):g}", f"{r['epsilon']:.3f}", f"{r['rephrase']['fires_own_edit']:.1f}",
-             f"{r['specificity']['fires']:.1f}", f"{r['locality']['fires']:.1f}"] for r in levers["calibration"]["rows"]]
-    return _table(["edits", "N", "calibration mirror holds", "false-fire weight", "epsilon",
-                   "rephrases fire their edit %", "specificity probes fire %", "locality prompts fire %"], rows)
+    return _levers_fire_table("calibration", ["edits", "N", "calibration mirror holds", "false-fire weight",
+                                              "epsilon"], lambda r: [
+        r["edits"], f"{r['n_edits']:,}", "every wording" if r["calibration_wordings"] else "prompts",
+        f"{r.get('false_fire_weight', 1.0):g}", f"{r['epsilon']:.3f}"])
 
 
 def levers_neighbours_table() -> str:
     """bench/real_use_levers.py, neighbours: router negatives asking an edit's relation about other subjects."""
+    return _levers_fire_table("neighbours", ["edits", "N", "same-relation negatives per edit", "negatives in all"],
+                              lambda r: [r["edits"], f"{r['n_edits']:,}", str(r["same_relation_negatives"]),
+                                         f"{r['n_negatives']:,}"])
+
+
+FIRE_HEADER = ["rephrases fire their edit %", "specificity probes fire %", "locality prompts fire %"]
+
+
+def _levers_fire_table(part: str, header: list[str], lead) -> str:
+    """A part of bench/real_use_levers.py's result as a table: each row's own columns (`lead`), then
+    the three query kinds' firing rates."""
     levers = load_one("real-use-levers.json")
-    if levers is None or "neighbours" not in levers:
-        return "(not run yet: bench/real_use_levers.py neighbours)"
-    rows = [[r["edits"], f"{r['n_edits']:,}", str(r["same_relation_negatives"]), f"{r['n_negatives']:,}",
-             f"{r['rephrase']['fires_own_edit']:.1f}", f"{r['specificity']['fires']:.1f}",
-             f"{r['locality']['fires']:.1f}"] for r in levers["neighbours"]["rows"]]
-    return _table(["edits", "N", "same-relation negatives per edit", "negatives in all",
-                   "rephrases fire their edit %", "specificity probes fire %", "locality prompts fire %"], rows)
+    if levers is None or part not in levers:
+        return f"(not run yet: bench/real_use_levers.py {part})"
+    rows = [lead(r) + [f"{r['rephrase']['fires_own_edit']:.1f}", f"{r['specificity']['fires']:.1f}",
+                       f"{r['locality']['fires']:.1f}"] for r in levers[part]["rows"]]
+    return _table(header + FIRE_HEADER, rows)
