@@ -74,7 +74,6 @@ def calibration_embeddings(encoder: SentenceEncoder, calibration: Sequence[EditR
     mirrored = {*edit_prompts, *(r.prompt for r in calibration)}
     prompts = mirrored | {r.prompt for r in train_pool}
     unrelated = [q.prompt for r in calibration for q in r.locality[:1] if q.prompt not in prompts]
-    unrelated = unrelated or [r.prompt for r in train_pool[: len(calibration)] if r.prompt not in mirrored]
     unrelated = unrelated or [r.prompt for r in train_pool if r.prompt not in mirrored][: len(calibration)]
     return (encoder.encode([r.prompt for r in calibration]), encoder.encode([r.rephrases[0] for r in calibration]),
             encoder.encode(unrelated))
