@@ -134,6 +134,8 @@ def same_relation_prompts(requests: Sequence[EditRequest], pool: Sequence[EditRe
                           per_edit: int, seed: int = 0) -> list[tuple[str, ...]]:
     """Per edit, up to `per_edit` pool prompts that ask its relation about other subjects (a seeded
     choice per edit); () for an edit whose prompt is no pool wording (its relation is unknown)."""
+    if per_edit <= 0:  # the encoder's hard negatives ask for none: skip the pass over the pool
+        return [() for _ in requests]
     by_relation: dict[int, list[EditRequest]] = defaultdict(list)
     for record in pool:
         wording = relation_template(record.prompt, record.subject)
@@ -142,7 +144,7 @@ def same_relation_prompts(requests: Sequence[EditRequest], pool: Sequence[EditRe
     out = []
     for r in requests:
         wording = relation_template(r.prompt, r.subject) if r.subject else None
-        if per_edit <= 0 or wording not in wordings.relation:
+        if wording not in wordings.relation:
             out.append(())
             continue
         others = {p.prompt for p in by_relation[wordings.relation[wording]] if p.subject != r.subject}

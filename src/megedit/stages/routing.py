@@ -36,7 +36,8 @@ class RoutingConfig:
     seed: int = setting(0, help="the pool split and the negatives' draw")
 
     def validate(self) -> "RoutingConfig":
-        self.encoder.validate(), self.router.validate()
+        self.encoder.validate()
+        self.router.validate()
         return check_settings(self, "routing config")
 
     @classmethod
