@@ -35,8 +35,9 @@ from result_names import tag
 from result_schema import write_result
 
 HERE = Path(__file__).resolve().parent
-# memit / alphaedit with --cov pool: the key covariance from the pseudo-edit pool's text (never the edits)
-COV_SOURCE = HERE.parents[1] / "shared/data/counterfact/counterfact-train.json"
+# the pseudo-edit pool of bench/meg.py: the specificity probes' wordings and, for memit / alphaedit with
+# --cov pool, the key covariance's text (never the edits)
+POOL = COV_SOURCE = HERE.parents[1] / "shared/data/counterfact/counterfact-train.json"
 DATA = {
     "counterfact": ("counterfact", HERE.parents[1] / "shared/data/counterfact/counterfact-edit.json"),
     "zsre": ("zsre", HERE.parents[1] / "shared/data/zsre/zsre_mend_train-1k.json"),
@@ -58,6 +59,9 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--layer", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--specificity", type=int, default=3, metavar="K",
+                        help="K specificity prompts per edit from the pool's probe wordings, as bench/meg.py (0: none)")
+    parser.add_argument("--chat-edits", type=int, default=256, metavar="K", help="chat replies of the first K edits")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--eval-processes", type=int, default=1, metavar="K",
@@ -73,9 +77,12 @@ def main() -> int:
     from megedit.baselines.generic_text import sampled_text
     from megedit.baselines.memit import pool_texts
     from megedit.data.prompts import DEFAULT_FOR_KIND, get_format
+    from megedit.data.specificity import with_specificity
 
     kind, path = DATA[args.data]
     requests = load_requests(kind, path, limit=args.limit, skip_invalid=True)
+    # the same probes as bench/meg.py: the pool's probe-half wordings (never the edits' own queries)
+    requests = with_specificity(requests, load_requests("counterfact", POOL), args.specificity)
     fmt = get_format(DEFAULT_FOR_KIND[kind])
     model, tokenizer = load_model(args.model, device="cpu")
     fingerprint = model_fingerprint(model)  # of the base weights, before any method changes them
@@ -99,7 +106,7 @@ def main() -> int:
         subject, edit_s = edited_subject(spec, args, model, tokenizer, requests, fmt, covariance, training)
         report = evaluate(subject, requests, prompt_format=fmt, data_kind=kind, data_name=f"{kind}:{path.name}",
                           batch_size=64, checkpoint=args.out / "cases" / f"{name}.partial.json",
-                          processes=args.eval_processes)
+                          processes=args.eval_processes, chat_edits=args.chat_edits)
         if hasattr(subject, "restore"):
             subject.restore()
         summary = report.to_dict()
@@ -114,7 +121,7 @@ def main() -> int:
         pool_covariance = method in WEIGHT_EDITORS and get_method(method).needs_covariance and args.cov == "pool"
         write_result(target, summary, model=args.model, fingerprint=fingerprint, n=len(requests), seed=args.seed,
                      method=method, config=summary["edit"],
-                     data={"edits": path, "covariance": COV_SOURCE} if pool_covariance else {"edits": path})
+                     data={"edits": path, "pool": POOL} | ({"covariance": COV_SOURCE} if pool_covariance else {}))
         training.unlink(missing_ok=True)
         print(report.table())
         print(f"{name}: edit {edit_s:.0f} s, eval {report.timing['total_s']:.0f} s -> {target}")

@@ -27,12 +27,18 @@ neighbours (the same edit sets and stages): router negatives per edit that ask i
 other subjects (pool prompts of its wording's relation; routing.router.same_relation_negatives),
 0 to 16, and the three query kinds' firing rates under each.
 
+unknown (the same edit sets and stages): the extra margin of negatives drawn for an edit whose
+relation the pool does not know (routing.router.unknown_relation_margin), 0 to 0.1. On the two
+CounterFact sets every edit's relation is known, so there the pool is made blind to it: each edit
+draws its other-relation negatives as if its relation were unknown (its own relation among them at
+times), which is the case the margin is for; on ZsRE, 765 of 998 edits' relations are unknown.
+
 costs (first 64 edits, stage A with its pool paraphrases, the fitted vectors applied directly):
 what the chat wording costs beside the other wordings, and cheaper forms of it (an empty system
 message: 24 tokens instead of 40 on SmolLM2; a lower chat margin; fewer paraphrases), against
 RelAG, GenAG and the chat rates (chats always in the template's default form).
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/real_use_levers.py [routing] [answers] [costs] [margin[=SET,...]] [calibration] [neighbours]
+    OMP_NUM_THREADS=2 .venv/bin/python bench/real_use_levers.py [routing] [answers] [costs] [margin[=SET,...]] [calibration] [neighbours] [unknown]
 
 Result: bench/results/real-use-levers.json; caches in bench/results/cases/real-use-levers/.
 """
@@ -67,6 +73,8 @@ MARGIN_SETS = ("counterfact", "counterfact-swap", "zsre")
 FALSE_FIRE_WEIGHTS = (1.0, 0.75, 0.5, 0.35, 0.25)
 # neighbours: router negatives per edit that ask its relation about other subjects
 SAME_RELATION_NEGATIVES = (0, 2, 4, 8, 16)
+# unknown: the extra margin of the negatives of an edit whose relation the pool does not know
+UNKNOWN_RELATION_MARGINS = (0.0, 0.02, 0.035, 0.05, 0.075, 0.1)
 # (label, FitConfig overrides): what the chat wording costs in stage A with its other wordings, and cheaper forms
 COSTS = [("no chat wording", {"chat_wording": False}), ("defaults", {}),
          ("chat wording with an empty system message", {"chat_system": ""}),
@@ -191,10 +199,50 @@ def neighbour_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
         for k in SAME_RELATION_NEGATIVES:
             config = MeGConfig()
             config.routing.router.same_relation_negatives = k
-            negatives = edit_negatives(edits, pool, config.routing)
-            router = base.with_negatives(encoder.encode(negatives))
+            negatives, margins = edit_negatives(edits, pool, config.routing)
+            router = base.with_negatives(encoder.encode(negatives), margins=margins)
             row = {"edits": name, "n_edits": len(edits), "same_relation_negatives": k, "n_negatives": len(negatives),
                    "epsilon": router.epsilon, **fire_rates(encoder, router, probe_queries(edits))}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def unknown_relation_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
+    """The unknown-relation margin on bench/meg.py's edit sets, their stages B and C (epsilon as
+    calibrated there); on a set whose edits' relations the pool knows, the pool is made blind to them."""
+    from meg import SETTINGS
+
+    from megedit import MeGConfig, load_requests
+    from megedit.data.specificity import RelationWordings, negative_prompts, relation_wordings
+    from megedit.stages.routing import edit_negatives
+
+    class Blind(RelationWordings):
+        def of(self, request):  # no edit's relation is known: its negatives may ask it
+            return set()
+
+    rows = []
+    for name in sets:
+        config = MeGConfig()  # epsilon is calibrated before the negatives join, so it holds for every margin
+        edits, routing = meg_set_routing(model, tokenizer, name, config)
+        pool = load_requests("counterfact", SETTINGS[name][3])
+        base, encoder, router = dataclasses.replace(routing["router"], negatives=None, negative_margins=None), \
+            routing["encoder"], config.routing.router
+        # a margin of 1 marks the negatives drawn only for edits of unknown relation
+        texts, unknown = edit_negatives(edits, pool, dataclasses.replace(config.routing, router=dataclasses.replace(
+            router, unknown_relation_margin=1.0)))
+        blind = not bool(unknown.any())
+        if blind:
+            per_edit = negative_prompts(edits, pool, router.negatives, router.plain_negatives, config.routing.seed,
+                                        0, Blind(**vars(relation_wordings(pool))))
+            texts = list(dict.fromkeys(p for prompts in per_edit for p in prompts))
+            unknown = torch.ones(len(texts))
+        embedded = encoder.encode(texts)
+        for margin in UNKNOWN_RELATION_MARGINS:
+            routed = base.with_negatives(embedded, margins=unknown * margin)
+            row = {"edits": name, "n_edits": len(edits), "pool_blind": blind, "unknown_relation_margin": margin,
+                   "n_unknown_relation_negatives": int(unknown.sum()), "epsilon": routed.epsilon,
+                   **fire_rates(encoder, routed, probe_queries(edits))}
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -276,11 +324,13 @@ def main() -> int:
         result["calibration"] = {"rows": calibration_rates(model, tokenizer, MARGIN_SETS)}
     if "neighbours" in parts:
         result["neighbours"] = {"rows": neighbour_rates(model, tokenizer, MARGIN_SETS)}
+    if "unknown" in parts:
+        result["unknown"] = {"rows": unknown_relation_rates(model, tokenizer, MARGIN_SETS)}
     if "costs" in parts:
         result["costs"] = {"n_edits": 64, "rows": answer_costs(model, tokenizer, 64)}
     result |= {"model": "smollm2", "seed": 0, "threads": torch.get_num_threads()}
     data = {name: SHARED / f"{name}.json" for name in ("counterfact-edit", "counterfact-train")}
-    if parts & {"margin", "calibration", "neighbours"}:
+    if parts & {"margin", "calibration", "neighbours", "unknown"}:
         data["zsre"] = SHARED.parent / "zsre/zsre_mend_train-1k.json"
     write_result(OUT, result, model="smollm2", fingerprint=model_fingerprint(model), n=None, seed=0, method="meg",
                  config=None, data=data, unknown={"n": "each part's own (its n_edits or rows)",

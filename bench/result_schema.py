@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -38,6 +37,8 @@ from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from megedit.io import file_sha256
 
 SCHEMA = "megedit-bench-result/1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,14 +151,6 @@ def payload(path: str | Path) -> dict:
     return check(obj, str(path))["result"] if is_record(obj) else obj
 
 
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _shown_path(path: Path) -> str:
     """A data path relative to the repository where it can be (a clone's results stay comparable)."""
     try:
@@ -171,7 +164,7 @@ def _data_entries(data: Mapping[str, str | Path], unknown: dict[str, str]) -> di
     for role, path in data.items():
         path = Path(path)
         if path.is_file():
-            entries[role] = {"path": _shown_path(path), "sha256": sha256_of(path)}
+            entries[role] = {"path": _shown_path(path), "sha256": file_sha256(path)}
         else:
             entries[role] = {"path": str(path), "sha256": None}
             unknown.setdefault(f"data.{role}.sha256", "not a file when the result was written")

@@ -97,6 +97,14 @@ def levers_neighbours_table() -> str:
                                          f"{r['n_negatives']:,}"])
 
 
+def levers_unknown_table() -> str:
+    """bench/real_use_levers.py, unknown: the extra margin of the negatives of edits of unknown relation."""
+    return _levers_fire_table("unknown", ["edits", "N", "relations", "extra margin", "negatives with it"],
+                              lambda r: [r["edits"], f"{r['n_edits']:,}", "hidden" if r["pool_blind"] else "as known",
+                                         f"{r['unknown_relation_margin']:g}",
+                                         f"{r['n_unknown_relation_negatives']:,}"])
+
+
 FIRE_HEADER = ["rephrases fire their edit %", "specificity probes fire %", "locality prompts fire %"]
 
 

@@ -18,7 +18,8 @@ from megedit import EditedModel, MeGConfig, MeGEditor, load_encoder, load_model
 from megedit.data import EditRequest, LocalityQuery
 from megedit.errors import ConfigError, MeGError
 from megedit.living import AddConfig, add_edits, remove_edits
-from megedit.pack import PACK_FILES, file_sha256, manifest_sha256, read_manifest
+from megedit.io import file_sha256
+from megedit.pack import PACK_FILES, manifest_sha256, read_manifest
 from megedit.stages.fit_neurons import FitConfig
 from megedit.stages.router import Router, RouterConfig
 

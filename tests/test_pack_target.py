@@ -9,7 +9,8 @@ import threading
 import pytest
 from test_editor import fitted  # noqa: F401  (the module-scoped fitted pack)
 
-from megedit.pack import check_pack_target, file_sha256, read_manifest
+from megedit.io import file_sha256
+from megedit.pack import check_pack_target, read_manifest
 from megedit.errors import MeGError
 
 MEGEDIT = [sys.executable, "-m", "megedit.cli"]

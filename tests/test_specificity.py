@@ -16,7 +16,7 @@ from megedit.errors import ConfigError
 from megedit.eval import evaluate
 from megedit.eval.chat import holds_target, is_degenerate
 from megedit.stages.router import Router, RouterConfig
-from megedit.stages.routing import calibration_embeddings
+from megedit.stages.routing import RoutingConfig, calibration_embeddings, edit_negatives
 
 WORDINGS = {  # relation -> (wordings, answers)
     "language": (["The mother tongue of {} is", "{} is a native speaker of", "{} speaks"], ["French", "English"]),
@@ -164,6 +164,34 @@ def test_the_negative_margin_lets_a_query_fire_that_a_negative_barely_outranks()
     assert loose.familiar(query).tolist() == [True]
     with pytest.raises(ConfigError, match="negative_margin"):
         RouterConfig(negative_margin=3.0).validate()
+
+
+def test_a_negatives_own_margin_lets_a_query_fire_that_it_barely_outranks(tmp_path):
+    e0, e1, e2 = torch.eye(3)
+    router = Router.build(torch.stack([e0, e1]), RouterConfig(epsilon=0.5), 0.5)
+    query = (e0 + 0.2 * e2)[None]  # nearer to either negative (cos 0.99) than to edit 0 (0.98)
+    strict = router.with_negatives((e0 + 0.3 * e2)[None])
+    loose = router.with_negatives((e0 + 0.3 * e2)[None], margins=torch.tensor([0.05]))
+    assert strict.familiar(query).tolist() == [False] and loose.familiar(query).tolist() == [True]
+    both = loose.with_negatives((e0 + 0.25 * e2)[None])  # a second, marginless negative holds it back again
+    assert both.negative_margins.tolist() == pytest.approx([0.05, 0.0]) and both.familiar(query).tolist() == [False]
+    loaded = Router.load(loose.save(tmp_path / "router.safetensors"))
+    assert torch.equal(loaded.negative_margins, loose.negative_margins) and loaded.familiar(query).tolist() == [True]
+    removed = both.with_edits([0], torch.zeros(0, 3))  # the margins follow their negatives
+    assert removed.negative_margins.tolist() == pytest.approx([0.05, 0.0])
+
+
+def test_negatives_of_an_edit_of_unknown_relation_carry_the_unknown_relation_margin():
+    pool = _pool()
+    known = EditRequest("e", "The mother tongue of Ann Smith is", "German", "Ann Smith")
+    unknown = EditRequest("x", "Which tongue did Bo Lind grow up with?", "Quenya", "Bo Lind")  # no pool wording
+    config = RoutingConfig()
+    config.router.same_relation_negatives = 0
+    texts, margins = edit_negatives([known, unknown], pool, config)
+    by_text = dict(zip(texts, margins.tolist()))
+    assert {m for t, m in by_text.items() if "Ann Smith" in t} == {0.0}
+    unknown_margins = [m for t, m in by_text.items() if "Bo Lind" in t]
+    assert unknown_margins and unknown_margins == pytest.approx([config.router.unknown_relation_margin] * len(unknown_margins))
 
 
 def test_same_relation_negatives_ask_the_edits_relation_about_other_subjects():

@@ -27,7 +27,7 @@ from .errors import ConfigError, MeGError
 from .lm import check_prompt_lengths, end_of_turn_ids, model_device, prompt_limit
 from .models import SentenceEncoder, model_fingerprint
 from .neuron import NeuronSpec, attach_neuron
-from .pack import (PACK_FILES, PACK_FORMAT, PACK_VERSION, check_pack_target, file_sha256,  # noqa: F401
+from .pack import (PACK_FILES, PACK_FORMAT, PACK_VERSION, check_pack_target, pack_file_sha256,  # noqa: F401
                    manifest_sha256, read_manifest, write_pack)  # check_pack_target, manifest_sha256: re-exported
 from .runtime.conversation import chat_prompt_ids, conversation, is_batch
 from .runtime.decoding import greedy_answers
@@ -263,7 +263,7 @@ class EditedModel(NeuronSubject):
                            f"fingerprint {expected['fingerprint'][:12]}); the model given has fingerprint "
                            f"{fingerprint[:12]}")
         for name, digest in manifest["files"].items():
-            if file_sha256(directory / name) != digest:
+            if pack_file_sha256(directory / name) != digest:
                 raise MeGError(f"{directory / name}: corrupt or changed since the pack was written (checksum mismatch)")
         tuned, encoder_record = load_encoder_delta(directory / "encoder.safetensors", encoder)
         generator = Generator.load(directory / "generator.safetensors")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -46,6 +47,15 @@ def parse_text(text: str, parse: Callable[[str], Any] = json.loads) -> Any:
         return parse(text)
     except RecursionError:
         raise ValueError("nested too deeply to read") from None
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """The file's sha256, read in chunks (a model's weights need not fit in memory twice)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -219,9 +219,9 @@ def _with_new_negatives(router: Router, edited: EditedModel, requests: list[Edit
     would hold back a new edit's queries go (Router.with_negatives)."""
     if recalibrated or router.bank is None:
         return router
-    negatives = edit_negatives(requests, pool_apart_from(pool or fallback_pool(), requests), meg.routing)
+    negatives, margins = edit_negatives(requests, pool_apart_from(pool or fallback_pool(), requests), meg.routing)
     embeddings = edited.encoder.encode(negatives) if negatives else router.bank.new_zeros(0, router.bank.shape[1])
-    return router.with_negatives(embeddings, range(len(router.bank) - len(requests), len(router.bank)))
+    return router.with_negatives(embeddings, range(len(router.bank) - len(requests), len(router.bank)), margins)
 
 
 def _tune(edited: EditedModel, editor: MeGEditor, edits: EditTable, new_rows: Sequence[int], changed: int,

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import ModelLoadError
-from .io import temp_folder_beside
+from .io import file_sha256, temp_folder_beside
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +93,6 @@ def embedded_path(package: str, relative: str) -> Path:
     if not path.exists():
         raise ModelLoadError(f"{path} is missing from the installed package {package!r}; reinstall it")
     return path
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def default_device() -> torch.device:

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 from .edit_table import EDIT_FILES
 from .errors import MeGError
-from .io import atomic_write_json, parse_text, temp_folder_beside
+from .io import atomic_write_json, file_sha256, parse_text, temp_folder_beside
 
 PACK_FORMAT, PACK_VERSION = "megedit-pack", 3  # 2: pack.json holds its own checksum; 3: the edit table, history
 READ_VERSIONS = (2, 3)
@@ -56,9 +56,10 @@ def manifest_sha256(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
+def pack_file_sha256(path: Path) -> str:
+    """A pack file's sha256; a missing or unreadable file is a damaged pack."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return file_sha256(path)
     except OSError as error:
         raise MeGError(f"{path}: missing from the edit pack ({error.strerror})") from None
 
@@ -106,7 +107,7 @@ def write_pack(directory: Path, manifest: dict, write: Callable[[Path], Sequence
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_folder_beside(directory, prefix=f".{directory.name}.", suffix=".tmp")
     try:
-        manifest = {**manifest, "files": {name: file_sha256(tmp / name) for name in write(tmp)}}
+        manifest = {**manifest, "files": {name: pack_file_sha256(tmp / name) for name in write(tmp)}}
         atomic_write_json(tmp / "pack.json", {**manifest, "manifest_sha256": manifest_sha256(manifest)})
         _replace_dir(tmp, directory)
     except BaseException:

@@ -153,11 +153,12 @@ def same_relation_prompts(requests: Sequence[EditRequest], pool: Sequence[EditRe
 
 
 def negative_prompts(requests: Sequence[EditRequest], pool: Sequence[EditRequest], per_edit: int,
-                     plain: int, seed: int = 0, same_relation: int = 0) -> list[tuple[str, ...]]:
+                     plain: int, seed: int = 0, same_relation: int = 0,
+                     wordings: RelationWordings | None = None) -> list[tuple[str, ...]]:
     """Per edit, where it must not fire: `per_edit` other-relation prompts from the negative half of the
     pool's wordings, `plain` plain prompts about its subject and `same_relation` pool prompts asking its
-    relation about other subjects."""
-    wordings = relation_wordings(pool)
+    relation about other subjects (`wordings`: the pool's, when the caller has them already)."""
+    wordings = wordings or relation_wordings(pool)
     others = other_relation_prompts(requests, wordings, "negative", per_edit, seed)
     neighbours = same_relation_prompts(requests, pool, wordings, same_relation, seed)
     out = []

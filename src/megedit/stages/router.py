@@ -82,7 +82,8 @@ class NearestKind:
              record: dict) -> "Router":
         _check_nearest(path, tensors, dim)
         return Router(config, epsilon, bank=tensors["bank"], record=record, negatives=tensors.get("negatives"),
-                      wordings=tensors.get("wordings"), wording_edits=tensors.get("wording_edits"))
+                      negative_margins=tensors.get("negative_margins"), wordings=tensors.get("wordings"),
+                      wording_edits=tensors.get("wording_edits"))
 
 
 # the router kinds by name, the one place a name meets its code: adding a kind is a class like the
@@ -130,6 +131,9 @@ class RouterConfig:
         "about another subject is held back by its like)"))
     negative_margin: float = setting(0.0, at_least=-1, at_most=2, help=(
         "nearest: a negative holds a query back when its cosine is at least the wording's + this"))
+    unknown_relation_margin: float = setting(0.02, at_least=0, at_most=2, help=(
+        "nearest: added to negative_margin for the negatives of an edit whose relation the pool does not know "
+        "(a question of its own: one of them may ask it in other words)"))
     calibration_wordings: bool = setting(False, help=(
         "calibration: the mirror router holds every wording (the edits' other wordings and the calibration "
         "records' own), as the deployed router holds the edits'; false: prompts only"))
@@ -262,6 +266,7 @@ class Router:
     bank: torch.Tensor | None = None  # kind "nearest": the edit prompts' normalised embeddings, (N, dim)
     record: dict = field(default_factory=dict)  # training record and the calibration (curve, choice)
     negatives: torch.Tensor | None = None  # kind "nearest": where no edit fires, normalised embeddings (M, dim)
+    negative_margins: torch.Tensor | None = None  # (M,): each negative's own margin on top of negative_margin
     # kind "nearest": the edits' other wordings (stage A's variants), normalised (W, dim), and their edits' rows (W,)
     wordings: torch.Tensor | None = None
     wording_edits: torch.Tensor | None = None
@@ -285,7 +290,7 @@ class Router:
         new = nn.functional.normalize(embeddings.detach().float().to(self.bank.device), dim=-1)
         bank = torch.cat([self.bank[torch.tensor(keep, dtype=torch.long)], new.reshape(-1, self.bank.shape[1])])
         router = replace(self, bank=bank, record={**self.record, "training": {"n": len(bank), "seconds": 0.0}},
-                         wordings=None, wording_edits=None, negatives=self._negatives_nearest(keep))
+                         wordings=None, wording_edits=None, **self._negatives_nearest(keep))
         if self.wordings is not None:  # the kept edits' wordings, renumbered
             row = {old: k for k, old in enumerate(keep)}
             stays = [j for j, e in enumerate(self.wording_edits.tolist()) if e in row]
@@ -302,25 +307,37 @@ class Router:
             return replace(self, wordings=new, wording_edits=owners)
         return replace(self, wordings=torch.cat([self.wordings, new]), wording_edits=torch.cat([self.wording_edits, owners]))
 
-    def with_negatives(self, embeddings: torch.Tensor, serve: Sequence[int] | None = None) -> "Router":
-        """This router with these negatives' embeddings added to its own. With `serve`, the bank rows
-        they were built for (edits joining a pack): a negative holds back the queries of the edit it
-        sits nearest, so a new one nearest another edit stays out (it would ask what that edit
-        answers), and an old one nearest one of `serve` goes (likewise)."""
+    def with_negatives(self, embeddings: torch.Tensor, serve: Sequence[int] | None = None,
+                       margins: torch.Tensor | None = None) -> "Router":
+        """This router with these negatives' embeddings (and their own `margins`, default 0) added to
+        its own. With `serve`, the bank rows they were built for (edits joining a pack): a negative
+        holds back the queries of the edit it sits nearest, so a new one nearest another edit stays
+        out (it would ask what that edit answers), and an old one nearest one of `serve` goes (likewise)."""
         new = nn.functional.normalize(embeddings.detach().float().to(self.bank.device), dim=-1)
-        old = self.negatives
+        new_margins = new.new_zeros(len(new)) if margins is None else margins.float().to(new.device)
+        old = {"negatives": self.negatives, "negative_margins": self._margins()}
         if serve is not None:
             serve = torch.as_tensor(list(serve), dtype=torch.long)
-            new = new[torch.isin(self._nearest(new)[1], serve)]
+            kept = torch.isin(self._nearest(new)[1], serve)
+            new, new_margins = new[kept], new_margins[kept]
             old = self._negatives_nearest(sorted(set(range(len(self.bank))) - set(serve.tolist())))
-        return replace(self, negatives=new if old is None else torch.cat([old, new]))
+        if old["negatives"] is None:
+            return replace(self, negatives=new, negative_margins=new_margins)
+        return replace(self, negatives=torch.cat([old["negatives"], new]),
+                       negative_margins=torch.cat([old["negative_margins"], new_margins]))
 
-    def _negatives_nearest(self, rows: Sequence[int]) -> torch.Tensor | None:
-        """This router's negatives whose nearest edit is one of bank rows `rows`."""
+    def _margins(self) -> torch.Tensor | None:
+        """Each negative's own margin (zeros for a router saved before negatives had one)."""
+        if self.negatives is None or self.negative_margins is not None:
+            return self.negative_margins
+        return self.negatives.new_zeros(len(self.negatives))
+
+    def _negatives_nearest(self, rows: Sequence[int]) -> dict:
+        """This router's negatives whose nearest edit is one of bank rows `rows`, and their margins."""
         if self.negatives is None or not len(self.negatives):
-            return self.negatives
-        owners = self._nearest(self.negatives)[1]
-        return self.negatives[torch.isin(owners, torch.as_tensor(list(rows), dtype=torch.long))]
+            return {"negatives": self.negatives, "negative_margins": self._margins()}
+        kept = torch.isin(self._nearest(self.negatives)[1], torch.as_tensor(list(rows), dtype=torch.long))
+        return {"negatives": self.negatives[kept], "negative_margins": self._margins()[kept]}
 
     @torch.no_grad()
     def distance(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -369,13 +386,14 @@ class Router:
         if self.negatives is None or not len(self.negatives) or not len(embeddings):
             return torch.zeros(len(embeddings), dtype=torch.bool)
         queries = nn.functional.normalize(embeddings.to(self.bank.device, self.bank.dtype), dim=-1)
-        negative = torch.cat([(chunk @ self.negatives.T).max(dim=1).values for chunk in queries.split(1024)])
+        margins = self._margins().to(queries.device)
+        negative = torch.cat([(chunk @ self.negatives.T - margins).max(dim=1).values for chunk in queries.split(1024)])
         return (negative >= nearest + self.config.negative_margin).cpu()
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        tensors = {"bank": self.bank, **{name: t for name in ("negatives", "wordings", "wording_edits")
-                                          if (t := getattr(self, name)) is not None}}
+        optional = ("negatives", "negative_margins", "wordings", "wording_edits")
+        tensors = {"bank": self.bank, **{name: t for name in optional if (t := getattr(self, name)) is not None}}
         atomic_save_tensors(path, self.net.state_dict() if self.net is not None else tensors)
         dim = self.net.head.in_features if self.net is not None else self.bank.shape[1]
         atomic_write_json(path.with_suffix(".json"), {
@@ -398,19 +416,23 @@ def flat_wordings(wordings: Sequence[Sequence[str]]) -> tuple[list[str], list[in
 
 
 def _check_nearest(path: Path, tensors: dict, dim: int) -> None:
-    """A nearest router's tensors: an (N, dim) bank, optional (M, dim) negatives, and (W, dim) wordings
-    with W bank rows (each below N) naming their edits."""
-    matrices = {k: t for k, t in tensors.items() if k != "wording_edits"}
-    ok = "bank" in tensors and set(tensors) <= {"bank", "negatives", "wordings", "wording_edits"}
+    """A nearest router's tensors: an (N, dim) bank, optional (M, dim) negatives with optional (M,)
+    margins, and (W, dim) wordings with W bank rows (each below N) naming their edits."""
+    matrices = {k: t for k, t in tensors.items() if k not in ("wording_edits", "negative_margins")}
+    ok = "bank" in tensors and set(tensors) <= {"bank", "negatives", "negative_margins", "wordings", "wording_edits"}
     ok = ok and all(t.ndim == 2 and t.shape[1] == dim for t in matrices.values())
     ok = ok and ("wordings" in tensors) == ("wording_edits" in tensors)
+    if ok and "negative_margins" in tensors:
+        margins = tensors["negative_margins"]
+        ok = "negatives" in tensors and margins.shape == (len(tensors["negatives"]),)
     if ok and "wordings" in tensors:
         owners = tensors["wording_edits"]
         ok = owners.ndim == 1 and len(owners) == len(tensors["wordings"]) and bool(
             ((owners >= 0) & (owners < len(tensors["bank"]))).all())
     if not ok:
-        raise MeGError(f"{path}: expected an (N, {dim}) tensor 'bank', optional (M, {dim}) 'negatives' and (W, {dim}) "
-                       f"'wordings' with their bank rows in 'wording_edits', for a nearest router")
+        raise MeGError(f"{path}: expected an (N, {dim}) tensor 'bank', optional (M, {dim}) 'negatives' (their (M,) "
+                       f"'negative_margins'), (W, {dim}) 'wordings' with their bank rows in 'wording_edits', for a "
+                       f"nearest router")
 
 
 def train_router(edit_embeddings: torch.Tensor, config: RouterConfig | None = None, *,

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from ..data.requests import EditRequest, pool_apart_from
-from ..data.specificity import negative_prompts
+from ..data.specificity import negative_prompts, relation_wordings
 from ..errors import ConfigError
 from ..models import SentenceEncoder
 from ..settings import check_settings, setting
@@ -107,9 +107,10 @@ def fit_router(edits: Sequence[EditRequest], tuned: SentenceEncoder, train_pool:
                           mirror_wordings=_mirror_wordings(tuned, embedded, owners, len(edits), calibration_wordings,
                                                            config.router, progress),
                           progress=progress)
-    negatives = edit_negatives(edits, [*train_pool, *calibration], config) if router.bank is not None else []
+    negatives, margins = ([], None) if router.bank is None else edit_negatives(edits, [*train_pool, *calibration],
+                                                                                config)
     if negatives:
-        router = router.with_negatives(tuned.encode(negatives, progress=progress))
+        router = router.with_negatives(tuned.encode(negatives, progress=progress), margins=margins)
     if embedded is not None and router.bank is not None:
         router = router.with_wordings(embedded, owners)
     return router, {"config": asdict(config), "query_text": "raw prompts (no LM wrapping)", "n_edits": len(edits),
@@ -130,12 +131,20 @@ def _mirror_wordings(tuned: SentenceEncoder, embedded, owners: list[int], n_edit
     return torch.cat(parts), [*(owners if embedded is not None else []), *(n_edits + r for r in rows)]
 
 
-def edit_negatives(edits: Sequence[EditRequest], pool: Sequence[EditRequest], config: RoutingConfig) -> list[str]:
-    """Every edit's negatives (data/specificity.py), as one list of distinct prompts."""
-    router = config.router
+def edit_negatives(edits: Sequence[EditRequest], pool: Sequence[EditRequest],
+                   config: RoutingConfig) -> tuple[list[str], torch.Tensor]:
+    """Every edit's negatives (data/specificity.py) as one list of distinct prompts, and each one's own
+    margin: `unknown_relation_margin` where every edit it was drawn for asks a relation the pool does
+    not know (its "other relations" may hold the edit's own in other words), else 0."""
+    router, wordings = config.router, relation_wordings(pool)
     per_edit = negative_prompts(edits, pool, router.negatives, router.plain_negatives, config.seed,
-                                router.same_relation_negatives)
-    return list(dict.fromkeys(p for prompts in per_edit for p in prompts))
+                                router.same_relation_negatives, wordings)
+    margins: dict[str, float] = {}
+    for request, prompts in zip(edits, per_edit):
+        margin = 0.0 if wordings.of(request) else router.unknown_relation_margin
+        for p in prompts:
+            margins[p] = min(margins.get(p, margin), margin)
+    return list(margins), torch.tensor(list(margins.values()))
 
 
 def fit_routing(edits: Sequence[EditRequest], pool: Sequence[EditRequest], encoder: SentenceEncoder,
