@@ -5,8 +5,8 @@ import torch
 
 from megedit.errors import ConfigError, MeGError
 from megedit.plots import router_histogram
-from megedit.stages.router import (FamiliarityNet, Router, RouterConfig, choose_epsilon, epsilon_curve,
-                                   route_stats, train_familiarity_net, train_router)
+from megedit.stages.router import Router, RouterConfig, choose_epsilon, epsilon_curve, route_stats, train_router
+from megedit.stages.router_entropy import FamiliarityNet, train_familiarity_net
 
 
 def _unit(n: int, dim: int = 64, seed: int = 0) -> torch.Tensor:

@@ -1,11 +1,7 @@
 """Stage C: the familiarity router, which lets the neuron fire only for queries near an edit.
 
-Two kinds, both giving each query a distance (small = familiar; `distance < epsilon` fires):
-- "entropy", the paper's: a small residual MLP learns a RANDOM label out of K for every edit
-  prompt. It can only do that by memorising them, so near one of them (a paraphrase) it is
-  confident; the distance is the entropy of its prediction (0 .. ln K).
-- "nearest": 1 - cosine similarity to the nearest edit prompt (0 .. 2). No training; measured
-  here to separate paraphrases from unrelated queries better (bench/routing.py).
+Each kind gives a query a distance (small = familiar; `distance < epsilon` fires), one file each:
+the paper's "entropy" net (router_entropy.py) and the "nearest" edit wording (router_nearest.py).
 
 Epsilon is calibrated without the test queries: a mirror router is built on the edit prompts plus
 a held-out slice of the pseudo-edit pool; the distances of that slice's paraphrases (which the
@@ -17,77 +13,24 @@ a ceiling on the false fire, is used for the real router, built on the edits alo
 from __future__ import annotations
 
 import logging
-import math
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..errors import ConfigError, MeGError
+from ..errors import ConfigError
 from ..io import atomic_save_tensors, atomic_write_json, load_tensors, read_record
 from ..settings import check_settings, setting
+from .router_entropy import EntropyKind, FamiliarityNet
+from .router_nearest import NearestKind
 
 log = logging.getLogger(__name__)
 
 
-class EntropyKind:
-    """The "entropy" router: a net memorises a random label per edit prompt; distance = its entropy."""
-
-    holds_wordings = False  # the net knows its edit prompts only
-    trains = True  # a net trained for up to max_epochs
-
-    def max_distance(self, config: "RouterConfig") -> float:
-        return math.log(config.classes)
-
-    def distance_label(self, config: "RouterConfig") -> str:
-        return f"router entropy (nats; max ln {config.classes})"
-
-    def build(self, edit_embeddings: torch.Tensor, config: "RouterConfig", epsilon: float, progress: bool,
-              desc: str) -> "Router":
-        net, record = train_familiarity_net(edit_embeddings, config, progress, desc)
-        return Router(config, epsilon, net=net, record={"training": record})
-
-    def load(self, path: Path, tensors: dict, config: "RouterConfig", epsilon: float, dim: int,
-             record: dict) -> "Router":
-        net = FamiliarityNet(dim, config)
-        try:
-            net.load_state_dict(tensors)
-        except RuntimeError as error:
-            raise MeGError(f"{path}: router weights do not match its record ({str(error).splitlines()[0]})") from None
-        return Router(config, epsilon, net=net.eval().requires_grad_(False), record=record)
-
-
-class NearestKind:
-    """The "nearest" router: a bank of the edits' normalised embeddings; distance = 1 - cosine."""
-
-    holds_wordings = True  # the edits' other wordings join the bank
-    trains = False  # the bank is the embeddings themselves
-
-    def max_distance(self, config: "RouterConfig") -> float:
-        return 2.0
-
-    def distance_label(self, config: "RouterConfig") -> str:
-        return "1 - cosine to the nearest edit prompt"
-
-    def build(self, edit_embeddings: torch.Tensor, config: "RouterConfig", epsilon: float, progress: bool,
-              desc: str) -> "Router":
-        bank = nn.functional.normalize(edit_embeddings.detach().float(), dim=-1)
-        return Router(config, epsilon, bank=bank, record={"training": {"n": len(bank), "seconds": 0.0}})
-
-    def load(self, path: Path, tensors: dict, config: "RouterConfig", epsilon: float, dim: int,
-             record: dict) -> "Router":
-        _check_nearest(path, tensors, dim)
-        return Router(config, epsilon, bank=tensors["bank"], record=record, negatives=tensors.get("negatives"),
-                      negative_margins=tensors.get("negative_margins"), wordings=tensors.get("wordings"),
-                      wording_edits=tensors.get("wording_edits"))
-
-
-# the router kinds by name, the one place a name meets its code: adding a kind is a class like the
-# two above (in its own file) and one entry here
+# the router kinds by name, the one place a name meets its code: adding a kind is one file with a
+# class like EntropyKind or NearestKind, and one entry here
 ROUTER_KINDS = {"entropy": EntropyKind(), "nearest": NearestKind()}
 
 
@@ -150,79 +93,6 @@ class RouterConfig:
         return self
 
 
-class FamiliarityNet(nn.Module):
-    """`blocks` residual blocks x + Dropout(Linear(GELU(Linear(x)))), then a K-way head."""
-
-    def __init__(self, dim: int, config: RouterConfig) -> None:
-        super().__init__()
-        width = config.expansion * dim
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(dim, width), nn.GELU(), nn.Linear(width, dim), nn.Dropout(config.dropout))
-            for _ in range(config.blocks)
-        )
-        self.head = nn.Linear(dim, config.classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, dim) -> (B, K) logits
-        for block in self.blocks:
-            x = x + block(x)
-        return self.head(x)
-
-    @torch.no_grad()
-    def entropy(self, x: torch.Tensor) -> torch.Tensor:
-        """Natural-log entropy of the predicted label distribution, (B,); at most ln K."""
-        was_training = self.training
-        self.eval()
-        log_p = torch.log_softmax(self(x), dim=-1)
-        self.train(was_training)
-        return -(log_p.exp() * log_p).sum(-1)
-
-
-def train_familiarity_net(embeddings: torch.Tensor, config: RouterConfig, progress: bool = True,
-                          desc: str = "training router") -> tuple[FamiliarityNet, dict]:
-    """Memorise a random label per row of `embeddings` (seeded); returns the net and a record
-    (epochs run, final train accuracy and mean entropy, seconds)."""
-    config.validate()
-    start = time.perf_counter()
-    cuda = [embeddings.device.index or 0] if embeddings.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):  # seeds init and dropout without touching the caller's RNG
-        torch.manual_seed(config.seed)
-        gen = torch.Generator().manual_seed(config.seed)
-        labels = torch.randint(config.classes, (len(embeddings),), generator=gen).to(embeddings.device)
-        net = FamiliarityNet(embeddings.shape[1], config).to(embeddings.device)
-        epoch, mean_h = _memorise(net, embeddings.detach(), labels, config, gen, progress, desc)
-    net.eval().requires_grad_(False)
-    with torch.no_grad():
-        accuracy = 100.0 * float((net(embeddings).argmax(-1) == labels).float().mean())
-    record = {"epochs": epoch, "train_accuracy": accuracy, "train_mean_entropy": mean_h,
-              "seconds": time.perf_counter() - start}
-    log.info("router: %d epochs, accuracy %.1f%%, mean entropy %.4f", epoch, accuracy, mean_h)
-    return net, record
-
-
-def _memorise(net: FamiliarityNet, x: torch.Tensor, labels: torch.Tensor, config: RouterConfig,
-              gen: torch.Generator, progress: bool, desc: str) -> tuple[int, float]:
-    """AdamW on cross-entropy until the mean entropy on `x` is below `config.fit_entropy`
-    (checked every 10 epochs); returns (epochs run, last mean entropy)."""
-    optimiser = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    epoch, mean_h = 0, float("nan")
-    bar = tqdm(total=config.max_epochs, desc=desc, disable=not progress)
-    for epoch in range(1, config.max_epochs + 1):
-        net.train()
-        for rows in torch.randperm(len(x), generator=gen).split(config.batch_size):
-            loss = nn.functional.cross_entropy(net(x[rows]), labels[rows])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-        bar.update()
-        if epoch % 10 == 0 or epoch == config.max_epochs:
-            mean_h = float(net.entropy(x).mean())
-            bar.set_postfix(entropy=f"{mean_h:.4f}")
-            if mean_h < config.fit_entropy:
-                break
-    bar.close()
-    return epoch, mean_h
-
-
 def epsilon_curve(familiar: torch.Tensor, unrelated: torch.Tensor, max_distance: float, points: int = 400) -> list[dict]:
     """Recall (familiar distances below epsilon) and false fire (unrelated ones below it), in
     percent, over a grid of epsilon from 0 to the largest possible distance."""
@@ -275,7 +145,7 @@ class Router:
     def build(cls, edit_embeddings: torch.Tensor, config: RouterConfig, epsilon: float, progress: bool = True,
               desc: str = "training router") -> "Router":
         """A router of `config.kind` over these edit prompts (training the net for "entropy")."""
-        return router_kind(config.kind).build(edit_embeddings, config, epsilon, progress, desc)
+        return cls(config, epsilon, **router_kind(config.kind).build(edit_embeddings, config, progress, desc))
 
     def with_edits(self, keep: list[int], embeddings: torch.Tensor, wordings: torch.Tensor | None = None,
                    wording_edits: Sequence[int] = ()) -> "Router":
@@ -406,33 +276,14 @@ class Router:
         meta, config, epsilon, dim = read_record(path, "router", lambda m: (
             m, RouterConfig(**m["config"]).validate(), float(m["epsilon"]), int(m["dim"])))
         tensors = load_tensors(path, "router")
-        return router_kind(config.kind).load(path, tensors, config, epsilon, dim, meta.get("record", {}))
+        fields = router_kind(config.kind).load(path, tensors, config, dim)
+        return cls(config, epsilon, record=meta.get("record", {}), **fields)
 
 
 def flat_wordings(wordings: Sequence[Sequence[str]]) -> tuple[list[str], list[int]]:
     """Per-edit wordings as one list of texts and, for each, its edit's row (what `with_wordings` takes)."""
     pairs = [(text, k) for k, texts in enumerate(wordings) for text in texts]
     return [t for t, _ in pairs], [k for _, k in pairs]
-
-
-def _check_nearest(path: Path, tensors: dict, dim: int) -> None:
-    """A nearest router's tensors: an (N, dim) bank, optional (M, dim) negatives with optional (M,)
-    margins, and (W, dim) wordings with W bank rows (each below N) naming their edits."""
-    matrices = {k: t for k, t in tensors.items() if k not in ("wording_edits", "negative_margins")}
-    ok = "bank" in tensors and set(tensors) <= {"bank", "negatives", "negative_margins", "wordings", "wording_edits"}
-    ok = ok and all(t.ndim == 2 and t.shape[1] == dim for t in matrices.values())
-    ok = ok and ("wordings" in tensors) == ("wording_edits" in tensors)
-    if ok and "negative_margins" in tensors:
-        margins = tensors["negative_margins"]
-        ok = "negatives" in tensors and margins.shape == (len(tensors["negatives"]),)
-    if ok and "wordings" in tensors:
-        owners = tensors["wording_edits"]
-        ok = owners.ndim == 1 and len(owners) == len(tensors["wordings"]) and bool(
-            ((owners >= 0) & (owners < len(tensors["bank"]))).all())
-    if not ok:
-        raise MeGError(f"{path}: expected an (N, {dim}) tensor 'bank', optional (M, {dim}) 'negatives' (their (M,) "
-                       f"'negative_margins'), (W, {dim}) 'wordings' with their bank rows in 'wording_edits', for a "
-                       f"nearest router")
 
 
 def train_router(edit_embeddings: torch.Tensor, config: RouterConfig | None = None, *,
