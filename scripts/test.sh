@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+# one worker per core (pytest-xdist); each file's tests stay on one worker, the slow files start first
+exec .venv/bin/python -m pytest -q -n auto --dist loadfile "$@"
