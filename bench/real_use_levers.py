@@ -226,8 +226,8 @@ def unknown_relation_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
         config = MeGConfig()  # epsilon is calibrated before the negatives join, so it holds for every margin
         edits, routing = meg_set_routing(model, tokenizer, name, config)
         pool = load_requests("counterfact", SETTINGS[name][3])
-        base, encoder, router = dataclasses.replace(routing["router"], negatives=None, negative_margins=None), \
-            routing["encoder"], config.routing.router
+        base, encoder = dataclasses.replace(routing["router"], negatives=None), routing["encoder"]
+        router = config.routing.router
         # a margin of 1 marks the negatives drawn only for edits of unknown relation
         texts, unknown = edit_negatives(edits, pool, dataclasses.replace(config.routing, router=dataclasses.replace(
             router, unknown_relation_margin=1.0)))

@@ -179,6 +179,8 @@ def test_a_negatives_own_margin_lets_a_query_fire_that_it_barely_outranks(tmp_pa
     assert torch.equal(loaded.negative_margins, loose.negative_margins) and loaded.familiar(query).tolist() == [True]
     removed = both.with_edits([0], torch.zeros(0, 3))  # the margins follow their negatives
     assert removed.negative_margins.tolist() == pytest.approx([0.05, 0.0])
+    before = Router(router.config, 0.5, bank=router.bank, negatives=strict.negatives)  # a pack saved without margins
+    assert before.negative_margins.tolist() == [0.0] and before.familiar(query).tolist() == [False]
 
 
 def test_negatives_of_an_edit_of_unknown_relation_carry_the_unknown_relation_margin():

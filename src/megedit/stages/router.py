@@ -141,6 +141,13 @@ class Router:
     wordings: torch.Tensor | None = None
     wording_edits: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        # margins go with negatives: none without them, zeros for a pack saved before negatives had margins
+        if self.negatives is None:
+            self.negative_margins = None
+        elif self.negative_margins is None:
+            self.negative_margins = self.negatives.new_zeros(len(self.negatives))
+
     @classmethod
     def build(cls, edit_embeddings: torch.Tensor, config: RouterConfig, epsilon: float, progress: bool = True,
               desc: str = "training router") -> "Router":
@@ -185,7 +192,7 @@ class Router:
         out (it would ask what that edit answers), and an old one nearest one of `serve` goes (likewise)."""
         new = nn.functional.normalize(embeddings.detach().float().to(self.bank.device), dim=-1)
         new_margins = new.new_zeros(len(new)) if margins is None else margins.float().to(new.device)
-        old = {"negatives": self.negatives, "negative_margins": self._margins()}
+        old = {"negatives": self.negatives, "negative_margins": self.negative_margins}
         if serve is not None:
             serve = torch.as_tensor(list(serve), dtype=torch.long)
             kept = torch.isin(self._nearest(new)[1], serve)
@@ -196,18 +203,12 @@ class Router:
         return replace(self, negatives=torch.cat([old["negatives"], new]),
                        negative_margins=torch.cat([old["negative_margins"], new_margins]))
 
-    def _margins(self) -> torch.Tensor | None:
-        """Each negative's own margin (zeros for a router saved before negatives had one)."""
-        if self.negatives is None or self.negative_margins is not None:
-            return self.negative_margins
-        return self.negatives.new_zeros(len(self.negatives))
-
     def _negatives_nearest(self, rows: Sequence[int]) -> dict:
         """This router's negatives whose nearest edit is one of bank rows `rows`, and their margins."""
         if self.negatives is None or not len(self.negatives):
-            return {"negatives": self.negatives, "negative_margins": self._margins()}
+            return {"negatives": self.negatives, "negative_margins": self.negative_margins}
         kept = torch.isin(self._nearest(self.negatives)[1], torch.as_tensor(list(rows), dtype=torch.long))
-        return {"negatives": self.negatives[kept], "negative_margins": self._margins()[kept]}
+        return {"negatives": self.negatives[kept], "negative_margins": self.negative_margins[kept]}
 
     @torch.no_grad()
     def distance(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -256,7 +257,7 @@ class Router:
         if self.negatives is None or not len(self.negatives) or not len(embeddings):
             return torch.zeros(len(embeddings), dtype=torch.bool)
         queries = nn.functional.normalize(embeddings.to(self.bank.device, self.bank.dtype), dim=-1)
-        margins = self._margins().to(queries.device)
+        margins = self.negative_margins.to(queries.device)
         negative = torch.cat([(chunk @ self.negatives.T - margins).max(dim=1).values for chunk in queries.split(1024)])
         return (negative >= nearest + self.config.negative_margin).cpu()
 
