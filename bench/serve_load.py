@@ -112,6 +112,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--long-tokens", type=int, default=64, help="max_tokens of the mixed workload's base requests")
     parser.add_argument("--compare-with", type=Path, default=None, metavar="DIR",
                         help="mixed: also load another copy of the serve package (a folder with its __init__.py)")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="mixed workload: this server's --max-batch (default: its own); a compared one keeps its own")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/serve-load-<pack name>.json")
     add_model_args(parser, None, pack=True)  # --model, --device, --dtype, as `megedit serve`
     args = parser.parse_args()
@@ -311,7 +313,8 @@ def serve_package(folder: Path | None):
 
 
 class Memory:
-    """The process's resident memory, sampled every second in a thread: start, end, peak (MiB)."""
+    """The process's resident memory, sampled every second in a thread: start, end, peak and one
+    sample a minute (MiB), so growth over a long run shows."""
 
     def __init__(self) -> None:
         self.samples: list[float] = []
@@ -339,7 +342,7 @@ class Memory:
 
     def summary(self) -> dict:
         return {"start_mib": round(self.samples[0], 1), "end_mib": round(self.samples[-1], 1),
-                "peak_mib": round(max(self.samples), 1)}
+                "peak_mib": round(max(self.samples), 1), "per_minute_mib": [round(x, 1) for x in self.samples[::60]]}
 
 
 async def mixed_load(root: str, models: dict[str, str], mix: list[Query], args) -> dict[str, Tally]:
@@ -387,7 +390,8 @@ def run_mixed(edited, args, mix: list[Query], n_edits: int) -> dict:
         servers["compared"] = serve_package(args.compare_with)
     results = {}
     for name, package in servers.items():
-        app = package.create_app(edited, model_id=f"megedit/{args.pack.resolve().name}")
+        limits = {"max_batch": args.max_batch} if args.max_batch and name == "continuous" else {}  # else its default
+        app = package.create_app(edited, model_id=f"megedit/{args.pack.resolve().name}", **limits)
         with Memory() as memory, package.in_thread(app) as root:
             tallies = asyncio.run(mixed_load(root, model_ids(root), mix, args))
         n = sum(len(t.latencies) for t in tallies.values())
@@ -407,7 +411,8 @@ def run_mixed(edited, args, mix: list[Query], n_edits: int) -> dict:
 
 def server_stats(app) -> dict:
     batcher = app.state.batcher
-    return {"max_batch": batcher.max_batch, "max_queue": batcher.max_queue, **batcher.stats}
+    return {"max_batch": batcher.max_batch, "max_batch_tokens": getattr(batcher, "max_batch_tokens", None),
+            "max_queue": batcher.max_queue, **batcher.stats}
 
 
 def show_mixed(result: dict) -> None:

@@ -482,14 +482,19 @@ def serve_load_mixed_table() -> str:
         if r.get("workload") != "mixed":
             continue
         for name, label in (("continuous", "continuous batching"), ("compared", "whole batch (previous)")):
-            m = r[name]
+            if name not in r:
+                continue  # a run of one server
+            m, mem = r[name], r[name]["memory"]
             steps = m["server"].get("steps")
-            rows.append([label, str(m["requests"]), str(m["errors"]), f"{m['requests_per_s']:.2f}",
+            rows.append([f"{r['n_edits']:,}", str(r["clients"]), f"{r['seconds']:.0f}", str(r["threads"]), label,
+                         str(m["server"]["max_batch"]), str(m["requests"]), str(m["errors"]),
+                         f"{m['requests_per_s']:.2f}",
                          *(f"{part['latency_s'][q]:.2f}" for part in (m, m["short"], m["long"]) for q in ("p50", "p95")),
                          f"{m['server']['step_rows'] / steps:.1f}" if steps else "-",
-                         f"{m['memory']['peak_mib']:,.0f} MiB"])
-    return _table(["worker", "requests", "errors", "req/s", "p50 s", "p95 s", "short p50 s", "short p95 s",
-                   "long p50 s", "long p95 s", "rows / step", "peak memory"], rows)
+                         f"{mem['start_mib']:,.0f} / {mem['end_mib']:,.0f} / {mem['peak_mib']:,.0f}"])
+    return _table(["pack edits", "clients", "s", "threads", "worker", "max batch", "requests", "errors", "req/s",
+                   "p50 s", "p95 s", "short p50 s", "short p95 s", "long p50 s", "long p95 s", "rows / step",
+                   "memory MiB: start / end / peak"], rows)
 
 
 def pipeline_table() -> str:

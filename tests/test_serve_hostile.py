@@ -326,6 +326,15 @@ def endless(monkeypatch, edited, step_s=0.02):  # noqa: F811
     yield
 
 
+def test_the_batch_counts_rows_and_the_tokens_they_can_grow_to(edited, monkeypatch):  # noqa: F811
+    app = create_app(edited, model_id=MODEL, max_batch=8, max_batch_tokens=350)
+    batcher = app.state.batcher
+    with serving(app) as address, endless(monkeypatch, edited, step_s=0.01):
+        status, body, _ = complete(address, prompt=["zzzz"] * 6, max_tokens=100)  # about 105 tokens a row: 3 fit
+    assert status == 200 and len(body["choices"]) == 6
+    assert batcher.stats["largest_batch"] == 3
+
+
 def test_a_client_that_goes_away_has_its_rows_cancelled(edited, monkeypatch):  # noqa: F811
     app = create_app(edited, model_id=MODEL, max_batch=2)
     batcher = app.state.batcher

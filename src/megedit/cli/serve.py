@@ -39,7 +39,9 @@ def add_serve(sub) -> None:
     p.add_argument("--port", type=port, default=8000, help="TCP port")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${KEY_ENV}, which keeps it out of ps)")
-    p.add_argument("--max-batch", type=positive_int, default=8, help="most rows decoding together")
+    p.add_argument("--max-batch", type=positive_int, default=32, help="most rows decoding together")
+    p.add_argument("--max-batch-tokens", type=positive_int, default=65536,
+                   help="most rows decoding together times the longest one's tokens (prompt + max_tokens)")
     p.add_argument("--max-queue", type=positive_int, default=64,
                    help="most prompts waiting; a request that does not fit is answered 503 at once")
     p.add_argument("--max-queue-tokens", type=positive_int, default=65536,
@@ -74,8 +76,8 @@ def run_serve(args) -> int:
 
     edited = load_pack(args)
     model_id = f"megedit/{args.pack.resolve().name}"
-    app = create_app(edited, api_key=key, max_batch=args.max_batch, max_queue=args.max_queue,
-                     max_queue_tokens=args.max_queue_tokens, max_prompt_tokens=args.max_prompt_tokens,
+    app = create_app(edited, api_key=key, max_batch=args.max_batch, max_batch_tokens=args.max_batch_tokens,
+                     max_queue=args.max_queue, max_queue_tokens=args.max_queue_tokens, max_prompt_tokens=args.max_prompt_tokens,
                      max_body_bytes=args.max_body_bytes, model_id=model_id)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     log.info("serving %s and %s-base at http://%s:%d/v1%s", model_id, model_id, shown, args.port,

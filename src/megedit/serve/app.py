@@ -97,18 +97,20 @@ class ChatBody(_Body):
 # -- the app --------------------------------------------------------------------------------------
 
 
-def create_app(edited, *, api_key: str | None = None, max_batch: int = 8, max_queue: int = 64,
-               max_queue_tokens: int = 65536, max_prompt_tokens: int | None = MAX_PROMPT_TOKENS,
+def create_app(edited, *, api_key: str | None = None, max_batch: int = 32, max_batch_tokens: int = 65536,
+               max_queue: int = 64, max_queue_tokens: int = 65536, max_prompt_tokens: int | None = MAX_PROMPT_TOKENS,
                max_body_bytes: int = MAX_BODY_BYTES, body_timeout_s: float = BODY_TIMEOUT_S,
                model_id: str | None = None) -> "FastAPI":
     """The API over `edited`. `api_key`: requests to /v1 must send `Authorization: Bearer KEY`
     (checked before the body is read); without one, the Host header must name the loopback.
-    The queue holds at most `max_queue` prompts and `max_queue_tokens` tokens (prompt +
+    At most `max_batch` rows decode together, their number times the longest one's prompt +
+    max_tokens at most `max_batch_tokens`. The queue holds at most `max_queue` prompts and `max_queue_tokens` tokens (prompt +
     max_tokens); `max_prompt_tokens` bounds one prompt (None: the model's context); a body must
     be at most `max_body_bytes` long and arrive within `body_timeout_s`. The batcher
     (its queue and worker thread) is `app.state.batcher`."""
     model_id = model_id or "megedit/edited"
-    batcher = Batcher(edited, max_batch=max_batch, max_queue=max_queue, max_queue_tokens=max_queue_tokens)
+    batcher = Batcher(edited, max_batch=max_batch, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
+                      max_queue_tokens=max_queue_tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

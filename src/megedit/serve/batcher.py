@@ -142,12 +142,14 @@ class Live:
 
 class Batcher:
     """The queue and the worker thread that owns the model (see the module docstring).
-    `max_queue` and `max_queue_tokens` bound the rows waiting and their prompt + max_tokens."""
+    `max_queue` and `max_queue_tokens` bound the rows waiting and their prompt + max_tokens;
+    `max_batch` and `max_batch_tokens` the rows decoding, the latter as their number times the
+    longest one's prompt + max_tokens (the padded KV cache they can grow to)."""
 
-    def __init__(self, edited, *, max_batch: int = 8, max_queue: int = 64, max_queue_tokens: int = 65536,
-                 wait_s: float = 0.005) -> None:
+    def __init__(self, edited, *, max_batch: int = 32, max_batch_tokens: int = 65536, max_queue: int = 64,
+                 max_queue_tokens: int = 65536, wait_s: float = 0.005) -> None:
         self.edited, self.max_batch, self.max_queue, self.wait_s = edited, max_batch, max_queue, wait_s
-        self.max_queue_tokens = max_queue_tokens
+        self.max_batch_tokens, self.max_queue_tokens = max_batch_tokens, max_queue_tokens
         self.stats = {"requests": 0, "rejected": 0, "cancelled": 0, "failed": 0, "batches": 0, "rows": 0,
                       "largest_batch": 0, "steps": 0, "step_rows": 0}
         self._rows: list[Row] = []
@@ -218,7 +220,7 @@ class Batcher:
     def _loop(self) -> None:
         cohort: Cohort | None = None
         live: list[Live] = []
-        while (joining := self._take(cohort)) is not None:
+        while (joining := self._take(cohort, live)) is not None:
             try:
                 cohort, live = self._drop_cancelled(cohort, live)
                 if joining:
@@ -233,7 +235,7 @@ class Batcher:
         for x in live:
             _tell(x.row, ("error", QueueFull("the server is shutting down")))
 
-    def _take(self, cohort: Cohort | None) -> list[Row] | None:
+    def _take(self, cohort: Cohort | None, live: list[Live]) -> list[Row] | None:
         """Queued rows to admit now (None once closed). With nothing decoding, waits for a row,
         then `wait_s` for more to share its prefill; otherwise takes what fits without waiting
         (nothing when the running cache cannot take joiners)."""
@@ -252,11 +254,23 @@ class Batcher:
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            taken, self._rows = self._rows[:free], self._rows[free:]
+            count = self._fitting([x.row.cost for x in live], self._rows[:free])
+            taken, self._rows = self._rows[:count], self._rows[count:]
             self._tokens -= sum(r.cost for r in taken)
             for row in taken:
                 row.ticket.left -= 1
             return taken
+
+    def _fitting(self, costs: list[int], rows: list[Row]) -> int:
+        """How many of `rows`, in order, join the rows of `costs` within max_batch_tokens (one
+        always does when nothing is decoding: a prompt's length is bounded on its own)."""
+        count, longest = 0, max(costs, default=0)
+        for row in rows:
+            longest = max(longest, row.cost)
+            if (len(costs) + count + 1) * longest > self.max_batch_tokens and (costs or count):
+                break
+            count += 1
+        return count
 
     def _drop_cancelled(self, cohort: Cohort | None, live: list[Live]) -> tuple[Cohort | None, list[Live]]:
         keep = [i for i, x in enumerate(live) if not x.row.ticket.cancelled]
