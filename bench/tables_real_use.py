@@ -117,3 +117,14 @@ def _levers_fire_table(part: str, header: list[str], lead) -> str:
     rows = [lead(r) + [f"{r['rephrase']['fires_own_edit']:.1f}", f"{r['specificity']['fires']:.1f}",
                        f"{r['locality']['fires']:.1f}"] for r in levers[part]["rows"]]
     return _table(header + FIRE_HEADER, rows)
+
+
+def subject_probes_table() -> str:
+    """bench/subject_probes.py: hand-written questions about each edit's subject that the pool never asks."""
+    rows = []
+    for r in _load("subject-probes-*.json"):
+        for row in r["rows"]:
+            rows.append([f"{r['n_edits']:,}", f"`{row['question']}`", f"{row['n']:,}", f"{row['fires_own']:.1f}",
+                         f"{row['fires_any']:.1f}", str(row["n_answers"]), f"{row['answer_changed']:.1f}"])
+    return _table(["edits", "question (subject in {})", "asked", "fires its subject's edit %", "fires any edit %",
+                   "answers compared", "answer changed %"], rows)

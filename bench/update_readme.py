@@ -21,7 +21,8 @@ from tables_common import ROOT, RESULTS, load as _load, load_one, metric as _met
 from tables_summary import in_short_table  # noqa: E402
 from tables_real_use import (levers_answers_table, levers_calibration_table, levers_costs_table,  # noqa: E402
                              levers_margin_table, levers_neighbours_table, levers_routing_table,
-                             levers_unknown_table, own_facts_table, real_use_table)
+                             levers_unknown_table, own_facts_table, real_use_table,
+                             subject_probes_table)
 METRICS = [("reliability", "ag"), ("reliability", "tf"), ("generality", "ag"), ("generality", "tf"),
            ("locality", "ag"), ("locality", "tf")]
 
@@ -545,16 +546,17 @@ def living_headline_table() -> str:
                      f"old edits' Score {first['score']:.1f} -> {last['score']:.1f} (GenAG "
                      f"{first['metrics']['generality']['ag']:.1f} -> {last['metrics']['generality']['ag']:.1f})",
                      f"{r['threads']} thread"])
-    for r in (r for r in _load("serve-load-*.json") if r.get("workload") != "mixed"):
-        e, b = r["edited"], r["base"]
-        rows.append([f"`megedit serve`, {r['clients']} clients for {r['seconds']:.0f} s per model",
-                     f"edited {e['requests_per_s']:.2f} req/s = {r['ratio']['requests_per_s']:.2f}x the base model's "
-                     f"(p50 {e['latency_s']['p50']:.1f} s, p95 {e['latency_s']['p95']:.1f} s); "
-                     f"{e['errors'] + b['errors']} failed requests", f"{r['threads']} thread"])
+    compared = [r for r in _load("serve-load-*.json") if "compared" in r]  # continuous batching against before
+    for r in sorted(compared, key=lambda r: r["clients"] * r["seconds"])[-1:]:  # the largest such run
+        now, before = r["continuous"], r["compared"]
+        rows.append([f"`megedit serve`, {r['clients']} clients for {r['seconds']:.0f} s, short edited and long base "
+                     f"answers", f"{now['requests_per_s']:.2f} req/s = {now['requests_per_s'] / before['requests_per_s']:.1f}x "
+                     f"the previous worker's; p50 {now['latency_s']['p50']:.1f} s against {before['latency_s']['p50']:.1f} s; "
+                     f"{now['errors']} failed requests", f"{r['threads']} thread{'s' * (r['threads'] > 1)}"])
     return _table(["living edits and serving (SmolLM2, CounterFact)", "measured", "threads"], rows)
 
 
-TABLES = {"headline": headline_table, "real-use": real_use_table, "levers-routing": levers_routing_table,
+TABLES = {"headline": headline_table, "real-use": real_use_table, "subject-probes": subject_probes_table, "levers-routing": levers_routing_table,
           "in-short": in_short_table, "levers-answers": levers_answers_table, "levers-margin": levers_margin_table, "levers-calibration": levers_calibration_table, "levers-neighbours": levers_neighbours_table, "levers-unknown": levers_unknown_table, "own-facts": own_facts_table, "levers-costs": levers_costs_table, "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table, "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table, "causal-trace": causal_trace_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "meg-throughput": meg_throughput_table, "generator-ddp": generator_ddp_table, "generator-scale": generator_scale_table, "epsilon-whatif": epsilon_whatif_table, "router-ceiling": router_ceiling_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
           "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table,
           "routing": routing_table, "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table,
