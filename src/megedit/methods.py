@@ -46,6 +46,7 @@ class Method:
     fixed: tuple[tuple[str, Any], ...] = ()  # settings its name implies
     needs_covariance: bool = False  # edits through a key covariance (EditJob.covariance_texts)
     resumes: bool = False  # takes EditJob.checkpoint: a killed edit resumes, its edit_time_s counting the killed runs
+    aliases: tuple[tuple[str, tuple[str, ...]], ...] = ()  # short flags of its settings beside the prefixed ones
 
     @property
     def config(self) -> type:
@@ -66,7 +67,8 @@ class Method:
 
 METHODS = {m.name: m for m in (
     Method("meg", "megedit.config:MeGConfig", None, "", "generator.kind"),
-    Method("ft", "megedit.baselines.config:FTConfig", "megedit.baselines.ft:edit_with_ft", "ft", "lr", resumes=True),
+    Method("ft", "megedit.baselines.config:FTConfig", "megedit.baselines.ft:edit_with_ft", "ft", "lr", resumes=True,
+           aliases=(("lr", ("--lr",)), ("epochs", ("--epochs",)))),
     Method("memit", "megedit.baselines.config:MemitConfig", "megedit.baselines.memit:edit_with_memit", "memit",
            "mom2_weight", fixed=(("method", "memit"),), needs_covariance=True),
     Method("alphaedit", "megedit.baselines.config:MemitConfig", "megedit.baselines.memit:edit_with_memit", "memit",

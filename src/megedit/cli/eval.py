@@ -71,12 +71,11 @@ def _add_baseline_flags(p) -> None:
     from ..methods import METHODS as REGISTRY
     from .options import Section, add_dataclass_flags
 
-    aliases = {"ft": {"lr": ("--lr",), "epochs": ("--epochs",)}}
     sections = {m.flags: m for m in map(REGISTRY.get, WEIGHT_EDITORS)}
     for prefix, method in sections.items():
         users = " / ".join(name for name in WEIGHT_EDITORS if REGISTRY[name].flags == prefix)
         add_dataclass_flags(p, method.config(), Section((prefix,), prefix, f"{users} settings (--method {users})"),
-                            skip=("layer", "layers", "seed", *dict(method.fixed)), aliases=aliases.get(prefix, {}))
+                            skip=("layer", "layers", "seed", *dict(method.fixed)), aliases=dict(method.aliases))
 
 
 def _subject(args, requests, fmt, kind, path):
