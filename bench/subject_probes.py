@@ -1,10 +1,11 @@
 """Questions about an edit's subject that the pseudo-edit pool never asks: does the edit take them over?
 
-The harness's specificity probes and the router's negatives are both drawn from the pool's wordings
-of other relations, so together they can only say how an edit treats relations the pool knows.
-This bench asks hand-written questions instead, some of relations CounterFact lacks (birthplace),
-some worded unlike the pool, each filled with every edit's subject. An edit whose own prompt asks
-the same thing (a keyword of the question in its prompt) is left out of that question's count.
+The harness's specificity probes are 3 of the pool's other relations per edit, drawn at random, so
+their average is mostly relations far from the edit's. This bench asks a fixed set of questions,
+filled with every edit's subject: pool wordings of relations near many edits' (where a person was
+born, is a citizen, died; a field of work; a native language), one wording the pool lacks, and a
+plain request. Edits of the relation a question asks (the pool's grouping of wordings by their
+answers, data/specificity.py) are left out of its count.
 
 Per question: the share that fires the subject's own edit, the share that fires any edit, and, for
 the first --answers edits, the share whose greedy answer (8 tokens, the harness's decoder) differs
@@ -28,21 +29,29 @@ from result_schema import write_result
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = f"counterfact:{HERE.parents[1] / 'shared/data/counterfact/counterfact-edit.json'}"
-# (question, keywords of an edit prompt that asks the same thing: such edits are left out of its count)
+DEFAULT_POOL = f"counterfact:{HERE.parents[1] / 'shared/data/counterfact/counterfact-train.json'}"
+# (question, the pool wording whose relation it asks: edits of that relation are left out; None: none)
 QUESTIONS = [
-    ("{} was born in", ("born", "birth")),
-    ("{} was born in the country of", ("born", "birth", "citizen")),
-    ("{} is a citizen of", ("citizen",)),
-    ("{} died in", ("died", "death")),
-    ("{} works in the field of", ("field", "work", "profession", "occupation")),
-    ("The native language of {} is", ("language", "tongue", "speak", "native")),
-    ("Tell me about {}.", ()),
+    ("{} was born in", "{} was born in"),
+    ("{} was born in the country of", "{} was born in"),  # not a pool wording
+    ("{} is a citizen of", "{} is a citizen of"),
+    ("{} died in", "{} died in"),
+    ("{} works in the field of", "{} works in the field of"),
+    ("The native language of {} is", "The native language of {} is"),
+    ("Tell me about {}.", None),
 ]
 
 
-def probe(edited, edits, question: str, keywords, answers: int) -> dict:
+def asks_it(wording: str | None, wordings):
+    """Whether an edit asks the relation of the pool wording `wording` (the pool's grouping of
+    wordings by their answers); nothing asks it when the wording is None or not the pool's."""
+    relation = wordings.relation.get(wording)
+    return lambda r: relation is not None and relation in wordings.of(r)
+
+
+def probe(edited, edits, question: str, same, answers: int) -> dict:
     """Firing (all edits left) and answer changes (the first `answers` of them) for one question."""
-    kept = [r for r in edits if not any(k in r.prompt.lower() for k in keywords)]
+    kept = [r for r in edits if not same(r)]
     texts = [question.format(r.subject) for r in kept]
     routing = edited.routing(texts)
     own = [e == r.case_id for e, r in zip(routing.edits, kept)]
@@ -64,26 +73,30 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("pack", type=Path)
     parser.add_argument("--data", default=DEFAULT_DATA, metavar="KIND:PATH", help="the pack's edit records")
+    parser.add_argument("--pseudo", default=DEFAULT_POOL, metavar="KIND:PATH", help="the pool whose relations count")
     parser.add_argument("--answers", type=int, default=128, help="edits per question whose answers are compared")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from megedit import EditedModel, load_model, load_requests
     from megedit.data import parse_data_arg
+    from megedit.data.specificity import relation_wordings
 
     model, tokenizer = load_model("smollm2")
     edited = EditedModel.from_pretrained(args.pack, model, tokenizer)
     kind, path = parse_data_arg(args.data)
     ids = set(edited.edits.case_ids)
     edits = [r for r in load_requests(kind, path, skip_invalid=True) if r.case_id in ids]
+    wordings = relation_wordings(load_requests(*parse_data_arg(args.pseudo)))
     rows = []
-    for question, keywords in QUESTIONS:
-        rows.append(probe(edited, edits, question, keywords, args.answers))
+    for question, wording in QUESTIONS:
+        rows.append({**probe(edited, edits, question, asks_it(wording, wordings), args.answers),
+                     "pool_wording": question in wordings.relation, "relation": wordings.relation.get(wording)})
         print(rows[-1], flush=True)
     out = args.out or HERE / "results" / f"subject-probes-{args.pack.resolve().name}.json"
     write_result(out, {"pack": str(args.pack), "n_edits": len(edits), "rows": rows}, model="smollm2",
                  fingerprint=edited.fingerprint, n=len(edits), seed=0, method="meg (a saved pack)",
-                 config=edited.config or None, data={"edits": path}, threads=torch.get_num_threads(),
+                 config=edited.config or None, data={"edits": path, "pool": parse_data_arg(args.pseudo)[1]}, threads=torch.get_num_threads(),
                  unknown={"method.config": "the pack records no config"})
     print(f"wrote {out}")
     return 0
