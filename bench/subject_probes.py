@@ -1,4 +1,4 @@
-"""Questions about an edit's subject that the pseudo-edit pool never asks: does the edit take them over?
+"""Questions about an edit's subject, of relations near its own: does the edit take them over?
 
 The harness's specificity probes are 3 of the pool's other relations per edit, drawn at random, so
 their average is mostly relations far from the edit's. This bench asks a fixed set of questions,
