@@ -113,7 +113,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compare-with", type=Path, default=None, metavar="DIR",
                         help="mixed: also load another copy of the serve package (a folder with its __init__.py)")
     parser.add_argument("--max-batch", type=int, default=None,
-                        help="mixed workload: this server's --max-batch (default: its own); a compared one keeps its own")
+                        help="mixed workload: this server's --max-batch (default: its own); a compared one keeps "
+                             "its own")
     parser.add_argument("--out", type=Path, default=None, help="default: bench/results/serve-load-<pack name>.json")
     add_model_args(parser, None, pack=True)  # --model, --device, --dtype, as `megedit serve`
     args = parser.parse_args()

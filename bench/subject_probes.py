@@ -60,11 +60,8 @@ def probe(edited, edits, question: str, same, answers: int) -> dict:
     if answers:
         sample = texts[:answers]
         new = edited.generate(sample, max_new_tokens=8)
-        edited.enabled = False
-        try:
+        with edited.unedited():
             old = edited.generate(sample, max_new_tokens=8)
-        finally:
-            edited.enabled = True
         row |= {"n_answers": len(sample), "answer_changed": 100.0 * sum(a != b for a, b in zip(new, old)) / len(sample)}
     return row
 
@@ -87,7 +84,8 @@ def main() -> int:
     kind, path = parse_data_arg(args.data)
     ids = set(edited.edits.case_ids)
     edits = [r for r in load_requests(kind, path, skip_invalid=True) if r.case_id in ids]
-    wordings = relation_wordings(load_requests(*parse_data_arg(args.pseudo)))
+    pool_kind, pool_path = parse_data_arg(args.pseudo)
+    wordings = relation_wordings(load_requests(pool_kind, pool_path))
     rows = []
     for question, wording in QUESTIONS:
         rows.append({**probe(edited, edits, question, asks_it(wording, wordings), args.answers),
@@ -96,7 +94,8 @@ def main() -> int:
     out = args.out or HERE / "results" / f"subject-probes-{args.pack.resolve().name}.json"
     write_result(out, {"pack": str(args.pack), "n_edits": len(edits), "rows": rows}, model="smollm2",
                  fingerprint=edited.fingerprint, n=len(edits), seed=0, method="meg (a saved pack)",
-                 config=edited.config or None, data={"edits": path, "pool": parse_data_arg(args.pseudo)[1]}, threads=torch.get_num_threads(),
+                 config=edited.config or None, data={"edits": path, "pool": pool_path},
+                 threads=torch.get_num_threads(),
                  unknown={"method.config": "the pack records no config"})
     print(f"wrote {out}")
     return 0

@@ -125,8 +125,9 @@ def subject_probes_table() -> str:
     for r in _load("subject-probes-*.json"):
         for row in r["rows"]:
             rows.append([f"{r['n_edits']:,}", f"`{row['question']}`", "yes" if row["pool_wording"] else "no",
-                         "—" if row["relation"] is None else str(row["relation"]), f"{row['n']:,}", f"{row['fires_own']:.1f}",
-                         f"{row['fires_any']:.1f}", str(row["n_answers"]), f"{row['answer_changed']:.1f}"])
+                         "—" if row["relation"] is None else str(row["relation"]), f"{row['n']:,}",
+                         f"{row['fires_own']:.1f}", f"{row['fires_any']:.1f}", str(row["n_answers"]),
+                         f"{row['answer_changed']:.1f}"])
     return _table(["edits", "question (subject in {})", "pool wording", "relation", "asked (edits of other relations)",
                    "fires its subject's edit %", "fires any edit %",
                    "answers compared", "answer changed %"], rows)

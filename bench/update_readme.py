@@ -549,14 +549,17 @@ def living_headline_table() -> str:
     compared = [r for r in _load("serve-load-*.json") if "compared" in r]  # continuous batching against before
     for r in sorted(compared, key=lambda r: r["clients"] * r["seconds"])[-1:]:  # the largest such run
         now, before = r["continuous"], r["compared"]
+        ratio = now["requests_per_s"] / before["requests_per_s"]
+        p50 = now["latency_s"]["p50"], before["latency_s"]["p50"]
         rows.append([f"`megedit serve`, {r['clients']} clients for {r['seconds']:.0f} s, short edited and long base "
-                     f"answers", f"{now['requests_per_s']:.2f} req/s = {now['requests_per_s'] / before['requests_per_s']:.1f}x "
-                     f"the previous worker's; p50 {now['latency_s']['p50']:.1f} s against {before['latency_s']['p50']:.1f} s; "
-                     f"{now['errors']} failed requests", f"{r['threads']} thread{'s' * (r['threads'] > 1)}"])
+                     f"answers", f"{now['requests_per_s']:.2f} req/s = {ratio:.1f}x the previous worker's; "
+                     f"p50 {p50[0]:.1f} s against {p50[1]:.1f} s; {now['errors']} failed requests",
+                     f"{r['threads']} thread{'s' * (r['threads'] > 1)}"])
     return _table(["living edits and serving (SmolLM2, CounterFact)", "measured", "threads"], rows)
 
 
-TABLES = {"headline": headline_table, "real-use": real_use_table, "subject-probes": subject_probes_table, "levers-routing": levers_routing_table,
+TABLES = {"headline": headline_table, "real-use": real_use_table, "subject-probes": subject_probes_table,
+          "levers-routing": levers_routing_table,
           "in-short": in_short_table, "levers-answers": levers_answers_table, "levers-margin": levers_margin_table, "levers-calibration": levers_calibration_table, "levers-neighbours": levers_neighbours_table, "levers-unknown": levers_unknown_table, "own-facts": own_facts_table, "levers-costs": levers_costs_table, "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table, "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table, "causal-trace": causal_trace_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "meg-throughput": meg_throughput_table, "generator-ddp": generator_ddp_table, "generator-scale": generator_scale_table, "epsilon-whatif": epsilon_whatif_table, "router-ceiling": router_ceiling_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
           "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table,
           "routing": routing_table, "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table,

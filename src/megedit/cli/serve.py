@@ -77,8 +77,8 @@ def run_serve(args) -> int:
     edited = load_pack(args)
     model_id = f"megedit/{args.pack.resolve().name}"
     app = create_app(edited, api_key=key, max_batch=args.max_batch, max_batch_tokens=args.max_batch_tokens,
-                     max_queue=args.max_queue, max_queue_tokens=args.max_queue_tokens, max_prompt_tokens=args.max_prompt_tokens,
-                     max_body_bytes=args.max_body_bytes, model_id=model_id)
+                     max_queue=args.max_queue, max_queue_tokens=args.max_queue_tokens,
+                     max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes, model_id=model_id)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     log.info("serving %s and %s-base at http://%s:%d/v1%s", model_id, model_id, shown, args.port,
              " (API key required)" if key else "")

@@ -104,10 +104,10 @@ def create_app(edited, *, api_key: str | None = None, max_batch: int = 32, max_b
     """The API over `edited`. `api_key`: requests to /v1 must send `Authorization: Bearer KEY`
     (checked before the body is read); without one, the Host header must name the loopback.
     At most `max_batch` rows decode together, their number times the longest one's prompt +
-    max_tokens at most `max_batch_tokens`. The queue holds at most `max_queue` prompts and `max_queue_tokens` tokens (prompt +
-    max_tokens); `max_prompt_tokens` bounds one prompt (None: the model's context); a body must
-    be at most `max_body_bytes` long and arrive within `body_timeout_s`. The batcher
-    (its queue and worker thread) is `app.state.batcher`."""
+    max_tokens at most `max_batch_tokens`. The queue holds at most `max_queue` prompts and
+    `max_queue_tokens` tokens (prompt + max_tokens); `max_prompt_tokens` bounds one prompt
+    (None: the model's context); a body must be at most `max_body_bytes` long and arrive within
+    `body_timeout_s`. The batcher (its queue and worker thread) is `app.state.batcher`."""
     model_id = model_id or "megedit/edited"
     batcher = Batcher(edited, max_batch=max_batch, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
                       max_queue_tokens=max_queue_tokens)
