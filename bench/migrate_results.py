@@ -1,10 +1,13 @@
 """Wrap every result file of before the schema (bench/result_schema.py) into it, in place.
 
-Re-runnable and idempotent: a file that already follows the schema is only checked. An old file
-becomes the schema's "result" payload unchanged (so every table reads the same numbers); what
-its payload recorded (model, n, seed, method, config, threads, data names, date) is copied up into
-the envelope, and every other provenance field is null with its reason under "unknown": nothing
-is guessed. Run it after any bench script of before the schema wrote a file:
+Re-runnable and idempotent. An old file becomes the schema's "result" payload (so every table
+reads the same numbers); what its payload recorded (model, n, seed, method, config, threads, data
+names, date) is copied up into the envelope, and every other provenance field is null with its
+reason under "unknown": nothing is guessed. Then, in old and wrapped files alike, each payload key
+that its bench script writes today but its runs of before did not is filled (FILLS): with what
+those runs did, the value the table writer assumed for them, or null; each under "unknown" as
+"result.<key>", saying so. The table writer reads these keys plainly. Run it after any bench
+script of before the schema wrote a file:
 
     PYTHONPATH=src .venv/bin/python bench/migrate_results.py [FILE ...]   (default: bench/results/*.json)
 """
@@ -13,12 +16,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from result_schema import FIELDS, PACKAGES, RESULTS, SCHEMA, check, is_record  # noqa: E402 (bench/ is this folder)
 
 NOT_RECORDED = "not recorded by the bench script of before the schema"
+NOT_WRITTEN = "not written by the bench script of then"  # a payload key filled in (FILLS)
 # file-name prefix -> the script that writes such files (longest prefixes first: baseline_sweep before baseline)
 SCRIPTS = (("baseline_sweep-", "baseline_sweep"), ("baseline-", "baselines"), ("causal_trace", "causal_trace"),
            ("denoising-profile-", "generator"), ("epsilon_whatif-", "epsilon_whatif"),
@@ -114,29 +119,115 @@ def wrap(name: str, old: dict) -> dict:
     }
 
 
+# a key to fill: its path in the payload, its value and why that value
+Fill = tuple[tuple[str | int, ...], Any, str]
+
+
+def _meg_fills(r: dict) -> Iterator[Fill]:
+    yield ("edits_applied",), r["n"], "bench/meg.py scored every edit it applied then"
+    if "specificity" not in r["metrics"]:
+        yield ("score_all",), None, "the run measured no specificity, so no Score of all eight numbers"
+    yield ("config", "fit", "exclude_eval_templates"), "none", "stage A held no test wordings out then"
+
+
+def _baseline_fills(r: dict) -> Iterator[Fill]:
+    if "specificity" not in r["metrics"]:
+        yield ("score_all",), None, "the run measured no specificity, so no Score of all eight numbers"
+
+
+def _generator_fills(r: dict) -> Iterator[Fill]:
+    """The DiT of before recorded neither its prediction nor its network (generator/model.py's _upgrade)."""
+    for i, row in enumerate(r["rows"]):
+        if "steps_grid" in row:  # a kind sampled by diffusion: the DiT (bench/generator.py grids only those)
+            yield ("rows", i, "config", "prediction"), "v", "the DiT predicted v then"
+            yield ("rows", i, "network"), {}, "its sizes are not known; what the DiT of then fixed is filled in"
+            yield ("rows", i, "network", "unit_condition"), False, "the DiT took the raw condition then"
+            yield ("rows", i, "network", "cond_dropout"), 0.2, "every DiT preset dropped the condition at 0.2 then"
+            yield ("rows", i, "network", "cond_token"), False, "the DiT added no condition token then"
+
+
+def _sweep_fills(r: dict) -> Iterator[Fill]:
+    yield ("threads",), 1, "the thread count the results tables have shown for the run"
+    for i, row in enumerate(r["rows"]):
+        if "v_steps" not in row["settings"]:  # FT: no covariance, no value search
+            continue
+        if "cov_source" in r:  # the file's, where the rows did not name it
+            yield ("rows", i, "settings", "cov_source"), r["cov_source"], "the run's one covariance source"
+        yield ("rows", i, "settings", "context_prefixes"), 0, "MEMIT had no context prefixes then"
+        yield ("rows", i, "settings", "kl_factor"), 0, "MEMIT had no KL term then"
+        reused = 0 if row["settings"].get("values_reused_batches") == 0 else None
+        yield ("rows", i, "settings", "values_reused_edits"), reused, (
+            "no batch of values was reused" if reused == 0 else "no reuse of values recorded")
+
+
+def _serve_fills(r: dict) -> Iterator[Fill]:
+    yield ("workload",), "alternate", "bench/serve_load.py had one workload then"
+
+
+def _pipeline_fills(r: dict) -> Iterator[Fill]:
+    yield ("generator",), "mlp", "the default generator then"
+    yield ("resumed",), False, "bench/pipeline.py could not resume then"
+    yield ("processes",), 1, "stage A and the evaluation ran in one process then"
+
+
+# file-name prefix -> the keys its bench script writes today that its runs of before lack
+FILLS: tuple[tuple[str, Callable[[dict], Iterator[Fill]]], ...] = (
+    ("meg-", _meg_fills), ("baseline-", _baseline_fills), ("generator-", _generator_fills),
+    ("baseline_sweep-", _sweep_fills), ("serve-load-", _serve_fills), ("pipeline-", _pipeline_fills))
+
+
+def fill(name: str, record: dict) -> list[str]:
+    """Fill the missing keys of record's payload that FILLS names for file `name`, each with its
+    reason under "unknown"; the fields filled."""
+    filled = []
+    for prefix, fills in FILLS:
+        if not name.startswith(prefix):
+            continue
+        for path, value, why in fills(record["result"]):  # lazily: a key filled is there for the next
+            *parents, key = path
+            node = record["result"]
+            for part in parents:
+                node = node[part]
+            if key not in node:
+                node[key] = value
+                field = ".".join(map(str, ("result", *path)))
+                record["unknown"][field] = f"{NOT_WRITTEN}; filled with {json.dumps(value)}: {why}"
+                filled.append(field)
+    record["unknown"] = dict(sorted(record["unknown"].items()))
+    return filled
+
+
 def migrate(path: Path) -> str:
-    """Wrap one file (unless it follows the schema already); what was done, in a word."""
+    """Wrap one file (unless it follows the schema already) and fill its payload's missing keys;
+    what was done, in a word."""
     from megedit.io import atomic_write_json
 
     obj = json.loads(path.read_text())
-    if is_record(obj):
-        check(obj, str(path))
-        return "kept"
     if not isinstance(obj, dict):
         raise SystemExit(f"{path}: not a JSON object, cannot wrap it")
-    atomic_write_json(path, check(wrap(path.name, obj), str(path)))
-    return "wrapped"
+    outcome = "kept"
+    if is_record(obj):
+        check(obj, str(path))
+    else:
+        obj, outcome = wrap(path.name, obj), "wrapped"
+    filled = fill(path.name, obj)
+    if filled:
+        print(f"{path.name}: filled {', '.join(filled)}")
+        outcome = "filled" if outcome == "kept" else outcome
+    if outcome != "kept":
+        atomic_write_json(path, check(obj, str(path)))
+    return outcome
 
 
 def main(argv: list[str]) -> int:
     paths = [Path(p) for p in argv] or sorted(RESULTS.glob("*.json"))
-    done = {"kept": 0, "wrapped": 0}
+    done = {"kept": 0, "wrapped": 0, "filled": 0}
     for path in paths:
         outcome = migrate(path)
         done[outcome] += 1
         if outcome == "wrapped":
             print(f"{path.name}: wrapped")
-    print(f"{done['wrapped']} wrapped, {done['kept']} already in {SCHEMA}")
+    print(f"{done['wrapped']} wrapped, {done['filled']} filled, {done['kept']} already in {SCHEMA} and complete")
     return 0
 
 

@@ -19,7 +19,9 @@ A result is an envelope of provenance around the script's own payload:
     result      the script's payload (metrics, rows, ...), whose shape the script owns
 
 Results written before this schema were wrapped by bench/migrate_results.py: what their payload
-recorded is copied up, everything else is null with its reason under "unknown".
+recorded is copied up, everything else is null with its reason under "unknown". It also fills the
+payload keys a bench script writes today that its older runs lack (its FILLS, each with its reason
+under "unknown" as "result.<key>"), so the table writer reads one payload shape per script.
 Stdlib only: the table writer and the tests read results without loading torch.
 """
 

@@ -265,8 +265,8 @@ def ratio(a: float, b: float) -> float | None:
 def report(edited, args, mix: list[Query], n_edits: int, batcher, models: dict, tallies: dict) -> dict:
     per_model = {name: summarize(t, edited.tokenizer) for name, t in tallies.items()}
     e, b = per_model["edited"], per_model["base"]
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "pack": str(args.pack.resolve()),
-            "n_edits": n_edits, "data": args.data, "n_queries": len(mix),
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "workload": "alternate",
+            "pack": str(args.pack.resolve()), "n_edits": n_edits, "data": args.data, "n_queries": len(mix),
             "query_kinds": {k: sum(q.kind == k for q in mix) for k in ("prompt", "rephrase", "locality")},
             "model_ids": models, "device": str(edited.model.device), "dtype": str(edited.model.dtype),
             "clients": args.clients, "seconds": args.seconds, "rounds": args.rounds,

@@ -28,7 +28,8 @@ METRICS = [("reliability", "ag"), ("reliability", "tf"), ("generality", "ag"), (
 
 
 def _where(edit: dict) -> str:
-    """Which layer(s) a method changed."""
+    """Which layer(s) a method changed: MeG's record has a neuron spec, FT's a layer, MEMIT's and
+    AlphaEdit's layers, the unedited model's none."""
     if "spec" in edit:
         return f"{edit['spec']['layer']} (neuron)"
     if edit.get("layers"):
@@ -74,14 +75,14 @@ def meg_throughput_table() -> str:
     """Each MeG stage's throughput on the CounterFact scale runs: edits/s of stage A (fit), B+C
     (encoder, router), D (generator) and queries/s of the evaluation, with the thread count."""
     rows = []
-    for r in sorted(_load("meg-cf*.json"), key=lambda r: (r.get("edits_applied", r["n"]), method_label(r))):
-        if r["data"].split(":")[0] != "counterfact" or r.get("model", "smollm2") != "smollm2" or r["n"] < 1024:
+    for r in sorted(_load("meg-cf*.json"), key=lambda r: (r["edits_applied"], method_label(r))):
+        if r["data"].split(":")[0] != "counterfact" or r["model"] != "smollm2" or r["n"] < 1024:
             continue
-        if not current(method_label(r)) or r["config"]["fit"].get("exclude_eval_templates", "none") != "none":
+        if not current(method_label(r)) or r["config"]["fit"]["exclude_eval_templates"] != "none":
             continue
-        seconds, n = meg_stage_seconds(r)[0], r.get("edits_applied", r["n"])
+        seconds, n = meg_stage_seconds(r)[0], r["edits_applied"]
         queries, evaluation = sum(r["protocol"]["counts"].values()), r["timing"]["total_s"]
-        rows.append([f"{n:,}", method_label(r), str(r.get("threads") or "—")]
+        rows.append([f"{n:,}", method_label(r), str(r["threads"])]
                     + [f"{seconds[k]:.0f} ({n / max(seconds[k], 1e-9):.1f})" for k in ("A", "BC", "D")]
                     + [f"{evaluation:.0f} ({queries / max(evaluation, 1e-9):.1f})",
                        f"{(sum(seconds.values()) + evaluation) / 3600:.2f}"])
@@ -104,14 +105,13 @@ def generator_scale_table() -> str:
     """MeG's whole pipeline on the first N CounterFact edits with each generator kind run there
     (stages A-C shared; bench/meg.py --generator)."""
     rows = []
-    applied = lambda r: r.get("edits_applied", r["n"])  # noqa: E731 (a run may score the first K of its edits)
-    for r in sorted(_load("meg-cf*.json"), key=lambda r: (applied(r), method_label(r))):
-        if r.get("model", "smollm2") != "smollm2" or not current(method_label(r)) or r["n"] < 1024 \
-                or r["config"]["fit"].get("exclude_eval_templates", "none") != "none":
+    for r in sorted(_load("meg-cf*.json"), key=lambda r: (r["edits_applied"], method_label(r))):
+        if r["model"] != "smollm2" or not current(method_label(r)) or r["n"] < 1024 \
+                or r["config"]["fit"]["exclude_eval_templates"] != "none":
             continue
         g, m = r["fit"]["generator"], r["metrics"]
         size = f"{g['table_rows']:,} keys" if "table_rows" in g else f"{g['parameters'] / 1e6:.2f}M params"
-        rows.append([f"{applied(r):,}", method_label(r), size, f"{meg_stage_seconds(r)[0]['D']:.0f}",
+        rows.append([f"{r['edits_applied']:,}", method_label(r), size, f"{meg_stage_seconds(r)[0]['D']:.0f}",
                      f"{g['best']['rel_l2']:.3f}"] + [f"{m[k][s]:.1f}" for k, s in METRICS] + [f"**{r['score']:.2f}**"])
     return _table(["N", "method", "generator size", "D s", "val rel. L2", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG",
                    "LocTF", "Score"], rows)
@@ -158,7 +158,7 @@ def fit_speed_table() -> str:
     rows = []
     for r in _load("fit_neurons-speedup-*.json"):
         for check in ("tf", "generate"):
-            naive = r.get(f"naive_{check}")
+            naive = r.get(f"naive_{check}")  # the checks its --naive-checks ran
             if naive:
                 rows.append([str(r["n"]), str(r["config"]["layer"]), check, f"{naive['seconds']:.0f}",
                              f"{naive['success_rate']:.1f}", f"{r['batched']['seconds']:.0f}",
@@ -215,6 +215,11 @@ def stage_a_cost_table() -> str:
                    "vs prompt-only settings", "threads", "load average before / after"], rows)
 
 
+def _setting(r: dict) -> str:
+    """A run's data setting: bench/meg.py names it (counterfact-swap is one), a baseline's is its data's kind."""
+    return r["setting"] if fitted(r["method"]) else r["data"].split(":")[0]
+
+
 def headline_table() -> str:
     """MeG with the defaults (each data setting and N; the MLP generator beside it up to 1,024) and
     the baselines at 1,024 and 10,000 CounterFact edits. Benchmark-only variants (test wordings held
@@ -223,17 +228,16 @@ def headline_table() -> str:
 
     rows = []
     runs = _load("meg-*.json") + _load("baseline-cf-1024-*.json") + _load("baseline-cf-10000-*.json")
-    for r in sorted(runs, key=lambda r: (r.get("setting", r["data"].split(":")[0]), r["n"], not fitted(r["method"]),
-                                         method_label(r))):
+    for r in sorted(runs, key=lambda r: (_setting(r), r["n"], not fitted(r["method"]), method_label(r))):
         if fitted(r["method"]) and (not current(method_label(r)) or "of before" in method_label(r)
                                      or r["n"] > 1024 and r["config"]["generator"]["kind"] != MeGConfig().generator.kind
-                                     or r.get("edits_applied", r["n"]) != r["n"]
+                                     or r["edits_applied"] != r["n"]
                                      or "held out" in method_label(r) or "gemma" in method_label(r)):
             continue  # setups of before, other generators at scale, runs scoring part of their edits: docs/results.md
-        cells = [r.get("setting", r["data"].split(":")[0]), f"{r['n']:,}", method_label(r)]
+        cells = [_setting(r), f"{r['n']:,}", method_label(r)]
         cells += [f"{r['metrics'][k][s]:.1f}" for k, s in METRICS] + [f"**{r['score']:.1f}**"]
         cells += [_metric(r, "specificity", "ag"), _metric(r, "specificity", "tf"),
-                  "—" if r.get("score_all") is None else f"{r['score_all']:.1f}"]
+                  "—" if r["score_all"] is None else f"{r['score_all']:.1f}"]
         cells.append(f"{(edit_seconds(r)[0] + r['timing']['total_s']) / 60:.0f}")
         rows.append(cells)
     return _table(["data", "N", "method", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG", "LocTF", "Score",
@@ -256,14 +260,13 @@ def routing_table() -> str:
     for path in sorted(RESULTS.glob("routing-*.json")):
         r = read(path)["result"]
         c, s, t = r["config"], r["routing"], r["timing"]
-        chosen = r["router_record"]["calibration"].get("chosen", {})
+        chosen = r["router_record"]["calibration"]["chosen"]
         png = path.with_suffix(".png").name
         rows.append([f"[{path.stem.removeprefix('routing-')}](bench/results/{png})", r["data"].split(":")[0],
                      str(r["n_edits"]), r["pool"].split(":")[0] if r["pool"] else "—", str(r["n_encoder_pool"]),
                      c["router"]["kind"],
                      f"{r['retrieval_top1']['frozen']:.1f}", f"{r['retrieval_top1']['tuned']:.1f}",
-                     f"{r['epsilon']:.3f}", f"{chosen.get('recall', float('nan')):.1f} / "
-                     f"{chosen.get('false_fire', float('nan')):.1f}",
+                     f"{r['epsilon']:.3f}", f"{chosen['recall']:.1f} / {chosen['false_fire']:.1f}",
                      f"{s['prompt']['familiar']:.1f}", f"{s['rephrase']['familiar']:.1f}",
                      f"{s['locality']['familiar']:.1f}", f"{t['encoder_s']:.0f}", f"{t['router_s']:.0f}",
                      str(c["seed"])])
@@ -289,12 +292,12 @@ def _generator_label(row: dict) -> str:
     """The kind; for a kind sampled by diffusion (the DiT), the settings of its sampler and network."""
     if generator_kind(row["kind"]).diffusion(GeneratorConfig()) is None:
         return row["kind"]
-    config, network = row["config"], row.get("network", {})  # older runs: v-prediction, raw condition, dropout 0.2
-    prediction = config.get("prediction", "v")
+    config, network = row["config"], row["network"]
+    prediction = config["prediction"]
     parts = [config["preset"], f"edm sigma_data {config['sigma_data']:g}" if prediction == "edm" else f"{prediction}-prediction",
-             "condition x sqrt(d)" if network.get("unit_condition", False) else "raw condition",
-             f"condition dropout {network.get('cond_dropout', 0.2):g}"]
-    if network.get("cond_token"):
+             "condition x sqrt(d)" if network["unit_condition"] else "raw condition",
+             f"condition dropout {network['cond_dropout']:g}"]
+    if network["cond_token"]:
         parts.append("condition on tokens")
     return f"dit ({', '.join(parts)})"
 
@@ -310,8 +313,8 @@ def generator_table() -> str:
             t, e, best = row["training"], row["eval"], row["training"]["best"]
             m = e["metrics"]
             rows.append([_generator_label(row), str(r["n"]),
-                         f"{t['parameters'] / 1e6:.2f}M", str(t["steps"]), f"{t['seconds']:.0f}", str(r.get("threads", "—")),
-                         f"{best['rel_l2']:.3f}", f"{best.get('rel_ag', float('nan')):.1f}"]
+                         f"{t['parameters'] / 1e6:.2f}M", str(t["steps"]), f"{t['seconds']:.0f}", str(r["threads"]),
+                         f"{best['rel_l2']:.3f}", f"{best['rel_ag']:.1f}"]
                         + [f"{m[k][s]:.1f}" for k, s in METRICS[:4]] + [f"{e['generate_ms_per_query']:.2f}"])
     return _table(["vectors from", "N", "params", "train steps", "train s", "threads", "val rel. L2", "val RelAG",
                    "RelAG", "RelTF", "GenAG", "GenTF", "ms/query"], rows)
@@ -321,9 +324,9 @@ def sampling_steps_table() -> str:
     rows = []
     for r in _load("generator-*.json"):
         for row in r["rows"]:
-            for g in row.get("steps_grid", []):
+            for g in row.get("steps_grid", []):  # diffusion kinds only
                 m = g["metrics"]
-                rows.append([_generator_label(row), str(row["training"]["steps"]), str(r.get("threads", "—")), str(g["n"]),
+                rows.append([_generator_label(row), str(row["training"]["steps"]), str(r["threads"]), str(g["n"]),
                              str(g["steps"]), f"{g['generate_ms_per_query']:.2f}"]
                             + [f"{m[k][s]:.1f}" for k, s in METRICS[:4]])
     return _table(["generator", "train steps", "threads", "N", "sampling steps", "ms/query", "RelAG", "RelTF", "GenAG", "GenTF"], rows)
@@ -343,7 +346,7 @@ def denoising_table() -> str:
                             + [f"{g['profile'][i]['trajectory_rel']:.3f} / {g['profile'][i]['true_xt_rel']:.3f}" for g in gens])
         tables.append(_table(header, rows))
         rows = [[_generator_label(g), str(g["steps"]), str(r["n_validation"]), str(row["steps"]), f"{row['ms_per_query']:.2f}",
-                 f"{row['rel_l2']:.3f}", f"{row['rel_ag']:.1f}"] for g in gens for row in g.get("sampling", [])]
+                 f"{row['rel_l2']:.3f}", f"{row['rel_ag']:.1f}"] for g in gens for row in g["sampling"]]
         if rows:
             tables.append(_table(["generator", "train steps", "N", "sampling steps", "ms/query", "rel. L2", "RelAG"], rows))
     return "\n\n".join(tables)
@@ -353,29 +356,28 @@ def scale_curve_table() -> str:
     """The points of bench/scale_curve.py: every method at every N measured so far."""
     curve = load_one("scale_curve.json")
     points = curve["points"] if curve else []
-    rows = [[str(p["n"]), p.get("label", p["method"])] + [f"{p['metrics'][k][s]:.1f}" for k, s in METRICS]
+    rows = [[str(p["n"]), p["label"]] + [f"{p['metrics'][k][s]:.1f}" for k, s in METRICS]
             + [f"**{p['score']:.2f}**", f"{p['edit_time_s']:.0f}", p["edit_time_note"] or "—",
-               f"{p['eval_time_s']:.0f}", str(p.get("threads") or "—")]
+               f"{p['eval_time_s']:.0f}", p["threads"] or "—"]
             for p in sorted(points, key=lambda p: (p["n"], p["method"]))]
     return _table(["N", "method", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG", "LocTF", "Score", "edit s",
                    "edit time note", "eval s", "threads"], rows)
 
 
-def _ft_sweep_setup(settings: dict, cov_source: str | None) -> tuple[str, str]:
+def _ft_sweep_setup(settings: dict) -> tuple[str, str]:
     """(layers, setup) of an FT row of bench/baseline_sweep.py."""
-    box = settings.get("norm_constraint")
+    box = settings["norm_constraint"]
     setup = (f"Adam, {len(settings['epoch_losses'])} of {settings['epochs']} epochs (stop at loss "
              f"{settings['stop_loss']:g})" + (f", box {box:g}" if box else ""))
     return str(settings["layer"]), setup
 
 
-def _memit_sweep_setup(settings: dict, cov_source: str | None) -> tuple[str, str]:
+def _memit_sweep_setup(settings: dict) -> tuple[str, str]:
     """(layers, setup) of a MEMIT / AlphaEdit row of bench/baseline_sweep.py."""
     stop = f"loss < {settings['v_tol']:g}" if "v_tol" in settings else "all steps"  # runs before v_tol
-    source = settings.get("cov_source", cov_source or "")
-    cov = "model text" if "model wrote" in source else "pool prompts"
-    setup = (f"cov: {cov} ({settings['cov_tokens'] // 1000}K tok); {settings.get('context_prefixes', 0)} prefixes; "
-             f"KL {settings.get('kl_factor', 0):g}; values {settings['v_steps']} steps, {stop}")
+    cov = "model text" if "model wrote" in settings["cov_source"] else "pool prompts"
+    setup = (f"cov: {cov} ({settings['cov_tokens'] // 1000}K tok); {settings['context_prefixes']} prefixes; "
+             f"KL {settings['kl_factor']:g}; values {settings['v_steps']} steps, {stop}")
     return f"{min(settings['layers'])}-{max(settings['layers'])}", setup
 
 
@@ -383,11 +385,11 @@ def _memit_sweep_setup(settings: dict, cov_source: str | None) -> tuple[str, str
 _SWEEP_SETUPS = {FTConfig: _ft_sweep_setup, MemitConfig: _memit_sweep_setup}
 
 
-def _sweep_setup(row: dict, cov_source: str | None) -> tuple[str, str, str]:
+def _sweep_setup(row: dict) -> tuple[str, str, str]:
     """(weight, layers, setup) of one bench/baseline_sweep.py row."""
     method = get_method(row["method"])
     weight = f"{WEIGHT_SYMBOLS[method.main_setting]} {row['weight']:g}"
-    return weight, *_SWEEP_SETUPS[method.config](row["settings"], cov_source)
+    return weight, *_SWEEP_SETUPS[method.config](row["settings"])
 
 
 def causal_trace_table() -> str:
@@ -411,12 +413,12 @@ def baseline_sweep_table() -> str:
     rows = []
     for r in _load("baseline_sweep-*.json"):
         for row in r["rows"]:
-            weight, layers, setup = _sweep_setup(row, r.get("cov_source"))
-            reused = row["settings"].get("values_reused_batches") or row["settings"].get("values_reused_edits")
+            weight, layers, setup = _sweep_setup(row)
+            reused = row["settings"].get("values_reused_edits")  # FT searches no values
             edit_s = f"{row['edit_s']:.0f}" + (" (values cached)" if reused else "")
             rows.append([str(r["n"]), row["method"], weight, layers, setup]
                         + [f"{row['metrics'][k][s]:.1f}" for k, s in METRICS]
-                        + [f"{row['score']:.2f}", edit_s, str(r.get("threads", 1))])
+                        + [f"{row['score']:.2f}", edit_s, str(r["threads"])])
     return _table(["N", "method", "weight", "layers", "setup", "RelAG", "RelTF", "GenAG", "GenTF", "LocAG",
                    "LocTF", "Score", "edit s", "threads"], rows)
 
@@ -450,7 +452,7 @@ def living_successive_table() -> str:
     rows = []
     for r in _load("living-successive.json"):
         for step in r["steps"]:
-            new = step.get("new")
+            new = step.get("new")  # the first step is the pack before any addition: no batch, no time
             rows.append([str(step["added"]), f"{step['n_edits']:,}", f"{step['seconds']:.0f}" if "seconds" in step else "—",
                          str(step.get("generator_steps", "—")), *_ags(step["old"]),
                          f"{new['metrics']['reliability']['ag']:.1f}" if new else "—",
@@ -463,7 +465,7 @@ def serve_load_table() -> str:
     """Edited against base model under the same concurrent load on one server (bench/serve_load.py)."""
     rows = []
     for r in _load("serve-load-*.json"):
-        if r.get("workload") == "mixed":
+        if r["workload"] == "mixed":
             continue  # serve_load_mixed_table
         for name in ("edited", "base"):
             m, lat = r[name], r[name]["latency_s"]
@@ -480,13 +482,13 @@ def serve_load_mixed_table() -> str:
     """Continuous batching against the previous whole-batch worker, mixed workload (bench/serve_load.py)."""
     rows = []
     for r in _load("serve-load-*.json"):
-        if r.get("workload") != "mixed":
+        if r["workload"] != "mixed":
             continue
         for name, label in (("continuous", "continuous batching"), ("compared", "whole batch (previous)")):
             if name not in r:
                 continue  # a run of one server
             m, mem = r[name], r[name]["memory"]
-            steps = m["server"].get("steps")
+            steps = m["server"].get("steps")  # the compared worker of before counted no decode steps
             rows.append([f"{r['n_edits']:,}", str(r["clients"]), f"{r['seconds']:.0f}", str(r["threads"]), label,
                          str(m["server"]["max_batch"]), str(m["requests"]), str(m["errors"]),
                          f"{m['requests_per_s']:.2f}",
@@ -503,12 +505,11 @@ def pipeline_table() -> str:
     rows = []
     for r in _load("pipeline-cf-*.json"):
         st = r["stages"]
-        generator = r.get("generator", "mlp")  # runs before the record named it: the default of then
-        edits = r["data"].split(":")[1] + (" (resumed run)" if r.get("resumed") else "")
+        edits = r["data"].split(":")[1] + (" (resumed run)" if r["resumed"] else "")
         reference = f"{r['reference_s']:.0f}" if "reference_s" in r else "—"
-        rows.append([f"{r['n']:,}", edits, generator, str(r["threads"]), str(r.get("processes", 1)),
-                     f"{r['load_before']:.1f}", f"{st.get('A', 0):.0f}", f"{st.get('BC', 0):.0f}",
-                     f"{st.get('D', 0):.0f}", f"{r['fit_s']:.0f}", f"{r['eval_s']:.0f}", reference,
+        rows.append([f"{r['n']:,}", edits, r["generator"], str(r["threads"]), str(r["processes"]),
+                     f"{r['load_before']:.1f}", f"{st['A']:.0f}", f"{st['BC']:.0f}", f"{st['D']:.0f}",
+                     f"{r['fit_s']:.0f}", f"{r['eval_s']:.0f}", reference,
                      f"**{r['total_s'] / 60:.1f}**", f"{r['score']:.1f}", r["date"][:10]])
     return _table(["N", "edits", "generator", "threads", "processes (A, eval)", "load average before", "A s", "B+C s",
                    "D s", "fit s (process)", "eval s (process)", "of which pre-edit reference s", "total min", "Score",

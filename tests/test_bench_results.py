@@ -86,10 +86,31 @@ def test_migration_wraps_an_old_result_once_and_keeps_its_payload(migrate, schem
     path.write_text(json.dumps(old))
     assert migrate.migrate(path) == "wrapped"
     record = schema.read(path)
-    assert record["result"] == old and record["protocol"]["script"] == "bench/baselines.py"
+    assert record["result"] == old | {"score_all": None}  # the one key bench/baselines.py writes today
+    assert "no specificity" in record["unknown"]["result.score_all"]
+    assert record["protocol"]["script"] == "bench/baselines.py"
     assert (record["n"], record["threads"], record["versions"]["torch"]) == (8, 2, "2.13.0+cpu")
     assert record["data"]["edits"] == {"path": "counterfact:counterfact-edit.json", "sha256": None}
     assert record["git"]["revision"] is None and "git.revision" in record["unknown"]  # never guessed
+    text = path.read_text()
+    assert migrate.migrate(path) == "kept" and path.read_text() == text
+
+
+def test_migration_fills_the_keys_a_bench_script_writes_today_once(migrate, schema, tmp_path):
+    path = tmp_path / "baseline_sweep-4.json"
+    rows = [{"method": "memit", "settings": {"v_steps": 20, "values_reused_batches": 0}},
+            {"method": "ft", "settings": {}}]
+    _write(schema, path)
+    record = json.loads(path.read_text())
+    record["result"] = {"cov_source": "pool", "rows": rows}
+    path.write_text(json.dumps(record))
+    assert migrate.migrate(path) == "filled"
+    record = schema.read(path)
+    assert record["result"]["threads"] == 1 and record["result"]["rows"][1] == {"method": "ft", "settings": {}}
+    assert record["result"]["rows"][0]["settings"] == {"v_steps": 20, "values_reused_batches": 0, "cov_source": "pool",
+                                                       "context_prefixes": 0, "kl_factor": 0,
+                                                       "values_reused_edits": 0}  # no batch reused: no edit
+    assert record["unknown"]["result.rows.0.settings.kl_factor"].endswith("filled with 0: MEMIT had no KL term then")
     text = path.read_text()
     assert migrate.migrate(path) == "kept" and path.read_text() == text
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from dataclasses import fields, is_dataclass
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 
 import pytest
@@ -64,6 +64,16 @@ def test_train_steps_given_alone_clears_passes_in_every_layer():
     assert MeGConfig.from_dict({"generator": {"train_steps": 7, "passes": 3}}).generator.passes == 3
     over_a_file = layered(MeGConfig().to_dict(), {"generator": {"train_steps": 7}})
     assert (over_a_file["generator"]["train_steps"], over_a_file["generator"]["passes"]) == (7, None)
+
+
+def test_train_steps_given_alone_clears_passes_in_python_too():
+    assert GeneratorConfig(train_steps=123).steps_for(2048) == 123 and GeneratorConfig(train_steps=123).passes is None
+    default = GeneratorConfig()
+    assert (default.train_steps, default.passes, default.steps_for(2048)) == (4000, 500.0, 8000)  # 500 x 2048 / 128
+    assert GeneratorConfig(train_steps=123, passes=3.0).steps_for(2048) == 48  # both given: passes, as before
+    saved = asdict(default)  # what a pack stores: both budgets, so it loads to the same steps
+    assert (saved["train_steps"], saved["passes"]) == (4000, 500.0) and GeneratorConfig(**saved) == default
+    assert GeneratorConfig(**{**saved, "passes": None}).steps_for(2048) == 4000
 
 
 def test_each_kind_and_method_is_one_registry_entry():

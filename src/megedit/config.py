@@ -73,7 +73,7 @@ class MeGConfig:
         _check_keys(d, {f.name for f in fields(cls)}, where)
         _check_types(cls, {k: v for k, v in d.items() if k not in (*nested, "routing")}, where)
         kwargs = {}
-        for key, value in layered({}, d).items():
+        for key, value in d.items():
             if key in nested:
                 kwargs[key] = _build(nested[key], value, f"{where}.{key}")
             elif key == "routing":

@@ -14,7 +14,7 @@ from .types import non_empty, positive_int
 log = logging.getLogger("megedit")
 
 # 12 edits: the generator's validation distance is lowest by about 1,000 steps
-DEMO_DEFAULTS = {"generator": {"train_steps": 1000, "passes": None}}
+DEMO_DEFAULTS = {"generator": {"train_steps": 1000}}  # given alone, it clears the passes
 
 
 # -- demo ---------------------------------------------------------------------------------------

@@ -21,6 +21,16 @@ from .mlp import MLPConfig
 NORMALIZATIONS = ("standard", "scale")
 
 
+class _Default:
+    """A step budget's default, told apart from the same value given (GeneratorConfig.__post_init__)."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
 @dataclass
 class GeneratorConfig:
     # The lookup (each query takes the fitted vector of its nearest training wording), not a network:
@@ -39,10 +49,10 @@ class GeneratorConfig:
     lr: float = setting(1e-3, above=0, help="AdamW's learning rate")
     weight_decay: float = setting(0.0, at_least=0, help="AdamW's weight decay")
     batch_size: int = setting(128, at_least=1, help="training pairs per step")
-    train_steps: int = setting(4000, at_least=1, help=(
+    train_steps: int = setting(_Default(4000), at_least=1, help=(
         "the training budget in steps, where passes is null (given without passes, it clears them)"))
     # MLP and DiT only (the lookup trains nothing): 500 passes over the edits, growing linearly with them
-    passes: float | None = setting(500.0, above=0, help=(
+    passes: float | None = setting(_Default(500.0), above=0, help=(
         "the training budget in passes over the edits (each edit's vector drawn this often, through any of its "
         "wordings): steps grow linearly with the edits, not with the wordings per edit; null: train_steps"))
     augment: bool = setting(True, help="also train on every other fitted wording of an edit -> the edit's vector")
@@ -61,6 +71,15 @@ class GeneratorConfig:
         "unrelated queries paired with the zero vector, as a share of the edits"))
     seed: int = setting(0, help="seeds the network's initial weights and the batch order")
 
+    def __post_init__(self) -> None:
+        # the one place of the rule "train_steps given alone clears passes", for every way a config is
+        # made (arguments, a dict, a file, flags); a saved config holds both, and passes wins as before
+        steps_given = not isinstance(self.train_steps, _Default)
+        if not steps_given:
+            self.train_steps = self.train_steps.value
+        if isinstance(self.passes, _Default):
+            self.passes = None if steps_given else self.passes.value
+
     def validate(self) -> "GeneratorConfig":
         unknown = set(self.dit) - set(asdict(DiTConfig())) | set(self.mlp) - set(asdict(MLPConfig()))
         if unknown:
@@ -72,7 +91,8 @@ class GeneratorConfig:
     @staticmethod
     def step_budget(given: dict) -> dict:
         """Generator settings as given, where a budget in steps given alone (train_steps, no passes)
-        replaces the budget in passes that the defaults or an earlier layer of settings hold."""
+        replaces the budget in passes that an earlier layer of settings holds (`megedit.config.layered`:
+        a layer is written over a whole config, whose passes __post_init__ cannot tell from given ones)."""
         if isinstance(given, dict) and "train_steps" in given and "passes" not in given:
             return {**given, "passes": None}
         return given
