@@ -33,12 +33,18 @@ CounterFact sets every edit's relation is known, so there the pool is made blind
 draws its other-relation negatives as if its relation were unknown (its own relation among them at
 times), which is the case the margin is for; on ZsRE, 765 of 998 edits' relations are unknown.
 
+wordings (the same edit sets and stages): an edit's other-relation router negatives, 16 relations or
+every other one, 1, 4 or every negative-half wording of each, with an extra margin of 0 to 0.08
+(routing.router.negatives, negative_wordings, other_relation_margin); the harness's three query
+kinds and bench/subject_probes.py's questions about each edit's subject fire under each.
+
 costs (first 64 edits, stage A with its pool paraphrases, the fitted vectors applied directly):
 what the chat wording costs beside the other wordings, and cheaper forms of it (an empty system
 message: 24 tokens instead of 40 on SmolLM2; a lower chat margin; fewer paraphrases), against
 RelAG, GenAG and the chat rates (chats always in the template's default form).
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/real_use_levers.py [routing] [answers] [costs] [margin[=SET,...]] [calibration] [neighbours] [unknown]
+    OMP_NUM_THREADS=2 .venv/bin/python bench/real_use_levers.py [routing] [answers] [costs] [margin[=SET,...]]
+        [calibration] [neighbours] [unknown] [wordings[=SET,...]]
 
 Result: bench/results/real-use-levers.json; caches in bench/results/cases/real-use-levers/.
 """
@@ -75,6 +81,14 @@ FALSE_FIRE_WEIGHTS = (1.0, 0.75, 0.5, 0.35, 0.25)
 SAME_RELATION_NEGATIVES = (0, 2, 4, 8, 16)
 # unknown: the extra margin of the negatives of an edit whose relation the pool does not know
 UNKNOWN_RELATION_MARGINS = (0.0, 0.02, 0.035, 0.05, 0.075, 0.1)
+# wordings: (label, other relations per edit, wordings per relation, their margin); None: every one
+NEGATIVE_WORDINGS = [("16 relations, 1 wording each", 16, 1, 0.0), ("every relation, 1 wording each", None, 1, 0.0),
+                     ("every relation, 4 wordings each", None, 4, 0.0),
+                     ("every relation, 4 wordings each, margin 0.05", None, 4, 0.05),
+                     ("every relation, every wording", None, None, 0.0),
+                     ("every relation, every wording, margin 0.02", None, None, 0.02),
+                     ("every relation, every wording, margin 0.05", None, None, 0.05),
+                     ("every relation, every wording, margin 0.08", None, None, 0.08)]
 # (label, FitConfig overrides): what the chat wording costs in stage A with its other wordings, and cheaper forms
 COSTS = [("no chat wording", {"chat_wording": False}), ("defaults", {}),
          ("chat wording with an empty system message", {"chat_system": ""}),
@@ -114,12 +128,21 @@ def probe_queries(edits) -> dict[str, list[tuple[str, int]]]:
 
 def fire_rates(encoder, router, queries: dict) -> dict:
     """Per kind: how many queries fire an edit, and fire their own edit (percent)."""
+    return embedded_fire_rates(router, embed_queries(encoder, queries))
+
+
+def embed_queries(encoder, queries: dict) -> dict:
+    """Per kind, (the queries' embeddings, their edits' rows)."""
+    return {kind: (encoder.encode([text for text, _ in pairs]), torch.tensor([k for _, k in pairs]))
+            for kind, pairs in queries.items()}
+
+
+def embedded_fire_rates(router, embedded: dict) -> dict:
     rates = {}
-    for kind, pairs in queries.items():
-        emb = encoder.encode([text for text, _ in pairs])
+    for kind, (emb, owners) in embedded.items():
         fired = router.familiar(emb)
-        own = torch.tensor(router.nearest_edit(emb)) == torch.tensor([k for _, k in pairs])
-        rates[kind] = {"n": len(pairs), "fires": 100.0 * float(fired.float().mean()),
+        own = torch.tensor(router.nearest_edit(emb)) == owners
+        rates[kind] = {"n": len(owners), "fires": 100.0 * float(fired.float().mean()),
                        "fires_own_edit": 100.0 * float((fired & own).float().mean())}
     return rates
 
@@ -248,6 +271,50 @@ def unknown_relation_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
     return rows
 
 
+def wording_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
+    """An edit's other-relation negatives (how many relations, wordings and their margin) on bench/meg.py's edit
+    sets with their default stages B and C (epsilon as calibrated there): the harness's query kinds, and
+    bench/subject_probes.py's questions about each edit's subject (edits of the relation a question asks left out)."""
+    from meg import SETTINGS
+    from subject_probes import QUESTIONS, asks_it
+
+    from megedit import MeGConfig, load_requests
+    from megedit.data.specificity import relation_wordings, wording_half
+    from megedit.stages.routing import edit_negatives, split_for_edits
+
+    rows = []
+    for name in sets:
+        config = MeGConfig()
+        edits, routing = meg_set_routing(model, tokenizer, name, config)
+        pool = load_requests("counterfact", SETTINGS[name][3])
+        pool = [*sum(split_for_edits(edits, pool, config.routing), [])]  # stage C's pool
+        base, encoder = dataclasses.replace(routing["router"], negatives=None), routing["encoder"]
+        wordings = relation_wordings(pool)
+        queries = probe_queries(edits) | {question: [(question.format(r.subject), k) for k, r in enumerate(edits)
+                                                     if not asks_it(wording, wordings)(r)]
+                                          for question, wording in QUESTIONS}
+        # where each question stands: one of the pool's wordings (and which half) or not
+        asked = {q: wording_half(q) if q in wordings.relation else "not in the pool" for q, _ in QUESTIONS}
+        embedded = embed_queries(encoder, queries)
+        texts = edit_negatives(edits, pool, _negatives(config.routing, None, None, 0.0))[0]  # the widest: all others
+        negative = dict(zip(texts, encoder.encode(texts, progress=True)))
+        for label, relations, per_relation, margin in NEGATIVE_WORDINGS:
+            texts, margins = edit_negatives(edits, pool, _negatives(config.routing, relations, per_relation, margin))
+            router = base.with_negatives(torch.stack([negative[t] for t in texts]), margins=margins)
+            row = {"edits": name, "n_edits": len(edits), "label": label, "relations": relations,
+                   "wordings": per_relation, "other_relation_margin": margin, "n_negatives": len(texts),
+                   "epsilon": router.epsilon, "questions": asked, **embedded_fire_rates(router, embedded)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def _negatives(routing, relations, per_relation, margin):
+    """`routing` (a RoutingConfig) with these other-relation negatives."""
+    return dataclasses.replace(routing, router=dataclasses.replace(
+        routing.router, negatives=relations, negative_wordings=per_relation, other_relation_margin=margin))
+
+
 def answer_costs(model, tokenizer, n: int) -> list[dict]:
     from megedit import MeGConfig, MeGEditor, load_requests
     from megedit.data.prompts import get_format
@@ -326,11 +393,17 @@ def main() -> int:
         result["neighbours"] = {"rows": neighbour_rates(model, tokenizer, MARGIN_SETS)}
     if "unknown" in parts:
         result["unknown"] = {"rows": unknown_relation_rates(model, tokenizer, MARGIN_SETS)}
+    if "wordings" in parts:
+        chosen = next((a.split("=")[1].split(",") for a in sys.argv[1:] if a.startswith("wordings=")), MARGIN_SETS)
+        rows = wording_rates(model, tokenizer, chosen)
+        written = payload(OUT) if OUT.exists() else {}  # read again: a run beside this one may have written other sets
+        kept = [row for row in written.get("wordings", {}).get("rows", []) if row["edits"] not in chosen]
+        result["wordings"] = {"rows": kept + rows}
     if "costs" in parts:
         result["costs"] = {"n_edits": 64, "rows": answer_costs(model, tokenizer, 64)}
     result |= {"model": "smollm2", "seed": 0, "threads": torch.get_num_threads()}
     data = {name: SHARED / f"{name}.json" for name in ("counterfact-edit", "counterfact-train")}
-    if parts & {"margin", "calibration", "neighbours", "unknown"}:
+    if parts & {"margin", "calibration", "neighbours", "unknown", "wordings"}:
         data["zsre"] = SHARED.parent / "zsre/zsre_mend_train-1k.json"
     write_result(OUT, result, model="smollm2", fingerprint=model_fingerprint(model), n=None, seed=0, method="meg",
                  config=None, data=data, unknown={"n": "each part's own (its n_edits or rows)",

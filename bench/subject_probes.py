@@ -39,6 +39,14 @@ QUESTIONS = [
     ("{} works in the field of", "{} works in the field of"),
     ("The native language of {} is", "The native language of {} is"),
     ("Tell me about {}.", None),
+    # written for megedit, none of them a pool wording: what a user asks, in forms the method never saw
+    ("Where was {} born?", "{} was born in"),
+    ("{} was born in the city of", "{} was born in"),
+    ("The birthplace of {} is", "{} was born in"),
+    ("What is the nationality of {}?", "{} is a citizen of"),
+    ("Where did {} die?", "{} died in"),
+    ("{} is known for their work in", "{} works in the field of"),
+    ("What language does {} speak?", "The native language of {} is"),
 ]
 
 
@@ -77,7 +85,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from megedit import EditedModel, load_model, load_requests
     from megedit.data import parse_data_arg
-    from megedit.data.specificity import relation_wordings
+    from megedit.data.specificity import relation_wordings, wording_half
 
     model, tokenizer = load_model("smollm2")
     edited = EditedModel.from_pretrained(args.pack, model, tokenizer)
@@ -89,7 +97,8 @@ def main() -> int:
     rows = []
     for question, wording in QUESTIONS:
         rows.append({**probe(edited, edits, question, asks_it(wording, wordings), args.answers),
-                     "pool_wording": question in wordings.relation, "relation": wordings.relation.get(wording)})
+                     "pool_wording": question in wordings.relation, "relation": wordings.relation.get(wording),
+                     "half": wording_half(question) if question in wordings.relation else None})
         print(rows[-1], flush=True)
     out = args.out or HERE / "results" / f"subject-probes-{args.pack.resolve().name}.json"
     write_result(out, {"pack": str(args.pack), "n_edits": len(edits), "rows": rows}, model="smollm2",

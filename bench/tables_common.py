@@ -1,7 +1,8 @@
 """What every results table is made with: the result files' folder, loading them, and Markdown tables.
 
-Tables read result files only through `load` and `load_one`: each file is checked against the
-schema (bench/result_schema.py) and the table sees its payload."""
+Tables read result files only through `load`, `load_one` and `load_records`: each file is checked
+against the schema (bench/result_schema.py) and the table sees its payload (with `load_records`, the
+whole record: the method's config too)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 def load(pattern: str) -> list[dict]:
     """The payloads of the result files matching `pattern`, in name order."""
     return [read(p)["result"] for p in sorted(RESULTS.glob(pattern))]
+
+
+def load_records(pattern: str) -> list[dict]:
+    """The whole records (provenance and payload) of the result files matching `pattern`, in name order."""
+    return [read(p) for p in sorted(RESULTS.glob(pattern))]
 
 
 def load_one(name: str) -> dict | None:

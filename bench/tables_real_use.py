@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from scale_curve import method_label, threads  # noqa: E402 (bench/ is this folder)
-from tables_common import load as _load, load_one, metric as _metric, table as _table  # noqa: E402
+from tables_common import load as _load, load_one, load_records, metric as _metric, table as _table  # noqa: E402
 
 
 def real_use_table() -> str:
@@ -105,29 +105,64 @@ def levers_unknown_table() -> str:
                                          f"{r['n_unknown_relation_negatives']:,}"])
 
 
+def levers_wordings_table() -> str:
+    """bench/real_use_levers.py, wordings: an edit's other-relation negatives, and the mean firing of
+    bench/subject_probes.py's questions about its subject, grouped by where the question stands."""
+    groups = ("probe", "not in the pool", "negative")
+
+    def near(row, group) -> str:
+        rates = [row[q]["fires_own_edit"] for q, where in row["questions"].items() if where == group
+                 and q != "Tell me about {}."]
+        return f"{sum(rates) / len(rates):.1f} ({len(rates)})" if rates else "—"  # the mean, and over how many
+
+    return _levers_fire_table("wordings", ["edits", "N", "other-relation negatives", "negatives in all"], lambda r: [
+        r["edits"], f"{r['n_edits']:,}", r["label"], f"{r['n_negatives']:,}"],
+        ["near questions fire own %: probe-half pool wordings (questions)", "written for the bench (questions)",
+         "negative-half pool wordings (questions)"], lambda r: [near(r, g) for g in groups],
+        order=lambda r: SETS.index(r["edits"]))
+
+
+SETS = ("counterfact", "counterfact-swap", "zsre")  # bench/meg.py's edit sets, in the order tables show them
+
+
 FIRE_HEADER = ["rephrases fire their edit %", "specificity probes fire %", "locality prompts fire %"]
 
 
-def _levers_fire_table(part: str, header: list[str], lead) -> str:
+def _levers_fire_table(part: str, header: list[str], lead, tail_header: list[str] = (), tail=lambda r: [],
+                       order=None) -> str:
     """A part of bench/real_use_levers.py's result as a table: each row's own columns (`lead`), then
-    the three query kinds' firing rates."""
+    the three query kinds' firing rates, then any more (`tail`); rows in file order, or sorted by `order`."""
     levers = load_one("real-use-levers.json")
     if levers is None or part not in levers:
         return f"(not run yet: bench/real_use_levers.py {part})"
+    rows = sorted(levers[part]["rows"], key=order) if order else levers[part]["rows"]
     rows = [lead(r) + [f"{r['rephrase']['fires_own_edit']:.1f}", f"{r['specificity']['fires']:.1f}",
-                       f"{r['locality']['fires']:.1f}"] for r in levers[part]["rows"]]
-    return _table(header + FIRE_HEADER, rows)
+                       f"{r['locality']['fires']:.1f}"] + tail(r) for r in rows]
+    return _table(header + FIRE_HEADER + list(tail_header), rows)
+
+
+def negatives_label(router: dict) -> str:
+    """A pack's other-relation router negatives, from its router config (packs made before the wordings
+    and margin settings held one wording of each of `negatives` relations, with no margin)."""
+    relations = "every relation" if router["negatives"] is None else f"{router['negatives']} relations"
+    wordings = router.get("negative_wordings", 1)  # absent: a pack of before the setting
+    each = "every wording" if wordings is None else f"{wordings} wording{'s' if wordings > 1 else ''} each"
+    margin = router.get("other_relation_margin", 0.0)
+    return f"{relations}, {each}" + (f", margin {margin:g}" if margin else "")
 
 
 def subject_probes_table() -> str:
     """bench/subject_probes.py: questions about each edit's subject, of relations near many edits' relations."""
     rows = []
-    for r in _load("subject-probes-*.json"):
+    for record in load_records("subject-probes-*.json"):
+        r, negatives = record["result"], negatives_label(record["method"]["config"]["routing"]["router"])
         for row in r["rows"]:
-            rows.append([f"{r['n_edits']:,}", f"`{row['question']}`", "yes" if row["pool_wording"] else "no",
+            where = "no" if not row["pool_wording"] else f"yes, {row['half']} half" if "half" in row else "yes"
+            rows.append([negatives, f"{r['n_edits']:,}", f"`{row['question']}`", where,
                          "—" if row["relation"] is None else str(row["relation"]), f"{row['n']:,}",
                          f"{row['fires_own']:.1f}", f"{row['fires_any']:.1f}", str(row["n_answers"]),
                          f"{row['answer_changed']:.1f}"])
-    return _table(["edits", "question (subject in {})", "pool wording", "relation", "asked (edits of other relations)",
+    return _table(["other-relation negatives", "edits", "question (subject in {})", "pool wording", "relation",
+                   "asked (edits of other relations)",
                    "fires its subject's edit %", "fires any edit %",
                    "answers compared", "answer changed %"], rows)

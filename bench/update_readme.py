@@ -21,7 +21,7 @@ from tables_common import ROOT, RESULTS, load as _load, load_one, metric as _met
 from tables_summary import in_short_table  # noqa: E402
 from tables_real_use import (levers_answers_table, levers_calibration_table, levers_costs_table,  # noqa: E402
                              levers_margin_table, levers_neighbours_table, levers_routing_table,
-                             levers_unknown_table, own_facts_table, real_use_table,
+                             levers_unknown_table, levers_wordings_table, own_facts_table, real_use_table,
                              subject_probes_table)
 METRICS = [("reliability", "ag"), ("reliability", "tf"), ("generality", "ag"), ("generality", "tf"),
            ("locality", "ag"), ("locality", "tf")]
@@ -560,12 +560,21 @@ def living_headline_table() -> str:
 
 
 TABLES = {"headline": headline_table, "real-use": real_use_table, "subject-probes": subject_probes_table,
-          "levers-routing": levers_routing_table,
-          "in-short": in_short_table, "levers-answers": levers_answers_table, "levers-margin": levers_margin_table, "levers-calibration": levers_calibration_table, "levers-neighbours": levers_neighbours_table, "levers-unknown": levers_unknown_table, "own-facts": own_facts_table, "levers-costs": levers_costs_table, "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table, "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table, "causal-trace": causal_trace_table, "baselines": baselines_table, "meg-cost": meg_cost_table, "meg-throughput": meg_throughput_table, "generator-ddp": generator_ddp_table, "generator-scale": generator_scale_table, "epsilon-whatif": epsilon_whatif_table, "router-ceiling": router_ceiling_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
-          "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table,
-          "routing": routing_table, "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table,
+          "levers-routing": levers_routing_table, "in-short": in_short_table, "levers-answers": levers_answers_table,
+          "levers-margin": levers_margin_table, "levers-calibration": levers_calibration_table,
+          "levers-neighbours": levers_neighbours_table, "levers-unknown": levers_unknown_table,
+          "levers-wordings": levers_wordings_table, "own-facts": own_facts_table, "levers-costs": levers_costs_table,
+          "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table,
+          "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table,
+          "causal-trace": causal_trace_table, "baselines": baselines_table, "meg-cost": meg_cost_table,
+          "meg-throughput": meg_throughput_table, "generator-ddp": generator_ddp_table,
+          "generator-scale": generator_scale_table, "epsilon-whatif": epsilon_whatif_table,
+          "router-ceiling": router_ceiling_table, "eval-cost": eval_cost_table, "fit-speed": fit_speed_table,
+          "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table, "routing": routing_table,
+          "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table,
           "denoising": denoising_table, "living-add": living_add_table, "living-successive": living_successive_table,
-          "serve-load": serve_load_table, "serve-load-mixed": serve_load_mixed_table, "pipeline": pipeline_table, "processes": processes_table, "living-headline": living_headline_table}
+          "serve-load": serve_load_table, "serve-load-mixed": serve_load_mixed_table, "pipeline": pipeline_table,
+          "processes": processes_table, "living-headline": living_headline_table}
 
 
 def main() -> int:

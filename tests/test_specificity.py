@@ -188,12 +188,34 @@ def test_negatives_of_an_edit_of_unknown_relation_carry_the_unknown_relation_mar
     known = EditRequest("e", "The mother tongue of Ann Smith is", "German", "Ann Smith")
     unknown = EditRequest("x", "Which tongue did Bo Lind grow up with?", "Quenya", "Bo Lind")  # no pool wording
     config = RoutingConfig()
-    config.router.same_relation_negatives = 0
+    config.router.same_relation_negatives, config.router.plain_negatives = 0, 0
     texts, margins = edit_negatives([known, unknown], pool, config)
     by_text = dict(zip(texts, margins.tolist()))
-    assert {m for t, m in by_text.items() if "Ann Smith" in t} == {0.0}
+    other = config.router.other_relation_margin
+    known_margins = [m for t, m in by_text.items() if "Ann Smith" in t]
+    assert known_margins and known_margins == pytest.approx([other] * len(known_margins))
     unknown_margins = [m for t, m in by_text.items() if "Bo Lind" in t]
-    assert unknown_margins and unknown_margins == pytest.approx([config.router.unknown_relation_margin] * len(unknown_margins))
+    expected = other + config.router.unknown_relation_margin
+    assert unknown_margins and unknown_margins == pytest.approx([expected] * len(unknown_margins))
+
+
+def test_every_wording_of_every_other_relation_can_be_a_negative_and_only_those_carry_their_margin():
+    pool = _pool()
+    edit = EditRequest("e", "The mother tongue of Ann Smith is", "German", "Ann Smith")
+    config = RoutingConfig()
+    config.router.negatives, config.router.negative_wordings, config.router.other_relation_margin = None, None, 0.05
+    config.router.same_relation_negatives = 2
+    texts, margins = edit_negatives([edit], pool, config)
+    by_text = dict(zip(texts, margins.tolist()))
+    others = {w.format("Ann Smith") for rel, (ws, _) in WORDINGS.items() if rel != "language" for w in ws
+              if wording_half(w) == "negative"}
+    assert others and {t for t, m in by_text.items() if m == pytest.approx(0.05)} == others
+    rest = {t for t, m in by_text.items() if m == 0.0}
+    assert len(rest) == 2 + 2 and set(by_text) == others | rest  # the plain and the same-relation ones: no margin
+    config.router.negative_wordings = 1  # one wording a relation: as many as relations with a negative-half wording
+    one = [t for t in edit_negatives([edit], pool, config)[0] if t in others]
+    assert len(one) == len({rel for rel, (ws, _) in WORDINGS.items() if rel != "language"
+                            if any(wording_half(w) == "negative" for w in ws)})
 
 
 def test_same_relation_negatives_ask_the_edits_relation_about_other_subjects():

@@ -91,11 +91,11 @@ def _cosine(a: Counter, b: Counter) -> float:
     return dot / math.sqrt(sum(v * v for v in a.values()) * sum(v * v for v in b.values())) if dot else 0.0
 
 
-def other_relation_prompts(requests: Sequence[EditRequest], wordings: RelationWordings, half: str, per_edit: int,
-                           seed: int = 0) -> list[tuple[str, ...]]:
-    """Per edit, up to `per_edit` prompts of other relations (one wording per relation, relations and
-    wordings a seeded choice per edit) from one half of the wordings, filled with the edit's subject;
-    () for an edit without a subject."""
+def other_relation_prompts(requests: Sequence[EditRequest], wordings: RelationWordings, half: str, per_edit: int | None,
+                           seed: int = 0, per_relation: int | None = 1) -> list[tuple[str, ...]]:
+    """Per edit, prompts of up to `per_edit` other relations, `per_relation` wordings each (None: all of
+    the relation's wordings in the half), relations and wordings a seeded choice per edit, filled with
+    the edit's subject; () for an edit without a subject."""
     if half not in HALVES:
         raise ValueError(f"half must be one of {HALVES}, found {half!r}")
     by_relation: dict[int, list[str]] = defaultdict(list)
@@ -108,13 +108,13 @@ def other_relation_prompts(requests: Sequence[EditRequest], wordings: RelationWo
             taken[r.subject] |= wordings.of(r)
     out = []
     for r in requests:
-        if not r.subject or per_edit <= 0:
+        if not r.subject or per_edit is not None and per_edit <= 0:
             out.append(())
             continue
         relations = [rel for rel in sorted(by_relation) if rel not in taken[r.subject]]
         picked = _seeded_order(relations, f"{seed}:{half}:{r.case_id}")[:per_edit]
-        out.append(tuple(_seeded_order(by_relation[rel], f"{seed}:{rel}:{r.case_id}")[0].format(r.subject)
-                         for rel in picked))
+        out.append(tuple(w.format(r.subject) for rel in picked
+                         for w in _seeded_order(by_relation[rel], f"{seed}:{rel}:{r.case_id}")[:per_relation]))
     return out
 
 
@@ -152,17 +152,26 @@ def same_relation_prompts(requests: Sequence[EditRequest], pool: Sequence[EditRe
     return out
 
 
-def negative_prompts(requests: Sequence[EditRequest], pool: Sequence[EditRequest], per_edit: int,
-                     plain: int, seed: int = 0, same_relation: int = 0,
-                     wordings: RelationWordings | None = None) -> list[tuple[str, ...]]:
-    """Per edit, where it must not fire: `per_edit` other-relation prompts from the negative half of the
-    pool's wordings, `plain` plain prompts about its subject and `same_relation` pool prompts asking its
-    relation about other subjects (`wordings`: the pool's, when the caller has them already)."""
+def negative_groups(requests: Sequence[EditRequest], pool: Sequence[EditRequest], per_edit: int | None, plain: int,
+                    seed: int = 0, same_relation: int = 0, wordings: RelationWordings | None = None,
+                    per_relation: int | None = 1) -> list[dict[str, tuple[str, ...]]]:
+    """Per edit, where it must not fire, by kind: "other" - prompts of `per_edit` other relations
+    (`per_relation` wordings each) from the negative half of the pool's wordings; "plain" - `plain`
+    plain prompts about its subject; "same" - `same_relation` pool prompts asking its relation about
+    other subjects (`wordings`: the pool's, when the caller has them already)."""
     wordings = wordings or relation_wordings(pool)
-    others = other_relation_prompts(requests, wordings, "negative", per_edit, seed)
+    others = other_relation_prompts(requests, wordings, "negative", per_edit, seed, per_relation)
     neighbours = same_relation_prompts(requests, pool, wordings, same_relation, seed)
     out = []
     for r, extra, near in zip(requests, others, neighbours):
         plain_ones = _seeded_order(PLAIN_SUBJECT_PROMPTS, f"{seed}:plain:{r.case_id}")[:plain] if r.subject else []
-        out.append(tuple(dict.fromkeys([*extra, *(p.format(r.subject) for p in plain_ones), *near])))
+        out.append({"other": extra, "plain": tuple(p.format(r.subject) for p in plain_ones), "same": near})
     return out
+
+
+def negative_prompts(requests: Sequence[EditRequest], pool: Sequence[EditRequest], per_edit: int,
+                     plain: int, seed: int = 0, same_relation: int = 0,
+                     wordings: RelationWordings | None = None) -> list[tuple[str, ...]]:
+    """`negative_groups` (one wording per other relation) as one tuple of distinct prompts per edit."""
+    groups = negative_groups(requests, pool, per_edit, plain, seed, same_relation, wordings)
+    return [tuple(dict.fromkeys(p for kind in g.values() for p in kind)) for g in groups]

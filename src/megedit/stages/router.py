@@ -64,9 +64,16 @@ class RouterConfig:
         "calibration: false fire (percent) at most this; null: no ceiling"))
     false_fire_weight: float = setting(1.0, above=0, at_most=100, help=(
         "calibration: epsilon maximises recall - this x false fire; below 1 favours reaching paraphrases"))
-    negatives: int = setting(16, at_least=0, help=(
-        "nearest: other-relation prompts per edit, from the pool's negative-half wordings; a query nearer to one of "
-        "them than to every edit wording does not fire"))
+    negatives: int | None = setting(None, at_least=0, help=(
+        "nearest: other relations per edit whose prompts about its subject (the pool's negative-half wordings) are "
+        "negatives, where it must not fire: a query nearer to one of them than to every edit wording does not fire; "
+        "null: every other relation"))
+    # every wording: questions near the edit's own ("X was born in" for a language edit) fire 3-4x less often
+    # (bench/real_use_levers.py wordings); the margin keeps the edit's paraphrases firing
+    negative_wordings: int | None = setting(None, at_least=1, help=(
+        "nearest: wordings per other relation among an edit's negatives; null: every negative-half wording"))
+    other_relation_margin: float = setting(0.05, at_least=0, at_most=2, help=(
+        "nearest: added to negative_margin for the other-relation negatives (not the plain or same-relation ones)"))
     plain_negatives: int = setting(2, at_least=0, help='nearest: plain prompts about the subject per edit '
                                    '("Tell me about X.")')
     same_relation_negatives: int = setting(16, at_least=0, help=(

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from ..data.requests import EditRequest, pool_apart_from
-from ..data.specificity import negative_prompts, relation_wordings
+from ..data.specificity import negative_groups, relation_wordings
 from ..errors import ConfigError
 from ..models import SentenceEncoder
 from ..settings import check_settings, setting
@@ -134,16 +134,19 @@ def _mirror_wordings(tuned: SentenceEncoder, embedded, owners: list[int], n_edit
 def edit_negatives(edits: Sequence[EditRequest], pool: Sequence[EditRequest],
                    config: RoutingConfig) -> tuple[list[str], torch.Tensor]:
     """Every edit's negatives (data/specificity.py) as one list of distinct prompts, and each one's own
-    margin: `unknown_relation_margin` where every edit it was drawn for asks a relation the pool does
-    not know (its "other relations" may hold the edit's own in other words), else 0."""
+    margin: `other_relation_margin` for a prompt of another relation, plus `unknown_relation_margin`
+    where the edit asks a relation the pool does not know (its "other relations" may hold the edit's
+    own in other words); a prompt drawn for several edits keeps the smallest."""
     router, wordings = config.router, relation_wordings(pool)
-    per_edit = negative_prompts(edits, pool, router.negatives, router.plain_negatives, config.seed,
-                                router.same_relation_negatives, wordings)
+    groups = negative_groups(edits, pool, router.negatives, router.plain_negatives, config.seed,
+                             router.same_relation_negatives, wordings, router.negative_wordings)
     margins: dict[str, float] = {}
-    for request, prompts in zip(edits, per_edit):
-        margin = 0.0 if wordings.of(request) else router.unknown_relation_margin
-        for p in prompts:
-            margins[p] = min(margins.get(p, margin), margin)
+    for request, kinds in zip(edits, groups):
+        unknown = 0.0 if wordings.of(request) else router.unknown_relation_margin
+        for kind, prompts in kinds.items():
+            margin = unknown + (router.other_relation_margin if kind == "other" else 0.0)
+            for p in prompts:
+                margins[p] = min(margins.get(p, margin), margin)
     return list(margins), torch.tensor(list(margins.values()))
 
 
