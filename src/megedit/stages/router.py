@@ -68,7 +68,7 @@ class RouterConfig:
         "nearest: other relations per edit whose prompts about its subject (the pool's negative-half wordings) are "
         "negatives, where it must not fire: a query nearer to one of them than to every edit wording does not fire; "
         "null: every other relation"))
-    # every wording: questions near the edit's own ("X was born in" for a language edit) fire 3-4x less often
+    # every wording: questions near the edit's own ("X was born in" for a language edit) fire 2.5-5x less often
     # (bench/real_use_levers.py wordings); the margin keeps the edit's paraphrases firing
     negative_wordings: int | None = setting(None, at_least=1, help=(
         "nearest: wordings per other relation among an edit's negatives; null: every negative-half wording"))
