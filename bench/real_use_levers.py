@@ -81,14 +81,9 @@ FALSE_FIRE_WEIGHTS = (1.0, 0.75, 0.5, 0.35, 0.25)
 SAME_RELATION_NEGATIVES = (0, 2, 4, 8, 16)
 # unknown: the extra margin of the negatives of an edit whose relation the pool does not know
 UNKNOWN_RELATION_MARGINS = (0.0, 0.02, 0.035, 0.05, 0.075, 0.1)
-# wordings: (label, other relations per edit, wordings per relation, their margin); None: every one
-NEGATIVE_WORDINGS = [("16 relations, 1 wording each", 16, 1, 0.0), ("every relation, 1 wording each", None, 1, 0.0),
-                     ("every relation, 4 wordings each", None, 4, 0.0),
-                     ("every relation, 4 wordings each, margin 0.05", None, 4, 0.05),
-                     ("every relation, every wording", None, None, 0.0),
-                     ("every relation, every wording, margin 0.02", None, None, 0.02),
-                     ("every relation, every wording, margin 0.05", None, None, 0.05),
-                     ("every relation, every wording, margin 0.08", None, None, 0.08)]
+# wordings: (other relations per edit, wordings per relation, their margin); None: every one
+NEGATIVE_WORDINGS = [(16, 1, 0.0), (None, 1, 0.0), (None, 4, 0.0), (None, 4, 0.05), (None, None, 0.0),
+                     (None, None, 0.02), (None, None, 0.05), (None, None, 0.08)]
 # (label, FitConfig overrides): what the chat wording costs in stage A with its other wordings, and cheaper forms
 COSTS = [("no chat wording", {"chat_wording": False}), ("defaults", {}),
          ("chat wording with an empty system message", {"chat_system": ""}),
@@ -298,10 +293,10 @@ def wording_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
         embedded = embed_queries(encoder, queries)
         texts = edit_negatives(edits, pool, _negatives(config.routing, None, None, 0.0))[0]  # the widest: all others
         negative = dict(zip(texts, encoder.encode(texts, progress=True)))
-        for label, relations, per_relation, margin in NEGATIVE_WORDINGS:
+        for relations, per_relation, margin in NEGATIVE_WORDINGS:
             texts, margins = edit_negatives(edits, pool, _negatives(config.routing, relations, per_relation, margin))
             router = base.with_negatives(torch.stack([negative[t] for t in texts]), margins=margins)
-            row = {"edits": name, "n_edits": len(edits), "label": label, "relations": relations,
+            row = {"edits": name, "n_edits": len(edits), "relations": relations,
                    "wordings": per_relation, "other_relation_margin": margin, "n_negatives": len(texts),
                    "epsilon": router.epsilon, "questions": asked, **embedded_fire_rates(router, embedded)}
             print(json.dumps(row), flush=True)

@@ -116,7 +116,9 @@ def levers_wordings_table() -> str:
         return f"{sum(rates) / len(rates):.1f} ({len(rates)})" if rates else "—"  # the mean, and over how many
 
     return _levers_fire_table("wordings", ["edits", "N", "other-relation negatives", "negatives in all"], lambda r: [
-        r["edits"], f"{r['n_edits']:,}", r["label"], f"{r['n_negatives']:,}"],
+        r["edits"], f"{r['n_edits']:,}", negatives_label({
+            "negatives": r["relations"], "negative_wordings": r["wordings"],
+            "other_relation_margin": r["other_relation_margin"]}), f"{r['n_negatives']:,}"],
         ["near questions fire own %: probe-half pool wordings (questions)", "written for the bench (questions)",
          "negative-half pool wordings (questions)"], lambda r: [near(r, g) for g in groups],
         order=lambda r: SETS.index(r["edits"]))
