@@ -17,7 +17,8 @@ from scale_curve import (WEIGHT_SYMBOLS, current, edit_seconds, fitted, meg_stag
                          threads)  # (bench/ is this script's own folder)
 
 from result_schema import read  # noqa: E402
-from tables_common import ROOT, RESULTS, load as _load, load_one, metric as _metric, table as _table  # noqa: E402
+from tables_common import (ROOT, RESULTS, load as _load, load_one, load_records, metric as _metric,  # noqa: E402
+                           table as _table)
 from tables_summary import in_short_table  # noqa: E402
 from tables_real_use import (levers_answers_table, levers_calibration_table, levers_costs_table,  # noqa: E402
                              levers_margin_table, levers_neighbours_table, levers_routing_table,
@@ -559,6 +560,20 @@ def living_headline_table() -> str:
     return _table(["living edits and serving (SmolLM2, CounterFact)", "measured", "threads"], rows)
 
 
+def same_results_table() -> str:
+    """bench/same_results.py: fit + eval at two revisions, and the older pack under the newer code."""
+    rows = []
+    for record in load_records("same-results-cf-*.json"):
+        r, git = record["result"], record["git"]
+        after = r["after"] if r["after"] != "working tree" else \
+            f"`{git['revision'][:7]}`{' and uncommitted changes' * bool(git['dirty'])}"
+        settings = ", ".join(f"{k.rsplit('.', 1)[1]} {v}" for k, v in r["added_since"].items())
+        rows.append([f"{r['n']} CounterFact edits, pool of {r['pool']:,}", f"`{r['before']}` / {after}",
+                     f"{r['queries']:,}", str(len(r["fit_and_eval"])), str(len(r["old_pack_new_code"])), settings])
+    return _table(["edits", "revisions (before / after)", "queries", "differing: fit + eval",
+                   "differing: old pack, new code", "settings added since, at their old behaviour"], rows)
+
+
 TABLES = {"headline": headline_table, "real-use": real_use_table, "subject-probes": subject_probes_table,
           "levers-routing": levers_routing_table, "in-short": in_short_table, "levers-answers": levers_answers_table,
           "levers-margin": levers_margin_table, "levers-calibration": levers_calibration_table,
@@ -574,7 +589,8 @@ TABLES = {"headline": headline_table, "real-use": real_use_table, "subject-probe
           "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table,
           "denoising": denoising_table, "living-add": living_add_table, "living-successive": living_successive_table,
           "serve-load": serve_load_table, "serve-load-mixed": serve_load_mixed_table, "pipeline": pipeline_table,
-          "processes": processes_table, "living-headline": living_headline_table}
+          "processes": processes_table, "living-headline": living_headline_table,
+          "same-results": same_results_table}
 
 
 def main() -> int:
