@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# one worker per core (pytest-xdist); each file's tests stay on one worker, the slow files start first
-exec .venv/bin/python -m pytest -q -n auto --dist loadfile "$@"
+# one worker per core (pytest-xdist); the slow tests start first and an idle worker takes tests from a busy one
+exec .venv/bin/python -m pytest -q -n auto --dist worksteal "$@"

@@ -34,6 +34,6 @@ def shared_data() -> Path:
 
 
 def pytest_collection_modifyitems(items):
-    """The slow (SmolLM2) tests first: under pytest-xdist their files then start at once and no
-    long file is left to run alone at the end."""
+    """The slow (SmolLM2) tests first: under pytest-xdist they then start at once and no long test
+    is left to run alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -65,7 +65,7 @@ def test_unedited_model_on_counterfact_keeps_locality_and_misses_the_new_targets
     from megedit import evaluate, load_requests
 
     requests = load_requests("counterfact", shared_data / "counterfact/counterfact-edit.json", limit=16)
-    report = evaluate(smollm2, requests, data_kind="counterfact", progress=False, cache_dir=tmp_path)
+    report = evaluate(smollm2, requests, data_kind="counterfact", progress=False, cache_dir=tmp_path, chat_edits=0)
     assert report.metrics["locality"] == {"ag": 100.0, "tf": 100.0}
     assert report.metrics["reliability"]["ag"] == 0.0 and report.score == 0.0
     first = report.cases[0]
@@ -84,7 +84,8 @@ def test_fitted_neurons_carry_their_edits_through_the_harness(smollm2, shared_da
     assert result.success_rate == 100.0 and result.steps.max() < 50
     subject = fitted_subject(model, tokenizer, result)
     try:
-        report = evaluate(subject, requests, data_kind="counterfact", progress=False, cache_dir=tmp_path)
+        report = evaluate(subject, requests, data_kind="counterfact", progress=False, cache_dir=tmp_path,
+                          chat_edits=0)
     finally:
         subject.neuron.detach()
     assert report.metrics["reliability"] == {"ag": 100.0, "tf": 100.0}
@@ -104,7 +105,8 @@ def test_ft_baseline_learns_edits_and_restores_the_exact_base(smollm2, shared_da
     try:
         losses = subject.settings["epoch_losses"]
         assert losses[-1] < losses[0] / 2
-        report = evaluate(subject, requests, data_kind="counterfact", progress=False, cache_dir=tmp_path)
+        report = evaluate(subject, requests, data_kind="counterfact", progress=False, cache_dir=tmp_path,
+                          chat_edits=0)
         assert report.metrics["reliability"]["tf"] > 50.0
         assert report.method == "ft" and report.edit["trained"] == "model.layers.24.mlp"  # MeG's default layer
     finally:
