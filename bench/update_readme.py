@@ -560,6 +560,20 @@ def living_headline_table() -> str:
     return _table(["living edits and serving (SmolLM2, CounterFact)", "measured", "threads"], rows)
 
 
+def encoder_speed_table() -> str:
+    """bench/encoder_speed.py: the sentence encoder's training and encoding at two revisions, side by side."""
+    rows = []
+    for record in load_records("encoder-speed.json"):
+        r, git = record["result"], record["git"]
+        before = git["revision"][:7] if r["before"] == "HEAD" else r["before"]  # runs that named HEAD
+        after = r["after"] if r["after"] != "working tree" else f"`{git['revision'][:7]}` and its uncommitted changes"
+        for key, what in (("train_s", f"stage B: one epoch, {r['pairs']:,} pairs"),
+                          ("encode_s", f"encoding {r['sentences']:,} router negatives")):
+            rows.append([what, f"`{before}` / {after}", f"{r['best']['before'][key]:.1f}",
+                         f"{r['best']['after'][key]:.1f}", f"{r['speedup'][key]:.2f}x", str(record["threads"])])
+    return _table(["work", "revisions (before / after)", "before s", "after s", "speed-up", "threads"], rows)
+
+
 def same_results_table() -> str:
     """bench/same_results.py: fit + eval at two revisions, and the older pack under the newer code."""
     rows = []
@@ -590,7 +604,7 @@ TABLES = {"headline": headline_table, "real-use": real_use_table, "subject-probe
           "denoising": denoising_table, "living-add": living_add_table, "living-successive": living_successive_table,
           "serve-load": serve_load_table, "serve-load-mixed": serve_load_mixed_table, "pipeline": pipeline_table,
           "processes": processes_table, "living-headline": living_headline_table,
-          "same-results": same_results_table}
+          "same-results": same_results_table, "encoder-speed": encoder_speed_table}
 
 
 def main() -> int:

@@ -102,6 +102,9 @@ class _CachedInputs:
         self.ids = [s[0] for s in slots]
         self.hidden = [s[1] for s in slots]
 
+    def length(self, text: str) -> int:
+        return len(self.ids[self.index[text]])
+
     def batch(self, texts: Sequence[str], pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Right-padded inputs and cached hidden states for `texts` (padding is masked everywhere)."""
         rows = [self.index[t] for t in texts]
@@ -229,14 +232,25 @@ def _inputs_digest(encoder: SentenceEncoder, pairs: list[tuple], config: Encoder
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
+def _embed(tuned: SentenceEncoder, cache: _CachedInputs, first: int, texts: list[str],
+           group: int = 128) -> torch.Tensor:
+    """Embeddings of cached `texts`, in their order, run in groups of similar length: one batch padded to its
+    longest sentence spends most of its compute on padding."""
+    order = sorted(range(len(texts)), key=lambda i: cache.length(texts[i]))
+    parts = []
+    for start in range(0, len(order), group):
+        inputs, hidden = cache.batch([texts[i] for i in order[start : start + group]], tuned.tokenizer.pad_token_id)
+        with starting_at_layer(tuned.model, first, hidden):
+            parts.append(tuned(**inputs))
+    emb = torch.cat(parts)
+    return emb[torch.argsort(torch.tensor(order, device=emb.device))]
+
+
 def _step(tuned: SentenceEncoder, cache: _CachedInputs, first: int, chunk: list[tuple[str, str, tuple]], optimiser,
           temperature: float) -> float:
     """One InfoNCE step on a batch of (query, paraphrase, hard negatives) triples; returns the batch's loss."""
     negatives = list(dict.fromkeys(n for _, _, ns in chunk for n in ns))
-    texts = [q for q, _, _ in chunk] + [p for _, p, _ in chunk] + negatives
-    inputs, hidden = cache.batch(texts, tuned.tokenizer.pad_token_id)
-    with starting_at_layer(tuned.model, first, hidden):
-        emb = tuned(**inputs)
+    emb = _embed(tuned, cache, first, [q for q, _, _ in chunk] + [p for _, p, _ in chunk] + negatives)
     n = len(chunk)
     loss = info_nce(emb[n : 2 * n], emb[:n], temperature, emb[2 * n :] if negatives else None)
     optimiser.zero_grad()
