@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from result_schema import write_result
-from same_results import SHARED, export
+from same_results import SHARED, export, short_revision
 
 HERE = Path(__file__).resolve().parent
 # run under each revision: prints the timings and writes the embeddings to argv[1]
@@ -60,14 +60,6 @@ def probe(src: Path, out: Path, pool: int, edits: int) -> dict:
     if done.returncode:
         raise SystemExit(f"probe at {src} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def short_revision(revision: str | None) -> str | None:
-    """The commit `revision` names, as a short hash (None stays None: the working tree)."""
-    if revision is None:
-        return None
-    return subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", revision], capture_output=True,
-                          text=True, check=True).stdout.strip()
 
 
 def main() -> int:

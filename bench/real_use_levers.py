@@ -38,13 +38,17 @@ every other one, 1, 4 or every negative-half wording of each, with an extra marg
 (routing.router.negatives, negative_wordings, other_relation_margin); the harness's three query
 kinds and bench/subject_probes.py's questions about each edit's subject fire under each.
 
+misses (the same edit sets and stages): why each edit's first rephrase does not fire its edit: it fires
+another edit, lies beyond epsilon, or a negative holds it back (the negative's kind, and whether it was
+drawn for this edit or another).
+
 costs (first 64 edits, stage A with its pool paraphrases, the fitted vectors applied directly):
 what the chat wording costs beside the other wordings, and cheaper forms of it (an empty system
 message: 24 tokens instead of 40 on SmolLM2; a lower chat margin; fewer paraphrases), against
 RelAG, GenAG and the chat rates (chats always in the template's default form).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/real_use_levers.py [routing] [answers] [costs] [margin[=SET,...]]
-        [calibration] [neighbours] [unknown] [wordings[=SET,...]]
+        [calibration] [neighbours] [unknown] [wordings[=SET,...]] [misses]
 
 Result: bench/results/real-use-levers.json; caches in bench/results/cases/real-use-levers/.
 """
@@ -84,6 +88,7 @@ UNKNOWN_RELATION_MARGINS = (0.0, 0.02, 0.035, 0.05, 0.075, 0.1)
 # wordings: (other relations per edit, wordings per relation, their margin); None: every one
 NEGATIVE_WORDINGS = [(16, 1, 0.0), (None, 1, 0.0), (None, 4, 0.0), (None, 4, 0.05), (None, None, 0.0),
                      (None, None, 0.02), (None, None, 0.05), (None, None, 0.08)]
+NEGATIVE_KINDS = {"other": "other-relation", "plain": "plain", "same": "same-relation"}  # negative_groups' kinds
 # (label, FitConfig overrides): what the chat wording costs in stage A with its other wordings, and cheaper forms
 COSTS = [("no chat wording", {"chat_wording": False}), ("defaults", {}),
          ("chat wording with an empty system message", {"chat_system": ""}),
@@ -156,6 +161,19 @@ def meg_set_routing(model, tokenizer, name: str, config) -> tuple[list, dict]:
     editor = MeGEditor(model, tokenizer, config, progress=False)
     routing = editor.stage_bc(edits, pool, HERE / "results" / "cases" / f"meg-{name}", editor.variants(edits, pool)[0])[0]
     return edits, routing
+
+
+def meg_set_stage_c(model, tokenizer, name: str) -> tuple:
+    """(the defaults' MeGConfig, the edits, their stages B and C, stage C's pool) of one of bench/meg.py's sets."""
+    from meg import SETTINGS
+
+    from megedit import MeGConfig, load_requests
+    from megedit.stages.routing import split_for_edits
+
+    config = MeGConfig()
+    edits, routing = meg_set_routing(model, tokenizer, name, config)
+    pool = load_requests("counterfact", SETTINGS[name][3])
+    return config, edits, routing, [*sum(split_for_edits(edits, pool, config.routing), [])]
 
 
 def margin_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
@@ -270,19 +288,14 @@ def wording_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
     """An edit's other-relation negatives (how many relations, wordings and their margin) on bench/meg.py's edit
     sets with their default stages B and C (epsilon as calibrated there): the harness's query kinds, and
     bench/subject_probes.py's questions about each edit's subject (edits of the relation a question asks left out)."""
-    from meg import SETTINGS
     from subject_probes import QUESTIONS, asks_it
 
-    from megedit import MeGConfig, load_requests
     from megedit.data.specificity import relation_wordings, wording_half
-    from megedit.stages.routing import edit_negatives, split_for_edits
+    from megedit.stages.routing import edit_negatives
 
     rows = []
     for name in sets:
-        config = MeGConfig()
-        edits, routing = meg_set_routing(model, tokenizer, name, config)
-        pool = load_requests("counterfact", SETTINGS[name][3])
-        pool = [*sum(split_for_edits(edits, pool, config.routing), [])]  # stage C's pool
+        config, edits, routing, pool = meg_set_stage_c(model, tokenizer, name)
         base, encoder = dataclasses.replace(routing["router"], negatives=None), routing["encoder"]
         wordings = relation_wordings(pool)
         queries = probe_queries(edits) | {question: [(question.format(r.subject), k) for k, r in enumerate(edits)
@@ -301,6 +314,50 @@ def wording_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
                    "epsilon": router.epsilon, "questions": asked, **embedded_fire_rates(router, embedded)}
             print(json.dumps(row), flush=True)
             rows.append(row)
+    return rows
+
+
+def miss_reasons(model, tokenizer, sets: Sequence[str]) -> list[dict]:
+    """Why an edit's first rephrase does or does not fire its edit, on bench/meg.py's edit sets with their
+    default stages B and C: it fires its own edit or another; it lies beyond epsilon; or a negative holds it
+    back, by the negative's kind (other relation, plain, same relation) and whose it is (the edit's own or
+    another edit's)."""
+    from megedit.data.specificity import negative_groups, relation_wordings
+    from megedit.stages.routing import edit_negatives
+
+    rows = []
+    for name in sets:
+        config, edits, routing, pool = meg_set_stage_c(model, tokenizer, name)
+        router, rc = routing["router"], config.routing.router
+        texts = edit_negatives(edits, pool, config.routing)[0]  # the router's negatives, in its order
+        groups = negative_groups(edits, pool, rc.negatives, rc.plain_negatives, config.routing.seed,
+                                 rc.same_relation_negatives, relation_wordings(pool), rc.negative_wordings)
+        owners: dict[str, dict[int, str]] = {}  # negative -> {edit: kind}
+        for k, kinds in enumerate(groups):
+            for kind, prompts in kinds.items():
+                for p in prompts:
+                    owners.setdefault(p, {})[k] = kind
+        emb = routing["encoder"].encode([r.rephrases[0] for r in edits])
+        distance, fired = router.route(emb)
+        nearest = router.nearest_edit(emb)
+        cosines = torch.nn.functional.normalize(emb, dim=-1) @ router.negatives.T
+        held_by = (cosines - router.negative_margins).argmax(1)
+        counts: dict[str, int] = {}
+        for k in range(len(edits)):
+            if fired[k]:
+                reason = "fires its edit" if nearest[k] == k else "fires another edit"
+            elif distance[k] >= router.epsilon:
+                reason = "beyond epsilon"
+            else:
+                mine = owners[texts[held_by[k]]]
+                kind = NEGATIVE_KINDS[mine[k] if k in mine else sorted(mine.values())[0]]
+                whose = "its own" if k in mine else "another edit's"
+                reason = f"held back: {whose} {kind} negative"
+            counts[reason] = counts.get(reason, 0) + 1
+        row = {"edits": name, "n_edits": len(edits), "epsilon": router.epsilon,
+               "reasons": {k: 100.0 * v / len(edits) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     return rows
 
 
@@ -394,11 +451,13 @@ def main() -> int:
         written = payload(OUT) if OUT.exists() else {}  # read again: a run beside this one may have written other sets
         kept = [row for row in written.get("wordings", {}).get("rows", []) if row["edits"] not in chosen]
         result["wordings"] = {"rows": kept + rows}
+    if "misses" in parts:
+        result["misses"] = {"rows": miss_reasons(model, tokenizer, MARGIN_SETS)}
     if "costs" in parts:
         result["costs"] = {"n_edits": 64, "rows": answer_costs(model, tokenizer, 64)}
     result |= {"model": "smollm2", "seed": 0, "threads": torch.get_num_threads()}
     data = {name: SHARED / f"{name}.json" for name in ("counterfact-edit", "counterfact-train")}
-    if parts & {"margin", "calibration", "neighbours", "unknown", "wordings"}:
+    if parts & {"margin", "calibration", "neighbours", "unknown", "wordings", "misses"}:
         data["zsre"] = SHARED.parent / "zsre/zsre_mend_train-1k.json"
     write_result(OUT, result, model="smollm2", fingerprint=model_fingerprint(model), n=None, seed=0, method="meg",
                  config=None, data=data, unknown={"n": "each part's own (its n_edits or rows)",

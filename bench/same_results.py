@@ -46,6 +46,14 @@ def export(revision: str | None, into: Path) -> Path:
     return into / "src"
 
 
+def short_revision(revision: str | None) -> str | None:
+    """The commit `revision` names, as a short hash (None stays None: the working tree)."""
+    if revision is None:
+        return None
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", revision], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 def megedit(src: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "megedit.cli", *args], capture_output=True, text=True, env=env)
@@ -112,6 +120,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=128)
     parser.add_argument("--pool", type=int, default=2000)
     args = parser.parse_args()
+    args.before, args.after = (short_revision(r) for r in (args.before, args.after))
     with tempfile.TemporaryDirectory(prefix="same-results-") as tmp:
         tmp = Path(tmp)
         (tmp / "before").mkdir(), (tmp / "after").mkdir()

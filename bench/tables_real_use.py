@@ -127,6 +127,18 @@ def levers_wordings_table() -> str:
 SETS = ("counterfact", "counterfact-swap", "zsre")  # bench/meg.py's edit sets, in the order tables show them
 
 
+def levers_misses_table() -> str:
+    """bench/real_use_levers.py, misses: what becomes of each edit's first rephrase, per edit set."""
+    levers = load_one("real-use-levers.json")
+    if levers is None or "misses" not in levers:
+        return "(not run yet: bench/real_use_levers.py misses)"
+    rows = sorted(levers["misses"]["rows"], key=lambda r: SETS.index(r["edits"]))
+    reasons = list(dict.fromkeys(reason for r in rows for reason in r["reasons"]))
+    return _table(["edits", "N", *(f"{reason} %" for reason in reasons)],
+                  [[r["edits"], f"{r['n_edits']:,}", *(f"{r['reasons'].get(reason, 0.0):.1f}" for reason in reasons)]
+                   for r in rows])
+
+
 FIRE_HEADER = ["rephrases fire their edit %", "specificity probes fire %", "locality prompts fire %"]
 
 

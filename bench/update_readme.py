@@ -21,7 +21,7 @@ from tables_common import (ROOT, RESULTS, load as _load, load_one, load_records,
                            table as _table)
 from tables_summary import in_short_table  # noqa: E402
 from tables_real_use import (levers_answers_table, levers_calibration_table, levers_costs_table,  # noqa: E402
-                             levers_margin_table, levers_neighbours_table, levers_routing_table,
+                             levers_margin_table, levers_misses_table, levers_neighbours_table, levers_routing_table,
                              levers_unknown_table, levers_wordings_table, own_facts_table, real_use_table,
                              subject_probes_table)
 METRICS = [("reliability", "ag"), ("reliability", "tf"), ("generality", "ag"), ("generality", "tf"),
@@ -560,17 +560,23 @@ def living_headline_table() -> str:
     return _table(["living edits and serving (SmolLM2, CounterFact)", "measured", "threads"], rows)
 
 
+def _revisions(record: dict) -> str:
+    """A two-revision result's "before / after"; a working tree is named by its commit."""
+    r, git = record["result"], record["git"]
+    after = f"`{r['after']}`" if r["after"] != "working tree" else \
+        f"`{git['revision'][:7]}`{' and uncommitted changes' * bool(git['dirty'])}"
+    return f"`{r['before']}` / {after}"
+
+
 def encoder_speed_table() -> str:
     """bench/encoder_speed.py: the sentence encoder's training and encoding at two revisions, side by side."""
     rows = []
     for record in load_records("encoder-speed.json"):
-        r, git = record["result"], record["git"]
-        before = git["revision"][:7] if r["before"] == "HEAD" else r["before"]  # runs that named HEAD
-        after = r["after"] if r["after"] != "working tree" else f"`{git['revision'][:7]}` and its uncommitted changes"
+        r = record["result"]
         for key, what in (("train_s", f"stage B: one epoch, {r['pairs']:,} pairs"),
                           ("encode_s", f"encoding {r['sentences']:,} router negatives")):
-            rows.append([what, f"`{before}` / {after}", f"{r['best']['before'][key]:.1f}",
-                         f"{r['best']['after'][key]:.1f}", f"{r['speedup'][key]:.2f}x", str(record["threads"])])
+            rows.append([what, _revisions(record), f"{r['best']['before'][key]:.1f}", f"{r['best']['after'][key]:.1f}",
+                         f"{r['speedup'][key]:.2f}x", str(record["threads"])])
     return _table(["work", "revisions (before / after)", "before s", "after s", "speed-up", "threads"], rows)
 
 
@@ -578,12 +584,10 @@ def same_results_table() -> str:
     """bench/same_results.py: fit + eval at two revisions, and the older pack under the newer code."""
     rows = []
     for record in load_records("same-results-cf-*.json"):
-        r, git = record["result"], record["git"]
-        after = r["after"] if r["after"] != "working tree" else \
-            f"`{git['revision'][:7]}`{' and uncommitted changes' * bool(git['dirty'])}"
+        r = record["result"]
         settings = ", ".join(f"{k.rsplit('.', 1)[1]} {v}" for k, v in r["added_since"].items())
-        rows.append([f"{r['n']} CounterFact edits, pool of {r['pool']:,}", f"`{r['before']}` / {after}",
-                     f"{r['queries']:,}", str(len(r["fit_and_eval"])), str(len(r["old_pack_new_code"])), settings])
+        rows.append([f"{r['n']} CounterFact edits, pool of {r['pool']:,}", _revisions(record), f"{r['queries']:,}",
+                     str(len(r["fit_and_eval"])), str(len(r["old_pack_new_code"])), settings])
     return _table(["edits", "revisions (before / after)", "queries", "differing: fit + eval",
                    "differing: old pack, new code", "settings added since, at their old behaviour"], rows)
 
@@ -604,7 +608,8 @@ TABLES = {"headline": headline_table, "real-use": real_use_table, "subject-probe
           "denoising": denoising_table, "living-add": living_add_table, "living-successive": living_successive_table,
           "serve-load": serve_load_table, "serve-load-mixed": serve_load_mixed_table, "pipeline": pipeline_table,
           "processes": processes_table, "living-headline": living_headline_table,
-          "same-results": same_results_table, "encoder-speed": encoder_speed_table}
+          "same-results": same_results_table, "encoder-speed": encoder_speed_table,
+          "levers-misses": levers_misses_table}
 
 
 def main() -> int:
