@@ -63,8 +63,9 @@ def megedit(src: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def config_for_after(before_src: Path, after_src: Path, path: Path) -> dict:
-    """The older revision's defaults plus ADDED_SINCE, written to `path` for the newer code and returned;
-    every setting the newer code has must be in one of the two (a new setting without an old value is an error)."""
+    """The older revision's defaults plus those of ADDED_SINCE it lacks, written to `path` for the newer code and
+    returned; every setting the newer code has must be in one of the two (a new setting without an old value is an
+    error)."""
     import yaml
 
     old = yaml.safe_load(megedit(before_src, "config").stdout)
@@ -74,7 +75,7 @@ def config_for_after(before_src: Path, after_src: Path, path: Path) -> dict:
         section = merged
         for key in keys[:-1]:
             section = section[key]
-        section[keys[-1]] = value
+        section.setdefault(keys[-1], value)  # a revision that has the setting keeps its own default
     missing = sorted(_leaves(new) - _leaves(merged))
     if missing:
         raise SystemExit(f"settings the older revision lacks, with no value in ADDED_SINCE: {missing}")
