@@ -340,8 +340,7 @@ def miss_reasons(model, tokenizer, sets: Sequence[str]) -> list[dict]:
         emb = routing["encoder"].encode([r.rephrases[0] for r in edits])
         distance, fired = router.route(emb)
         nearest = router.nearest_edit(emb)
-        cosines = torch.nn.functional.normalize(emb, dim=-1) @ router.negatives.T
-        held_by = (cosines - router.negative_margins).argmax(1)
+        held_by = router.nearest_negative(emb)[1]
         counts: dict[str, int] = {}
         for k in range(len(edits)):
             if fired[k]:

@@ -258,15 +258,21 @@ class Router:
         distance = (1.0 - nearest).cpu()
         return distance, (distance < self.epsilon) & ~self._held_back(embeddings, nearest)
 
-    def _held_back(self, embeddings: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
-        """Bool (B,): queries whose nearest negative's cosine is at least `nearest` (their nearest wording's) plus
-        the configured margin."""
-        if self.negatives is None or not len(self.negatives) or not len(embeddings):
-            return torch.zeros(len(embeddings), dtype=torch.bool)
+    @torch.no_grad()
+    def nearest_negative(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per query, the largest cosine to a negative less that negative's own margin, and which negative
+        it is (its row in `negatives`); kind "nearest" with negatives only."""
         queries = nn.functional.normalize(embeddings.to(self.bank.device, self.bank.dtype), dim=-1)
         margins = self.negative_margins.to(queries.device)
-        negative = torch.cat([(chunk @ self.negatives.T - margins).max(dim=1).values for chunk in queries.split(1024)])
-        return (negative >= nearest + self.config.negative_margin).cpu()
+        best = [(chunk @ self.negatives.T - margins).max(dim=1) for chunk in queries.split(1024)]
+        return torch.cat([b.values for b in best]), torch.cat([b.indices for b in best])
+
+    def _held_back(self, embeddings: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+        """Bool (B,): queries whose nearest negative's cosine (less its margin) is at least `nearest` (their
+        nearest wording's) plus the configured margin."""
+        if self.negatives is None or not len(self.negatives) or not len(embeddings):
+            return torch.zeros(len(embeddings), dtype=torch.bool)
+        return (self.nearest_negative(embeddings)[0] >= nearest + self.config.negative_margin).cpu()
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
