@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from result_schema import RESULTS, ROOT, read  # noqa: E402,F401 (bench/ is this folder; ROOT for the pages)
 
+METRICS = [("reliability", "ag"), ("reliability", "tf"), ("generality", "ag"), ("generality", "tf"),
+           ("locality", "ag"), ("locality", "tf")]  # the paper's six numbers, in its order
+
 
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -34,3 +37,11 @@ def metric(result: dict, kind: str, setting: str) -> str:
     """One metric of a result, or a dash where its evaluation did not ask that query kind."""
     value = result["metrics"].get(kind, {}).get(setting)
     return "—" if value is None else f"{value:.1f}"
+
+
+def revisions(record: dict) -> str:
+    """A two-revision result's "before / after"; a working tree is named by its commit."""
+    r, git = record["result"], record["git"]
+    after = f"`{r['after']}`" if r["after"] != "working tree" else \
+        f"`{git['revision'][:7]}`{' and uncommitted changes' * bool(git['dirty'])}"
+    return f"`{r['before']}` / {after}"
