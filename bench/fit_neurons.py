@@ -3,17 +3,25 @@
     .venv/bin/python bench/fit_neurons.py speedup --limit 64      # naive loop vs batched fitter, side by side
     .venv/bin/python bench/fit_neurons.py scale --limit 1024      # the batched fitter at scale + fitted-vector eval
     .venv/bin/python bench/fit_neurons.py sweep --limit 64        # success / generality per layer
+    .venv/bin/python bench/fit_neurons.py restart --limit 256     # stalled edits started again at a lower lr, or not
 
 The naive loop is the straightforward implementation: one edit at a time, a full forward pass
 (all layers, LM head on every position) per step, torch's Adam on one vector, the same initial
 vector, learning rate and step cap as the batched fitter. It is timed twice: with the batched
 fitter's success test (so only the batching differs) and with the authors' test, a greedy
 generation after every step. Results go to bench/results/fit_neurons-*.json; bench/update_readme.py shows them.
+
+restart: stage A as MeGEditor runs it (the pool's paraphrases and the chat wording; the defaults) with and
+without restarting stalled edits (FitConfig.restart_steps), one after the other in one process, on the first
+--limit edits of each of bench/meg.py's sets (the CounterFact files both ways round, ZsRE): success, row-steps,
+time, and the fitted vectors' own scores (each edit's vector on its own queries: reliability, generality,
+locality; no chats).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import resource
 import sys
@@ -132,9 +140,52 @@ def sweep(args, model, tokenizer, requests, fmt, config) -> dict:
     return {"n": len(requests), "config": asdict(config), "rows": [rows[k] for k in sorted(rows)]}
 
 
+RESTART_SETS = ("counterfact", "counterfact-swap", "zsre")
+
+
+def restart(args, model, tokenizer, requests, fmt, config) -> dict:
+    """Per edit set, stage A with and without restarts (requests/fmt/config unused: each set brings its own)."""
+    from dataclasses import replace
+
+    from meg import SETTINGS
+
+    from megedit import MeGConfig, MeGEditor, evaluate, load_requests
+    from megedit.data.prompts import DEFAULT_FOR_KIND, get_format
+    from megedit.stages.fit_neurons import fit_neurons, fitted_subject
+
+    rows = []
+    for name in RESTART_SETS:
+        kind, path, _, pool_path = SETTINGS[name]
+        edits = load_requests(kind, path, limit=args.limit, skip_invalid=True)
+        pool = load_requests("counterfact", pool_path)
+        editor = MeGEditor(model, tokenizer, MeGConfig(), progress=False)
+        variants, fmt = editor.variants(edits, pool)[0], get_format(DEFAULT_FOR_KIND[kind])
+        for label, restart_steps in (("never", None), ("defaults", editor.config.fit.restart_steps)):
+            fit_config = replace(editor.config.fit, restart_steps=restart_steps)
+            start = time.perf_counter()
+            result = fit_neurons(model, tokenizer, edits, fmt, fit_config, progress=False, variants=variants)
+            seconds = time.perf_counter() - start
+            subject = fitted_subject(model, tokenizer, result)
+            report = evaluate(subject, edits, prompt_format=fmt, data_kind=kind, batch_size=64, progress=False,
+                              chat_edits=0)
+            subject.neuron.detach()
+            summary = result.summary()
+            rows.append({"edits": name, "n": len(edits), "restart": label, "restart_steps": restart_steps,
+                         "restart_lr": fit_config.restart_lr, "seconds": seconds,
+                         "success_rate": summary["success_rate"], "wordings_passed": summary["wordings_passed"],
+                         "row_steps": int(result.steps.sum()), "capped": int((result.steps >= fit_config.max_steps).sum()),
+                         "median_steps": summary["median_steps"], "trained_rows": result.timing["trained_rows"],
+                         "fitted_vector_metrics": report.metrics, "fitted_vector_score": report.score})
+            print(json.dumps(rows[-1]), flush=True)
+    return {"n": args.limit, "config": asdict(MeGConfig().fit), "rows": rows,
+            "data": {name: f"{SETTINGS[name][0]}:{SETTINGS[name][1].name}, pool {SETTINGS[name][3].name}"
+                     for name in RESTART_SETS}, "format": "each data kind's default",
+            "files": {f"{name}-{role}": SETTINGS[name][k] for name in RESTART_SETS for role, k in (("edits", 1), ("pool", 3))}}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("job", choices=("speedup", "scale", "sweep"))
+    parser.add_argument("job", choices=("speedup", "scale", "sweep", "restart"))
     parser.add_argument("--limit", type=int, default=64)
     parser.add_argument("--layer", type=int, default=24)
     parser.add_argument("--layers", default="4,8,12,16,20")
@@ -151,13 +202,13 @@ def main() -> int:
     model, tokenizer = load_model("smollm2", device="cpu")
     requests = load_requests("counterfact", CF, limit=args.limit)
     config = FitConfig(layer=args.layer)
-    result = {"speedup": speedup, "scale": scale, "sweep": sweep}[args.job](
+    result = {"speedup": speedup, "scale": scale, "sweep": sweep, "restart": restart}[args.job](
         args, model, tokenizer, requests, get_format("raw"), config)
-    result.update(model="smollm2", data=f"counterfact:{CF.name}", format="raw", seed=config.init_seed,
-                  threads=torch.get_num_threads())
+    result = {"data": f"counterfact:{CF.name}", "format": "raw", "config": asdict(config), **result,
+              "model": "smollm2", "seed": config.init_seed, "threads": torch.get_num_threads()}
     path = write_result(HERE / "results" / f"fit_neurons-{args.job}-{args.limit}.json", result, model="smollm2",
                         fingerprint=model_fingerprint(model), n=len(requests), seed=config.init_seed,
-                        method="meg stage A", config=asdict(config), data={"edits": CF})
+                        method="meg stage A", config=result["config"], data=result.pop("files", {"edits": CF}))
     print(f"wrote {path}")
     return 0
 

@@ -66,12 +66,15 @@ def main() -> int:
     eval_s = timed(["eval", str(work / "pack"), *data, "--json", str(work / "eval.json"),
                     "--processes", str(args.processes)])
     report = json.loads((work / "eval.json").read_text())
+    references = {k.removesuffix("_reference_s"): v for k, v in report["timing"].items() if k.endswith("_reference_s")}
     manifest = json.loads((work / "pack" / "pack.json").read_text())
     result = {"command": f"megedit fit {' '.join(data)} --pseudo counterfact:{pool.name} --processes {args.processes}; "
                          f"megedit eval PACK {' '.join(data)} --processes {args.processes}",
               "n": args.limit, "data": f"counterfact:{edits.name}", "pool": f"counterfact:{pool.name}",
               "model": "smollm2", "seed": 0, "resumed": args.resume,
-              "reference_s": report["timing"]["locality_reference_s"],
+              # the unedited model's answers the eval compares with, computed once per model and queries, then read
+              # from the cache (MEGEDIT_CACHE): their share of eval_s
+              "references_s": references, "reference_s": sum(references.values()),
               "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)), "processes": args.processes,
               "load_before": load_before[0], "load_after": os.getloadavg()[0], "cpus": os.cpu_count(),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

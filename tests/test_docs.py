@@ -91,7 +91,10 @@ def _real_flags() -> set[str]:
 def test_flags_named_in_the_user_pages_exist():
     pages = [ROOT / "README.md", DOCS / "tutorial.md", *sorted((DOCS / "how-to").glob("*.md")),
              *sorted((DOCS / "reference").glob("*.md"))]
-    real = _real_flags() | OTHER_FLAGS
+    from torch.distributed.run import get_args_parser
+
+    torchrun = {s for a in get_args_parser()._actions for s in a.option_strings}  # the launcher the how-to uses
+    real = _real_flags() | OTHER_FLAGS | torchrun
     unknown = {(page.relative_to(ROOT).as_posix(), flag) for page in pages
                for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", page.read_text())
                if flag not in real and not (flag.endswith("-") and any(r.startswith(flag) for r in real))}  # --ft-*

@@ -30,7 +30,7 @@ from .errors import ConfigError
 from .eval import evaluate
 from .io import atomic_write_json
 from .models import SentenceEncoder, load_encoder, model_fingerprint
-from .parallel import check_forkable
+from .parallel import check_forkable, ranks
 from .runtime.subject import vector_table_subject
 from .stages.encoder import (encoder_delta_record, load_encoder_delta, train_encoder, training_triples,
                              write_encoder_delta)
@@ -118,6 +118,14 @@ class MeGEditor:
                            config=self.config.to_dict(), record=record, sample_seed=self.config.seed,
                            fingerprint=self.fingerprint, edits=edits)
 
+    def fit_part(self, requests: Sequence[EditRequest], work_dir: str | Path, pool: Sequence[EditRequest] | None = None,
+                 pool_name: str | None = None) -> FitResult:
+        """Stage A alone, in every rank of a torch.distributed group: each fits its part of the edits
+        into the shared work_dir and, after the barrier, collects them all (rank 0 writes the result
+        where `fit` with the same arguments finds it, and then goes on to stages B-D in `fit`)."""
+        pool, _ = usable_pool(requests, pool, pool_name)
+        return self.stage_a(requests, self.variants(requests, pool)[0], Path(work_dir))[0]
+
     # -- stage A: one fitted neuron vector per edit, on its prompt and other wordings ----------
 
     def variants(self, requests: Sequence[EditRequest], pool: Sequence[EditRequest]) -> tuple[list[tuple[str, ...]], dict]:
@@ -153,7 +161,8 @@ class MeGEditor:
             result = fit_neurons(self.model, self.tokenizer, requests, get_format(self.config.prompt_format),
                                  self.config.fit, progress=self.progress, work_dir=work_dir / "fit-shards",
                                  variants=variants, processes=self.processes)
-            result.save(path)
+            if ranks()[0] == 0:  # in a group the ranks collect the same result; one writes it
+                result.save(path)
         log.info("stage A: success %.1f%% of %d edits", result.success_rate, len(requests))
         return result, key, {"seconds": time.perf_counter() - start, "cached": cached,
                              "fit_s": result.timing.get("total_s"), "reused_edits": result.timing.get("reused_edits"),

@@ -1,17 +1,24 @@
-"""Work split across forked CPU processes: the model is shared copy-on-write, not loaded again.
+"""Work split into parts, run by processes that share a folder: forked here, or started by a launcher.
 
-On a CPU, small models leave threads idle (a 135M model's matrices are too small to split
-well), so k processes of 1 thread each can get through more than 1 process of k threads. Used by
-stage A (`fit_neurons(processes=k)`) and the evaluation (`evaluate(processes=k)`); each part
-writes what it finishes to a file of its own, so a part that stops loses only its unwritten work.
-Each part runs on one thread: torch's OpenMP (GNU libgomp) cannot start a thread pool again in
-a forked child, so a part with more threads could hang.
+Stage A and the evaluation cut their work into parts that each write what they finish to files of
+their own, so a part that stops loses only its unwritten work. The parts run one of two ways:
+
+- forked on this machine (`fit_neurons(processes=k)`, `evaluate(processes=k)`, `--processes k`):
+  the model is shared copy-on-write, not loaded again. On a CPU, small models leave threads idle
+  (a 135M model's matrices are too small to split well), so k processes of 1 thread each get
+  through more than 1 process of k threads. Each part runs on one thread: torch's OpenMP (GNU
+  libgomp) cannot start a thread pool again in a forked child, so a part with more threads could hang.
+- as the ranks of a torch.distributed group (`torchrun`, `accelerate launch`; gloo on CPU, NCCL
+  on CUDA), on any number of machines that share the work folder: each rank runs its part, waits
+  for the others at a barrier, then reads every part's files.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+from datetime import timedelta
 from typing import Callable
 
 import torch
@@ -71,3 +78,64 @@ def _stop_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux's libc: the parts then finish on their own
         pass
+
+
+# a rank may wait at a barrier while the others finish their parts: hours at 10,000 edits
+GROUP_TIMEOUT_S = float(os.environ.get("MEGEDIT_GROUP_TIMEOUT_S", 7 * 24 * 3600))
+
+
+def join_group() -> tuple[int, int]:
+    """Join the torch.distributed group a launcher describes in the environment (WORLD_SIZE > 1;
+    gloo on CPU, NCCL with CUDA, each rank on its LOCAL_RANK's GPU) unless joined already; returns
+    `ranks()`. Outside a launcher: nothing, (0, 1)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=GROUP_TIMEOUT_S))
+        log.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
+    return ranks()
+
+
+def ranks() -> tuple[int, int]:
+    """(this process's rank, the number of ranks) in its torch.distributed group; (0, 1) outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def leave_group() -> int:
+    """Leave the torch.distributed group once every rank gets here (what follows runs in each process on its own);
+    returns the rank this process had."""
+    import torch.distributed as dist
+
+    rank, world = ranks()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return rank
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (nothing outside a group)."""
+    import torch.distributed as dist
+
+    if ranks()[1] > 1:
+        dist.barrier()
+
+
+def run_parts(work: Callable[[int, int], None], processes: int, what: str, rerun: str = "") -> None:
+    """`work(k, n)` for each part k of n: on `processes` forked processes here (run_forked), or, in a
+    torch.distributed group, this rank's part, then a barrier (every rank's files are written after it)."""
+    rank, world = ranks()
+    if world > 1:
+        if processes > 1:
+            raise ConfigError(f"{what}: processes={processes} inside a group of {world} ranks; the ranks are the parts")
+        work(rank, world)
+        barrier()
+    else:
+        run_forked(lambda k: work(k, processes), processes, what, rerun)

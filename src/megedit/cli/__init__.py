@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..errors import MeGError
 
     try:
+        _join_launcher(args)
         return args.run(args)
     except MeGError as error:
         if args.debug:
@@ -60,6 +61,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("megedit: interrupted", file=sys.stderr)
         return 130
+
+
+GROUP_VERBS = ("fit", "fit-neurons", "eval")  # the verbs whose work the ranks of a launcher share
+
+
+def _join_launcher(args) -> None:
+    """Under torchrun or accelerate launch (WORLD_SIZE > 1), join the group for a verb that shares its
+    work (only rank 0 shows progress and writes the results); refuse the others in one line."""
+    import os
+
+    from ..errors import ConfigError
+    from ..parallel import join_group
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return
+    if args.verb not in GROUP_VERBS:
+        raise ConfigError(f"megedit {args.verb} runs in one process; start it without a launcher (WORLD_SIZE={world}; "
+                          f"{', '.join(GROUP_VERBS)} share their work between ranks)")
+    rank, _ = join_group()
+    args.progress = args.progress and rank == 0
 
 
 def _configure_output(args) -> None:

@@ -124,9 +124,14 @@ def _baseline_config(args):
 
 
 def run_eval(args) -> int:
+    from ..errors import ConfigError
     from ..eval import evaluate
+    from ..parallel import ranks
 
     args.baseline = _baseline_config(args)
+    if args.baseline is not None and ranks()[1] > 1:
+        raise ConfigError(f"eval --method {args.method} under a launcher would make the edit in every rank: make it "
+                          "once with --save-edit, then evaluate it under the launcher with --load-edit")
     kind, path, requests, fmt = load_data(args)
     subject, fmt = _subject(args, requests, fmt, kind, path)
     requests = _with_specificity(args, kind, path, requests)
@@ -136,6 +141,8 @@ def run_eval(args) -> int:
                       checkpoint=args.json and args.json.with_name(args.json.name + ".partial"),
                       processes=args.processes, decode_unchanged=args.decode_unchanged, chat_edits=args.chat_edits)
     log.info("evaluated %d edits in %.0f s", len(requests), time.perf_counter() - start)
+    if ranks()[0] != 0:  # under a launcher: rank 0 holds the same report and writes it
+        return 0
     print(report.table())
     print(f"N={report.n}  data={report.data}  model={report.model}  format={fmt.name}  seed={args.seed}")
     if args.json:

@@ -123,6 +123,7 @@ def add_fit(sub) -> None:
 def run_fit(args) -> int:
     from ..edited import check_pack_target
     from ..editor import MeGEditor
+    from ..parallel import leave_group, ranks
 
     check_pack_target(args.out)  # before the fit, not after it
     kind, path, requests, fmt = load_data(args)
@@ -130,7 +131,12 @@ def run_fit(args) -> int:
     config = meg_config(args, prompt_format=fmt.name)  # bad settings stop the run before the model loads
     model, tokenizer = load_lm(args)
     editor = MeGEditor(model, tokenizer, config, progress=args.progress, processes=args.processes)
-    edited = editor.fit(requests, args.work_dir or args.out.with_name(args.out.name + ".work"), pool, pool_name)
+    work_dir = args.work_dir or args.out.with_name(args.out.name + ".work")
+    if ranks()[1] > 1:  # under a launcher the ranks share stage A; then rank 0 goes on alone, finding it done
+        editor.fit_part(requests, work_dir, pool, pool_name)
+        if leave_group() != 0:
+            return 0
+    edited = editor.fit(requests, work_dir, pool, pool_name)
     edited.save_pretrained(args.out)
     r = edited.record
     print(f"MeG: {r['n_edits']} edits, fit success {r['fit']['success_rate']:.1f}%, epsilon {edited.router.epsilon:.3f}; "

@@ -55,6 +55,7 @@ def _variants(args, model, tokenizer, config, requests, kind, path):
 
 
 def run_fit_neurons(args) -> int:
+    from ..parallel import ranks
     from ..stages.fit_neurons import fit_neurons
 
     part = _parse_part(args.part)
@@ -66,6 +67,10 @@ def run_fit_neurons(args) -> int:
     variants = _variants(args, model, tokenizer, config, requests, kind, path) if args.pseudo else None
     result = fit_neurons(model, tokenizer, requests, fmt, config, progress=args.progress,
                          work_dir=args.work_dir, part=part, variants=variants, processes=args.processes)
+    if ranks()[0] != 0:  # under a launcher every rank holds the collected result; rank 0 writes it
+        if args.eval:
+            _eval_fitted(args, model, tokenizer, result, requests, fmt, kind, path)  # the ranks share the decoding
+        return 0
     result.save(args.out)
     s = result.summary()
     print(f"fitted {s['n']} edits at layer {result.spec.layer}: success {s['success_rate']:.1f}%, median steps "
@@ -83,9 +88,11 @@ def _eval_fitted(args, model, tokenizer, result, requests, fmt, kind, path) -> N
     mine = set(result.case_ids)  # with --part, this process's edits only
     requests = [r for r in requests if r.case_id in mine]
     report = evaluate(fitted_subject(model, tokenizer, result), requests, prompt_format=fmt, data_kind=kind,
-                      data_name=f"{kind}:{path.name}", progress=args.progress)
-    report.save(args.out.with_suffix(".eval.json"))
-    print(report.table())
+                      data_name=f"{kind}:{path.name}", progress=args.progress,
+                      checkpoint=args.out.with_suffix(".eval.partial.json"))
+    if ranks()[0] == 0:
+        report.save(args.out.with_suffix(".eval.json"))
+        print(report.table())
 
 
 def add_sweep_layers(sub) -> None:

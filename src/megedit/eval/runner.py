@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from ..io import atomic_write_json
 from ..lm import Decoded
 from ..models import cache_root, model_fingerprint
-from ..parallel import check_forkable
+from ..parallel import barrier, check_forkable, ranks
 from ..runtime.checkpoint import Checkpoint
 from ..runtime.decoding import DecodeSettings, GiveUp, run_queries
 from ..runtime.subject import Query, Subject, as_subject
@@ -66,7 +66,7 @@ def pre_edit_outputs(subject: Subject, queries: Sequence[Query], prompt_ids, s: 
         path = (cache_dir or cache_root()) / "locality-references" / f"{key}.json"
         if path.exists():
             return json.loads(path.read_text())["tokens"], 0.0
-        resume = Checkpoint(path.with_suffix(".partial.json"), key)
+        resume = Checkpoint.shared(path.with_suffix(".partial.json"), key)
         earlier_s = resume.seconds(desc).get("seconds", 0.0)  # batches a killed run finished
         tokens = run_queries(subject, queries, prompt_ids, [[] for _ in queries], s, progress, desc,
                              resume=resume).generated
@@ -128,7 +128,10 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
     resume = None
     if checkpoint is not None:
         key = _checkpoint_key(subject, queries, prompts, refs, chats, s, progress)
-        resume = Checkpoint(Path(checkpoint), key)
+        resume = Checkpoint.shared(Path(checkpoint), key)
+    elif ranks()[1] > 1:
+        raise ConfigError("evaluate in a torch.distributed group needs a checkpoint path every rank shares "
+                          "(megedit eval: --json); the ranks write their parts beside it")
 
     cases, credits, unchanged = _run_kinds(subject, queries, prompts, refs, s, progress, resume, timing)
     chat = {}
@@ -137,7 +140,9 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
         cases.extend(rows)
 
     if resume:
-        resume.remove()
+        barrier()  # every rank is done with it
+        if ranks()[0] == 0:
+            resume.remove()
     timing["total_s"] = sum(v for k, v in timing.items() if k.endswith("_s") and k not in _INNER_TIMES)
     protocol = _protocol(fmt, s, {**queries, "chat": chats}, credits)
     protocol["counts"]["locality_unchanged"] = unchanged

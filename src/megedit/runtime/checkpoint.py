@@ -12,6 +12,7 @@ from typing import Sequence
 
 from ..io import atomic_write_json
 from ..lm import Decoded
+from ..parallel import barrier, ranks
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,21 @@ class Checkpoint:
             log.info("resuming the evaluation from %s (%d queries done)", self.path,
                      sum(len(k["rows"]) for k in self.kinds.values()))
         self.saved_at = time.perf_counter()
+
+    @classmethod
+    def shared(cls, path: Path, key: str) -> "Checkpoint":
+        """The checkpoint as every rank of a torch.distributed group opens it: rank 0 takes in what a
+        killed run's parts left, then the others read the result (one process: `Checkpoint(path, key)`)."""
+        rank, world = ranks()
+        if world == 1:
+            return cls(path, key)
+        first = cls(path, key) if rank == 0 else None
+        barrier()
+        return first or cls(path, key, parts=False)
+
+    def reload(self) -> None:
+        """Read the file again (another rank wrote it)."""
+        self.kinds = Checkpoint(self.path, self.key, parts=False).kinds
 
     @staticmethod
     def part_path(path: Path, k: int) -> Path:

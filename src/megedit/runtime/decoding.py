@@ -16,8 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.prompts import PromptFormat, stop_tokens
+from ..errors import ConfigError
 from ..lm import Decoded, decode, length_batches
-from ..parallel import run_forked
+from ..parallel import barrier, ranks, run_parts
 from .checkpoint import Checkpoint
 from .subject import Query, Subject
 
@@ -50,7 +51,7 @@ def run_queries(subject: Subject, queries: Sequence[Query], prompt_ids: Sequence
     batches = length_batches([len(p) for p in prompt_ids], s.batch_size)
     done = resume.rows(desc) if resume else {}
     todo = [idx for idx in batches if not all(i in done for i in idx)]  # a resumed batch is whole
-    if s.processes > 1 and len(todo) > 1:
+    if (s.processes > 1 or ranks()[1] > 1) and len(todo) > 1:
         done = _decode_in_parts(subject, queries, prompt_ids, drafts, s, progress, desc, give_up, resume, todo,
                                 result)
         todo = []
@@ -86,27 +87,33 @@ def _decode_batches(subject: Subject, queries, prompt_ids, drafts, s: DecodeSett
 def _decode_in_parts(subject: Subject, queries, prompt_ids, drafts, s: DecodeSettings, progress: bool, desc: str,
                      give_up: GiveUp | None, resume: Checkpoint | None, todo: list[list[int]],
                      result: Decoded) -> dict:
-    """The batches `todo` dealt round-robin to `s.processes` forked parts, each saving what it
-    finishes to a part file beside the checkpoint (a temporary folder without one); returns every
-    finished row, all parts' work taken into `resume` and their times into `result`."""
+    """The batches `todo` dealt round-robin to `s.processes` forked parts, or to the ranks of a
+    torch.distributed group, each saving what it finishes to a part file beside the checkpoint (a
+    temporary folder without one, forked parts only); returns every finished row, all parts' work
+    taken into `resume` (by rank 0, the others read it) and their times into `result`."""
+    rank, world = ranks()
+    if world > 1 and resume is None:
+        raise ConfigError("decoding in a torch.distributed group needs a checkpoint every rank shares")
     with tempfile.TemporaryDirectory(prefix="megedit-eval-") as scratch:
         into = resume or Checkpoint(Path(scratch) / "eval.json", "parts of one call")
-        paths = [Checkpoint.part_path(into.path, k) for k in range(s.processes)]
 
-        def work(k: int) -> None:
-            part = Checkpoint(paths[k], into.key, parts=False)
-            _decode_batches(subject, queries, prompt_ids, drafts, s, progress and k == 0, desc, give_up,
-                            todo[k :: s.processes], Decoded([None] * len(queries), [None] * len(queries)), part)
+        def work(k: int, n: int) -> None:
+            part = Checkpoint(Checkpoint.part_path(into.path, k), into.key, parts=False)
+            _decode_batches(subject, queries, prompt_ids, drafts, s, progress and k == 0, desc, give_up, todo[k::n],
+                            Decoded([None] * len(queries), [None] * len(queries)), part)
             part.save()
 
         try:
-            run_forked(work, s.processes, f"evaluation ({desc})", rerun="the batches saved" if resume else "")
+            run_parts(work, s.processes, f"evaluation ({desc})", rerun="the batches saved" if resume else "")
         finally:  # what the parts finished, a stopped one's too, goes into the checkpoint
-            times = into.absorb_parts()
-            result.forward_s += times.get("forward_s", 0.0)
-            result.steps_s += times.get("steps_s", 0.0)
-    return into.rows(desc)
-
+            if rank == 0:
+                times = into.absorb_parts()
+                result.forward_s += times.get("forward_s", 0.0)
+                result.steps_s += times.get("steps_s", 0.0)
+        barrier()
+        if rank != 0:
+            into.reload()
+        return into.rows(desc)
 
 
 def greedy_answers(subject: Subject, prompts: Sequence[str], prompt_ids: Sequence[list[int]], fmt: PromptFormat,

@@ -37,7 +37,7 @@ from ..lm import (Batch, check_prompt_lengths, context_length, layer_input, left
                   starting_at_layer)
 from ..models import model_fingerprint
 from ..neuron import VARIANTS, NeuronSpec, attach_neuron
-from ..parallel import check_forkable, run_forked
+from ..parallel import check_forkable, ranks, run_parts
 from ..runtime.subject import vector_table_subject
 from ..settings import check_settings, setting
 from .variants import EXCLUDE_MODES
@@ -63,6 +63,10 @@ class FitConfig:
     max_steps: int = setting(200, at_least=1, help=(
         "optimiser steps per edit at most; the chat wording makes a few edits slow: 100 left 1 of 64 own facts "
         "unfitted"))
+    restart_steps: int | None = setting(60, at_least=1, help=(
+        "an edit not fitted after this many steps starts again from the initial vector at restart_lr (lr 0.3 "
+        "overshoots a few edits that 0.1 fits in 20-60 steps); null: never"))
+    restart_lr: float = setting(0.1, above=0, help="the learning rate of an edit started again")
     batch_size: int = setting(64, at_least=1, help="edits fitted together")
     margin: float = setting(3.0, at_least=0, help=(
         "logits by which each answer token must lead the runner-up; 1 fits the prompt alone, 3 carries the edit to "
@@ -155,13 +159,15 @@ class _RowOptimizer:
     takes its slot (torch's Adam keeps one step count for the whole tensor)."""
 
     def __init__(self, kind: str, lr: float, rows: int, size: int, device) -> None:
-        self.kind, self.lr = kind, lr
+        self.kind, self.base_lr = kind, lr
+        self.lr = torch.full((rows, 1), lr, device=device)  # per row: a restarted edit steps at its own
         self.m = torch.zeros(rows, size, device=device)
         self.v = torch.zeros(rows, size, device=device)
         self.t = torch.zeros(rows, 1, device=device)
 
-    def reset(self, row: int) -> None:
+    def reset(self, row: int, lr: float | None = None) -> None:
         self.m[row], self.v[row], self.t[row] = 0.0, 0.0, 0.0
+        self.lr[row] = self.base_lr if lr is None else lr
 
     @torch.no_grad()
     def step(self, w: torch.Tensor, grad: torch.Tensor, active: torch.Tensor) -> None:
@@ -276,9 +282,12 @@ def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFo
     every wording passes the success test at the same vector. An edit that reaches `max_steps`
     first counts as fitted if its prompt passes.
 
-    `part=(k, n)` fits only the k-th of n parts of the edits (0-based, chosen by each edit's
-    digest) into `work_dir` and returns those edits: n processes or machines sharing one
-    work_dir fit the whole set, and a run without `part` then finds every edit done.
+    `part=(k, n)` fits only the k-th of n parts of the edits (0-based; blocks of the fitting
+    order, dealt in turns) into `work_dir` and returns those edits: n processes or machines sharing
+    one work_dir fit the whole set, and a run without `part` then finds every edit done. A block is
+    fitted from an empty batch whoever fits it, so the vectors are the same to the bit however many
+    parts there are (with the same thread count per process; an interrupted block refits its rest
+    beside other edits, the same to float precision).
     `processes=n` does that on this machine: n forked one-thread processes (Linux, CPU; parallel.py),
     each fitting one part, then this one collects the shards."""
     config = config or FitConfig()
@@ -286,6 +295,9 @@ def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFo
         raise ConfigError(f"part needs a work_dir and 0 <= k < n, found part={part}, work_dir={work_dir}")
     if processes != 1 and (work_dir is None or part is not None):
         raise ConfigError(f"processes needs a work_dir and no part, found work_dir={work_dir}, part={part}")
+    group = ranks()[1] > 1 and part is None  # each rank of a torch.distributed group fits a part
+    if group and work_dir is None:
+        raise ConfigError("fit_neurons in a torch.distributed group needs a work_dir that every rank shares")
     check_forkable(model, processes)
     variants = [tuple(v) for v in variants] if variants is not None else [() for _ in requests]
     if len(variants) != len(requests):
@@ -295,10 +307,11 @@ def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFo
     neuron = attach_neuron(model, config.layer, config.variant)
     try:
         state = _FitState(model, tokenizer, requests, variants, fmt, config, neuron.spec, work_dir, part)
-        if processes > 1 and not bool(state.done[state.mine].all()):
-            run_forked(lambda k: _FitState(model, tokenizer, requests, variants, fmt, config, neuron.spec, work_dir,
-                                           (k, processes)).run(neuron, progress and k == 0),
-                       processes, "stage A", rerun="the shards written")
+        # in a group every rank goes to the barrier, even with nothing left to fit (one left out would stop the rest)
+        if group or (processes > 1 and not bool(state.done[state.mine].all())):
+            run_parts(lambda k, n: _FitState(model, tokenizer, requests, variants, fmt, config, neuron.spec, work_dir,
+                                             (k, n)).run(neuron, progress and k == 0),
+                      processes, "stage A", rerun="the shards written")
             earlier = {k: state.timing[k] for k in ("reused_edits", "reused_s")}  # fitted by runs before this one
             state = _FitState(model, tokenizer, requests, variants, fmt, config, neuron.spec, work_dir)
             state.timing["forked_edits"] = state.timing["reused_edits"] - earlier["reused_edits"]
@@ -307,9 +320,19 @@ def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFo
     finally:
         neuron.detach()
     result = state.result()
-    result.timing = {"total_s": time.perf_counter() - start, "processes": processes, **state.timing}
+    result.timing = {"total_s": time.perf_counter() - start, "processes": processes, "ranks": ranks()[1], **state.timing}
     log.info("fitted %d edits: %.1f%% success in %.0f s", len(requests), result.success_rate, result.timing["total_s"])
     return result
+
+
+BLOCK_BATCHES = 4  # edits per block of the fitting order, in batches: more blocks share out better, each ends in a tail
+
+
+def _part_of(block: int, parts: int) -> int:
+    """The part that fits block `block`: dealt in turns that run forwards then backwards, so that no part gets
+    the longest answers of every turn."""
+    turn, seat = divmod(block, parts)
+    return seat if turn % 2 == 0 else parts - 1 - seat
 
 
 class _FitState:
@@ -318,7 +341,7 @@ class _FitState:
     MIN_GROUP_ROWS = 32  # smaller forward passes lose more to overhead than padding costs
 
     def __init__(self, model, tokenizer, requests, variants, fmt, config, spec, work_dir, part=None) -> None:
-        self.model, self.config, self.spec = model, config, spec
+        self.model, self.config, self.spec, self.part = model, config, spec, part
         self.case_ids = [r.case_id for r in requests]
         self.seqs, self.answers, chats = _encode(requests, variants, tokenizer, fmt, chat_wording(config, fmt, tokenizer))
         self.margins = [[config.chat_margin if c else config.margin for c in cs] for cs in chats]
@@ -330,9 +353,9 @@ class _FitState:
                         for s, a in zip(self.seqs, self.answers)]
         self.pad_id = tokenizer.pad_token_id
         n = len(requests)
-        # the edits this process fits: all, or those whose digest falls in its part
-        self.mine = [i for i, d in enumerate(self.digests)
-                     if part is None or int.from_bytes(d[:8], "big") % part[1] == part[0]]
+        # the edits this process fits: every block, or its part's blocks
+        self.blocks = [block for b, block in enumerate(self._blocks()) if part is None or _part_of(b, part[1]) == part[0]]
+        self.mine = sorted(i for block in self.blocks for i in block)
         self.vectors = torch.zeros(n, spec.size)
         self.success = torch.zeros(n, dtype=torch.bool)
         self.steps = torch.zeros(n, dtype=torch.long)
@@ -366,13 +389,30 @@ class _FitState:
             self.hidden.setdefault(i, []).append(h)
         self.timing["hidden_cache_s"] += time.perf_counter() - start
 
+    def _blocks(self) -> list[list[int]]:
+        """Every edit in fitting order (similar answer lengths side by side, as the LM head runs on the longest
+        answer's span, then prompt lengths; the digest breaks ties), cut into blocks of BLOCK_BATCHES batches.
+        A block is fitted on its own from an empty batch: an edit's fit is the same float for float
+        whichever process fits its block."""
+        order = sorted(range(len(self.seqs)),
+                       key=lambda i: (len(self.answers[i][0]), len(self.seqs[i][0]), self.digests[i], i))
+        size = BLOCK_BATCHES * self.config.batch_size
+        return [order[k : k + size] for k in range(0, len(order), size)]
+
     def run(self, neuron, progress: bool) -> None:
-        todo = [i for i in self.mine if not self.done[i]]
-        if not todo:
+        todo = [[i for i in block if not self.done[i]] for block in self.blocks]
+        if not any(todo):
             return
+        bar = tqdm(total=sum(map(len, todo)), desc="fitting neurons", disable=not progress, leave=False)
+        step_s = time.perf_counter()
+        for queue in filter(None, todo):
+            self._fit_block(neuron, queue, bar)
+        bar.close()
+        self.timing["fit_s"] = time.perf_counter() - step_s - self.timing["hidden_cache_s"]
+
+    def _fit_block(self, neuron, queue: list[int], bar) -> None:
+        """Fit the edits `queue` (in order), a batch of them at a time, refilling each slot that finishes."""
         device = model_device(self.model)
-        # similar answer lengths side by side (the LM head runs on the longest answer's span), then prompt lengths
-        queue = sorted(todo, key=lambda i: (len(self.answers[i][0]), len(self.seqs[i][0])))
         chunk = 4 * self.config.batch_size
         initial = self.spec.initial_vector(self.config.init_seed).to(device)
         rows = min(self.config.batch_size, len(queue))
@@ -380,8 +420,6 @@ class _FitState:
         opt = _RowOptimizer(self.config.optimizer, self.config.lr, rows, self.spec.size, device)
         slots: list[int | None] = [None] * rows
         taken = torch.zeros(rows, dtype=torch.long)
-        bar = tqdm(total=len(todo), desc="fitting neurons", disable=not progress, leave=False)
-        step_s = time.perf_counter()
         while True:
             for r in range(rows):  # refill free slots
                 if slots[r] is None and queue:
@@ -395,6 +433,7 @@ class _FitState:
             live = [r for r in range(rows) if slots[r] is not None]
             if not live:
                 break
+            self._restart_stalled(live, w, opt, taken, initial)
             finished = self._step(neuron, w, opt, live, slots, taken, device)
             for r in finished:
                 self.hidden.pop(slots[r], None)
@@ -403,8 +442,16 @@ class _FitState:
             bar.update(len(finished))
             if finished and self.shards:
                 self.shards.flush(self)
-        bar.close()
-        self.timing["fit_s"] = time.perf_counter() - step_s - self.timing["hidden_cache_s"]
+
+    def _restart_stalled(self, live, w, opt, taken, initial) -> None:
+        """An edit still unfitted after `restart_steps` starts again from the initial vector at the
+        lower `restart_lr` (its steps go on counting towards max_steps)."""
+        if self.config.restart_steps is None:
+            return
+        for r in live:
+            if int(taken[r]) == self.config.restart_steps:
+                w[r] = initial
+                opt.reset(r, self.config.restart_lr)
 
     def _step(self, neuron, w, opt, live, slots, taken, device) -> list[int]:
         edits = [slots[r] for r in live]
