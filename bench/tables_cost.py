@@ -105,6 +105,20 @@ def stage_a_cost_table() -> str:
                    "vs prompt-only settings", "threads", "load average before / after"], rows)
 
 
+def stage_a_restart_table() -> str:
+    """Stage A with and without restarting stalled edits (bench/fit_neurons.py restart)."""
+    rows = []
+    for r in _load("fit_neurons-restart-*.json"):
+        for row in r["rows"]:
+            m = row["fitted_vector_metrics"]
+            restart = "never" if row["restart_steps"] is None else f"after {row['restart_steps']} steps, lr {row['restart_lr']}"
+            rows.append([row["edits"], str(row["n"]), restart, f"{row['success_rate']:.1f}", f"{row['wordings_passed']:.1f}",
+                         str(row["capped"]), f"{row['row_steps']:,}", f"{row['trained_rows']:,}", f"{row['seconds']:.0f}",
+                         f"{m['reliability']['ag']:.1f}", f"{m['generality']['ag']:.1f}", str(r["threads"])])
+    return _table(["edits", "N", "restart", "success %", "wordings passed %", "at the step cap", "steps (all edits)",
+                   "wordings trained (all steps)", "s", "fitted vectors' RelAG", "GenAG", "threads"], rows)
+
+
 def pipeline_table() -> str:
     """`megedit fit` + `megedit eval` as a user runs them, timed (bench/pipeline.py)."""
     rows = []

@@ -80,6 +80,19 @@ def test_two_ranks_make_the_pack_and_report_of_one_to_the_bit(tmp_path):
     assert reports[1]["cases"] == reports[2]["cases"] and reports[1]["metrics"] == reports[2]["metrics"]
 
 
+def test_fit_neurons_and_its_eval_shared_by_two_ranks_match_one_process(tmp_path):
+    model, _, data = _folders(tmp_path)
+    args = ["fit-neurons", "--model", model, "--data", f"jsonl:{data}", "--limit", "16", "--quiet", "--layer", "1",
+            "--batch-size", "2", "--max-steps", "30", "--margin", "0", "--eval"]
+    for ranks in (None, 2):
+        _run(ranks, *args, "--work-dir", tmp_path / f"work-{ranks}", "--out", tmp_path / f"v-{ranks}.safetensors",
+             cwd=tmp_path)
+    read = {ranks: (tmp_path / f"v-{ranks}.safetensors").read_bytes() for ranks in (None, 2)}
+    assert read[None] == read[2]
+    reports = [json.loads((tmp_path / f"v-{ranks}.eval.json").read_text()) for ranks in (None, 2)]
+    assert reports[0]["cases"] == reports[1]["cases"]
+
+
 def test_a_verb_that_runs_in_one_process_refuses_a_launcher_in_one_line(tmp_path):
     env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0"}
     done = subprocess.run([sys.executable, *MEGEDIT, "config"], capture_output=True, text=True, timeout=120, env=env)

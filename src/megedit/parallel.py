@@ -84,13 +84,18 @@ def _stop_with_parent() -> None:
 GROUP_TIMEOUT_S = float(os.environ.get("MEGEDIT_GROUP_TIMEOUT_S", 7 * 24 * 3600))
 
 
+def launched() -> int:
+    """How many ranks the launcher that started this process asked for (WORLD_SIZE; 1 without one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def join_group() -> tuple[int, int]:
     """Join the torch.distributed group a launcher describes in the environment (WORLD_SIZE > 1;
     gloo on CPU, NCCL with CUDA, each rank on its LOCAL_RANK's GPU) unless joined already; returns
     `ranks()`. Outside a launcher: nothing, (0, 1)."""
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if launched() > 1 and not dist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -9,6 +9,7 @@ inspect, config, then the stage verbs (fit-neurons, sweep-layers, fit-router). G
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from . import eval as eval_verbs
@@ -67,21 +68,18 @@ GROUP_VERBS = ("fit", "fit-neurons", "eval")  # the verbs whose work the ranks o
 
 
 def _join_launcher(args) -> None:
-    """Under torchrun or accelerate launch (WORLD_SIZE > 1), join the group for a verb that shares its
-    work (only rank 0 shows progress and writes the results); refuse the others in one line."""
-    import os
-
+    """Under torchrun or accelerate launch (WORLD_SIZE > 1), a verb that shares its work joins the group once
+    its model is loaded (common.load_lm), and only rank 0 shows progress; the others are refused in one line."""
     from ..errors import ConfigError
-    from ..parallel import join_group
+    from ..parallel import launched
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched()
     if world <= 1:
         return
     if args.verb not in GROUP_VERBS:
         raise ConfigError(f"megedit {args.verb} runs in one process; start it without a launcher (WORLD_SIZE={world}; "
                           f"{', '.join(GROUP_VERBS)} share their work between ranks)")
-    rank, _ = join_group()
-    args.progress = args.progress and rank == 0
+    args.progress = args.progress and os.environ.get("RANK", "0") == "0"
 
 
 def _configure_output(args) -> None:

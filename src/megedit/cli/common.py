@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from .types import device, dtype, positive_int
@@ -160,11 +161,17 @@ def load_lm(args, name: str | None = None, dtype_name: str | None = None):
     import torch
 
     from ..models import load_model
+    from ..parallel import join_group, launched
 
     where = check_device(args.device)
+    if launched() > 1 and str(where) == "cuda":  # each rank of a launcher on its own GPU
+        where = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     wanted = dtype_name or args.dtype or "float32"
     model, tokenizer = load_model(name or args.model, device=where,
                                   dtype="auto" if wanted == "auto" else getattr(torch, wanted))
+    # under a launcher, join its group now, not before: transformers writes files on rank 0 only once a group is up,
+    # and every rank may need to write the embedded model's float32 copy on its first load
+    join_group()
     if model.device.type == "cpu" and str(model.dtype).removeprefix("torch.") in HALF:
         # allowed (it saves memory), but CPUs have few fast half-precision kernels
         log.warning("megedit: warning: %s on the CPU is slow; float32 is usually faster there",

@@ -126,10 +126,10 @@ def _baseline_config(args):
 def run_eval(args) -> int:
     from ..errors import ConfigError
     from ..eval import evaluate
-    from ..parallel import ranks
+    from ..parallel import launched, ranks
 
     args.baseline = _baseline_config(args)
-    if args.baseline is not None and ranks()[1] > 1:
+    if args.baseline is not None and launched() > 1:
         raise ConfigError(f"eval --method {args.method} under a launcher would make the edit in every rank: make it "
                           "once with --save-edit, then evaluate it under the launcher with --load-edit")
     kind, path, requests, fmt = load_data(args)

@@ -83,6 +83,7 @@ def run_fit_neurons(args) -> int:
 
 def _eval_fitted(args, model, tokenizer, result, requests, fmt, kind, path) -> None:
     from ..eval import evaluate
+    from ..parallel import ranks
     from ..stages.fit_neurons import fitted_subject
 
     mine = set(result.case_ids)  # with --part, this process's edits only
