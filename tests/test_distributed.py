@@ -28,7 +28,7 @@ def _folders(tmp_path: Path) -> tuple[Path, Path, Path]:
     tiny.tokenizer.save_pretrained(encoder)
     data = tmp_path / "edits.jsonl"
     rows = [{"prompt": f"q{i}{i % 3}:", "target": "bdxa"[i % 4], "rephrases": [f"q{i}{i % 3} :"],
-             "locality": [f"z{i}z"]} for i in range(28)]  # the last 12 are the pseudo-edit pool
+             "locality": [f"z{i}z"]} for i in range(52)]  # those after the edits are the pseudo-edit pool
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return model, encoder, data
 
@@ -82,7 +82,8 @@ def test_two_ranks_make_the_pack_and_report_of_one_to_the_bit(tmp_path):
 
 def test_fit_neurons_and_its_eval_shared_by_two_ranks_match_one_process(tmp_path):
     model, _, data = _folders(tmp_path)
-    args = ["fit-neurons", "--model", model, "--data", f"jsonl:{data}", "--limit", "16", "--quiet", "--layer", "1",
+    # 40 edits: more than one evaluation batch of 32, so the ranks share the decoding
+    args = ["fit-neurons", "--model", model, "--data", f"jsonl:{data}", "--limit", "40", "--quiet", "--layer", "1",
             "--batch-size", "2", "--max-steps", "30", "--margin", "0", "--eval"]
     for ranks in (None, 2):
         _run(ranks, *args, "--work-dir", tmp_path / f"work-{ranks}", "--out", tmp_path / f"v-{ranks}.safetensors",

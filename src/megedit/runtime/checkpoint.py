@@ -48,6 +48,11 @@ class Checkpoint:
         rank, world = ranks()
         if world == 1:
             return cls(path, key)
+        import torch.distributed as dist
+
+        keys = [key]  # rank 0's: a subject's description may hold times that differ between ranks
+        dist.broadcast_object_list(keys, src=0)
+        key = keys[0]
         first = cls(path, key) if rank == 0 else None
         barrier()
         return first or cls(path, key, parts=False)
