@@ -40,6 +40,7 @@ from ..neuron import VARIANTS, NeuronSpec, attach_neuron
 from ..parallel import check_forkable, ranks, run_parts
 from ..runtime.subject import vector_table_subject
 from ..settings import check_settings, setting
+from .fit_shards import Shards
 from .variants import EXCLUDE_MODES
 
 log = logging.getLogger(__name__)
@@ -367,7 +368,7 @@ class _FitState:
         # row counts: wordings through the lower layers once, and the per-step forwards with and without backward
         self.timing: dict = {"reused_edits": 0, "reused_s": 0.0, "hidden_cache_s": 0.0, "cached_rows": 0,
                              "trained_rows": 0, "tested_rows": 0}
-        self.shards = _Shards(work_dir, self._key(fmt)) if work_dir else None
+        self.shards = Shards(work_dir, self._key(fmt)) if work_dir else None
         if self.shards:
             self.shards.restore(self)
 
@@ -537,50 +538,6 @@ class _FitState:
 # FitConfig fields that only say how MeGEditor builds the wordings: a fit depends on the wordings' tokens
 _BUILDER_FIELDS = ("paraphrases", "prefixes", "prefix_pool", "prefix_tokens", "exclude_eval_templates",
                    "max_prompt_tokens", "chat_wording")  # the limit only refuses
-
-
-class _Shards:
-    """Finished edits written to `work_dir/fit-<settings key>/shard-*.safetensors` as they finish,
-    each with its digest and its share of the wall time since the shard before."""
-
-    def __init__(self, work_dir, key: str, every: int = 64) -> None:
-        self.dir = Path(work_dir) / f"fit-{key}"
-        self.every, self.pending, self.since = every, [], time.perf_counter()
-
-    def restore(self, state: _FitState) -> None:
-        found = {}
-        for path in sorted(self.dir.glob("shard-*.safetensors")):
-            t = load_tensors(path, "fit shard")
-            share = float(t["seconds"]) / len(t["edits"])
-            wordings_ok = t.get("wordings_ok", t["success"].float())  # shards from before variants: the prompt alone
-            for j, digest in enumerate(t["edits"]):
-                found[bytes(digest.tolist())] = (t["vectors"][j], bool(t["success"][j]), t["steps"][j], t["loss"][j],
-                                                 wordings_ok[j], share)
-        for i in state.mine:
-            digest = state.digests[i]
-            if digest in found:
-                vector, ok, steps, loss, wordings_ok, share = found[digest]
-                state.vectors[i], state.success[i], state.steps[i], state.loss[i] = vector, ok, steps, loss
-                state.wordings_ok[i] = wordings_ok
-                state.done[i] = True
-                state.timing["reused_edits"] += 1
-                state.timing["reused_s"] += share
-        if found:
-            log.info("%d of %d edits fitted before (%s)", int(state.done.sum()), len(state.mine), self.dir)
-
-    def flush(self, state: _FitState) -> None:
-        last = bool(state.done[state.mine].all())
-        if not self.pending or (len(self.pending) < self.every and not last):
-            return
-        idx = torch.tensor(self.pending, dtype=torch.long)
-        edits = torch.tensor([list(state.digests[i]) for i in self.pending], dtype=torch.uint8)
-        now = time.perf_counter()
-        tensors = {"edits": edits, "vectors": state.vectors[idx], "success": state.success[idx].to(torch.uint8),
-                   "steps": state.steps[idx], "loss": state.loss[idx], "wordings_ok": state.wordings_ok[idx],
-                   "seconds": torch.tensor(now - self.since, dtype=torch.float64)}
-        name = hashlib.sha256(edits.numpy().tobytes()).hexdigest()[:16]
-        atomic_save_tensors(self.dir / f"shard-{name}.safetensors", tensors)  # whole or absent
-        self.pending, self.since = [], now
 
 
 def fitted_subject(model, tokenizer, result: FitResult):
