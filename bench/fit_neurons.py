@@ -4,6 +4,7 @@
     .venv/bin/python bench/fit_neurons.py scale --limit 1024      # the batched fitter at scale + fitted-vector eval
     .venv/bin/python bench/fit_neurons.py sweep --limit 64        # success / generality per layer
     .venv/bin/python bench/fit_neurons.py restart --limit 256     # stalled edits started again at a lower lr, or not
+    .venv/bin/python bench/fit_neurons.py quiet --limit 128       # the neuron quiet on a chat's opening, or not
 
 The naive loop is the straightforward implementation: one edit at a time, a full forward pass
 (all layers, LM head on every position) per step, torch's Adam on one vector, the same initial
@@ -16,6 +17,9 @@ without restarting stalled edits (FitConfig.restart_steps), one after the other 
 --limit edits of each of bench/meg.py's sets (the CounterFact files both ways round, ZsRE): success, row-steps,
 time, and the fitted vectors' own scores (each edit's vector on its own queries: reliability, generality,
 locality; no chats).
+
+quiet: the same, with the neuron acting on a chat's opening (system turn and user header) or quiet there
+(FitConfig.quiet_chat_opening, the default), the fitted vectors' chat replies scored too.
 """
 
 from __future__ import annotations
@@ -145,6 +149,25 @@ RESTART_SETS = ("counterfact", "counterfact-swap", "zsre")
 
 def restart(args, model, tokenizer, requests, fmt, config) -> dict:
     """Per edit set, stage A with and without restarts (requests/fmt/config unused: each set brings its own)."""
+    from megedit import MeGConfig
+
+    fit = MeGConfig().fit
+    return side_by_side(args, model, tokenizer, [(label, {"restart_steps": steps, "restart_lr": fit.restart_lr})
+                                                 for label, steps in (("never", None), ("defaults", fit.restart_steps))],
+                        chats=False)
+
+
+def quiet(args, model, tokenizer, requests, fmt, config) -> dict:
+    """Per edit set, stage A with the neuron acting on the chat opening or quiet there (the default), and the
+    fitted vectors' chat replies."""
+    return side_by_side(args, model, tokenizer, [("acts on the opening", {"quiet_chat_opening": False}),
+                                                 ("defaults", {"quiet_chat_opening": True})], chats=True)
+
+
+def side_by_side(args, model, tokenizer, arms: list[tuple[str, dict]], chats: bool) -> dict:
+    """Stage A as MeGEditor runs it on the first --limit edits of each of bench/meg.py's sets, once per arm (its
+    FitConfig changes), one after the other in one process: success, row-steps, rows and tokens run, time, and
+    the fitted vectors' own scores (each edit's vector on its own queries; with `chats`, chat replies too)."""
     from dataclasses import replace
 
     from meg import SETTINGS
@@ -160,22 +183,23 @@ def restart(args, model, tokenizer, requests, fmt, config) -> dict:
         pool = load_requests("counterfact", pool_path)
         editor = MeGEditor(model, tokenizer, MeGConfig(), progress=False)
         variants, fmt = editor.variants(edits, pool)[0], get_format(DEFAULT_FOR_KIND[kind])
-        for label, restart_steps in (("never", None), ("defaults", editor.config.fit.restart_steps)):
-            fit_config = replace(editor.config.fit, restart_steps=restart_steps)
+        for label, changes in arms:
+            fit_config = replace(editor.config.fit, **changes)
             start = time.perf_counter()
             result = fit_neurons(model, tokenizer, edits, fmt, fit_config, progress=False, variants=variants)
             seconds = time.perf_counter() - start
             subject = fitted_subject(model, tokenizer, result)
             report = evaluate(subject, edits, prompt_format=fmt, data_kind=kind, batch_size=64, progress=False,
-                              chat_edits=0)
+                              chat_edits=len(edits) if chats else 0)
             subject.neuron.detach()
-            summary = result.summary()
-            rows.append({"edits": name, "n": len(edits), "restart": label, "restart_steps": restart_steps,
-                         "restart_lr": fit_config.restart_lr, "seconds": seconds,
+            summary, timing = result.summary(), result.timing
+            rows.append({"edits": name, "n": len(edits), "arm": label, **changes, "seconds": seconds,
                          "success_rate": summary["success_rate"], "wordings_passed": summary["wordings_passed"],
                          "row_steps": int(result.steps.sum()), "capped": int((result.steps >= fit_config.max_steps).sum()),
-                         "median_steps": summary["median_steps"], "trained_rows": result.timing["trained_rows"],
-                         "fitted_vector_metrics": report.metrics, "fitted_vector_score": report.score})
+                         "median_steps": summary["median_steps"], "trained_rows": timing["trained_rows"],
+                         **{k: timing[k] for k in ("trained_tokens", "tested_tokens") if k in timing},
+                         "fitted_vector_metrics": report.metrics, "fitted_vector_score": report.score,
+                         "fitted_vector_chat": report.chat or None})
             print(json.dumps(rows[-1]), flush=True)
     return {"n": args.limit, "config": asdict(MeGConfig().fit), "rows": rows,
             "data": {name: f"{SETTINGS[name][0]}:{SETTINGS[name][1].name}, pool {SETTINGS[name][3].name}"
@@ -185,7 +209,7 @@ def restart(args, model, tokenizer, requests, fmt, config) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("job", choices=("speedup", "scale", "sweep", "restart"))
+    parser.add_argument("job", choices=("speedup", "scale", "sweep", "restart", "quiet"))
     parser.add_argument("--limit", type=int, default=64)
     parser.add_argument("--layer", type=int, default=24)
     parser.add_argument("--layers", default="4,8,12,16,20")
@@ -202,7 +226,7 @@ def main() -> int:
     model, tokenizer = load_model("smollm2", device="cpu")
     requests = load_requests("counterfact", CF, limit=args.limit)
     config = FitConfig(layer=args.layer)
-    result = {"speedup": speedup, "scale": scale, "sweep": sweep, "restart": restart}[args.job](
+    result = {"speedup": speedup, "scale": scale, "sweep": sweep, "restart": restart, "quiet": quiet}[args.job](
         args, model, tokenizer, requests, get_format("raw"), config)
     result = {"data": f"counterfact:{CF.name}", "format": "raw", "config": asdict(config), **result,
               "model": "smollm2", "seed": config.init_seed, "threads": torch.get_num_threads()}

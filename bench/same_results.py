@@ -34,7 +34,8 @@ BEFORE = "a166316"  # the base of the runtime and registry branches
 # settings the older revision lacks, each at the value that does what that revision did
 ADDED_SINCE = {("routing", "router", "negative_wordings"): 1, ("routing", "router", "other_relation_margin"): 0.0,
                ("routing", "router", "unknown_relation_margin"): 0.0, ("fit", "restart_steps"): None,
-               ("fit", "restart_lr"): 0.1}  # unused without restart_steps
+               ("fit", "restart_lr"): 0.1,  # unused without restart_steps
+               ("fit", "quiet_chat_opening"): False}
 COMPARED = ("case_id", "kind", "query", "expected", "got", "ag", "tf")
 
 

@@ -119,6 +119,22 @@ def stage_a_restart_table() -> str:
                    "wordings trained (all steps)", "s", "fitted vectors' RelAG", "GenAG", "threads"], rows)
 
 
+def stage_a_quiet_table() -> str:
+    """Stage A with the neuron acting on a chat's opening or quiet there (bench/fit_neurons.py quiet)."""
+    rows = []
+    for r in _load("fit_neurons-quiet-*.json"):
+        for row in r["rows"]:
+            m, chat = row["fitted_vector_metrics"], row["fitted_vector_chat"]["edited"]
+            rows.append([row["edits"], str(row["n"]), "quiet" if row["quiet_chat_opening"] else "acts",
+                         f"{row['success_rate']:.1f}", f"{row['row_steps']:,}",
+                         f"{row['trained_tokens'] + row['tested_tokens']:,}", f"{row['seconds']:.0f}",
+                         f"{m['reliability']['ag']:.1f}", f"{m['generality']['ag']:.1f}",
+                         *(f"{chat[k]:.1f}" for k in ("holds", "ends", "degenerate")), str(r["threads"])])
+    return _table(["edits", "N", "neuron on the chat opening", "success %", "steps (all edits)",
+                   "tokens through the upper layers", "s", "fitted vectors' RelAG", "GenAG", "chat holds target %",
+                   "chat ends %", "chat degenerate %", "threads"], rows)
+
+
 def pipeline_table() -> str:
     """`megedit fit` + `megedit eval` as a user runs them, timed (bench/pipeline.py)."""
     rows = []

@@ -209,3 +209,33 @@ def test_the_chat_wording_takes_its_system_message_from_the_config():
     assert stage.chat_wording(_config(), PromptFormat("chat", chat=True), Templated()) is None  # chats already
     assert stage.chat_wording(_config(), FMT, Templated()).system is None  # the template's own default
     assert stage.chat_wording(_config(chat_system=""), FMT, Templated()).system == ""
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}<eos>{% endfor %}"
+                 "{% if add_generation_prompt %}[assistant]{% endif %}")
+
+
+def test_chat_rows_after_a_shared_opening_fit_as_whole_rows_do_and_decode_to_their_target(lm, monkeypatch):
+    model, tok = lm
+    monkeypatch.setattr(tok, "chat_template", CHAT_TEMPLATE, raising=False)
+    chat, config = PromptFormat("chat", chat=True, answer_prefix=""), _config(max_steps=80)
+    opening = stage.quiet_opening(config, chat, tok)
+    assert tok.decode(opening) == "[user]"
+    shared = fit_neurons(model, tok, _requests(), chat, config, progress=False)
+    monkeypatch.setattr(stage, "plain_cache", lambda cache: False)  # every row whole, the hook keeps the opening quiet
+    whole = fit_neurons(model, tok, _requests(), chat, config, progress=False)
+    assert shared.success.any()
+    assert torch.equal(shared.success, whole.success) and torch.equal(shared.steps, whole.steps)
+    torch.testing.assert_close(shared.vectors, whole.vectors, atol=1e-4, rtol=1e-4)
+    assert 0 < shared.timing["trained_tokens"] < whole.timing["trained_tokens"]
+    neuron = attach_neuron(model, 1, quiet_opening=True)
+    neuron.quiet_on(opening)
+    try:
+        for i, r in enumerate(_requests()):
+            neuron.set_weights(shared.vectors[i : i + 1])
+            out = decode(model, [chat.prompt_ids(r.prompt, tok)], [[]], 5, {1}, pad_id=0).generated[0]
+            assert (out == chat.answer_ids(r.target, tok, with_stop=True)) == bool(shared.success[i])
+    finally:
+        neuron.detach()
+    assert shared.spec.quiet_opening and not fit_neurons(
+        model, tok, _requests(1), chat, _config(max_steps=1, quiet_chat_opening=False), progress=False).spec.quiet_opening

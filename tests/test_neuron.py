@@ -184,3 +184,45 @@ def test_activated_and_gated_neurons_follow_their_formulas():
         gate = mlp.act(x @ g.unsqueeze(-1))
         expected = mlp(x) + gate * (x @ a.unsqueeze(-1)) * u[:, None, :]
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_a_quiet_neuron_runs_a_rows_opening_as_the_base_model_does(model_type):
+    model = tiny_model(model_type)
+    opening = [5, 6, 7]
+    # left-padded: the first row begins with the opening, the second holds it but not at its start
+    ids = torch.tensor([[0, 5, 6, 7, 8, 9], [0, 8, 5, 6, 7, 9]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1]] * 2)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    nxt = {"input_ids": torch.tensor([[9], [9]]), "attention_mask": torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
+           "position_ids": positions[:, -1:] + 1}
+
+    def run(**kwargs):  # the prompts' logits, then one more step from their cache
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
+            return out.logits, model(**nxt, past_key_values=out.past_key_values).logits
+
+    neuron = attach_neuron(model, 1, quiet_opening=True)
+    neuron.quiet_on(opening)
+    neuron.set_weights(torch.randn(2, neuron.spec.size))
+    for kwargs in ({"position_ids": positions}, {}):  # positions given, or counted along the mask
+        neuron.enabled = False
+        base, base_step = run(**kwargs)
+        neuron.enabled = True
+        edited, step = run(**kwargs)
+        torch.testing.assert_close(edited[0, 1:4], base[0, 1:4])  # the opening: as the base model
+        assert not torch.allclose(edited[0, 4:], base[0, 4:], atol=1e-3)  # after it: edited
+        assert not torch.allclose(edited[1, 1:2], base[1, 1:2], atol=1e-3)  # no opening first: edited throughout
+        assert not torch.allclose(step, base_step, atol=1e-3)  # a later step (past the opening): edited
+
+
+def test_only_a_spec_that_says_so_keeps_a_neuron_quiet_and_detaching_ends_it():
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError, match="quiet_opening=False"):
+        attach_neuron(model, 1).quiet_on([5, 6])
+    model = tiny_model("llama")
+    neuron = attach_neuron(model, 1, quiet_opening=True)
+    neuron.quiet_on([5, 6])
+    assert neuron.spec.to_dict()["quiet_opening"] is True
+    neuron.detach()
+    assert not model.get_submodule("model")._forward_pre_hooks  # the hook went with the neuron

@@ -26,13 +26,13 @@ from .edit_table import EDIT_FILES, EditTable
 from .errors import ConfigError, MeGError
 from .lm import check_prompt_lengths, end_of_turn_ids, model_device, prompt_limit
 from .models import SentenceEncoder, model_fingerprint
-from .neuron import NeuronSpec, attach_neuron
+from .neuron import NeuronSpec
 from .pack import (PACK_FILES, PACK_FORMAT, PACK_VERSION, check_pack_target, pack_file_sha256,  # noqa: F401
                    manifest_sha256, read_manifest, write_pack)  # check_pack_target, manifest_sha256: re-exported
 from .runtime.conversation import chat_prompt_ids, conversation, is_batch
 from .runtime.decoding import greedy_answers
 from .runtime.generation import check_row_vectors, generate_answers, streamer_batch_size
-from .runtime.subject import NeuronSubject, Query
+from .runtime.subject import NeuronSubject, Query, attach_spec
 from .stages.encoder import load_encoder_delta, write_encoder_delta
 from .stages.generator import Generator
 from .stages.router import Router
@@ -72,7 +72,7 @@ class EditedModel(NeuronSubject):
                  fingerprint: str | None = None, edits: EditTable | None = None,
                  history: list[dict] | None = None) -> None:
         self.fingerprint = fingerprint or model_fingerprint(model)
-        super().__init__(model, tokenizer, attach_neuron(model, spec.layer, spec.variant),
+        super().__init__(model, tokenizer, attach_spec(model, tokenizer, spec, get_format(prompt_format)),
                          lambda queries: self.vectors_for([q.text for q in queries]), "meg")
         self.spec, self.encoder, self.encoder_record = spec, encoder, encoder_record
         self.router, self.generator = router, generator

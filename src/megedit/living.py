@@ -155,9 +155,11 @@ def _checked(requests: Sequence[EditRequest]) -> list[EditRequest]:
 
 
 def _editor(edited: EditedModel, progress: bool, processes: int = 1) -> MeGEditor:
-    """A MeGEditor with the pack's own settings on its base model (for stage A and validation)."""
-    return MeGEditor(edited.model, edited.tokenizer, MeGConfig.from_dict(edited.config, where="the pack's config"),
-                     progress=progress, processes=processes)
+    """A MeGEditor with the pack's own settings on its base model (for stage A and validation); the neuron's
+    quiet opening as the pack's spec says (packs from before the setting fitted without it)."""
+    config = MeGConfig.from_dict(edited.config, where="the pack's config")
+    config = dataclasses.replace(config, fit=dataclasses.replace(config.fit, quiet_chat_opening=edited.spec.quiet_opening))
+    return MeGEditor(edited.model, edited.tokenizer, config, progress=progress, processes=processes)
 
 
 @contextmanager

@@ -8,6 +8,7 @@ table in `arch.py` says where the decoder layers are.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import time
@@ -20,6 +21,11 @@ from torch import nn
 
 from .arch import layer_stack_path
 from .errors import ConfigError, MeGError
+
+try:  # the plain layer of HF's DynamicCache: its keys and values are (B, heads, T, head_dim) tensors
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # older transformers: caches are not stacked, trimmed or shared as plain tensors
+    DynamicLayer = None
 
 
 @dataclass
@@ -164,6 +170,27 @@ def cache_kwargs(model: nn.Module, cache) -> dict:
 @functools.lru_cache(maxsize=None)
 def _cache_name(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def plain_cache(cache) -> bool:
+    """Whether a cache can be stacked, trimmed and shared as plain tensors: HF's dynamic cache with
+    full-attention layers only (sliding-window layers keep a rolling window whose bookkeeping a
+    plain stack would break)."""
+    layers = getattr(cache, "layers", None)
+    return (DynamicLayer is not None and bool(layers)
+            and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers))
+
+
+def shared_cache(cache, rows: int):
+    """A plain cache of one row (`plain_cache`) as a new cache of `rows` rows that share its tensors
+    (views, no copy); a forward appends to the new one and leaves `cache` as it was."""
+    shared = copy.copy(cache)
+    shared.layers = []
+    for layer in cache.layers:
+        view = copy.copy(layer)
+        view.keys, view.values = layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)
+        shared.layers.append(view)
+    return shared
 
 
 def output_cache(out):

@@ -8,13 +8,18 @@ For MLP input `x` (hidden size d) at every position, the neuron adds to the MLP 
 
 where `act` is the MLP's own activation module. Row i of the batch uses `w[i]`; `w = 0` (or no
 weights, or the neuron switched off) leaves the MLP output bit-for-bit unchanged.
+
+A neuron may be quiet on a fixed opening (`DynamicNeuron.quiet_on`): a row whose first tokens are
+that opening (a chat template's system turn and user header) gets no neuron output there. The
+opening then passes through the model as through the base model, so stage A computes it once for
+every chat row (its keys and values above the neuron's layer never change).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -32,6 +37,7 @@ class NeuronSpec:
     layer: int
     variant: str
     hidden: int
+    quiet_opening: bool = False  # off on the chat template's opening (DynamicNeuron.quiet_on); packs before it: False
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -66,7 +72,7 @@ class NeuronSpec:
         return (torch.rand(self.size, generator=g) * 2 - 1) * bound
 
     def to_dict(self) -> dict:
-        return {"layer": self.layer, "variant": self.variant, "hidden": self.hidden}
+        return {"layer": self.layer, "variant": self.variant, "hidden": self.hidden, "quiet_opening": self.quiet_opening}
 
 
 def default_variant(model: nn.Module) -> str:
@@ -74,8 +80,8 @@ def default_variant(model: nn.Module) -> str:
     return "linear" if arch_spec(model).gated else "activated"
 
 
-def neuron_spec(model: nn.Module, layer: int, variant: str | None = None) -> NeuronSpec:
-    return NeuronSpec(check_layer(model, layer), variant or default_variant(model), hidden_size(model))
+def neuron_spec(model: nn.Module, layer: int, variant: str | None = None, quiet_opening: bool = False) -> NeuronSpec:
+    return NeuronSpec(check_layer(model, layer), variant or default_variant(model), hidden_size(model), quiet_opening)
 
 
 class NeuronMLP(nn.Module):
@@ -88,6 +94,7 @@ class NeuronMLP(nn.Module):
         self._act = [act]  # a list keeps the MLP's own activation out of this module's children
         self.weights: torch.Tensor | None = None
         self.enabled = True
+        self.quiet: torch.Tensor | None = None  # (B, T) True where this forward's tokens are the opening
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.mlp(x, *args, **kwargs)
@@ -99,15 +106,50 @@ class NeuronMLP(nn.Module):
             if x.shape[0] % w.shape[0]:
                 raise ConfigError(f"neuron has weights for {w.shape[0]} rows, the batch has {x.shape[0]}")
             w = w.repeat_interleave(x.shape[0] // w.shape[0], dim=0)
-        return out + self.spec.delta(x, w, self._act[0])
+        delta = self.spec.delta(x, w, self._act[0])
+        if self.quiet is not None and self.quiet.shape == x.shape[:2]:
+            delta = delta.masked_fill(self.quiet.unsqueeze(-1), 0.0)
+        return out + delta
+
+
+def _positions(ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """Each token's position in its row (0 at the first real token) for a forward's inputs: the
+    position ids given, else counted along the attention mask (left padding), else the cache's."""
+    t = ids.shape[1]
+    if kwargs.get("position_ids") is not None and kwargs["position_ids"].dim() == 2:
+        return kwargs["position_ids"].expand(ids.shape[0], t)
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return (mask.long().cumsum(-1) - 1)[:, -t:]
+    start = kwargs.get("cache_position")
+    first = int(start[0]) if start is not None and start.numel() else 0
+    return torch.arange(first, first + t, device=ids.device).expand(ids.shape[0], t)
+
+
+def opening_mask(ids: torch.Tensor, positions: torch.Tensor, opening: torch.Tensor,
+                 real: torch.Tensor | None = None) -> torch.Tensor | None:
+    """(B, T) True on the tokens of rows that begin with `opening`, at the opening's positions;
+    None when no token of this forward lies inside an opening. A row counts only when its whole
+    opening is in this forward (a prompt's first pass)."""
+    n = len(opening)
+    early = positions < n
+    if real is not None:
+        early &= real.bool()
+    if not bool(early.any()):
+        return None
+    agree = ~early | (ids == opening[positions.clamp(0, n - 1)])
+    rows = agree.all(1) & (early.sum(1) == n)
+    return early & rows.unsqueeze(1)
 
 
 class DynamicNeuron:
     """A neuron attached to one MLP of a model. Create it with `attach_neuron`."""
 
-    def __init__(self, model: nn.Module, layer: int, variant: str | None = None) -> None:
+    def __init__(self, model: nn.Module, layer: int, variant: str | None = None, quiet_opening: bool = False) -> None:
         arch = arch_spec(model)
-        self.spec = neuron_spec(model, layer, variant)
+        self.spec = neuron_spec(model, layer, variant, quiet_opening)
+        self._stack = model.get_submodule(arch.layers_path.rsplit(".", 1)[0]) if "." in arch.layers_path else model
+        self._hook = None
         self._parent = model.get_submodule(f"{arch.layers_path}.{layer}")
         self._attr = arch.mlp_attr
         original = getattr(self._parent, self._attr)
@@ -154,6 +196,31 @@ class DynamicNeuron:
         finally:
             self.module.weights = previous
 
+    def quiet_on(self, opening: Sequence[int]) -> None:
+        """Keep the neuron off on `opening` (token ids) wherever a row begins with it; an empty
+        opening switches that off. The spec must say so (`quiet_opening`), so packs record it."""
+        if opening and not self.spec.quiet_opening:
+            raise ConfigError("this neuron's spec has quiet_opening=False; it acts on every token")
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.module.quiet = None
+        if not opening:
+            return
+        tokens = torch.tensor(list(opening), dtype=torch.long)
+
+        def find(module, args, kwargs):  # the layer stack's forward: mark the opening's tokens for the MLP
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None or ids.dim() != 2:
+                self.module.quiet = None
+                return None
+            mask = kwargs.get("attention_mask")
+            real = mask[:, -ids.shape[1]:] if mask is not None and mask.dim() == 2 else None
+            self.module.quiet = opening_mask(ids, _positions(ids, kwargs), tokens.to(ids.device), real)
+            return None
+
+        self._hook = self._stack.register_forward_pre_hook(find, with_kwargs=True)
+
     def attach(self) -> "DynamicNeuron":
         """Put the neuron back after `detach` (weights start unset)."""
         if not self.attached:
@@ -165,9 +232,11 @@ class DynamicNeuron:
         if self.attached:
             setattr(self._parent, self._attr, self.original)
         self.module.weights = None
+        self.quiet_on(())
         return self.original
 
 
-def attach_neuron(model: nn.Module, layer: int, variant: str | None = None) -> DynamicNeuron:
-    """Attach a dynamic neuron to the MLP of decoder layer `layer` (0-based)."""
-    return DynamicNeuron(model, layer, variant)
+def attach_neuron(model: nn.Module, layer: int, variant: str | None = None, quiet_opening: bool = False) -> DynamicNeuron:
+    """Attach a dynamic neuron to the MLP of decoder layer `layer` (0-based); `quiet_opening`: it may be
+    kept off on a chat opening (`DynamicNeuron.quiet_on`)."""
+    return DynamicNeuron(model, layer, variant, quiet_opening)

@@ -50,6 +50,15 @@ class PromptFormat:
         # a chat template writes its own special tokens; plain text gets the tokenizer's usual ones
         return tokenizer(self.text(query, tokenizer), add_special_tokens=not self.chat)["input_ids"]
 
+    def opening_ids(self, tokenizer) -> list[int]:
+        """The tokens every prompt of this chat format begins with, whatever the query (the system
+        turn and the user's header); none outside chat."""
+        if not self.chat:
+            return []
+        first, second = (self.prompt_ids(probe, tokenizer) for probe in _PROBES)
+        n = next((k for k, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
+        return first[:n]
+
     def answer_ids(self, answer: str, tokenizer, with_stop: bool = False) -> list[int]:
         """Tokens of the answer as it follows the prompt; `with_stop` adds the end-of-answer token
         (what an edit is trained to produce, so that generation stops after the new answer)."""
@@ -65,6 +74,8 @@ class PromptFormat:
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+_PROBES = ("0", "Q")  # two user turns that share no first token: where their prompts part is where the query starts
 
 PRESETS = {
     # the query as it is: CounterFact's cloze prefixes ("The mother tongue of X is"). Answers end with EOS,

@@ -19,6 +19,7 @@ from typing import Callable, ContextManager, Iterator, Protocol, Sequence, runti
 import torch
 from torch import nn
 
+from ..data.prompts import PRESETS, PromptFormat
 from ..errors import MeGError
 from ..io import atomic_save_tensors, atomic_write_json, load_tensors, read_record
 from ..models import model_fingerprint
@@ -170,11 +171,20 @@ class NeuronSubject(PlainSubject):
         return dict(self.settings)
 
 
+def attach_spec(model: nn.Module, tokenizer, spec, fmt: PromptFormat | None = None):
+    """A neuron per `spec` on `model`; when the spec keeps it quiet on a chat opening, quiet on the opening
+    of `fmt` (a chat format) or of the tokenizer's own template (what chats are sent in)."""
+    neuron = attach_neuron(model, spec.layer, spec.variant, spec.quiet_opening)
+    if spec.quiet_opening and getattr(tokenizer, "chat_template", None):
+        neuron.quiet_on((fmt if fmt is not None and fmt.chat else PRESETS["chat"]).opening_ids(tokenizer))
+    return neuron
+
+
 def vector_table_subject(model: nn.Module, tokenizer, spec, table: dict, key: Callable[[Query], str], method: str,
                          settings: dict | None = None) -> NeuronSubject:
     """The model with a neuron attached (per `spec`) and set, per query, to `table[key(query)]`;
     queries with no entry get the zero vector (the base model). Detach with `.neuron.detach()`."""
-    neuron = attach_neuron(model, spec.layer, spec.variant)
+    neuron = attach_spec(model, tokenizer, spec)
     zero = torch.zeros(spec.size)
     return NeuronSubject(model, tokenizer, neuron, lambda qs: torch.stack([table.get(key(q), zero) for q in qs]),
                          method, settings)

@@ -15,12 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..lm import cache_kwargs, output_cache, left_pad, model_device  # the runtime's own cache plumbing
-
-try:  # the plain layer of HF's DynamicCache: its keys and values are (B, heads, T, head_dim) tensors
-    from transformers.cache_utils import DynamicLayer
-except ImportError:  # older transformers: caches cannot be joined, rows still leave when done
-    DynamicLayer = None
+from ..lm import cache_kwargs, left_pad, model_device, output_cache, plain_cache  # the runtime's own cache plumbing
 
 
 @dataclass
@@ -53,7 +48,7 @@ class Cohort:
                  vectors: torch.Tensor) -> None:
         self.model, self.neuron, self.cache, self.mask = model, neuron, cache, mask
         self.positions, self.vectors = positions, vectors
-        self.joinable = _joinable(cache)
+        self.joinable = plain_cache(cache)
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -118,12 +113,3 @@ def _pad_left(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     shape = list(x.shape)
     shape[dim] = missing
     return torch.cat([x.new_zeros(shape), x], dim=dim)
-
-
-def _joinable(cache) -> bool:
-    """Whether caches of this kind can be stacked and trimmed as plain tensors: HF's dynamic
-    cache with full-attention layers only (sliding-window layers keep a rolling window whose
-    bookkeeping a plain stack would break; such models decode without rows joining mid-way)."""
-    layers = getattr(cache, "layers", None)
-    return (DynamicLayer is not None and bool(layers)
-            and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers))

@@ -4,7 +4,8 @@ The LM is frozen; for each edit only its neuron vector w is optimised so that th
 produces the target (and then the end-of-answer token) after the prompt. Edits are fitted many
 at a time: each row of a batch is one edit with its own w (rows never interact), the hidden
 state entering the neuron's layer is computed once per edit and reused for every step, and the
-LM head runs only on the answer positions. A row leaves the batch as soon as its edit passes
+LM head runs only on the answer positions. A chat wording's opening (system turn, user header),
+where the neuron stays quiet, runs once for all of them. A row leaves the batch as soon as its edit passes
 the success test and the next edit takes its place, so the batch stays full.
 
 Success test: at every answer position (the end-of-answer token included) the target token is
@@ -33,8 +34,8 @@ from ..data.requests import EditRequest
 from ..errors import ConfigError, MeGError
 from ..eval import evaluate
 from ..io import atomic_save_tensors, atomic_write_json, load_tensors, read_record
-from ..lm import (Batch, check_prompt_lengths, context_length, layer_input, left_pad, length_batches, model_device,
-                  starting_at_layer)
+from ..lm import (Batch, cache_kwargs, check_prompt_lengths, context_length, layer_input, left_pad, length_batches,
+                  model_device, output_cache, plain_cache, shared_cache, starting_at_layer)
 from ..models import model_fingerprint
 from ..neuron import VARIANTS, NeuronSpec, attach_neuron
 from ..parallel import check_forkable, ranks, run_parts
@@ -89,6 +90,9 @@ class FitConfig:
         "and stop (tokenizers with a chat template; docs/method.md)"))
     chat_margin: float = setting(1.0, at_least=0, help="the chat wording's success margin (the others': margin)")
     chat_system: str | None = setting(None, help="the chat wording's system message; null: the template's default")
+    quiet_chat_opening: bool = setting(True, help=(
+        "the neuron stays off on a chat's opening (system turn and user header), in fitting and in use: stage A "
+        "then runs the opening once for every chat row, not once per row and step (docs/method.md)"))
     max_prompt_tokens: int = setting(512, at_least=1, help=(
         "longer edit wordings are refused: fitting one costs minutes and says nothing"))
 
@@ -206,6 +210,13 @@ def chat_wording(config: FitConfig, fmt: PromptFormat, tokenizer) -> PromptForma
     return None
 
 
+def quiet_opening(config: FitConfig, fmt: PromptFormat, tokenizer) -> list[int]:
+    """The chat opening the neuron stays off on while fitting (the queries' own, or the chat
+    wording's), or none."""
+    chat = fmt if fmt.chat else chat_wording(config, fmt, tokenizer)
+    return chat.opening_ids(tokenizer) if config.quiet_chat_opening and chat is not None else []
+
+
 @torch.no_grad()
 def _cache_hidden(model, layer, seqs, pad_id, batch_size) -> list[torch.Tensor]:
     """The hidden state entering `layer` for each sequence (its real tokens only)."""
@@ -305,9 +316,10 @@ def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFo
         raise ConfigError(f"fit_neurons: {len(variants)} variant lists for {len(requests)} edits")
     config = replace(config, layer=resolve_layer(model, config.layer))
     start = time.perf_counter()
-    neuron = attach_neuron(model, config.layer, config.variant)
+    neuron = attach_neuron(model, config.layer, config.variant, config.quiet_chat_opening)
     try:
         state = _FitState(model, tokenizer, requests, variants, fmt, config, neuron.spec, work_dir, part)
+        neuron.quiet_on(state.opening)
         # in a group every rank goes to the barrier, even with nothing left to fit (one left out would stop the rest)
         if group or (processes > 1 and not bool(state.done[state.mine].all())):
             run_parts(lambda k, n: _FitState(model, tokenizer, requests, variants, fmt, config, neuron.spec, work_dir,
@@ -346,6 +358,9 @@ class _FitState:
         self.case_ids = [r.case_id for r in requests]
         self.seqs, self.answers, chats = _encode(requests, variants, tokenizer, fmt, chat_wording(config, fmt, tokenizer))
         self.margins = [[config.chat_margin if c else config.margin for c in cs] for cs in chats]
+        self.opening = quiet_opening(config, fmt, tokenizer)
+        self.opening_cache = None  # the opening's keys and values in every layer (one row), once `run` starts
+        self.skips = [[0] * len(seqs) for seqs in self.seqs]  # per wording: leading tokens run from that cache
         limit = min(filter(None, (config.max_prompt_tokens, context_length(model))))
         for r, seqs in zip(requests, self.seqs):
             check_prompt_lengths(seqs, limit, [f"edit {r.case_id}: wording {j} (with its answer)" for j in range(len(seqs))])
@@ -367,7 +382,7 @@ class _FitState:
         self.training: dict[int, list[bool]] = {}  # per wording of an edit in the batch: in its loss or not
         # row counts: wordings through the lower layers once, and the per-step forwards with and without backward
         self.timing: dict = {"reused_edits": 0, "reused_s": 0.0, "hidden_cache_s": 0.0, "cached_rows": 0,
-                             "trained_rows": 0, "tested_rows": 0}
+                             "trained_rows": 0, "tested_rows": 0, "trained_tokens": 0, "tested_tokens": 0}
         self.shards = Shards(work_dir, self._key(fmt)) if work_dir else None
         if self.shards:
             self.shards.restore(self)
@@ -380,15 +395,31 @@ class _FitState:
 
     def _cache(self, edits: list[int]) -> None:
         """Hidden states entering the layer for every wording of these edits (computed in chunks
-        as the queue reaches them, so memory holds only the edits in and near the batch)."""
+        as the queue reaches them, so memory holds only the edits in and near the batch); a
+        wording that begins with the chat opening keeps the states after it."""
         start = time.perf_counter()
         flat = [(i, j) for i in edits for j in range(len(self.seqs[i]))]
         states = _cache_hidden(self.model, self.config.layer, [self.seqs[i][j] for i, j in flat], self.pad_id,
                                self.config.batch_size)
         self.timing["cached_rows"] += len(flat)
         for (i, j), h in zip(flat, states):
-            self.hidden.setdefault(i, []).append(h)
+            self.hidden.setdefault(i, []).append(h[self.skips[i][j]:])
         self.timing["hidden_cache_s"] += time.perf_counter() - start
+
+    @torch.no_grad()
+    def _share_opening(self, neuron) -> None:
+        """Run the chat opening once: the neuron is quiet there, so its keys and values in every layer are
+        the base model's, whatever the vectors. Wordings that begin with it then run only the rest."""
+        if not self.opening or self.opening_cache is not None:
+            return
+        with neuron.applied(None):
+            ids = torch.tensor([self.opening], device=model_device(self.model))
+            cache = output_cache(self.model(input_ids=ids, use_cache=True))
+        if not plain_cache(cache):  # sliding-window layers: every row runs whole, the hook keeps the neuron quiet
+            return
+        self.opening_cache = cache
+        n = len(self.opening)
+        self.skips = [[n if len(seq) > n and seq[:n] == self.opening else 0 for seq in seqs] for seqs in self.seqs]
 
     def _blocks(self) -> list[list[int]]:
         """Every edit in fitting order (similar answer lengths side by side, as the LM head runs on the longest
@@ -404,6 +435,7 @@ class _FitState:
         todo = [[i for i in block if not self.done[i]] for block in self.blocks]
         if not any(todo):
             return
+        self._share_opening(neuron)
         bar = tqdm(total=sum(map(len, todo)), desc="fitting neurons", disable=not progress, leave=False)
         step_s = time.perf_counter()
         for queue in filter(None, todo):
@@ -497,20 +529,25 @@ class _FitState:
         if not pairs:
             return {}
         self.timing["trained_rows" if train else "tested_rows"] += len(pairs)
-        rows = [(self.seqs[edits[k]][j], self.hidden[edits[k]][j], self.answers[edits[k]][j], self.margins[edits[k]][j])
-                for k, j in pairs]
+        rows = [(self.seqs[edits[k]][j][self.skips[edits[k]][j]:], self.hidden[edits[k]][j], self.answers[edits[k]][j],
+                 self.margins[edits[k]][j], self.skips[edits[k]][j]) for k, j in pairs]
         owner = torch.tensor([k for k, _ in pairs], device=device)
         row_loss = torch.zeros(len(rows), device=device)
         row_ok = torch.zeros(len(rows), dtype=torch.bool, device=device)
         # rows of similar length together (wordings differ in length; padding them to the longest costs
-        # about 40% of the compute), one forward (and backward) each, the gradients adding up in edit_w
+        # about 40% of the compute), one forward (and backward) each, the gradients adding up in edit_w;
+        # rows after the chat opening apart from whole rows
         with torch.set_grad_enabled(train):
-            for group in _length_groups([len(row[0]) for row in rows], self.MIN_GROUP_ROWS):
-                idx = torch.tensor(group, device=device)
-                loss, ok = self._rows_forward(neuron, [rows[j] for j in group], edit_w[owner[idx]], device)
-                if train:
-                    (loss / count[owner[idx]]).sum().backward()
-                row_loss[idx], row_ok[idx] = loss.detach(), ok
+            for skip in sorted({row[4] for row in rows}):
+                kin = [k for k, row in enumerate(rows) if row[4] == skip]
+                for group in _length_groups([len(rows[k][0]) for k in kin], self.MIN_GROUP_ROWS):
+                    group = [kin[g] for g in group]
+                    idx = torch.tensor(group, device=device)
+                    loss, ok = self._rows_forward(neuron, [rows[j] for j in group], edit_w[owner[idx]], device)
+                    if train:
+                        (loss / count[owner[idx]]).sum().backward()
+                    row_loss[idx], row_ok[idx] = loss.detach(), ok
+        self.timing["trained_tokens" if train else "tested_tokens"] += sum(len(row[0]) for row in rows)
         # read the outcomes once (not one device sync per row)
         return dict(zip(pairs, zip(row_loss.tolist(), row_ok.tolist())))
 
@@ -518,12 +555,23 @@ class _FitState:
         """Per-row answer loss and success test of `rows` with vectors `row_w`."""
         batch, h, labels = _rows_batch([row[:3] for row in rows], self.pad_id, device)
         margins = torch.tensor([row[3] for row in rows], device=device)
+        inputs = batch.model_inputs | self._after_opening(batch, rows[0][4])
         neuron.set_weights(row_w)
         with starting_at_layer(self.model, self.config.layer, h):
             # the LM head (49K x 576 on SmolLM2) costs as much as the layers: run it only where an answer is predicted
             keep = torch.arange(batch.ids.shape[1] - labels.shape[1] - 1, batch.ids.shape[1] - 1, device=device)
-            logits = self.model(**batch.model_inputs, use_cache=False, logits_to_keep=keep).logits
+            logits = self.model(**inputs, logits_to_keep=keep).logits
         return row_loss_and_success(logits, labels, margins)
+
+    def _after_opening(self, batch: Batch, skip: int) -> dict:
+        """Forward arguments for rows that go on after the shared chat opening (`skip` tokens): its cache,
+        its columns in the mask, and positions after it; for whole rows, no cache."""
+        if not skip:
+            return {"use_cache": False}
+        rows = batch.ids.shape[0]
+        return {"attention_mask": torch.cat([batch.mask.new_ones(rows, skip), batch.mask], dim=1),
+                "position_ids": batch.positions + skip, "use_cache": True,
+                **cache_kwargs(self.model, shared_cache(self.opening_cache, rows))}
 
     def result(self) -> FitResult:
         mine = torch.tensor(self.mine, dtype=torch.long)
