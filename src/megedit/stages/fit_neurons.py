@@ -271,11 +271,13 @@ def row_loss_and_success(logits, labels, margin) -> tuple[torch.Tensor, torch.Te
     mask = labels >= 0
     safe = labels.clamp(min=0)
     logits = logits.float()
-    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), safe, reduction="none") * mask
-    loss = ce.sum(1) / mask.sum(1)
+    # over (positions, vocabulary) rows: the vocabulary contiguous (a transposed view runs the softmax 2x slower)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), safe.flatten(), reduction="none").view_as(safe)
+    loss = (ce * mask).sum(1) / mask.sum(1)
     with torch.no_grad():
         target = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-        rival = logits.scatter(-1, safe.unsqueeze(-1), float("-inf")).max(-1).values
+        top = logits.topk(2, dim=-1)  # the runner-up: the best other token
+        rival = torch.where(top.indices[..., 0] == safe, top.values[..., 1], top.values[..., 0])
         ok = ((target - rival >= margin) | ~mask).all(1)
     return loss, ok
 
