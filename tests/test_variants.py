@@ -118,7 +118,7 @@ def test_rows_split_by_length_into_several_passes_fit_as_one_padded_pass(lm, mon
 
 
 def test_length_groups_hold_at_least_the_minimum_and_end_where_the_length_changes():
-    from megedit.stages.fit_neurons import _length_groups
+    from megedit.stages.fit_rows import length_groups as _length_groups
 
     lengths = [5, 3, 3, 9, 5, 3, 7, 7]
     groups = _length_groups(lengths, 2)

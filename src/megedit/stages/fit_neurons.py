@@ -34,13 +34,14 @@ from ..data.requests import EditRequest
 from ..errors import ConfigError, MeGError
 from ..eval import evaluate
 from ..io import atomic_save_tensors, atomic_write_json, load_tensors, read_record
-from ..lm import (Batch, cache_kwargs, check_prompt_lengths, context_length, layer_input, left_pad, length_batches,
-                  model_device, output_cache, plain_cache, shared_cache, starting_at_layer)
+from ..lm import (Batch, cache_kwargs, check_prompt_lengths, context_length, model_device, output_cache, plain_cache,
+                  shared_cache, starting_at_layer)
 from ..models import model_fingerprint
 from ..neuron import VARIANTS, NeuronSpec, attach_neuron
 from ..parallel import check_forkable, ranks, run_parts
 from ..runtime.subject import vector_table_subject
 from ..settings import check_settings, setting
+from .fit_rows import cache_hidden, length_groups, row_loss_and_success, rows_batch  # noqa: F401 (a public name)
 from .fit_shards import Shards
 from .variants import EXCLUDE_MODES
 
@@ -217,69 +218,10 @@ def quiet_opening(config: FitConfig, fmt: PromptFormat, tokenizer) -> list[int]:
     return chat.opening_ids(tokenizer) if config.quiet_chat_opening and chat is not None else []
 
 
-@torch.no_grad()
-def _cache_hidden(model, layer, seqs, pad_id, batch_size) -> list[torch.Tensor]:
-    """The hidden state entering `layer` for each sequence (its real tokens only)."""
-    hidden: list = [None] * len(seqs)
-    for idx in length_batches([len(s) for s in seqs], batch_size):
-        batch = left_pad([seqs[i] for i in idx], pad_id, model_device(model))
-        h = layer_input(model, layer, batch)
-        for row, i in enumerate(idx):
-            hidden[i] = h[row, h.shape[1] - len(seqs[i]) :].clone()
-    return hidden
-
-
-def _rows_batch(rows, pad_id, device) -> tuple[Batch, torch.Tensor, torch.Tensor]:
-    """Left-padded batch of `rows` ((token sequence, cached hidden state, answer tokens) each), the hidden
-    states, and labels for the `span` positions before the last (the positions that predict an
-    answer token; -100 where a row's shorter answer leaves one free)."""
-    batch = left_pad([seq for seq, _, _ in rows], pad_id, device)
-    width = batch.ids.shape[1]
-    h = rows[0][1].new_zeros(len(rows), width, rows[0][1].shape[-1])
-    span = max(len(answer) for _, _, answer in rows)
-    labels = torch.full((len(rows), span), -100, dtype=torch.long, device=device)
-    for row, (seq, hidden, answer) in enumerate(rows):
-        h[row, width - len(seq) :] = hidden
-        labels[row, span - len(answer) :] = torch.as_tensor(answer, device=device)
-    return batch, h, labels
-
-
 def _one_or_all(answers: list[list[int]]) -> list[int] | list[list[int]]:
     """An edit's answer tokens for its digest: one list when every wording shares it (as digests were
     before wordings could differ in answer), else one per wording."""
     return answers[0] if all(a == answers[0] for a in answers) else answers
-
-
-def _length_groups(lengths: Sequence[int], min_rows: int) -> list[list[int]]:
-    """Indices sorted by length and cut into groups of at least `min_rows` (the last may hold
-    fewer), each group ending where the length changes: little padding, few forward passes."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    groups: list[list[int]] = [[]]
-    for k, i in enumerate(order):
-        if len(groups[-1]) >= min_rows and lengths[i] != lengths[order[k - 1]]:
-            groups.append([])
-        groups[-1].append(i)
-    if len(groups) > 1 and len(groups[-1]) < min_rows:  # a short tail joins the group before
-        groups[-2].extend(groups.pop())
-    return groups
-
-
-def row_loss_and_success(logits, labels, margin) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row mean answer cross-entropy, and whether every answer token wins by `margin` (a number,
-    or one per row)."""
-    margin = torch.as_tensor(margin, device=logits.device, dtype=torch.float32).reshape(-1, 1)
-    mask = labels >= 0
-    safe = labels.clamp(min=0)
-    logits = logits.float()
-    # over (positions, vocabulary) rows: the vocabulary contiguous (a transposed view runs the softmax 2x slower)
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), safe.flatten(), reduction="none").view_as(safe)
-    loss = (ce * mask).sum(1) / mask.sum(1)
-    with torch.no_grad():
-        target = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-        top = logits.topk(2, dim=-1)  # the runner-up: the best other token
-        rival = torch.where(top.indices[..., 0] == safe, top.values[..., 1], top.values[..., 0])
-        ok = ((target - rival >= margin) | ~mask).all(1)
-    return loss, ok
 
 
 def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFormat,
@@ -401,7 +343,7 @@ class _FitState:
         wording that begins with the chat opening keeps the states after it."""
         start = time.perf_counter()
         flat = [(i, j) for i in edits for j in range(len(self.seqs[i]))]
-        states = _cache_hidden(self.model, self.config.layer, [self.seqs[i][j] for i, j in flat], self.pad_id,
+        states = cache_hidden(self.model, self.config.layer, [self.seqs[i][j] for i, j in flat], self.pad_id,
                                self.config.batch_size)
         self.timing["cached_rows"] += len(flat)
         for (i, j), h in zip(flat, states):
@@ -542,7 +484,7 @@ class _FitState:
         with torch.set_grad_enabled(train):
             for skip in sorted({row[4] for row in rows}):
                 kin = [k for k, row in enumerate(rows) if row[4] == skip]
-                for group in _length_groups([len(rows[k][0]) for k in kin], self.MIN_GROUP_ROWS):
+                for group in length_groups([len(rows[k][0]) for k in kin], self.MIN_GROUP_ROWS):
                     group = [kin[g] for g in group]
                     idx = torch.tensor(group, device=device)
                     loss, ok = self._rows_forward(neuron, [rows[j] for j in group], edit_w[owner[idx]], device)
@@ -555,7 +497,7 @@ class _FitState:
 
     def _rows_forward(self, neuron, rows, row_w, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row answer loss and success test of `rows` with vectors `row_w`."""
-        batch, h, labels = _rows_batch([row[:3] for row in rows], self.pad_id, device)
+        batch, h, labels = rows_batch([row[:3] for row in rows], self.pad_id, device)
         margins = torch.tensor([row[3] for row in rows], device=device)
         inputs = batch.model_inputs | self._after_opening(batch, rows[0][4])
         neuron.set_weights(row_w)
