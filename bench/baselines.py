@@ -105,7 +105,7 @@ def main() -> int:
         training = args.out / "cases" / f"{name}.ft-training.pt"  # FT's state after each epoch, for a resume
         subject, edit_s = edited_subject(spec, args, model, tokenizer, requests, fmt, covariance, training)
         report = evaluate(subject, requests, prompt_format=fmt, data_kind=kind, data_name=f"{kind}:{path.name}",
-                          batch_size=64, checkpoint=args.out / "cases" / f"{name}.partial.json",
+                          checkpoint=args.out / "cases" / f"{name}.partial.json",
                           processes=args.eval_processes, chat_edits=args.chat_edits)
         if hasattr(subject, "restore"):
             subject.restore()

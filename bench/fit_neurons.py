@@ -5,6 +5,7 @@
     .venv/bin/python bench/fit_neurons.py sweep --limit 64        # success / generality per layer
     .venv/bin/python bench/fit_neurons.py restart --limit 256     # stalled edits started again at a lower lr, or not
     .venv/bin/python bench/fit_neurons.py quiet --limit 128       # the neuron quiet on a chat's opening, or not
+    .venv/bin/python bench/fit_neurons.py warm --limit 128        # edits started from a same-answer edit's vector, or not
 
 The naive loop is the straightforward implementation: one edit at a time, a full forward pass
 (all layers, LM head on every position) per step, torch's Adam on one vector, the same initial
@@ -20,6 +21,9 @@ locality; no chats).
 
 quiet: the same, with the neuron acting on a chat's opening (system turn and user header) or quiet there
 (FitConfig.quiet_chat_opening, the default), the fitted vectors' chat replies scored too.
+
+warm: the same, every edit started from the initial vector or, when an earlier edit of its block has its
+answer, from that edit's fitted vector (FitConfig.warm_start, the default).
 """
 
 from __future__ import annotations
@@ -164,6 +168,13 @@ def quiet(args, model, tokenizer, requests, fmt, config) -> dict:
                                                  ("defaults", {"quiet_chat_opening": True})], chats=True)
 
 
+def warm(args, model, tokenizer, requests, fmt, config) -> dict:
+    """Per edit set, stage A with every edit started from the initial vector or warm-started (the default), and
+    the fitted vectors' chat replies."""
+    return side_by_side(args, model, tokenizer, [("initial vector", {"warm_start": False}),
+                                                 ("defaults", {"warm_start": True})], chats=True)
+
+
 def side_by_side(args, model, tokenizer, arms: list[tuple[str, dict]], chats: bool) -> dict:
     """Stage A as MeGEditor runs it on the first --limit edits of each of bench/meg.py's sets, once per arm (its
     FitConfig changes), one after the other in one process: success, row-steps, rows and tokens run, time, and
@@ -209,7 +220,7 @@ def side_by_side(args, model, tokenizer, arms: list[tuple[str, dict]], chats: bo
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("job", choices=("speedup", "scale", "sweep", "restart", "quiet"))
+    parser.add_argument("job", choices=("speedup", "scale", "sweep", "restart", "quiet", "warm"))
     parser.add_argument("--limit", type=int, default=64)
     parser.add_argument("--layer", type=int, default=24)
     parser.add_argument("--layers", default="4,8,12,16,20")
@@ -226,7 +237,7 @@ def main() -> int:
     model, tokenizer = load_model("smollm2", device="cpu")
     requests = load_requests("counterfact", CF, limit=args.limit)
     config = FitConfig(layer=args.layer)
-    result = {"speedup": speedup, "scale": scale, "sweep": sweep, "restart": restart, "quiet": quiet}[args.job](
+    result = {"speedup": speedup, "scale": scale, "sweep": sweep, "restart": restart, "quiet": quiet, "warm": warm}[args.job](
         args, model, tokenizer, requests, get_format("raw"), config)
     result = {"data": f"counterfact:{CF.name}", "format": "raw", "config": asdict(config), **result,
               "model": "smollm2", "seed": config.init_seed, "threads": torch.get_num_threads()}

@@ -100,7 +100,7 @@ class Bench:
         if key in self.state:
             return self.state[key]
         report = evaluate(edited, requests, data_kind="counterfact", data_name=f"counterfact:{CF_EDIT.name}",
-                          batch_size=64, checkpoint=WORK / f"{self.name}-{key}.partial.json")
+                          checkpoint=WORK / f"{self.name}-{key}.partial.json")
         summary = report.to_dict()
         return self.done(key, {"n": summary["n"], "metrics": summary["metrics"], "score": summary["score"],
                                "eval_s": summary["timing"]["total_s"]})

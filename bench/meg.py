@@ -169,7 +169,7 @@ def main() -> int:
         report = EvalReport.load(saved)
     else:
         report = evaluate(edited, scored, prompt_format=config.prompt_format, data_kind=kind,
-                          data_name=f"{kind}:{path.name}", batch_size=64, processes=args.processes,
+                          data_name=f"{kind}:{path.name}", processes=args.processes,
                           checkpoint=work / f"eval{suffix}{generator}.partial.json", chat_edits=args.chat_edits)
         report.save(saved)
     print(report.table())

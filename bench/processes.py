@@ -44,7 +44,7 @@ def arm(model, tokenizer, requests, variants, processes: int) -> dict:
         start = time.perf_counter()
         subject = fitted_subject(model, tokenizer, fit)
         report = evaluate(subject, requests, prompt_format=fmt, progress=False, cache_dir=Path(scratch) / "cache",
-                          batch_size=64, processes=processes)
+                          processes=processes)
         eval_s = time.perf_counter() - start
         subject.neuron.detach()
     print(f"{processes} process(es): stage A {fit_s:.0f} s, eval {eval_s:.0f} s")

@@ -35,7 +35,8 @@ BEFORE = "a166316"  # the base of the runtime and registry branches
 ADDED_SINCE = {("routing", "router", "negative_wordings"): 1, ("routing", "router", "other_relation_margin"): 0.0,
                ("routing", "router", "unknown_relation_margin"): 0.0, ("fit", "restart_steps"): None,
                ("fit", "restart_lr"): 0.1,  # unused without restart_steps
-               ("fit", "quiet_chat_opening"): False}
+               ("fit", "quiet_chat_opening"): False, ("fit", "warm_start"): False,
+               ("fit", "warm_lr"): 0.1}  # unused without warm_start
 COMPARED = ("case_id", "kind", "query", "expected", "got", "ag", "tf")
 
 

@@ -119,20 +119,32 @@ def stage_a_restart_table() -> str:
                    "wordings trained (all steps)", "s", "fitted vectors' RelAG", "GenAG", "threads"], rows)
 
 
-def stage_a_quiet_table() -> str:
-    """Stage A with the neuron acting on a chat's opening or quiet there (bench/fit_neurons.py quiet)."""
+def _stage_a_arms_table(job: str, arm_header: str, arm_of) -> str:
+    """Stage A arms side by side on each edit set with their fitted vectors' chats (bench/fit_neurons.py `job`)."""
     rows = []
-    for r in _load("fit_neurons-quiet-*.json"):
+    for r in _load(f"fit_neurons-{job}-*.json"):
         for row in r["rows"]:
             m, chat = row["fitted_vector_metrics"], row["fitted_vector_chat"]["edited"]
-            rows.append([row["edits"], str(row["n"]), "quiet" if row["quiet_chat_opening"] else "acts",
+            rows.append([row["edits"], str(row["n"]), arm_of(row),
                          f"{row['success_rate']:.1f}", f"{row['row_steps']:,}",
                          f"{row['trained_tokens'] + row['tested_tokens']:,}", f"{row['seconds']:.0f}",
                          f"{m['reliability']['ag']:.1f}", f"{m['generality']['ag']:.1f}",
                          *(f"{chat[k]:.1f}" for k in ("holds", "ends", "degenerate")), str(r["threads"])])
-    return _table(["edits", "N", "neuron on the chat opening", "success %", "steps (all edits)",
+    return _table(["edits", "N", arm_header, "success %", "steps (all edits)",
                    "tokens through the upper layers", "s", "fitted vectors' RelAG", "GenAG", "chat holds target %",
                    "chat ends %", "chat degenerate %", "threads"], rows)
+
+
+def stage_a_quiet_table() -> str:
+    """Stage A with the neuron acting on a chat's opening or quiet there (bench/fit_neurons.py quiet)."""
+    return _stage_a_arms_table("quiet", "neuron on the chat opening",
+                               lambda row: "quiet" if row["quiet_chat_opening"] else "acts")
+
+
+def stage_a_warm_table() -> str:
+    """Stage A with every edit from the initial vector or warm-started (bench/fit_neurons.py warm)."""
+    return _stage_a_arms_table("warm", "an edit starts from",
+                               lambda row: "a same-answer edit's vector" if row["warm_start"] else "the initial vector")
 
 
 def pipeline_table() -> str:

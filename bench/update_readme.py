@@ -21,7 +21,7 @@ from tables_common import (METRICS, ROOT, RESULTS, load as _load, load_one, load
                            metric as _metric, revisions, table as _table)
 from tables_cost import (encoder_speed_table, eval_cost_table, fit_scale_table, fit_speed_table,  # noqa: E402
                          meg_cost_table, meg_throughput_table, pipeline_table, processes_table, stage_a_cost_table,
-                         stage_a_quiet_table, stage_a_restart_table)
+                         stage_a_quiet_table, stage_a_restart_table, stage_a_warm_table)
 from tables_summary import in_short_table  # noqa: E402
 from tables_real_use import (levers_answers_table, levers_calibration_table, levers_costs_table,  # noqa: E402
                              levers_margin_table, levers_misses_table, levers_neighbours_table, levers_routing_table,
@@ -463,7 +463,7 @@ TABLES = {"headline": headline_table, "real-use": real_use_table, "subject-probe
           "processes": processes_table, "living-headline": living_headline_table,
           "same-results": same_results_table, "encoder-speed": encoder_speed_table,
           "levers-misses": levers_misses_table, "stage-a-restart": stage_a_restart_table,
-          "stage-a-quiet": stage_a_quiet_table}
+          "stage-a-quiet": stage_a_quiet_table, "stage-a-warm": stage_a_warm_table}
 
 
 def main() -> int:

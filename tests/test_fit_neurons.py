@@ -27,9 +27,9 @@ def _config(**kw):
 
 
 def test_batched_fitting_with_refills_equals_fitting_one_edit_at_a_time(lm):
-    model, tok = lm
-    batched = fit_neurons(model, tok, _requests(), FMT, _config(), progress=False)
-    alone = fit_neurons(model, tok, _requests(), FMT, _config(batch_size=1), progress=False)
+    model, tok = lm  # no warm start: one edit a batch makes blocks of four edits, so other leaders
+    batched = fit_neurons(model, tok, _requests(), FMT, _config(warm_start=False), progress=False)
+    alone = fit_neurons(model, tok, _requests(), FMT, _config(batch_size=1, warm_start=False), progress=False)
     assert batched.success.any(), "some tiny edits should be learnable"
     assert torch.equal(batched.success, alone.success) and torch.equal(batched.steps, alone.steps)
     torch.testing.assert_close(batched.vectors, alone.vectors, atol=1e-4, rtol=1e-4)
@@ -60,12 +60,31 @@ def test_every_edit_starts_from_the_same_seeded_vector(lm):
     assert (start - spec.initial_vector(0)).abs().max() <= 0.1 + 1e-6
 
 
+def test_an_edit_whose_answer_an_earlier_edit_of_its_block_has_starts_from_that_edits_vector(lm, monkeypatch):
+    model, tok = lm
+    found = []
+    leaders_of = stage._FitState._leaders
+    monkeypatch.setattr(stage._FitState, "_leaders", lambda self, block: found.append(leaders_of(self, block)) or found[-1])
+    requests = _requests(12)  # answers a and b, six edits each
+    warm = fit_neurons(model, tok, requests, FMT, _config(), progress=False)
+    cold = fit_neurons(model, tok, requests, FMT, _config(warm_start=False), progress=False)
+    leaders = found[0]
+    assert found[1:] == [{}] and len(leaders) == 10 and len(set(leaders.values())) == 2
+    assert all(requests[i].target == requests[lead].target for i, lead in leaders.items())
+    first = [i for i in range(12) if i not in leaders]  # they start from the initial vector either way
+    torch.testing.assert_close(warm.vectors[first], cold.vectors[first], atol=1e-4, rtol=1e-4)
+    followers = list(leaders)
+    assert warm.steps[followers].sum() < cold.steps[followers].sum()
+    assert warm.success[followers].sum() >= cold.success[followers].sum()
+
+
 def test_a_stalled_edit_starts_again_from_the_initial_vector_at_the_restart_lr(lm):
     model, tok = lm
-    low = fit_neurons(model, tok, _requests(), FMT, _config(), progress=False)
-    # a learning rate far too large for 5 steps, then each edit still unfitted starts again at 0.1
+    low = fit_neurons(model, tok, _requests(), FMT, _config(warm_start=False), progress=False)
+    # a learning rate far too large for 5 steps, then each edit still unfitted starts again at 0.1 (from the initial
+    # vector: no warm start, so that every edit started there in the first place)
     restarted = fit_neurons(model, tok, _requests(), FMT, _config(lr=50.0, restart_steps=5, restart_lr=0.1,
-                                                                   max_steps=45), progress=False)
+                                                                   max_steps=45, warm_start=False), progress=False)
     again = restarted.steps > 5
     assert again.sum() >= 3, "lr 50 should leave most tiny edits unfitted after 5 steps"
     # from the restart on, each such edit walks the lr-0.1 fit's path: 5 steps later, to the same vector

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .errors import ModelLoadError
 from .io import file_sha256, temp_folder_beside
+from .lm import length_batches
 
 log = logging.getLogger(__name__)
 
@@ -324,10 +325,16 @@ class SentenceEncoder(nn.Module):
     def encode(self, texts: list[str], batch_size: int = 128, progress: bool = False) -> torch.Tensor:
         """Embeddings of `texts`, shape (len(texts), dim), on the encoder's device. `progress`: a
         bar when there is more than one batch (off by default: routing encodes a few queries a call)."""
-        starts = range(0, len(texts), batch_size)
-        bar = tqdm(starts, desc="encoding sentences", leave=False, disable=not progress or len(starts) < 2)
-        chunks = [self(**self.tokenize(texts[i : i + batch_size])) for i in bar]
-        return torch.cat(chunks) if chunks else torch.empty(0, self.dim)
+        if len(texts) <= batch_size:  # one batch: nothing to sort
+            return self(**self.tokenize(texts)) if len(texts) else torch.empty(0, self.dim)
+        # batches of similar length: padding each to its longest text cost a quarter of the time on short prompts
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        batches = length_batches([len(i) for i in ids], batch_size)
+        device = next(self.model.parameters()).device
+        out = torch.empty(len(texts), self.dim, device=device)
+        for idx in tqdm(batches, desc="encoding sentences", leave=False, disable=not progress):
+            out[torch.tensor(idx, device=device)] = self(**self.tokenize([texts[i] for i in idx]))
+        return out
 
 
 def load_encoder(

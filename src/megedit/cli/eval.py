@@ -42,7 +42,8 @@ def add_eval(sub) -> None:
     p.add_argument("--save-edit", type=Path, default=None, help="ft / memit / alphaedit: save the weight deltas here")
     p.add_argument("--load-edit", type=Path, default=None, help="evaluate saved weight deltas instead of editing")
     p.add_argument("--seed", type=int, default=0, help="seed of the baseline edit (ft, memit, alphaedit)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="evaluation batch size")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="queries decoded together (default: the harness's, 128)")
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="at most this many new tokens per answer (AG; default 20, or the longest target's tokens)")
     add_processes_arg(p, "decode the evaluation's batches")
@@ -137,7 +138,8 @@ def run_eval(args) -> int:
     requests = _with_specificity(args, kind, path, requests)
     start = time.perf_counter()
     report = evaluate(subject, requests, prompt_format=fmt, data_kind=kind, data_name=f"{kind}:{path.name}",
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=args.progress,
+                      max_new_tokens=args.max_new_tokens, progress=args.progress,
+                      **({"batch_size": args.batch_size} if args.batch_size else {}),
                       checkpoint=args.json and args.json.with_name(args.json.name + ".partial"),
                       processes=args.processes, decode_unchanged=args.decode_unchanged, chat_edits=args.chat_edits)
     log.info("evaluated %d edits in %.0f s", len(requests), time.perf_counter() - start)

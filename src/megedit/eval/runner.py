@@ -75,6 +75,8 @@ def pre_edit_outputs(subject: Subject, queries: Sequence[Query], prompt_ids, s: 
     return tokens, earlier_s
 
 
+# queries decoded together: 128 decodes 17% faster than 64 on this project's 2-core CPU, the same tokens
+EVAL_BATCH_SIZE = 128
 DEFAULT_ANSWER_TOKENS = 20  # the harness's budget (METHOD.md), raised to the longest target when that is longer
 
 
@@ -94,7 +96,7 @@ def _answer_budget(queries: Sequence[Query], fmt, tok, max_new_tokens: int | Non
 
 def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | PromptFormat | None = None,
              data_kind: str | None = None, data_name: str | None = None, max_new_tokens: int | None = None,
-             batch_size: int = 32, progress: bool = True, cache_dir: Path | None = None,
+             batch_size: int = EVAL_BATCH_SIZE, progress: bool = True, cache_dir: Path | None = None,
              checkpoint: str | Path | None = None, processes: int = 1, decode_unchanged: bool = False,
              chat_edits: int | None = 256) -> EvalReport:
     """Score `subject` (a Subject or a `(model, tokenizer)` pair) on `requests`.

@@ -6,7 +6,8 @@ at a time: each row of a batch is one edit with its own w (rows never interact),
 state entering the neuron's layer is computed once per edit and reused for every step, and the
 LM head runs only on the answer positions. A chat wording's opening (system turn, user header),
 where the neuron stays quiet, runs once for all of them. A row leaves the batch as soon as its edit passes
-the success test and the next edit takes its place, so the batch stays full.
+the success test and the next edit takes its place, so the batch stays full. An edit whose answer an
+earlier edit of its block has starts from that edit's fitted vector (warm_start): it needs fewer steps.
 
 Success test: at every answer position (the end-of-answer token included) the target token is
 the argmax, ahead of the runner-up by at least `margin` logits. Teacher-forced argmax over the
@@ -75,6 +76,12 @@ class FitConfig:
         "logits by which each answer token must lead the runner-up; 1 fits the prompt alone, 3 carries the edit to "
         "paraphrases (docs/method.md, stage A)"))
     init_seed: int = setting(0, help="seeds the one initial vector every edit starts from")
+    warm_start: bool = setting(True, help=(
+        "an edit whose answer an edit before it in its block of the fitting order has starts from that edit's fitted "
+        "vector, at warm_lr, not from the initial one (most CounterFact targets recur)"))
+    warm_lr: float = setting(0.1, above=0, help=(
+        "the learning rate of a warm-started edit: at lr 0.3 the first steps throw away most of what it starts "
+        "with"))
     wording_schedule: str = setting("prompt-first", choices=WORDING_SCHEDULES, help=(
         "which wordings train at a step: all, or the prompt first and each other wording once a test finds it "
         "failing (about half the cost)"))
@@ -382,13 +389,33 @@ class _FitState:
         self._share_opening(neuron)
         bar = tqdm(total=sum(map(len, todo)), desc="fitting neurons", disable=not progress, leave=False)
         step_s = time.perf_counter()
-        for queue in filter(None, todo):
-            self._fit_block(neuron, queue, bar)
+        for block, queue in zip(self.blocks, todo):
+            if queue:
+                self._fit_block(neuron, queue, self._leaders(block), bar)
         bar.close()
         self.timing["fit_s"] = time.perf_counter() - step_s - self.timing["hidden_cache_s"]
 
-    def _fit_block(self, neuron, queue: list[int], bar) -> None:
-        """Fit the edits `queue` (in order), a batch of them at a time, refilling each slot that finishes."""
+    def _leaders(self, block: list[int]) -> dict[int, int]:
+        """{edit: the first edit of `block` with the same answer tokens} for every later one (warm_start), from
+        the whole block, fitted or not: a block resumed after a kill warm-starts its edits as before."""
+        if not self.config.warm_start:
+            return {}
+        first: dict[tuple, int] = {}
+        leaders = {}
+        for i in block:
+            lead = first.setdefault(tuple(self.answers[i][0]), i)
+            if lead != i:
+                leaders[i] = lead
+        return leaders
+
+    def _next_edit(self, queue: list[int], leaders: dict[int, int]) -> int | None:
+        """The first edit of `queue` that can start now: one whose leader, if it has one, is fitted."""
+        k = next((k for k, i in enumerate(queue) if i not in leaders or self.done[leaders[i]]), None)
+        return None if k is None else queue.pop(k)
+
+    def _fit_block(self, neuron, queue: list[int], leaders: dict[int, int], bar) -> None:
+        """Fit the edits `queue` (in order), a batch of them at a time, refilling each slot that finishes; an edit
+        with a leader waits for it and starts from its vector (from the initial one if the leader failed)."""
         device = model_device(self.model)
         chunk = 4 * self.config.batch_size
         initial = self.spec.initial_vector(self.config.init_seed).to(device)
@@ -400,13 +427,18 @@ class _FitState:
         while True:
             for r in range(rows):  # refill free slots
                 if slots[r] is None and queue:
-                    if queue[0] not in self.hidden:
-                        self._cache(queue[:chunk])
-                    slots[r], taken[r] = queue.pop(0), 0
-                    others = len(self.seqs[slots[r]]) - 1  # the prompt always trains; the others per the schedule
-                    self.training[slots[r]] = [True] + [self.config.wording_schedule == "all"] * others
-                    w[r] = initial
-                    opt.reset(r)
+                    i = self._next_edit(queue, leaders)
+                    if i is None:
+                        break
+                    if i not in self.hidden:
+                        self._cache([i, *(j for j in queue[: chunk - 1] if j not in self.hidden)])
+                    slots[r], taken[r] = i, 0
+                    others = len(self.seqs[i]) - 1  # the prompt always trains; the others per the schedule
+                    self.training[i] = [True] + [self.config.wording_schedule == "all"] * others
+                    lead = leaders.get(i)
+                    warm = lead is not None and bool(self.success[lead])
+                    w[r] = self.vectors[lead].to(device) if warm else initial
+                    opt.reset(r, self.config.warm_lr if warm else None)
             live = [r for r in range(rows) if slots[r] is not None]
             if not live:
                 break
