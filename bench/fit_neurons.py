@@ -55,7 +55,7 @@ def naive_fit(model, tokenizer, requests, fmt, config, check: str = "tf"):
     from megedit.eval.metrics import ag_match
 
     from megedit.neuron import attach_neuron
-    from megedit.stages.fit_neurons import row_loss_and_success
+    from megedit.stages.fit_rows import row_loss_and_success
 
     neuron = attach_neuron(model, config.layer, config.variant)
     stops = stop_tokens(tokenizer)

@@ -12,7 +12,8 @@ from megedit.data import EditRequest
 from megedit.data.prompts import PromptFormat
 from megedit.errors import ConfigError, MeGError
 from megedit.neuron import attach_neuron
-from megedit.stages.fit_neurons import WORDING_SCHEDULES, FitConfig, row_loss_and_success, fit_neurons
+from megedit.stages.fit_neurons import WORDING_SCHEDULES, FitConfig, fit_neurons
+from megedit.stages.fit_rows import length_groups, row_loss_and_success
 from megedit.stages.generator import Generator, GeneratorConfig, train_generator
 from megedit.stages.variants import (build_variants, context_prefixes, excluded_templates, paraphrase_templates,
                                      rephrase_template)
@@ -118,13 +119,11 @@ def test_rows_split_by_length_into_several_passes_fit_as_one_padded_pass(lm, mon
 
 
 def test_length_groups_hold_at_least_the_minimum_and_end_where_the_length_changes():
-    from megedit.stages.fit_rows import length_groups as _length_groups
-
     lengths = [5, 3, 3, 9, 5, 3, 7, 7]
-    groups = _length_groups(lengths, 2)
+    groups = length_groups(lengths, 2)
     assert sorted(i for g in groups for i in g) == list(range(8))
     assert [[lengths[i] for i in g] for g in groups] == [[3, 3, 3], [5, 5], [7, 7, 9]]
-    assert _length_groups(lengths, 100) == [sorted(range(8), key=lambda i: lengths[i])]
+    assert length_groups(lengths, 100) == [sorted(range(8), key=lambda i: lengths[i])]
 
 
 @pytest.mark.parametrize("schedule", WORDING_SCHEDULES)

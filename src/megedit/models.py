@@ -329,12 +329,22 @@ class SentenceEncoder(nn.Module):
             return self(**self.tokenize(texts)) if len(texts) else torch.empty(0, self.dim)
         # batches of similar length: padding each to its longest text cost a quarter of the time on short prompts
         ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
-        batches = length_batches([len(i) for i in ids], batch_size)
         device = next(self.model.parameters()).device
         out = torch.empty(len(texts), self.dim, device=device)
-        for idx in tqdm(batches, desc="encoding sentences", leave=False, disable=not progress):
-            out[torch.tensor(idx, device=device)] = self(**self.tokenize([texts[i] for i in idx]))
+        for idx in tqdm(length_batches([len(i) for i in ids], batch_size), desc="encoding sentences", leave=False,
+                        disable=not progress):
+            out[torch.tensor(idx, device=device)] = self(**self._right_padded([ids[i] for i in idx], device))
         return out
+
+    def _right_padded(self, ids: list[list[int]], device) -> dict[str, torch.Tensor]:
+        """Token ids already tokenized, padded on the right as `tokenize` pads them (positions count from the left)."""
+        width = max(len(seq) for seq in ids)
+        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, seq in enumerate(ids):
+            input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
 
 def load_encoder(

@@ -42,7 +42,7 @@ from ..neuron import VARIANTS, NeuronSpec, attach_neuron
 from ..parallel import check_forkable, ranks, run_parts
 from ..runtime.subject import vector_table_subject
 from ..settings import check_settings, setting
-from .fit_rows import cache_hidden, length_groups, row_loss_and_success, rows_batch  # noqa: F401 (a public name)
+from .fit_rows import cache_hidden, length_groups, row_loss_and_success, rows_batch
 from .fit_shards import Shards
 from .variants import EXCLUDE_MODES
 
