@@ -15,11 +15,18 @@ that pack is scored too. The cost ratio is the add's wall time over the refit's,
 process (variants of the add's settings, --passes / --replay, are set against that run's refit).
 successive: 10 additions of 100 edits each to the 1,024 pack; after each, the old 1,024 edits and
 the 100 just added are scored. The curve goes to living-successive.png.
+lifelong: 1,000 edits added to the 1,024 pack one at a time (`add_edits` with one edit), each timed
+and usable before the next arrives; after every 100 additions the 100 just added are scored; after
+the last, all 2,024 edits are scored (the six-number Score, no chats), beside lifelong-batch: the same
+2,024 edits fitted in one batch (run it as its own process, beside or before; stages cached where
+bench/meg.py caches them). Times and scores go to living-lifelong.json and living-lifelong.png.
+
+    .venv/bin/python bench/living.py lifelong-batch & .venv/bin/python bench/living.py lifelong
 
 Every step's result is kept in bench/results/cases/living/<bench>.state.json as it finishes, and
 packs after each addition are saved there, so a killed run resumes without timing anything twice.
-Results: bench/results/living-add.json, living-successive.json (+ .png); bench/update_readme.py
-shows them.
+Results: bench/results/living-add.json, living-successive.json, living-lifelong.json (+ .png);
+bench/update_readme.py shows them.
 """
 
 from __future__ import annotations
@@ -105,6 +112,19 @@ class Bench:
         return self.done(key, {"n": summary["n"], "metrics": summary["metrics"], "score": summary["score"],
                                "eval_s": summary["timing"]["total_s"]})
 
+    def score_six(self, edited, requests, key: str, cases: bool = False) -> dict:
+        """The six-number Score of `edited` on `requests` (no chats; kept in the state, with the rows if `cases`)."""
+        from megedit import evaluate
+
+        if key in self.state:
+            return self.state[key]
+        report = evaluate(edited, requests, data_kind="counterfact", data_name=f"counterfact:{CF_EDIT.name}",
+                          checkpoint=WORK / f"{self.name}-{key}.partial.json", chat_edits=0, progress=False)
+        summary = report.to_dict()
+        kept = {"n": summary["n"], "metrics": summary["metrics"], "score": summary["score"],
+                "eval_s": summary["timing"]["total_s"], "threads": torch.get_num_threads()}
+        return self.done(key, kept | ({"cases": summary["cases"]} if cases else {}))
+
     def added(self, edited, requests, key: str):
         """`edited` with `requests` added, saved as WORK/<key>; timed once (a resumed run loads it)."""
         from megedit import add_edits
@@ -183,6 +203,89 @@ def run_successive(n_new: int, times: int) -> dict:
     return {"n_pack": N_PACK, "n_new": n_new, "times": times, "steps": steps, "threads": _threads(*costs)}
 
 
+LIFELONG_SAVE = 25  # additions between two saved packs (a killed run resumes from the last)
+LIFELONG_WINDOW = 100  # additions between two scorings of the edits added since
+
+
+def run_lifelong(n_new: int) -> dict:
+    """`n_new` edits added to the 1,024 pack one at a time, each timed and usable before the next; after every
+    LIFELONG_WINDOW the edits added since are scored; at the end every edit is scored (no chats: the six-number
+    Score), beside the same edits fitted in one batch (`lifelong-batch`, its own process)."""
+    from megedit import add_edits
+
+    bench = Bench("lifelong", n_new)
+    if bench.state.get("threads", torch.get_num_threads()) != torch.get_num_threads():
+        raise SystemExit(f"living: the additions so far ran on {bench.state['threads']} threads; resume with as many")
+    bench.done("threads", torch.get_num_threads())
+    seconds, folder, done = bench.state.get("seconds", []), WORK / "lifelong-pack", bench.state.get("saved", 0)
+    edited = bench.load(folder) if done else bench.pack()
+    del seconds[done:]  # additions after the last saved pack are made again
+    for t in range(done + 1, n_new + 1):
+        work = WORK / "lifelong-work"
+        shutil.rmtree(work, ignore_errors=True)
+        start = time.perf_counter()
+        edited = add_edits(edited, [bench.requests[N_PACK + t - 1]], work, pool=bench.pool, progress=False)
+        seconds.append(time.perf_counter() - start)
+        if t % LIFELONG_WINDOW == 0:
+            window = bench.requests[N_PACK + t - LIFELONG_WINDOW: N_PACK + t]
+            bench.score_six(edited, window, f"window-{t}")
+        if t % LIFELONG_SAVE == 0 or t == n_new:
+            _save_pack(edited, folder)
+            bench.done("seconds", seconds)
+            bench.done("saved", t)
+    final = bench.score_six(edited, bench.requests, "all", cases=True)
+    edited.close()
+    batch = json.loads((WORK / "lifelong-batch.state.json").read_text()).get("all") if \
+        (WORK / "lifelong-batch.state.json").exists() else None
+    return _lifelong_result(bench, n_new, seconds, final, batch)
+
+
+def _save_pack(edited, folder: Path) -> None:
+    """The pack saved whole in place of the last one (written beside it, then swapped in)."""
+    fresh, stale = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
+    for path in (fresh, stale):
+        shutil.rmtree(path, ignore_errors=True)
+    edited.save_pretrained(fresh)
+    if folder.exists():
+        folder.rename(stale)
+    fresh.rename(folder)
+    shutil.rmtree(stale, ignore_errors=True)
+
+
+def run_lifelong_batch(n_new: int) -> dict:
+    """The same 1,024 + `n_new` edits fitted in one batch (stages cached where bench/meg.py caches them) and
+    scored as the lifelong pack is."""
+    bench = Bench("lifelong-batch", n_new)
+    if "all" not in bench.state:
+        edited, seconds = bench.fit(bench.requests, CASES / "meg-counterfact")
+        bench.done("fit", {"seconds": seconds, "threads": torch.get_num_threads(), "timing": edited.record["timing"]})
+        bench.score_six(edited, bench.requests, "all", cases=True)
+        edited.close()
+    return bench.state["all"]
+
+
+def _lifelong_result(bench: Bench, n_new: int, seconds: list[float], final: dict, batch: dict | None) -> dict:
+    """Per window of additions and for the old edits: the Score after all additions, and the batch fit's."""
+    from megedit.eval import case_scores
+
+    groups = {"old": bench.requests[:N_PACK], "added": bench.requests[N_PACK:]}
+    groups |= {f"added {t - LIFELONG_WINDOW + 1}-{t}": bench.requests[N_PACK + t - LIFELONG_WINDOW: N_PACK + t]
+               for t in range(LIFELONG_WINDOW, n_new + 1, LIFELONG_WINDOW)}
+
+    def scored(report):
+        return {name: case_scores(report["cases"], {r.case_id for r in rs}) for name, rs in groups.items()} | {
+            "all": {k: report[k] for k in ("n", "metrics", "score")}}
+
+    ordered = sorted(seconds)
+    return {"n_pack": N_PACK, "n_new": n_new, "seconds": seconds, "median_s": ordered[len(ordered) // 2],
+            "p90_s": ordered[int(0.9 * len(ordered))], "total_s": sum(seconds),
+            "threads": bench.state["threads"],
+            "windows": [{"added": t, **bench.state[f"window-{t}"]}
+                        for t in range(LIFELONG_WINDOW, n_new + 1, LIFELONG_WINDOW)],
+            "lifelong": scored(final), "batch": scored(batch) if batch else None,
+            "batch_fit": json.loads((WORK / "lifelong-batch.state.json").read_text()).get("fit") if batch else None}
+
+
 def _threads(*costs: dict) -> int:
     """The thread count the timed steps ran with (as measured, not as this process resumes them)."""
     counts = {c["threads"] for c in costs}
@@ -218,10 +321,38 @@ def draw(result: dict, path: Path) -> Path:
     return save_png(fig, path)
 
 
+def draw_lifelong(result: dict, path: Path) -> Path:
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    seconds = result["seconds"]
+    left.plot(range(1, len(seconds) + 1), seconds, linestyle="none", marker=".", markersize=2, alpha=0.5)
+    left.axhline(result["median_s"], color="black", linewidth=1, label=f"median {result['median_s']:.2f} s")
+    left.set_xlabel("addition t")
+    left.set_title(f"wall time of each single-edit addition (s, {result['threads']} thread(s))", fontsize=10)
+    left.legend(fontsize=8)
+    windows = result["windows"]
+    x = [w["added"] for w in windows]
+    right.plot(x, [w["score"] for w in windows], marker="o", label="edits added in the last 100, right after")
+    names = [f"added {t - LIFELONG_WINDOW + 1}-{t}" for t in x]
+    right.plot(x, [result["lifelong"][n]["score"] for n in names], marker="s", label="the same, after all additions")
+    if result["batch"]:
+        right.plot(x, [result["batch"][n]["score"] for n in names], marker="^", linestyle="--",
+                   label="the same, fitted in one batch")
+    right.set_xlabel("addition t")
+    right.set_title("Score (six numbers) of each window of 100 added edits", fontsize=10)
+    right.legend(fontsize=7)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"SmolLM2-135M-Instruct, CounterFact: {result['n_new']:,} edits added one at a time to the pack of "
+                 f"the first {result['n_pack']:,}, seed 0 (megedit harness)", fontsize=10)
+    return save_png(fig, path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bench", choices=["add", "successive"])
-    parser.add_argument("--new", type=int, default=None, help="edits per addition (add: 128, successive: 100)")
+    parser.add_argument("bench", choices=["add", "successive", "lifelong", "lifelong-batch"])
+    parser.add_argument("--new", type=int, default=None, help=(
+        "edits per addition (add: 128, successive: 100); lifelong: single-edit additions (1,000)"))
     parser.add_argument("--times", type=int, default=10, help="successive: how many additions")
     parser.add_argument("--draw", action="store_true", help="successive: only draw the PNG from its result file")
     parser.add_argument("--passes", type=float, default=None, help="add: AddConfig.passes (a variant: its own files)")
@@ -236,7 +367,12 @@ def main() -> int:
 
     WORK.mkdir(parents=True, exist_ok=True)
     name = args.bench
-    if args.bench == "add":
+    if args.bench == "lifelong-batch":
+        print(json.dumps({k: v for k, v in run_lifelong_batch(args.new or 1000).items() if k != "cases"}, indent=1))
+        return 0
+    if args.bench == "lifelong":
+        result = run_lifelong(args.new or 1000)
+    elif args.bench == "add":
         changes = {k: v for k, v in (("passes", args.passes), ("replay", args.replay)) if v is not None}
         name += "".join(f"-{k}{v:g}" for k, v in changes.items())
         result = run_add(args.new or 128, name, AddConfig(**changes).validate())
@@ -250,7 +386,9 @@ def main() -> int:
                         unknown={"method.config": "MeGConfig's and AddConfig's defaults of this revision"})
     if args.bench == "successive":
         draw(result, RESULTS / "living-successive.png")
-    print(json.dumps({k: v for k, v in result.items() if k != "steps"}, indent=1)[:3000])
+    if args.bench == "lifelong":
+        draw_lifelong(result, RESULTS / "living-lifelong.png")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("steps", "seconds")}, indent=1)[:3000])
     print(f"wrote {path}")
     return 0
 

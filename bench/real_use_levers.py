@@ -38,6 +38,10 @@ every other one, 1, 4 or every negative-half wording of each, with an extra marg
 (routing.router.negatives, negative_wordings, other_relation_margin); the harness's three query
 kinds and bench/subject_probes.py's questions about each edit's subject fire under each.
 
+plain (the same edit sets and stages): the plain negatives' extra margin (routing.router.plain_margin), 0 to
+0.05: the harness's three query kinds, every plain prompt about each edit's subject and bench/subject_probes.py's
+questions fire under each.
+
 misses (the same edit sets and stages): why each edit's first rephrase does not fire its edit: it fires
 another edit, lies beyond epsilon, or a negative holds it back (the negative's kind, and whether it was
 drawn for this edit or another).
@@ -48,7 +52,7 @@ message: 24 tokens instead of 40 on SmolLM2; a lower chat margin; fewer paraphra
 RelAG, GenAG and the chat rates (chats always in the template's default form).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/real_use_levers.py [routing] [answers] [costs] [margin[=SET,...]]
-        [calibration] [neighbours] [unknown] [wordings[=SET,...]] [misses]
+        [calibration] [neighbours] [unknown] [wordings[=SET,...]] [plain] [misses]
 
 Result: bench/results/real-use-levers.json; caches in bench/results/cases/real-use-levers/.
 """
@@ -88,6 +92,8 @@ UNKNOWN_RELATION_MARGINS = (0.0, 0.02, 0.035, 0.05, 0.075, 0.1)
 # wordings: (other relations per edit, wordings per relation, their margin); None: every one
 NEGATIVE_WORDINGS = [(16, 1, 0.0), (None, 1, 0.0), (None, 4, 0.0), (None, 4, 0.05), (None, None, 0.0),
                      (None, None, 0.02), (None, None, 0.05), (None, None, 0.08)]
+# plain: the extra margin of the plain negatives ("Tell me about X."), which terse questions lie near
+PLAIN_MARGINS = (0.0, 0.02, 0.035, 0.05)
 NEGATIVE_KINDS = {"other": "other-relation", "plain": "plain", "same": "same-relation"}  # negative_groups' kinds
 # (label, FitConfig overrides): what the chat wording costs in stage A with its other wordings, and cheaper forms
 COSTS = [("no chat wording", {"chat_wording": False}), ("defaults", {}),
@@ -317,6 +323,38 @@ def wording_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
     return rows
 
 
+def plain_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
+    """The plain negatives' extra margin on bench/meg.py's edit sets with their default stages B and C (epsilon
+    as calibrated there): the harness's query kinds, every plain prompt about each edit's subject (4 of the 6
+    are not among its negatives) and bench/subject_probes.py's questions."""
+    from subject_probes import QUESTIONS, asks_it
+
+    from megedit.data.specificity import PLAIN_SUBJECT_PROMPTS, relation_wordings
+    from megedit.stages.routing import edit_negatives
+
+    rows = []
+    for name in sets:
+        config, edits, routing, pool = meg_set_stage_c(model, tokenizer, name)
+        base, encoder, wordings = dataclasses.replace(routing["router"], negatives=None), routing["encoder"], \
+            relation_wordings(pool)
+        queries = probe_queries(edits) | {
+            "plain": [(p.format(r.subject), k) for k, r in enumerate(edits) if r.subject for p in PLAIN_SUBJECT_PROMPTS],
+            "questions": [(q.format(r.subject), k) for q, w in QUESTIONS if w is not None
+                          for k, r in enumerate(edits) if not asks_it(w, wordings)(r)]}
+        embedded = embed_queries(encoder, queries)
+        texts = edit_negatives(edits, pool, config.routing)[0]
+        negative = encoder.encode(texts, progress=True)
+        for margin in PLAIN_MARGINS:
+            routing_config = dataclasses.replace(config.routing, router=dataclasses.replace(
+                config.routing.router, plain_margin=margin))
+            router = base.with_negatives(negative, margins=edit_negatives(edits, pool, routing_config)[1])
+            row = {"edits": name, "n_edits": len(edits), "plain_margin": margin, "epsilon": router.epsilon,
+                   **embedded_fire_rates(router, embedded)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def miss_reasons(model, tokenizer, sets: Sequence[str]) -> list[dict]:
     """Why an edit's first rephrase does or does not fire its edit, on bench/meg.py's edit sets with their
     default stages B and C: it fires its own edit or another; it lies beyond epsilon; or a negative holds it
@@ -450,13 +488,15 @@ def main() -> int:
         written = payload(OUT) if OUT.exists() else {}  # read again: a run beside this one may have written other sets
         kept = [row for row in written.get("wordings", {}).get("rows", []) if row["edits"] not in chosen]
         result["wordings"] = {"rows": kept + rows}
+    if "plain" in parts:
+        result["plain"] = {"rows": plain_rates(model, tokenizer, MARGIN_SETS)}
     if "misses" in parts:
         result["misses"] = {"rows": miss_reasons(model, tokenizer, MARGIN_SETS)}
     if "costs" in parts:
         result["costs"] = {"n_edits": 64, "rows": answer_costs(model, tokenizer, 64)}
     result |= {"model": "smollm2", "seed": 0, "threads": torch.get_num_threads()}
     data = {name: SHARED / f"{name}.json" for name in ("counterfact-edit", "counterfact-train")}
-    if parts & {"margin", "calibration", "neighbours", "unknown", "wordings", "misses"}:
+    if parts & {"margin", "calibration", "neighbours", "unknown", "wordings", "plain", "misses"}:
         data["zsre"] = SHARED.parent / "zsre/zsre_mend_train-1k.json"
     write_result(OUT, result, model="smollm2", fingerprint=model_fingerprint(model), n=None, seed=0, method="meg",
                  config=None, data=data, unknown={"n": "each part's own (its n_edits or rows)",

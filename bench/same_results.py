@@ -36,7 +36,8 @@ ADDED_SINCE = {("routing", "router", "negative_wordings"): 1, ("routing", "route
                ("routing", "router", "unknown_relation_margin"): 0.0, ("fit", "restart_steps"): None,
                ("fit", "restart_lr"): 0.1,  # unused without restart_steps
                ("fit", "quiet_chat_opening"): False, ("fit", "warm_start"): False,
-               ("fit", "warm_lr"): 0.1}  # unused without warm_start
+               ("fit", "warm_lr"): 0.1,  # unused without warm_start
+               ("routing", "router", "plain_margin"): 0.0}
 COMPARED = ("case_id", "kind", "query", "expected", "got", "ag", "tf")
 
 

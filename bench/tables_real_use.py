@@ -105,6 +105,15 @@ def levers_unknown_table() -> str:
                                          f"{r['n_unknown_relation_negatives']:,}"])
 
 
+def levers_plain_table() -> str:
+    """bench/real_use_levers.py, plain: the extra margin of the plain negatives."""
+    return _levers_fire_table("plain", ["edits", "N", "plain margin"],
+                              lambda r: [r["edits"], f"{r['n_edits']:,}", f"{r['plain_margin']:g}"],
+                              ["plain prompts about the subject fire %", "subject questions fire %"],
+                              lambda r: [f"{r['plain']['fires']:.1f}", f"{r['questions']['fires']:.1f}"],
+                              order=lambda r: SETS.index(r["edits"]))
+
+
 def levers_wordings_table() -> str:
     """bench/real_use_levers.py, wordings: an edit's other-relation negatives, and the mean firing of
     bench/subject_probes.py's questions about its subject, grouped by where the question stands."""

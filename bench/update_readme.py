@@ -24,9 +24,9 @@ from tables_cost import (encoder_speed_table, eval_cost_table, fit_scale_table, 
                          stage_a_quiet_table, stage_a_restart_table, stage_a_warm_table)
 from tables_summary import in_short_table  # noqa: E402
 from tables_real_use import (levers_answers_table, levers_calibration_table, levers_costs_table,  # noqa: E402
-                             levers_margin_table, levers_misses_table, levers_neighbours_table, levers_routing_table,
-                             levers_unknown_table, levers_wordings_table, own_facts_table, real_use_table,
-                             subject_probes_table)
+                             levers_margin_table, levers_misses_table, levers_neighbours_table, levers_plain_table,
+                             levers_routing_table, levers_unknown_table, levers_wordings_table, own_facts_table,
+                             real_use_table, subject_probes_table)
 
 
 def _where(edit: dict) -> str:
@@ -366,6 +366,25 @@ def living_successive_table() -> str:
                    "old Score", "batch just added: RelAG", "its GenAG"], rows)
 
 
+def living_lifelong_table() -> str:
+    """Single-edit additions against a batch fit of the same edits (bench/living.py lifelong)."""
+    rows = []
+    for r in _load("living-lifelong.json"):
+        fits = [("one at a time", r["lifelong"])] + ([("one batch", r["batch"])] if r["batch"] else [])
+        for group in ("old", "added", "all"):
+            for label, scored in fits:
+                m = scored[group]
+                rows.append([group if group != "old" else f"old {r['n_pack']:,}", label, f"{m['n']:,}", *_ags(m)])
+    return _table(["edits scored", "fitted", "edits", "RelAG", "GenAG", "LocAG", "Score"], rows)
+
+
+def living_lifelong_cost_table() -> str:
+    """What one single-edit addition costs (bench/living.py lifelong)."""
+    rows = [[f"{r['n_new']:,}", f"{r['median_s']:.2f}", f"{r['p90_s']:.2f}", f"{max(r['seconds']):.1f}",
+             f"{r['total_s'] / 60:.0f}", str(r["threads"])] for r in _load("living-lifelong.json")]
+    return _table(["additions", "median s", "p90 s", "max s", "total min", "threads"], rows)
+
+
 def serve_load_table() -> str:
     """Edited against base model under the same concurrent load on one server (bench/serve_load.py)."""
     rows = []
@@ -449,6 +468,7 @@ TABLES = {"headline": headline_table, "real-use": real_use_table, "subject-probe
           "levers-routing": levers_routing_table, "in-short": in_short_table, "levers-answers": levers_answers_table,
           "levers-margin": levers_margin_table, "levers-calibration": levers_calibration_table,
           "levers-neighbours": levers_neighbours_table, "levers-unknown": levers_unknown_table,
+          "levers-plain": levers_plain_table,
           "levers-wordings": levers_wordings_table, "own-facts": own_facts_table, "levers-costs": levers_costs_table,
           "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table,
           "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table,
@@ -459,6 +479,7 @@ TABLES = {"headline": headline_table, "real-use": real_use_table, "subject-probe
           "fit-scale": fit_scale_table, "layer-sweep": layer_sweep_table, "routing": routing_table,
           "router-kinds": router_kinds_table, "generator": generator_table, "sampling-steps": sampling_steps_table,
           "denoising": denoising_table, "living-add": living_add_table, "living-successive": living_successive_table,
+          "living-lifelong": living_lifelong_table, "living-lifelong-cost": living_lifelong_cost_table,
           "serve-load": serve_load_table, "serve-load-mixed": serve_load_mixed_table, "pipeline": pipeline_table,
           "processes": processes_table, "living-headline": living_headline_table,
           "same-results": same_results_table, "encoder-speed": encoder_speed_table,

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from tiny import char_tokenizer, tiny_model
@@ -76,6 +78,23 @@ def test_an_edit_whose_answer_an_earlier_edit_of_its_block_has_starts_from_that_
     followers = list(leaders)
     assert warm.steps[followers].sum() < cold.steps[followers].sum()
     assert warm.success[followers].sum() >= cold.success[followers].sum()
+
+
+def test_an_edit_whose_target_an_earlier_fit_gave_starts_from_that_vector(lm):
+    model, tok = lm
+    neuron = attach_neuron(model, 1)
+    initial = neuron.spec.initial_vector(0)
+    neuron.detach()
+    earlier = {"a": initial + 0.5, "b": initial - 0.5}
+    one_step = _config(max_steps=1, margin=1e9)  # nothing passes: each vector is one Adam step from its start
+    warm = fit_neurons(model, tok, _requests(4), FMT, one_step, progress=False, starts=earlier)
+    off = fit_neurons(model, tok, _requests(4), FMT, dataclasses.replace(one_step, warm_start=False),
+                      progress=False, starts=earlier)
+    for i, target in ((0, "a"), (1, "b")):  # the first edit of each target: the earlier fit's vector, at warm_lr
+        assert (warm.vectors[i] - earlier[target]).abs().max() <= one_step.warm_lr + 1e-6
+    for i in (2, 3):  # their leaders failed: the initial vector
+        assert (warm.vectors[i] - initial).abs().max() <= one_step.lr + 1e-6
+    assert (off.vectors - initial).abs().max() <= one_step.lr + 1e-6  # warm_start off: no start is used
 
 
 def test_a_stalled_edit_starts_again_from_the_initial_vector_at_the_restart_lr(lm):

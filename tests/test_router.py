@@ -142,3 +142,26 @@ def test_the_calibration_mirror_can_hold_every_wording_as_the_deployed_router_do
                             mirror_wordings=wordings, progress=False)
     assert alone.record["calibration"]["chosen"]["false_fire"] == 0.0
     assert mirrored.epsilon < alone.epsilon and mirrored.wordings is None  # the mirror's wordings stay in the mirror
+
+
+def test_negatives_that_a_joining_edit_sits_nearest_go_and_the_kept_reach_saves_recomputing_it():
+    bank, wordings, negatives, new = _unit(50, seed=20), _unit(30, seed=21), _unit(400, seed=22), _unit(2, seed=23)
+    near_new = torch.nn.functional.normalize(new + 0.05 * _unit(2, seed=24), dim=-1)  # nearest the joining edits
+    router = Router(RouterConfig(), 0.3, bank=bank, negatives=torch.cat([negatives, near_new]))
+    router = router.with_wordings(wordings, [i % 50 for i in range(30)])
+
+    def grown(start):
+        joined = start.with_edits(list(range(50)), new[:1]).with_wordings(new[1:], [50])  # edit 50: two keys
+        return joined.with_negatives(_unit(5, seed=25), serve=[50])
+
+    cold = grown(router)
+    router._reach()  # what an earlier add leaves known
+    warm = grown(router)
+    keys = torch.cat([bank, new[:1], wordings, new[1:]])
+    owners = torch.tensor([*range(51), *(i % 50 for i in range(30)), 50])
+    old_kept = owners[(torch.cat([negatives, near_new]) @ keys.T).argmax(dim=1)] != 50
+    assert not old_kept[-2:].any() and old_kept.sum() >= 390  # the two planted negatives go, (nearly) all others stay
+    for joined in (cold, warm):
+        assert torch.equal(joined.negatives[: int(old_kept.sum())], torch.cat([negatives, near_new])[old_kept])
+    assert torch.equal(warm.negatives, cold.negatives) and torch.equal(warm.negative_margins, cold.negative_margins)
+    torch.testing.assert_close(warm.negative_reach, (warm.negatives @ keys.T).max(dim=1).values)

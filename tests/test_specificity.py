@@ -199,6 +199,18 @@ def test_negatives_of_an_edit_of_unknown_relation_carry_the_unknown_relation_mar
     assert unknown_margins and unknown_margins == pytest.approx([expected] * len(unknown_margins))
 
 
+def test_plain_negatives_carry_the_plain_margin_and_only_they_do():
+    edit = EditRequest("e", "The mother tongue of Ann Smith is", "German", "Ann Smith")
+    config = RoutingConfig()
+    config.router.same_relation_negatives, config.router.plain_margin = 0, 0.03
+    texts, margins = edit_negatives([edit], _pool(), config)
+    plain = {p.format("Ann Smith") for p in PLAIN_SUBJECT_PROMPTS}
+    by_kind = {t in plain: set() for t in texts}
+    for t, m in zip(texts, margins.tolist()):
+        by_kind[t in plain].add(round(m, 6))
+    assert by_kind == {True: {0.03}, False: {config.router.other_relation_margin}}
+
+
 def test_every_wording_of_every_other_relation_can_be_a_negative_and_only_those_carry_their_margin():
     pool = _pool()
     edit = EditRequest("e", "The mother tongue of Ann Smith is", "German", "Ann Smith")

@@ -143,12 +143,14 @@ class MeGEditor:
                           "edits_with_subject_wording": sum(bool(relation_template(r.prompt, r.subject)) for r in requests),
                           "mean_wordings": 1 + sum(map(len, variants)) / max(1, len(variants))}
 
-    def stage_a(self, requests, variants, work_dir: Path):
+    def stage_a(self, requests, variants, work_dir: Path, starts: dict[str, torch.Tensor] | None = None):
         """Stage A on `requests` and their other wordings, cached in `work_dir`: (the FitResult,
-        its cache key, its timing record). Adding edits to a pack runs it on the new edits alone."""
+        its cache key, its timing record). Adding edits to a pack runs it on the new edits alone,
+        warm-started from the pack's vectors (`starts`, by target: fit_neurons)."""
         key = _digest({"model": self.fingerprint, "format": self.config.prompt_format,
                        "fit": dataclasses.asdict(self.config.fit), "edits": _records(requests),
-                       **({"variants": variants} if any(variants) else {})})
+                       **({"variants": variants} if any(variants) else {}),
+                       **({"starts": {t: v.tolist() for t, v in sorted(starts.items())}} if starts else {})})
         folder = work_dir / "fit-neurons" / key
         path = folder / "vectors.safetensors"
         start, cached = time.perf_counter(), path.exists()
@@ -160,7 +162,7 @@ class MeGEditor:
             # shards are per edit, not per edit set: any edit set fitted in this work_dir reuses them
             result = fit_neurons(self.model, self.tokenizer, requests, get_format(self.config.prompt_format),
                                  self.config.fit, progress=self.progress, work_dir=work_dir / "fit-shards",
-                                 variants=variants, processes=self.processes)
+                                 variants=variants, processes=self.processes, starts=starts)
             if ranks()[0] == 0:  # in a group the ranks collect the same result; one writes it
                 result.save(path)
         log.info("stage A: success %.1f%% of %d edits", result.success_rate, len(requests))

@@ -185,7 +185,7 @@ def _fit_new(editor: MeGEditor, edited: EditedModel, requests: list[EditRequest]
         log.warning("add: no pseudo-edit pool given: the new edits get no pool paraphrases, so they may carry less "
                     "well to paraphrases than the pack's")
     variants, variants_record = editor.variants(requests, pool_apart_from(pool or (), edited.edits.requests()))
-    fit, _, timing = editor.stage_a(requests, variants, work_dir)
+    fit, _, timing = editor.stage_a(requests, variants, work_dir, _starts(edited.edits, requests))
     if fit.spec != edited.spec:  # the pack's settings should give its own neuron back; anything else is no edit of it
         raise MeGError(f"add: stage A fitted a {fit.spec.variant} neuron at layer {fit.spec.layer}, the pack's is a "
                        f"{edited.spec.variant} neuron at layer {edited.spec.layer}")
@@ -196,6 +196,16 @@ def _fit_new(editor: MeGEditor, edited: EditedModel, requests: list[EditRequest]
     record = {"success_rate": fit.success_rate, "failed": failed, "mean_wordings": variants_record["mean_wordings"],
               "seconds": timing["seconds"]}
     return EditTable.from_fit(requests, variants, fit.vectors, fit.success), record
+
+
+def _starts(table: EditTable, requests: list[EditRequest]) -> dict[str, torch.Tensor]:
+    """The pack's fitted vector for each new edit's target that a fitted pack edit has (its first such
+    edit): stage A warm-starts from them, as it does from an earlier edit of a block."""
+    wanted, starts = {r.target for r in requests}, {}
+    for target, vector, ok in zip(table.targets, table.vectors, table.fitted.tolist()):
+        if ok and target in wanted:
+            starts.setdefault(target, vector)
+    return starts
 
 
 def _router(edited: EditedModel, edits: EditTable, kept: list[int], new: EditTable, pool, meg: MeGConfig,
@@ -251,8 +261,12 @@ def _tune(edited: EditedModel, editor: MeGEditor, edits: EditTable, new_rows: Se
         log.info("generator fine-tune: done before, %s", folder)
         tuned = Generator.load(path)
     else:
+        # a lookup keeps every old pair's vector as it was: only the new pairs need validating
         n_ok = int(edits.fitted.sum())
-        validate = editor.validation(edited.spec, edits.requests(owners[: min(n_ok, generator.config.validation_size)]))
+        n_val = min(n_ok, generator.config.validation_size)
+        if not generator.kind.trains and bool(is_new.any()):
+            n_val = min(n_val, int(is_new.sum()))
+        validate = editor.validation(edited.spec, edits.requests(owners[:n_val]))
         tuned = train_generator(conditions, edits.vectors[owners], work_dir=folder,
                                 progress=progress, n_edits=n_ok, validate=validate, fine_tune=fine_tune)
         tuned.save(path)

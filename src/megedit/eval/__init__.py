@@ -2,6 +2,6 @@
 
 from ..runtime.subject import PlainSubject, Subject, WeightEditSubject, as_subject  # what it evaluates
 from .report import EvalReport
-from .runner import evaluate
+from .runner import case_scores, evaluate
 
-__all__ = ["EvalReport", "evaluate", "PlainSubject", "Subject", "WeightEditSubject", "as_subject"]
+__all__ = ["EvalReport", "case_scores", "evaluate", "PlainSubject", "Subject", "WeightEditSubject", "as_subject"]

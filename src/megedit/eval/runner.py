@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 from ..data.prompts import DEFAULT_FOR_KIND, PromptFormat, get_format
 from ..data.requests import EditRequest
@@ -180,9 +180,26 @@ def _run_kinds(subject, queries: dict, prompts: dict, refs: dict, s: DecodeSetti
         if qs:
             rows, kept = _run_kind(subject, kind, qs, prompts[kind], refs.get(kind), s, progress, resume, timing)
             unchanged += kept if kind == "locality" else 0
-            credits[kind] = {"ag": percent([r["ag"] for r in rows]), "tf": percent([r["tf"] for r in rows])}
+            credits[kind] = _credits(rows)
             cases.extend(rows)
     return cases, credits, unchanged
+
+
+def _credits(rows: Sequence[dict]) -> dict[str, float]:
+    return {"ag": percent([r["ag"] for r in rows]), "tf": percent([r["tf"] for r in rows])}
+
+
+def case_scores(cases: Sequence[dict], case_ids: Collection[str] | None = None) -> dict:
+    """The metrics and the paper's Score of a report's rows (`EvalReport.cases`), of the edits `case_ids`
+    only (every edit without): the harness's own sums over those edits' rows."""
+    kinds: dict[str, list[dict]] = {}
+    for row in cases:
+        if row["kind"] in QUERY_KINDS and (case_ids is None or row["case_id"] in case_ids):
+            kinds.setdefault(row["kind"], []).append(row)
+    credits = {kind: _credits(rows) for kind, rows in kinds.items()}
+    paper = [v for k in PAPER_KINDS if k in credits for v in credits[k].values()]
+    return {"n": len({r["case_id"] for rows in kinds.values() for r in rows}), "metrics": credits,
+            "score": harmonic_mean(paper) if paper else float("nan")}
 
 
 _INNER_TIMES = ("forward_pass_s", "decoding_steps_s")  # parts of the query kinds' times, not added to the total

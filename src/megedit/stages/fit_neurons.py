@@ -24,7 +24,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -234,7 +234,8 @@ def _one_or_all(answers: list[list[int]]) -> list[int] | list[list[int]]:
 def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFormat,
                 config: FitConfig | None = None, progress: bool = True,
                 work_dir: str | Path | None = None, part: tuple[int, int] | None = None,
-                variants: Sequence[Sequence[str]] | None = None, processes: int = 1) -> FitResult:
+                variants: Sequence[Sequence[str]] | None = None, processes: int = 1,
+                starts: Mapping[str, torch.Tensor] | None = None) -> FitResult:
     """Fit one neuron vector per edit. With `work_dir`, finished edits are written there in shards
     as they finish, keyed by each edit's tokens and the settings, not by the request list: a rerun
     continues where the last one stopped, and a run on more edits fits only the new ones.
@@ -252,7 +253,10 @@ def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFo
     parts there are (with the same thread count per process; an interrupted block refits its rest
     beside other edits, the same to float precision).
     `processes=n` does that on this machine: n forked one-thread processes (Linux, CPU; parallel.py),
-    each fitting one part, then this one collects the shards."""
+    each fitting one part, then this one collects the shards.
+
+    `starts`: fitted vectors of earlier edits by their target (a pack's, when edits join it); with
+    warm_start, an edit whose target is there and that has no leader in its block starts from it."""
     config = config or FitConfig()
     if part is not None and (work_dir is None or len(part) != 2 or not 0 <= part[0] < part[1]):
         raise ConfigError(f"part needs a work_dir and 0 <= k < n, found part={part}, work_dir={work_dir}")
@@ -269,15 +273,15 @@ def fit_neurons(model, tokenizer, requests: Sequence[EditRequest], fmt: PromptFo
     start = time.perf_counter()
     neuron = attach_neuron(model, config.layer, config.variant, config.quiet_chat_opening)
     try:
-        state = _FitState(model, tokenizer, requests, variants, fmt, config, neuron.spec, work_dir, part)
+        state = _FitState(model, tokenizer, requests, variants, fmt, config, neuron.spec, work_dir, part, starts)
         neuron.quiet_on(state.opening)
         # in a group every rank goes to the barrier, even with nothing left to fit (one left out would stop the rest)
         if group or (processes > 1 and not bool(state.done[state.mine].all())):
             run_parts(lambda k, n: _FitState(model, tokenizer, requests, variants, fmt, config, neuron.spec, work_dir,
-                                             (k, n)).run(neuron, progress and k == 0),
+                                             (k, n), starts).run(neuron, progress and k == 0),
                       processes, "stage A", rerun="the shards written")
             earlier = {k: state.timing[k] for k in ("reused_edits", "reused_s")}  # fitted by runs before this one
-            state = _FitState(model, tokenizer, requests, variants, fmt, config, neuron.spec, work_dir)
+            state = _FitState(model, tokenizer, requests, variants, fmt, config, neuron.spec, work_dir, None, starts)
             state.timing["forked_edits"] = state.timing["reused_edits"] - earlier["reused_edits"]
             state.timing |= earlier
         state.run(neuron, progress)
@@ -304,8 +308,11 @@ class _FitState:
 
     MIN_GROUP_ROWS = 32  # smaller forward passes lose more to overhead than padding costs
 
-    def __init__(self, model, tokenizer, requests, variants, fmt, config, spec, work_dir, part=None) -> None:
+    def __init__(self, model, tokenizer, requests, variants, fmt, config, spec, work_dir, part=None,
+                 starts=None) -> None:
         self.model, self.config, self.spec, self.part = model, config, spec, part
+        # per edit, the vector an earlier fit gives its target (warm_start; used where no leader in its block is)
+        self.starts = [(starts or {}).get(r.target) if config.warm_start else None for r in requests]
         self.case_ids = [r.case_id for r in requests]
         self.seqs, self.answers, chats = _encode(requests, variants, tokenizer, fmt, chat_wording(config, fmt, tokenizer))
         self.margins = [[config.chat_margin if c else config.margin for c in cs] for cs in chats]
@@ -435,10 +442,9 @@ class _FitState:
                     slots[r], taken[r] = i, 0
                     others = len(self.seqs[i]) - 1  # the prompt always trains; the others per the schedule
                     self.training[i] = [True] + [self.config.wording_schedule == "all"] * others
-                    lead = leaders.get(i)
-                    warm = lead is not None and bool(self.success[lead])
-                    w[r] = self.vectors[lead].to(device) if warm else initial
-                    opt.reset(r, self.config.warm_lr if warm else None)
+                    start = self._warm_start(i, leaders)
+                    w[r] = initial if start is None else start.to(device)
+                    opt.reset(r, None if start is None else self.config.warm_lr)
             live = [r for r in range(rows) if slots[r] is not None]
             if not live:
                 break
@@ -451,6 +457,14 @@ class _FitState:
             bar.update(len(finished))
             if finished and self.shards:
                 self.shards.flush(self)
+
+    def _warm_start(self, i: int, leaders: dict[int, int]) -> torch.Tensor | None:
+        """Edit i's warm start: its block leader's fitted vector (none if the leader failed), else an earlier
+        fit's for its target (`starts`); None: the initial vector."""
+        lead = leaders.get(i)
+        if lead is not None:
+            return self.vectors[lead] if bool(self.success[lead]) else None
+        return self.starts[i]
 
     def _restart_stalled(self, live, w, opt, taken, initial) -> None:
         """An edit still unfitted after `restart_steps` starts again from the initial vector at the

@@ -76,6 +76,9 @@ class RouterConfig:
         "nearest: added to negative_margin for the other-relation negatives (not the plain or same-relation ones)"))
     plain_negatives: int = setting(2, at_least=0, help='nearest: plain prompts about the subject per edit '
                                    '("Tell me about X.")')
+    plain_margin: float = setting(0.0, at_least=0, at_most=2, help=(
+        "nearest: added to negative_margin for the plain negatives (a terse question about the subject lies "
+        "near them though it asks the edit's relation)"))
     same_relation_negatives: int = setting(16, at_least=0, help=(
         "nearest: pool prompts asking the edit's relation about other subjects, per edit (locality: a query "
         "about another subject is held back by its like)"))
@@ -147,6 +150,9 @@ class Router:
     # kind "nearest": the edits' other wordings (stage A's variants), normalised (W, dim), and their edits' rows (W,)
     wordings: torch.Tensor | None = None
     wording_edits: torch.Tensor | None = None
+    # (M,): each negative's largest cosine to the bank and wordings, once asked for; kept up to date as edits join,
+    # so that adding one edit to a pack compares its negatives with its own keys, not with every key
+    negative_reach: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # margins go with negatives: none without them, zeros for a pack saved before negatives had margins
@@ -173,12 +179,17 @@ class Router:
             raise ConfigError("router: the entropy router cannot take or drop edits without training it again")
         new = nn.functional.normalize(embeddings.detach().float().to(self.bank.device), dim=-1)
         bank = torch.cat([self.bank[torch.tensor(keep, dtype=torch.long)], new.reshape(-1, self.bank.shape[1])])
+        every = list(keep) == list(range(len(self.bank)))  # edits join, none leaves: the negatives all stay
+        kept = {"negatives": self.negatives, "negative_margins": self.negative_margins} if every else \
+            self._negatives_nearest(keep)
         router = replace(self, bank=bank, record={**self.record, "training": {"n": len(bank), "seconds": 0.0}},
-                         wordings=None, wording_edits=None, **self._negatives_nearest(keep))
+                         wordings=None, wording_edits=None, **kept, negative_reach=None)
         if self.wordings is not None:  # the kept edits' wordings, renumbered
             row = {old: k for k, old in enumerate(keep)}
             stays = [j for j, e in enumerate(self.wording_edits.tolist()) if e in row]
             router = router.with_wordings(self.wordings[stays], [row[e] for e in self.wording_edits[stays].tolist()])
+        if every and self.negative_reach is not None:
+            router.negative_reach = self._reach_with(new)
         if wordings is not None and len(wordings):
             router = router.with_wordings(wordings, [len(keep) + e for e in wording_edits])
         return router
@@ -187,9 +198,11 @@ class Router:
         """This router with more wordings of its edits (`edits[j]`: the bank row wording j belongs to)."""
         new = nn.functional.normalize(embeddings.detach().float().to(self.bank.device), dim=-1)
         owners = torch.as_tensor(list(edits), dtype=torch.long)
+        reach = self._reach_with(new) if self.negative_reach is not None else None
         if self.wordings is None:
-            return replace(self, wordings=new, wording_edits=owners)
-        return replace(self, wordings=torch.cat([self.wordings, new]), wording_edits=torch.cat([self.wording_edits, owners]))
+            return replace(self, wordings=new, wording_edits=owners, negative_reach=reach)
+        return replace(self, wordings=torch.cat([self.wordings, new]), wording_edits=torch.cat([self.wording_edits, owners]),
+                       negative_reach=reach)
 
     def with_negatives(self, embeddings: torch.Tensor, serve: Sequence[int] | None = None,
                        margins: torch.Tensor | None = None) -> "Router":
@@ -199,16 +212,19 @@ class Router:
         out (it would ask what that edit answers), and an old one nearest one of `serve` goes (likewise)."""
         new = nn.functional.normalize(embeddings.detach().float().to(self.bank.device), dim=-1)
         new_margins = new.new_zeros(len(new)) if margins is None else margins.float().to(new.device)
-        old = {"negatives": self.negatives, "negative_margins": self.negative_margins}
-        if serve is not None:
+        new_reach, nearest = self._nearest(new)
+        if serve is None:
+            old = {"negatives": self.negatives, "negative_margins": self.negative_margins, "negative_reach": None}
+        else:
             serve = torch.as_tensor(list(serve), dtype=torch.long)
-            kept = torch.isin(self._nearest(new)[1], serve)
-            new, new_margins = new[kept], new_margins[kept]
-            old = self._negatives_nearest(sorted(set(range(len(self.bank))) - set(serve.tolist())))
+            kept = torch.isin(nearest, serve)
+            new, new_margins, new_reach = new[kept], new_margins[kept], new_reach[kept]
+            old = self._negatives_apart_from(serve)
         if old["negatives"] is None:
-            return replace(self, negatives=new, negative_margins=new_margins)
+            return replace(self, negatives=new, negative_margins=new_margins, negative_reach=None)
+        reach = None if old["negative_reach"] is None else torch.cat([old["negative_reach"], new_reach])
         return replace(self, negatives=torch.cat([old["negatives"], new]),
-                       negative_margins=torch.cat([old["negative_margins"], new_margins]))
+                       negative_margins=torch.cat([old["negative_margins"], new_margins]), negative_reach=reach)
 
     def _negatives_nearest(self, rows: Sequence[int]) -> dict:
         """This router's negatives whose nearest edit is one of bank rows `rows`, and their margins."""
@@ -216,6 +232,29 @@ class Router:
             return {"negatives": self.negatives, "negative_margins": self.negative_margins}
         kept = torch.isin(self._nearest(self.negatives)[1], torch.as_tensor(list(rows), dtype=torch.long))
         return {"negatives": self.negatives[kept], "negative_margins": self.negative_margins[kept]}
+
+    def _negatives_apart_from(self, rows: torch.Tensor) -> dict:
+        """This router's negatives whose nearest edit is none of bank rows `rows`, with their margins and
+        reach: only the cosines to those rows' keys are new work once the reach is known."""
+        if self.negatives is None or not len(self.negatives):
+            return {"negatives": self.negatives, "negative_margins": self.negative_margins, "negative_reach": None}
+        reach = self._reach()
+        keys = [self.bank[rows]] + ([self.wordings[torch.isin(self.wording_edits, rows)]]
+                                    if self.wordings is not None else [])
+        # theirs and the reach come from different matrix products: a cosine within rounding of the reach is theirs
+        kept = _max_cosine(self.negatives, torch.cat(keys)) < reach - 1e-6
+        return {"negatives": self.negatives[kept], "negative_margins": self.negative_margins[kept],
+                "negative_reach": reach[kept]}
+
+    def _reach(self) -> torch.Tensor:
+        """Each negative's largest cosine to the bank and wordings (computed once, then kept)."""
+        if self.negative_reach is None or len(self.negative_reach) != len(self.negatives):
+            self.negative_reach = self._nearest(self.negatives)[0]
+        return self.negative_reach
+
+    def _reach_with(self, keys: torch.Tensor) -> torch.Tensor:
+        """The negatives' reach once these (normalised) keys join the bank or wordings."""
+        return torch.maximum(self._reach(), _max_cosine(self.negatives, keys))
 
     @torch.no_grad()
     def distance(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -343,3 +382,12 @@ def route_stats(router: Router, groups: dict[str, torch.Tensor]) -> dict[str, di
         out[name] = {"n": len(d), "familiar": 100.0 * float((d < router.epsilon).float().mean()) if len(d) else 0.0,
                      "distance_p10": q[0], "distance_median": q[1], "distance_p90": q[2]}
     return out
+
+
+def _max_cosine(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(Q,) each normalised query's largest cosine to the normalised keys (-1 without keys), in chunks of
+    about 16M cosines (one product for a few keys against every negative)."""
+    if not len(keys):
+        return queries.new_full((len(queries),), -1.0)
+    rows = max(1024, (1 << 24) // len(keys))
+    return torch.cat([(chunk @ keys.T).max(dim=1).values for chunk in queries.split(rows)])

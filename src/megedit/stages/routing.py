@@ -134,9 +134,9 @@ def _mirror_wordings(tuned: SentenceEncoder, embedded, owners: list[int], n_edit
 def edit_negatives(edits: Sequence[EditRequest], pool: Sequence[EditRequest],
                    config: RoutingConfig) -> tuple[list[str], torch.Tensor]:
     """Every edit's negatives (data/specificity.py) as one list of distinct prompts, and each one's own
-    margin: `other_relation_margin` for a prompt of another relation, plus `unknown_relation_margin`
-    where the edit asks a relation the pool does not know (its "other relations" may hold the edit's
-    own in other words); a prompt drawn for several edits keeps the smallest."""
+    margin: `other_relation_margin` for a prompt of another relation, `plain_margin` for a plain one,
+    plus `unknown_relation_margin` where the edit asks a relation the pool does not know (its "other
+    relations" may hold the edit's own in other words); a prompt drawn for several edits keeps the smallest."""
     router, wordings = config.router, relation_wordings(pool)
     groups = negative_groups(edits, pool, router.negatives, router.plain_negatives, config.seed,
                              router.same_relation_negatives, wordings, router.negative_wordings)
@@ -144,7 +144,7 @@ def edit_negatives(edits: Sequence[EditRequest], pool: Sequence[EditRequest],
     for request, kinds in zip(edits, groups):
         unknown = 0.0 if wordings.of(request) else router.unknown_relation_margin
         for kind, prompts in kinds.items():
-            margin = unknown + (router.other_relation_margin if kind == "other" else 0.0)
+            margin = unknown + {"other": router.other_relation_margin, "plain": router.plain_margin}.get(kind, 0.0)
             for p in prompts:
                 margins[p] = min(margins.get(p, margin), margin)
     return list(margins), torch.tensor(list(margins.values()))
