@@ -9,7 +9,7 @@ from tiny import char_tokenizer, tiny_model
 
 from megedit.data import EditRequest, LocalityQuery
 from megedit.data.prompts import PromptFormat
-from megedit.eval import PlainSubject, WeightEditSubject, evaluate
+from megedit.eval import PlainSubject, WeightEditSubject, case_scores, evaluate
 from megedit.eval.report import EvalReport
 from megedit.lm import decode
 from megedit.neuron import attach_neuron
@@ -33,6 +33,29 @@ def test_unedited_model_has_full_locality_and_the_report_is_complete(lm, tmp_pat
     assert report.protocol["prompt_format"]["name"] == "raw"
     loaded = EvalReport.load(report.save(tmp_path / "r.json"))
     assert loaded.metrics == report.metrics and loaded.cases == report.cases
+
+
+def test_a_reports_rows_score_a_subset_of_its_edits_as_an_evaluation_of_those_alone(lm, tmp_path):
+    reqs = _requests()
+    run = dict(batch_size=4, max_new_tokens=6, progress=False, chat_edits=0)
+    whole = evaluate(lm, reqs, **run, cache_dir=tmp_path / "a")
+    assert case_scores(whole.cases) == {"n": 6, "metrics": whole.metrics, "score": whole.score}
+    part = evaluate(lm, reqs[:3], **run, cache_dir=tmp_path / "b")
+    assert case_scores(whole.cases, {"0", "1", "2"}) == {"n": 3, "metrics": part.metrics, "score": part.score}
+
+
+def test_case_scores_average_the_chosen_edits_rows_per_kind():
+    rows = [{"case_id": c, "kind": k, "ag": ag, "tf": tf} for c, k, ag, tf in [
+        ("a", "reliability", True, 1.0), ("b", "reliability", False, 0.5), ("a", "generality", False, 0.25),
+        ("b", "generality", True, 1.0), ("a", "locality", True, 1.0), ("a", "locality", False, 0.5),
+        ("b", "locality", True, 1.0), ("a", "chat", True, 1.0)]]  # chat rows are no part of the Score
+    a = case_scores(rows, {"a"})
+    assert a["n"] == 1 and a["metrics"] == {"reliability": {"ag": 100.0, "tf": 100.0},
+                                            "generality": {"ag": 0.0, "tf": 25.0},
+                                            "locality": {"ag": 50.0, "tf": 75.0}}
+    both = case_scores(rows)
+    assert both["metrics"]["locality"] == {"ag": pytest.approx(200 / 3), "tf": pytest.approx(250 / 3)}
+    assert both["score"] == pytest.approx(6 / (2 / 50 + 1 / 75 + 1 / 62.5 + 3 / 200 + 3 / 250))  # harmonic mean
 
 
 def test_answers_equal_to_the_models_own_output_get_full_credit(lm, tmp_path):
