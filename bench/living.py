@@ -20,6 +20,8 @@ and usable before the next arrives; after every 100 additions the 100 just added
 the last, all 2,024 edits are scored (the six-number Score, no chats), beside lifelong-batch: the same
 2,024 edits fitted in one batch (run it as its own process, beside or before; stages cached where
 bench/meg.py caches them). Times and scores go to living-lifelong.json and living-lifelong.png.
+lifelong-timing: the first 100 of those additions again, timed alone on this thread count, nothing
+scored (living-lifelong-timing.json).
 
     .venv/bin/python bench/living.py lifelong-batch & .venv/bin/python bench/living.py lifelong
 
@@ -35,6 +37,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -240,6 +243,27 @@ def run_lifelong(n_new: int) -> dict:
     return _lifelong_result(bench, n_new, seconds, final, batch)
 
 
+def run_lifelong_timing(n_new: int) -> dict:
+    """The first `n_new` single-edit additions of `lifelong` again, timed on this process's thread count
+    and nothing else (no scoring, no saved packs): the cost of an addition on a machine to itself."""
+    from megedit import add_edits
+
+    bench, seconds = Bench("lifelong-timing", n_new), []
+    edited = bench.pack()
+    load = os.getloadavg()[0]
+    for t in range(1, n_new + 1):
+        work = WORK / "lifelong-timing-work"
+        shutil.rmtree(work, ignore_errors=True)
+        start = time.perf_counter()
+        edited = add_edits(edited, [bench.requests[N_PACK + t - 1]], work, pool=bench.pool, progress=False)
+        seconds.append(time.perf_counter() - start)
+    edited.close()
+    ordered = sorted(seconds)
+    return {"n_pack": N_PACK, "n_new": n_new, "seconds": seconds, "median_s": ordered[len(ordered) // 2],
+            "p90_s": ordered[int(0.9 * len(ordered))], "total_s": sum(seconds), "threads": torch.get_num_threads(),
+            "load_before": load, "load_after": os.getloadavg()[0]}
+
+
 def _save_pack(edited, folder: Path) -> None:
     """The pack saved whole in place of the last one (written beside it, then swapped in)."""
     fresh, stale = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
@@ -350,7 +374,7 @@ def draw_lifelong(result: dict, path: Path) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bench", choices=["add", "successive", "lifelong", "lifelong-batch"])
+    parser.add_argument("bench", choices=["add", "successive", "lifelong", "lifelong-batch", "lifelong-timing"])
     parser.add_argument("--new", type=int, default=None, help=(
         "edits per addition (add: 128, successive: 100); lifelong: single-edit additions (1,000)"))
     parser.add_argument("--times", type=int, default=10, help="successive: how many additions")
@@ -372,6 +396,8 @@ def main() -> int:
         return 0
     if args.bench == "lifelong":
         result = run_lifelong(args.new or 1000)
+    elif args.bench == "lifelong-timing":
+        result = run_lifelong_timing(args.new or 100)
     elif args.bench == "add":
         changes = {k: v for k, v in (("passes", args.passes), ("replay", args.replay)) if v is not None}
         name += "".join(f"-{k}{v:g}" for k, v in changes.items())

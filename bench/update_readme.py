@@ -379,10 +379,12 @@ def living_lifelong_table() -> str:
 
 
 def living_lifelong_cost_table() -> str:
-    """What one single-edit addition costs (bench/living.py lifelong)."""
-    rows = [[f"{r['n_new']:,}", f"{r['median_s']:.2f}", f"{r['p90_s']:.2f}", f"{max(r['seconds']):.1f}",
-             f"{r['total_s'] / 60:.0f}", str(r["threads"])] for r in _load("living-lifelong.json")]
-    return _table(["additions", "median s", "p90 s", "max s", "total min", "threads"], rows)
+    """What one single-edit addition costs (bench/living.py lifelong, and lifelong-timing: alone)."""
+    runs = [("beside the batch fit, scored every 100", r) for r in _load("living-lifelong.json")]
+    runs += [("alone, nothing scored", r) for r in _load("living-lifelong-timing.json")]
+    rows = [[f"{r['n_new']:,}", how, str(r["threads"]), f"{r['median_s']:.2f}", f"{r['p90_s']:.2f}",
+             f"{max(r['seconds']):.1f}", f"{r['total_s'] / 60:.1f}"] for how, r in runs]
+    return _table(["additions", "run", "threads", "median s", "p90 s", "max s", "total min"], rows)
 
 
 def serve_load_table() -> str:
@@ -440,6 +442,12 @@ def living_headline_table() -> str:
                      f"old edits' Score {first['score']:.1f} -> {last['score']:.1f} (GenAG "
                      f"{first['metrics']['generality']['ag']:.1f} -> {last['metrics']['generality']['ag']:.1f})",
                      f"{r['threads']} thread"])
+    for r in _load("living-lifelong.json"):
+        batch = f" (a batch fit of the same: {r['batch']['all']['score']:.1f})" if r["batch"] else ""
+        rows.append([f"{r['n_new']:,} single-edit additions to a {r['n_pack']:,}-edit pack",
+                     f"median {r['median_s']:.1f} s an addition; Score of all {r['lifelong']['all']['n']:,} edits "
+                     f"after the last {r['lifelong']['all']['score']:.1f}{batch}",
+                     f"{r['threads']} thread{'s' * (r['threads'] > 1)}"])
     compared = [r for r in _load("serve-load-*.json") if "compared" in r]  # continuous batching against before
     for r in sorted(compared, key=lambda r: r["clients"] * r["seconds"])[-1:]:  # the largest such run
         now, before = r["continuous"], r["compared"]

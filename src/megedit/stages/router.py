@@ -212,11 +212,12 @@ class Router:
         out (it would ask what that edit answers), and an old one nearest one of `serve` goes (likewise)."""
         new = nn.functional.normalize(embeddings.detach().float().to(self.bank.device), dim=-1)
         new_margins = new.new_zeros(len(new)) if margins is None else margins.float().to(new.device)
-        new_reach, nearest = self._nearest(new)
+        new_reach = None
         if serve is None:
             old = {"negatives": self.negatives, "negative_margins": self.negative_margins, "negative_reach": None}
         else:
             serve = torch.as_tensor(list(serve), dtype=torch.long)
+            new_reach, nearest = self._nearest(new)
             kept = torch.isin(nearest, serve)
             new, new_margins, new_reach = new[kept], new_margins[kept], new_reach[kept]
             old = self._negatives_apart_from(serve)
