@@ -442,11 +442,13 @@ def living_headline_table() -> str:
                      f"old edits' Score {first['score']:.1f} -> {last['score']:.1f} (GenAG "
                      f"{first['metrics']['generality']['ag']:.1f} -> {last['metrics']['generality']['ag']:.1f})",
                      f"{r['threads']} thread"])
+    alone = [f"; {t['median_s']:.1f} s alone on {t['threads']} thread{'s' * (t['threads'] > 1)} (first {t['n_new']})"
+             for t in _load("living-lifelong-timing.json")]
     for r in _load("living-lifelong.json"):
         batch = f" (a batch fit of the same: {r['batch']['all']['score']:.1f})" if r["batch"] else ""
         rows.append([f"{r['n_new']:,} single-edit additions to a {r['n_pack']:,}-edit pack",
-                     f"median {r['median_s']:.1f} s an addition; Score of all {r['lifelong']['all']['n']:,} edits "
-                     f"after the last {r['lifelong']['all']['score']:.1f}{batch}",
+                     f"median {r['median_s']:.1f} s an addition beside another job{''.join(alone)}; Score of all "
+                     f"{r['lifelong']['all']['n']:,} edits after the last {r['lifelong']['all']['score']:.1f}{batch}",
                      f"{r['threads']} thread{'s' * (r['threads'] > 1)}"])
     compared = [r for r in _load("serve-load-*.json") if "compared" in r]  # continuous batching against before
     for r in sorted(compared, key=lambda r: r["clients"] * r["seconds"])[-1:]:  # the largest such run
