@@ -214,8 +214,6 @@ def run_lifelong(n_new: int) -> dict:
     """`n_new` edits added to the 1,024 pack one at a time, each timed and usable before the next; after every
     LIFELONG_WINDOW the edits added since are scored; at the end every edit is scored (no chats: the six-number
     Score), beside the same edits fitted in one batch (`lifelong-batch`, its own process)."""
-    from megedit import add_edits
-
     bench = Bench("lifelong", n_new)
     if bench.state.get("threads", torch.get_num_threads()) != torch.get_num_threads():
         raise SystemExit(f"living: the additions so far ran on {bench.state['threads']} threads; resume with as many")
@@ -224,11 +222,7 @@ def run_lifelong(n_new: int) -> dict:
     edited = bench.load(folder) if done else bench.pack()
     del seconds[done:]  # additions after the last saved pack are made again
     for t in range(done + 1, n_new + 1):
-        work = WORK / "lifelong-work"
-        shutil.rmtree(work, ignore_errors=True)
-        start = time.perf_counter()
-        edited = add_edits(edited, [bench.requests[N_PACK + t - 1]], work, pool=bench.pool, progress=False)
-        seconds.append(time.perf_counter() - start)
+        edited = _add_one(bench, edited, t, seconds)
         if t % LIFELONG_WINDOW == 0:
             window = bench.requests[N_PACK + t - LIFELONG_WINDOW: N_PACK + t]
             bench.score_six(edited, window, f"window-{t}")
@@ -238,30 +232,37 @@ def run_lifelong(n_new: int) -> dict:
             bench.done("saved", t)
     final = bench.score_six(edited, bench.requests, "all", cases=True)
     edited.close()
-    batch = json.loads((WORK / "lifelong-batch.state.json").read_text()).get("all") if \
-        (WORK / "lifelong-batch.state.json").exists() else None
-    return _lifelong_result(bench, n_new, seconds, final, batch)
+    return _lifelong_result(bench, n_new, seconds, final)
+
+
+def _add_one(bench: Bench, edited, t: int, seconds: list[float]):
+    """`edited` with the t-th record after the pack added on its own (a fresh work dir), its wall time appended."""
+    from megedit import add_edits
+
+    work = WORK / f"{bench.name}-work"
+    shutil.rmtree(work, ignore_errors=True)
+    start = time.perf_counter()
+    edited = add_edits(edited, [bench.requests[N_PACK + t - 1]], work, pool=bench.pool, progress=False)
+    seconds.append(time.perf_counter() - start)
+    return edited
+
+
+def _spread(seconds: list[float]) -> dict:
+    ordered = sorted(seconds)
+    return {"median_s": ordered[len(ordered) // 2], "p90_s": ordered[int(0.9 * len(ordered))], "total_s": sum(seconds)}
 
 
 def run_lifelong_timing(n_new: int) -> dict:
     """The first `n_new` single-edit additions of `lifelong` again, timed on this process's thread count
     and nothing else (no scoring, no saved packs): the cost of an addition on a machine to itself."""
-    from megedit import add_edits
-
     bench, seconds = Bench("lifelong-timing", n_new), []
     edited = bench.pack()
     load = os.getloadavg()[0]
     for t in range(1, n_new + 1):
-        work = WORK / "lifelong-timing-work"
-        shutil.rmtree(work, ignore_errors=True)
-        start = time.perf_counter()
-        edited = add_edits(edited, [bench.requests[N_PACK + t - 1]], work, pool=bench.pool, progress=False)
-        seconds.append(time.perf_counter() - start)
+        edited = _add_one(bench, edited, t, seconds)
     edited.close()
-    ordered = sorted(seconds)
-    return {"n_pack": N_PACK, "n_new": n_new, "seconds": seconds, "median_s": ordered[len(ordered) // 2],
-            "p90_s": ordered[int(0.9 * len(ordered))], "total_s": sum(seconds), "threads": torch.get_num_threads(),
-            "load_before": load, "load_after": os.getloadavg()[0]}
+    return {"n_pack": N_PACK, "n_new": n_new, "seconds": seconds, **_spread(seconds),
+            "threads": torch.get_num_threads(), "load_before": load, "load_after": os.getloadavg()[0]}
 
 
 def _save_pack(edited, folder: Path) -> None:
@@ -288,10 +289,14 @@ def run_lifelong_batch(n_new: int) -> dict:
     return bench.state["all"]
 
 
-def _lifelong_result(bench: Bench, n_new: int, seconds: list[float], final: dict, batch: dict | None) -> dict:
-    """Per window of additions and for the old edits: the Score after all additions, and the batch fit's."""
+def _lifelong_result(bench: Bench, n_new: int, seconds: list[float], final: dict) -> dict:
+    """Per window of additions and for the old edits: the Score after all additions, and the batch fit's
+    (once `lifelong-batch` has run)."""
     from megedit.eval import case_scores
 
+    batch_state = WORK / "lifelong-batch.state.json"
+    batch_run = json.loads(batch_state.read_text()) if batch_state.exists() else {}
+    batch = batch_run.get("all")
     groups = {"old": bench.requests[:N_PACK], "added": bench.requests[N_PACK:]}
     groups |= {f"added {t - LIFELONG_WINDOW + 1}-{t}": bench.requests[N_PACK + t - LIFELONG_WINDOW: N_PACK + t]
                for t in range(LIFELONG_WINDOW, n_new + 1, LIFELONG_WINDOW)}
@@ -300,14 +305,11 @@ def _lifelong_result(bench: Bench, n_new: int, seconds: list[float], final: dict
         return {name: case_scores(report["cases"], {r.case_id for r in rs}) for name, rs in groups.items()} | {
             "all": {k: report[k] for k in ("n", "metrics", "score")}}
 
-    ordered = sorted(seconds)
-    return {"n_pack": N_PACK, "n_new": n_new, "seconds": seconds, "median_s": ordered[len(ordered) // 2],
-            "p90_s": ordered[int(0.9 * len(ordered))], "total_s": sum(seconds),
-            "threads": bench.state["threads"],
+    return {"n_pack": N_PACK, "n_new": n_new, "seconds": seconds, **_spread(seconds), "threads": bench.state["threads"],
             "windows": [{"added": t, **bench.state[f"window-{t}"]}
                         for t in range(LIFELONG_WINDOW, n_new + 1, LIFELONG_WINDOW)],
             "lifelong": scored(final), "batch": scored(batch) if batch else None,
-            "batch_fit": json.loads((WORK / "lifelong-batch.state.json").read_text()).get("fit") if batch else None}
+            "batch_fit": batch_run.get("fit")}
 
 
 def _threads(*costs: dict) -> int:
