@@ -103,26 +103,16 @@ class Bench:
 
         return EditedModel.from_pretrained(folder, self.model, self.tokenizer)
 
-    def score(self, edited, requests, key: str) -> dict:
-        """The harness's metrics of `edited` on `requests` (kept in the state: scored once)."""
+    def score(self, edited, requests, key: str, *, chats: bool = True, cases: bool = False) -> dict:
+        """The harness's metrics of `edited` on `requests` (kept in the state: scored once); `chats` off: no
+        chat turns (the six-number Score alone), `cases`: the rows kept too."""
         from megedit import evaluate
 
         if key in self.state:
             return self.state[key]
         report = evaluate(edited, requests, data_kind="counterfact", data_name=f"counterfact:{CF_EDIT.name}",
-                          checkpoint=WORK / f"{self.name}-{key}.partial.json")
-        summary = report.to_dict()
-        return self.done(key, {"n": summary["n"], "metrics": summary["metrics"], "score": summary["score"],
-                               "eval_s": summary["timing"]["total_s"]})
-
-    def score_six(self, edited, requests, key: str, cases: bool = False) -> dict:
-        """The six-number Score of `edited` on `requests` (no chats; kept in the state, with the rows if `cases`)."""
-        from megedit import evaluate
-
-        if key in self.state:
-            return self.state[key]
-        report = evaluate(edited, requests, data_kind="counterfact", data_name=f"counterfact:{CF_EDIT.name}",
-                          checkpoint=WORK / f"{self.name}-{key}.partial.json", chat_edits=0, progress=False)
+                          checkpoint=WORK / f"{self.name}-{key}.partial.json",
+                          **({} if chats else {"chat_edits": 0, "progress": False}))
         summary = report.to_dict()
         kept = {"n": summary["n"], "metrics": summary["metrics"], "score": summary["score"],
                 "eval_s": summary["timing"]["total_s"], "threads": torch.get_num_threads()}
@@ -225,12 +215,12 @@ def run_lifelong(n_new: int) -> dict:
         edited = _add_one(bench, edited, t, seconds)
         if t % LIFELONG_WINDOW == 0:
             window = bench.requests[N_PACK + t - LIFELONG_WINDOW: N_PACK + t]
-            bench.score_six(edited, window, f"window-{t}")
+            bench.score(edited, window, f"window-{t}", chats=False)
         if t % LIFELONG_SAVE == 0 or t == n_new:
             _save_pack(edited, folder)
             bench.done("seconds", seconds)
             bench.done("saved", t)
-    final = bench.score_six(edited, bench.requests, "all", cases=True)
+    final = bench.score(edited, bench.requests, "all", chats=False, cases=True)
     edited.close()
     return _lifelong_result(bench, n_new, seconds, final)
 
@@ -284,7 +274,7 @@ def run_lifelong_batch(n_new: int) -> dict:
     if "all" not in bench.state:
         edited, seconds = bench.fit(bench.requests, CASES / "meg-counterfact")
         bench.done("fit", {"seconds": seconds, "threads": torch.get_num_threads(), "timing": edited.record["timing"]})
-        bench.score_six(edited, bench.requests, "all", cases=True)
+        bench.score(edited, bench.requests, "all", chats=False, cases=True)
         edited.close()
     return bench.state["all"]
 
