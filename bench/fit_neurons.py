@@ -232,7 +232,7 @@ def main() -> int:
 
     from megedit import load_model, load_requests, model_fingerprint
     from megedit.data.prompts import get_format
-    from megedit.stages.fit_neurons import FitConfig
+    from megedit.stages.fit_config import FitConfig
 
     model, tokenizer = load_model("smollm2", device="cpu")
     requests = load_requests("counterfact", CF, limit=args.limit)

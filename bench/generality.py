@@ -128,7 +128,7 @@ import dataclasses, json, sys, time
 import torch
 from megedit import load_model, load_requests
 from megedit.data.prompts import get_format
-from megedit.stages.fit_neurons import FitConfig, fit_neurons
+from megedit.stages.fit_neurons import FitConfig, fit_neurons  # the name older revisions define there
 edits, pool, limit, overrides = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
 requests = load_requests("counterfact", edits, limit=limit)
 model, tokenizer = load_model("smollm2", device="cpu")

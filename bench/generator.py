@@ -135,7 +135,8 @@ def main() -> int:
     from megedit.eval import evaluate
     from megedit.models import load_encoder
     from megedit.stages.encoder import load_encoder_delta
-    from megedit.stages.fit_neurons import FitConfig, fit_neurons
+    from megedit.stages.fit_config import FitConfig
+    from megedit.stages.fit_neurons import fit_neurons
     from megedit.stages.generator import GeneratorConfig, train_generator
 
     model, tokenizer = load_model("smollm2", device="cpu")

@@ -20,7 +20,7 @@ from megedit.errors import ConfigError, MeGError
 from megedit.living import AddConfig, add_edits, remove_edits
 from megedit.io import file_sha256
 from megedit.pack import PACK_FILES, manifest_sha256, read_manifest
-from megedit.stages.fit_neurons import FitConfig
+from megedit.stages.fit_config import FitConfig
 from megedit.stages.router import Router, RouterConfig
 
 

@@ -14,7 +14,7 @@ from tiny import char_tokenizer, tiny_encoder, tiny_model
 from megedit import EditedModel, MeGConfig, MeGEditor
 from megedit.data import EditRequest, LocalityQuery
 from megedit.errors import ConfigError, MeGError
-from megedit.stages.fit_neurons import FitConfig
+from megedit.stages.fit_config import FitConfig
 
 HERE = Path(__file__).resolve().parent
 

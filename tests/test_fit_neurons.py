@@ -10,7 +10,8 @@ from megedit.errors import ConfigError, MeGError
 from megedit.lm import decode
 from megedit.neuron import attach_neuron
 from megedit.stages import fit_neurons as stage
-from megedit.stages.fit_neurons import FitConfig, FitResult, fit_neurons
+from megedit.stages.fit_config import FitConfig, FitResult
+from megedit.stages.fit_neurons import fit_neurons
 
 FMT = PromptFormat("raw")
 

@@ -75,7 +75,8 @@ def test_unedited_model_on_counterfact_keeps_locality_and_misses_the_new_targets
 def test_fitted_neurons_carry_their_edits_through_the_harness(smollm2, shared_data, tmp_path):
     from megedit import evaluate, load_requests
     from megedit.data.prompts import get_format
-    from megedit.stages.fit_neurons import FitConfig, fit_neurons, fitted_subject
+    from megedit.stages.fit_config import FitConfig
+    from megedit.stages.fit_neurons import fit_neurons, fitted_subject
 
     model, tokenizer = smollm2
     requests = load_requests("counterfact", shared_data / "counterfact/counterfact-edit.json", limit=8)

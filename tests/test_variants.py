@@ -12,7 +12,8 @@ from megedit.data import EditRequest
 from megedit.data.prompts import PromptFormat
 from megedit.errors import ConfigError, MeGError
 from megedit.neuron import attach_neuron
-from megedit.stages.fit_neurons import WORDING_SCHEDULES, FitConfig, fit_neurons
+from megedit.stages.fit_config import WORDING_SCHEDULES, FitConfig
+from megedit.stages.fit_neurons import fit_neurons
 from megedit.stages.fit_rows import length_groups, row_loss_and_success
 from megedit.stages.generator import Generator, GeneratorConfig, train_generator
 from megedit.stages.variants import (build_variants, context_prefixes, excluded_templates, paraphrase_templates,

@@ -13,7 +13,7 @@ from .errors import ConfigError
 from .io import parse_text
 from .settings import check_settings, setting
 from .stages.encoder import EncoderConfig
-from .stages.fit_neurons import FitConfig
+from .stages.fit_config import FitConfig
 from .stages.generator import GeneratorConfig
 from .stages.router import RouterConfig
 from .stages.routing import RoutingConfig

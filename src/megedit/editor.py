@@ -34,7 +34,8 @@ from .parallel import check_forkable, ranks
 from .runtime.subject import vector_table_subject
 from .stages.encoder import (encoder_delta_record, load_encoder_delta, train_encoder, training_triples,
                              write_encoder_delta)
-from .stages.fit_neurons import FitResult, fit_neurons
+from .stages.fit_config import FitResult
+from .stages.fit_neurons import fit_neurons
 from .stages.generator import Generator, train_generator
 from .stages.router import Router
 from .stages.routing import fit_router, split_for_edits

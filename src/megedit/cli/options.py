@@ -157,7 +157,7 @@ def add_fit_flags(parser) -> None:
 
 
 def fit_config(args, layer: int | None):
-    from ..stages.fit_neurons import FitConfig
+    from ..stages.fit_config import FitConfig
 
     return FitConfig(**{**overrides(args).get("fit", {}), "layer": layer})
 
