@@ -42,6 +42,10 @@ plain (the same edit sets and stages): the plain negatives' extra margin (routin
 0.05: the harness's three query kinds, every plain prompt about each edit's subject and bench/subject_probes.py's
 questions fire under each.
 
+gate (the same edit sets and stages): the question gate's threshold (routing.router.question_gate), off and 0.3
+to 0.6: the harness's three query kinds, every plain prompt about each edit's subject, bench/subject_probes.py's
+questions and its free-form questions in sentence form (FREE_FORM) fire under each.
+
 misses (the same edit sets and stages): why each edit's first rephrase does not fire its edit: it fires
 another edit, lies beyond epsilon, or a negative holds it back (the negative's kind, and whether it was
 drawn for this edit or another).
@@ -52,7 +56,7 @@ message: 24 tokens instead of 40 on SmolLM2; a lower chat margin; fewer paraphra
 RelAG, GenAG and the chat rates (chats always in the template's default form).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/real_use_levers.py [routing] [answers] [costs] [margin[=SET,...]]
-        [calibration] [neighbours] [unknown] [wordings[=SET,...]] [plain] [misses]
+        [calibration] [neighbours] [unknown] [wordings[=SET,...]] [plain] [gate] [misses]
 
 Result: bench/results/real-use-levers.json; caches in bench/results/cases/real-use-levers/.
 """
@@ -94,6 +98,8 @@ NEGATIVE_WORDINGS = [(16, 1, 0.0), (None, 1, 0.0), (None, 4, 0.0), (None, 4, 0.0
                      (None, None, 0.02), (None, None, 0.05), (None, None, 0.08)]
 # plain: the extra margin of the plain negatives ("Tell me about X."), which terse questions lie near
 PLAIN_MARGINS = (0.0, 0.02, 0.035, 0.05)
+# (question_gate, question_gate_lone)
+GATE_SETTINGS = ((None, None), (0.3, 0.3), (0.35, 0.35), (0.4, 0.4), (0.5, 0.5), (0.4, 0.3), (0.4, 0.25), (0.4, 0.2))
 NEGATIVE_KINDS = {"other": "other-relation", "plain": "plain", "same": "same-relation"}  # negative_groups' kinds
 # (label, FitConfig overrides): what the chat wording costs in stage A with its other wordings, and cheaper forms
 COSTS = [("no chat wording", {"chat_wording": False}), ("defaults", {}),
@@ -355,6 +361,56 @@ def plain_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
     return rows
 
 
+def gate_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
+    """The question gate's thresholds on bench/meg.py's edit sets with their default stages B and C: per query
+    kind, the share that fires an edit and its own edit once the gate has held back what it rejects. Each set
+    twice: the edits' own questions as a fit builds them, and blind (the prompt alone for every edit, as for an
+    edit whose relation the pool does not know)."""
+    from subject_probes import FREE_FORM, QUESTIONS, asks_it
+
+    from megedit import MeGEditor
+    from megedit.data.specificity import PLAIN_SUBJECT_PROMPTS, relation_wordings
+    from megedit.stages.question_gate import QuestionGate, question_of
+
+    rows = []
+    for name in sets:
+        config, edits, routing, pool = meg_set_stage_c(model, tokenizer, name)
+        router, encoder, wordings = routing["router"], routing["encoder"], relation_wordings(pool)
+        variants = MeGEditor(model, tokenizer, config, progress=False).variants(edits, pool)[0]
+        about = [(k, r.subject) for k, r in enumerate(edits) if r.subject]
+        queries = probe_queries(edits) | {
+            "plain": [(p.format(s), k) for p in PLAIN_SUBJECT_PROMPTS for k, s in about],
+            "questions": [(q.format(r.subject), k) for q, w in QUESTIONS if w is not None
+                          for k, r in enumerate(edits) if r.subject and not asks_it(w, wordings)(r)],
+            "free_form": [(q.format(s), k) for q in FREE_FORM for k, s in about]}
+        routed = {}
+        for kind, (emb, owners) in embed_queries(encoder, queries).items():
+            near = router.nearest_edit(emb)
+            routed[kind] = (router.familiar(emb), torch.tensor([n == int(o) for n, o in zip(near, owners)]), near)
+        for blind in (False, True):
+            gate = QuestionGate(encoder, [r.subject for r in edits], [r.prompt for r in edits],
+                                [() if blind else v for v in variants], 0.0)
+            similarity = {kind: gate.similarity([queries[kind][i][0] for i in fired.nonzero().flatten().tolist()],
+                                                [near[i] for i in fired.nonzero().flatten().tolist()])
+                          for kind, (fired, _, near) in routed.items()}
+            lone_edits = sum(len({question_of(q, r.subject) for q in gate.questions[k]} - {None}) == 1
+                             for k, r in enumerate(edits))
+            for threshold, lone in GATE_SETTINGS:
+                gate.threshold, gate.lone_threshold = threshold, lone
+                row = {"edits": name, "n_edits": len(edits), "blind": blind, "question_gate": threshold,
+                       "question_gate_lone": lone, "epsilon": router.epsilon,
+                       "lone_edits": lone_edits}
+                for kind, (fired, own, near) in routed.items():
+                    kept = fired.clone()
+                    for i, sim in zip(fired.nonzero().flatten().tolist(), similarity[kind]):
+                        kept[i] = threshold is None or sim is None or sim >= gate.threshold_of(near[i])
+                    row[kind] = {"n": len(kept), "fires": 100.0 * float(kept.float().mean()),
+                                 "fires_own_edit": 100.0 * float((kept & own).float().mean())}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    return rows
+
+
 def miss_reasons(model, tokenizer, sets: Sequence[str]) -> list[dict]:
     """Why an edit's first rephrase does or does not fire its edit, on bench/meg.py's edit sets with their
     default stages B and C: it fires its own edit or another; it lies beyond epsilon; or a negative holds it
@@ -490,13 +546,15 @@ def main() -> int:
         result["wordings"] = {"rows": kept + rows}
     if "plain" in parts:
         result["plain"] = {"rows": plain_rates(model, tokenizer, MARGIN_SETS)}
+    if "gate" in parts:
+        result["gate"] = {"rows": gate_rates(model, tokenizer, MARGIN_SETS)}
     if "misses" in parts:
         result["misses"] = {"rows": miss_reasons(model, tokenizer, MARGIN_SETS)}
     if "costs" in parts:
         result["costs"] = {"n_edits": 64, "rows": answer_costs(model, tokenizer, 64)}
     result |= {"model": "smollm2", "seed": 0, "threads": torch.get_num_threads()}
     data = {name: SHARED / f"{name}.json" for name in ("counterfact-edit", "counterfact-train")}
-    if parts & {"margin", "calibration", "neighbours", "unknown", "wordings", "plain", "misses"}:
+    if parts & {"margin", "calibration", "neighbours", "unknown", "wordings", "plain", "gate", "misses"}:
         data["zsre"] = SHARED.parent / "zsre/zsre_mend_train-1k.json"
     write_result(OUT, result, model="smollm2", fingerprint=model_fingerprint(model), n=None, seed=0, method="meg",
                  config=None, data=data, unknown={"n": "each part's own (its n_edits or rows)",

@@ -48,6 +48,12 @@ QUESTIONS = [
     ("{} is known for their work in", "{} works in the field of"),
     ("What language does {} speak?", "The native language of {} is"),
 ]
+# other questions about a subject in sentence form, written for megedit; none asks a relation of CounterFact
+# or ZsRE (their answers are years, numbers, materials, weather): bench/real_use_levers.py gate
+FREE_FORM = ["{} was built in the year", "{} was founded in the year", "How old is {}?",
+             "The population of {} is about", "{} has been around since the year", "What is {} made of?",
+             "The size of {} is", "How many people visit {} each year?", "The most interesting fact about {} is",
+             "{} became famous in the year", "The weather in {} is usually"]
 
 
 def asks_it(wording: str | None, wordings):

@@ -114,6 +114,28 @@ def levers_plain_table() -> str:
                               order=lambda r: SETS.index(r["edits"]))
 
 
+def levers_gate_table() -> str:
+    """bench/real_use_levers.py, gate: the question gate's thresholds, each edit set with its edits' own questions
+    as fitted (one threshold for every edit, then the defaults' pair), and the two CounterFact sets blind (each
+    edit's prompt alone: the lone threshold at work, under the gate's 0.4)."""
+    def shown(r) -> bool:
+        if not r["blind"]:
+            return r["question_gate_lone"] == r["question_gate"] or r["question_gate_lone"] == 0.2
+        return r["edits"] != "zsre" and r["question_gate"] in (None, 0.4)  # ZsRE's edits have their prompt alone
+
+    def gate(r) -> str:
+        if r["question_gate"] is None:
+            return "off"
+        lone = "" if r["question_gate_lone"] == r["question_gate"] else f", lone {r['question_gate_lone']:g}"
+        return f"{r['question_gate']:g}{lone}"
+
+    return _levers_fire_table("gate", ["edits", "N", "each edit's questions", "question gate"], lambda r: [
+        r["edits"], f"{r['n_edits']:,}", "prompt alone" if r["blind"] else f"as fitted ({r['lone_edits']:,} alone)",
+        gate(r)], ["plain prompts about the subject fire %", "subject questions fire %", "free-form questions fire %"],
+        lambda r: [f"{r[k]['fires']:.1f}" for k in ("plain", "questions", "free_form")],
+        order=lambda r: (SETS.index(r["edits"]), r["blind"]), keep=shown)
+
+
 def levers_wordings_table() -> str:
     """bench/real_use_levers.py, wordings: an edit's other-relation negatives, and the mean firing of
     bench/subject_probes.py's questions about its subject, grouped by where the question stands."""
@@ -152,13 +174,14 @@ FIRE_HEADER = ["rephrases fire their edit %", "specificity probes fire %", "loca
 
 
 def _levers_fire_table(part: str, header: list[str], lead, tail_header: list[str] = (), tail=lambda r: [],
-                       order=None) -> str:
+                       order=None, keep=lambda r: True) -> str:
     """A part of bench/real_use_levers.py's result as a table: each row's own columns (`lead`), then
     the three query kinds' firing rates, then any more (`tail`); rows in file order, or sorted by `order`."""
     levers = load_one("real-use-levers.json")
     if levers is None or part not in levers:
         return f"(not run yet: bench/real_use_levers.py {part})"
-    rows = sorted(levers[part]["rows"], key=order) if order else levers[part]["rows"]
+    rows = [r for r in levers[part]["rows"] if keep(r)]
+    rows = sorted(rows, key=order) if order else rows
     rows = [lead(r) + [f"{r['rephrase']['fires_own_edit']:.1f}", f"{r['specificity']['fires']:.1f}",
                        f"{r['locality']['fires']:.1f}"] + tail(r) for r in rows]
     return _table(header + FIRE_HEADER + list(tail_header), rows)

@@ -69,11 +69,15 @@ def test_demo_then_generate_eval_and_inspect_on_the_saved_pack(tmp_path):
     scores = [line for line in out.stdout.splitlines() if line.startswith("| meg |")][0].split(" | ")
     assert float(scores[1]) >= 90 and float(scores[5]) == 100.0  # Reliability AG; Locality AG (routed off)
 
-    out = _run("generate", str(pack), "The capital of France is", "The number of days in a week is", timeout=300)
+    out = _run("generate", str(pack), "The capital of France is", "The number of days in a week is",
+               "The Eiffel Tower was built in the year", timeout=300)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[1].strip() == "edited: Rome" and lines[2].strip() == "base:   Paris."
     assert lines[5].strip() == lines[6].strip().replace("base:  ", "edited:")  # unrelated: unchanged
+    # another question about an edited subject, near the edit: the question gate keeps the base answer
+    assert lines[9].strip() == lines[10].strip().replace("base:  ", "edited:")
+    assert "another question about its subject" in lines[11]
 
     data = tmp_path / "one.jsonl"
     data.write_text(json.dumps({"prompt": "The capital of France is", "target": "Rome",

@@ -72,6 +72,12 @@ def test_a_rerun_reuses_every_stage_and_a_changed_setting_reruns_only_what_depen
     other = MeGEditor(model, tok, _config(train_steps=30), encoder=tiny_encoder(), progress=False).fit(EDITS, work, POOL)
     other.close()
     assert [len(list((work / s).iterdir())) for s in ("fit-neurons", "routing", "generator")] == [1, 1, 2]
+    gated = _config()
+    gated.routing.router.question_gate, gated.routing.router.question_gate_lone = 0.7, 0.5
+    gated = MeGEditor(model, tok, gated, encoder=tiny_encoder(), progress=False).fit(EDITS, work, POOL)
+    gated.close()  # the gate acts on queries after stage C: stage C is reused and takes the new thresholds
+    assert (gated.router.config.question_gate, gated.router.config.question_gate_lone) == (0.7, 0.5)
+    assert [len(list((work / s).iterdir())) for s in ("fit-neurons", "routing", "generator")] == [1, 1, 2]
 
 
 def test_another_edit_set_in_the_same_work_dir_reuses_fitted_edits_and_the_encoder(fitted, caplog):

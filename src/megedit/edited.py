@@ -35,6 +35,7 @@ from .runtime.generation import check_row_vectors, generate_answers, streamer_ba
 from .runtime.subject import NeuronSubject, Query, attach_spec
 from .stages.encoder import load_encoder_delta, write_encoder_delta
 from .stages.generator import Generator
+from .stages.question_gate import QuestionGate
 from .stages.router import Router
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class EditedModel(NeuronSubject):
         self.prompt_format = get_format(prompt_format)
         self.config, self.record, self.sample_seed = config or {}, record or {}, sample_seed
         self.edits, self.history = edits, list(history or [])
+        self.gate = _question_gate(encoder, router, edits)
         self.stats = {"queries": 0, "familiar": 0, "route_s": 0.0, "generate_s": 0.0}
         self.max_prompt_tokens: int | None = None
 
@@ -94,9 +96,16 @@ class EditedModel(NeuronSubject):
 
     @torch.no_grad()
     def route(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(embeddings, router distance, familiar) for raw query texts."""
+        """(embeddings, router distance, familiar) for raw query texts; a query the question gate
+        holds back (stages/question_gate.py) is not familiar."""
         emb = self.encoder.encode(list(texts))
-        return emb, *self.router.route(emb)
+        distance, familiar = self.router.route(emb)
+        if self.gate is not None and familiar.any():
+            fired = familiar.nonzero().flatten().tolist()
+            nearest = self.router.nearest_edit(emb[fired])
+            for i, ok in zip(fired, self.gate.passes([texts[i] for i in fired], nearest)):
+                familiar[i] = ok
+        return emb, distance, familiar
 
     @torch.no_grad()
     def vectors_for(self, texts: Sequence[str]) -> torch.Tensor:
@@ -314,3 +323,12 @@ def _spec_and_format(path: Path, manifest: dict, generator: Generator) -> tuple[
         raise MeGError(f"{path}: the spec ({spec.variant} neuron, hidden size {spec.hidden}) takes vectors of length "
                        f"{spec.size}, the generator makes vectors of length {generator.length}")
     return spec, fmt
+
+
+def _question_gate(encoder: SentenceEncoder, router: Router, edits: EditTable | None) -> QuestionGate | None:
+    """The question gate of a nearest router whose edits' subjects are known, or None."""
+    threshold = getattr(router.config, "question_gate", None)
+    if threshold is None or router.bank is None or edits is None or not any(edits.subjects):
+        return None
+    return QuestionGate(encoder, edits.subjects, edits.prompts, edits.wordings, threshold,
+                        router.config.question_gate_lone)

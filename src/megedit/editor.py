@@ -196,7 +196,9 @@ class MeGEditor:
         """Stages B and C on `requests` (and their other wordings), cached in `work_dir`: ({"encoder",
         "encoder_record", "router", "record"}, its cache key, its timing record)."""
         config = self.config.routing
-        key = _digest({"encoder": self.config.encoder, "routing": dataclasses.asdict(config),
+        settings = dataclasses.asdict(config)
+        gate = {k: settings["router"].pop(k) for k in ("question_gate", "question_gate_lone")}  # after stage C
+        key = _digest({"encoder": self.config.encoder, "routing": settings,
                        "edits": [r.prompt for r in requests], "pool": _records(pool),
                        **({"wordings": [list(v) for v in variants]} if any(variants) else {})})
         folder = work_dir / "routing" / key
@@ -214,6 +216,7 @@ class MeGEditor:
                                         wordings=variants, calibration_wordings=calibration_wordings)
             router.save(folder / "router.safetensors")
             atomic_write_json(done, record)  # written last: marks the stage done
+        router = dataclasses.replace(router, config=dataclasses.replace(router.config, **gate))
         log.info("stages B+C: epsilon %.3f (%s router)", router.epsilon, router.config.kind)
         return ({"encoder": encoder, "encoder_record": encoder_record, "router": router, "record": record}, key,
                 {"seconds": time.perf_counter() - start, "encoder": encoder_timing, "router_s": record["timing"]["router_s"]})

@@ -168,11 +168,31 @@ def run_generate(args) -> int:
     after = edited.generate(args.prompts, args.max_new_tokens, prompt_format=fmt)
     with edited.unedited():
         before = edited.generate(args.prompts, args.max_new_tokens, prompt_format=fmt)
-    _, distance, familiar = edited.route(args.prompts)
-    for prompt, b, a, d, f in zip(args.prompts, before, after, distance.tolist(), familiar.tolist()):
-        print(f"{prompt}\n  edited: {a}\n  base:   {b}\n  router: {'edit' if f else 'off'} "
-              f"(distance {max(d, 0.0):.3f}, epsilon {edited.router.epsilon:.3f})")
+    for prompt, b, a, why in zip(args.prompts, before, after, _router_lines(edited, args.prompts)):
+        print(f"{prompt}\n  edited: {a}\n  base:   {b}\n  router: {why}")
     return 0
+
+
+def _router_lines(edited, prompts: list[str]) -> list[str]:
+    """Per prompt, the router's decision and why: its distance against epsilon, and for a near
+    query that does not fire, whether the question gate or a negative held it back."""
+    emb, distance, familiar = edited.route(prompts)
+    near = (distance < edited.router.epsilon).tolist()
+    gate = [None] * len(prompts)
+    if edited.gate is not None and any(near):
+        rows = edited.router.nearest_edit(emb)
+        asked = [i for i, n in enumerate(near) if n and rows[i] is not None]
+        for i, s in zip(asked, edited.gate.similarity([prompts[i] for i in asked], [rows[i] for i in asked])):
+            gate[i] = s
+    lines = []
+    for d, f, n, s in zip(distance.tolist(), familiar.tolist(), near, gate):
+        why = f"distance {max(d, 0.0):.3f}, epsilon {edited.router.epsilon:.3f}"
+        if not f and n:
+            held = (f"another question about its subject (question cosine {s:.2f} < {edited.gate.threshold:.2f})"
+                    if s is not None and s < edited.gate.threshold else "held back by a negative")
+            why = f"{why}; {held}"
+        lines.append(f"{'edit' if f else 'off'} ({why})")
+    return lines
 
 
 def add_inspect(sub) -> None:

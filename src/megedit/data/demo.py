@@ -1,7 +1,9 @@
 """Data written for megedit and shipped with it:
 
 - the demo set: 12 counterfactual edits (famous places, people and things the small default model
-  knows) and a pseudo-edit pool of 40 true facts in the same style (no overlap with the edits);
+  knows) and a pseudo-edit pool of 40 true facts in the same style, each with its subject (no
+  overlap with the edits). Each edit's prompt wording is shared by two or more pool facts, so that
+  it gets paraphrase wordings; no pool rephrase is worded as an edit's test rephrase;
 - the fallback pool: 240 true facts over 24 relations, each with a subject, two rephrases and a
   locality prompt, every relation in one prompt wording and two rephrase wordings. It stands in
   when a user's facts come without paraphrases and no pool is given.

@@ -87,6 +87,15 @@ class RouterConfig:
     unknown_relation_margin: float = setting(0.02, at_least=0, at_most=2, help=(
         "nearest: added to negative_margin for the negatives of an edit whose relation the pool does not know "
         "(a question of its own: one of them may ask it in other words)"))
+    # chosen on the first 1,024 counterfact-edit.json edits (bench/real_use_levers.py gate): free-form questions
+    # about an edit's subject fire it 18% of the time, 4% with the gate, and no rephrase is lost; the same edits
+    # with their prompt alone keep all but 1.6 points of rephrases at 0.2 (docs/method.md#the-question-gate)
+    question_gate: float | None = setting(0.4, at_least=-1, at_most=1, help=(
+        "nearest: a query that names its edit's subject fires only when its question (the subject masked) has "
+        "at least this cosine to one of the edit's own (stages/question_gate.py); null: no gate"))
+    question_gate_lone: float | None = setting(0.2, at_least=-1, at_most=1, help=(
+        "nearest: question_gate for an edit whose only question is its prompt (no paraphrase wordings); null: "
+        "question_gate"))
     calibration_wordings: bool = setting(False, help=(
         "calibration: the mirror router holds every wording (the edits' other wordings and the calibration "
         "records' own), as the deployed router holds the edits'; false: prompts only"))

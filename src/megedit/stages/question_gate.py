@@ -1,0 +1,85 @@
+"""The question gate: an edit fires only where its own question is asked about its subject.
+
+The router's embeddings are dominated by named entities, so any question about an edited subject
+("The Eiffel Tower was built in the year") can land within epsilon of the edit ("The Eiffel Tower
+is located in the city of"). The router's negatives hold back the other questions a pseudo-edit
+pool knows; the gate holds back the ones it does not. For a query that fires an edit and names
+that edit's subject, the question is the query's sentence with the subject replaced by a pronoun
+("it was built in the year"). The query passes when that question's cosine to one of the edit's
+own questions (its prompt and wordings, masked the same way) is at least the threshold. An edit
+with a single question of its own (no paraphrase wordings: a relation the pool does not know) has
+fewer chances to match a rephrase, so it gets a threshold of its own (`lone_threshold`). Queries
+that do not name the subject (a paraphrase by another name, a locality prompt) and edits whose
+subject is unknown pass unchanged.
+
+Both sides are embedded by the pack's encoder. An edit's questions are embedded the first time a
+query fires it, then kept.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import torch
+
+PLACEHOLDER = "it"  # reads as a question about something; an "X" keeps more of the entity's weight
+_SENTENCE_END = re.compile(r"[.!?]\s|\n")
+
+
+def question_of(text: str, subject: str | None) -> str | None:
+    """The sentence of `text` that names `subject` last, the subject replaced by the placeholder; None
+    when the subject is unknown or not named (case-insensitive)."""
+    if not subject:
+        return None
+    at = text.lower().rfind(subject.lower())
+    if at < 0:
+        return None
+    ends = [m.end() for m in _SENTENCE_END.finditer(text, 0, at)]
+    start = ends[-1] if ends else 0
+    return f"{text[start:at]}{PLACEHOLDER}{text[at + len(subject):]}".strip()
+
+
+class QuestionGate:
+    """Which fired queries ask their edit's own question (module docstring). Per edit row: its subject
+    (or None), its prompt and its other wordings; a wording that is the prompt after a context prefix
+    adds no question of its own and is left out."""
+
+    def __init__(self, encoder, subjects: Sequence[str | None], prompts: Sequence[str],
+                 wordings: Sequence[Sequence[str]], threshold: float, lone_threshold: float | None = None) -> None:
+        self.encoder, self.subjects, self.threshold = encoder, subjects, threshold
+        self.questions = [(p, *(w for w in ws if not w.endswith(" " + p))) for p, ws in zip(prompts, wordings)]
+        self.lone_threshold = threshold if lone_threshold is None else lone_threshold
+        self._keys: dict[int, torch.Tensor | None] = {}
+
+    def threshold_of(self, row: int) -> float:
+        """The threshold for edit row `row` (its questions embedded): `lone_threshold` for one question."""
+        keys = self._keys.get(row)
+        return self.lone_threshold if keys is not None and len(keys) == 1 else self.threshold
+
+    def similarity(self, texts: Sequence[str], rows: Sequence[int]) -> list[float | None]:
+        """Per query, its question's best cosine to its edit row's own questions; None where the gate
+        does not apply (the query or the edit does not name the subject)."""
+        asked = [question_of(t, self.subjects[r]) for t, r in zip(texts, rows)]
+        self._embed_keys({r for r, q in zip(rows, asked) if q is not None})
+        todo = [i for i, (q, r) in enumerate(zip(asked, rows)) if q is not None and self._keys[r] is not None]
+        out: list[float | None] = [None] * len(texts)
+        if todo:
+            embedded = self.encoder.encode([asked[i] for i in todo], progress=False).float()
+            for i, e in zip(todo, embedded):
+                out[i] = float((self._keys[rows[i]] @ e).max())
+        return out
+
+    def passes(self, texts: Sequence[str], rows: Sequence[int]) -> list[bool]:
+        """Per query (fired, `rows` its edit's row): whether the gate lets it through."""
+        return [s is None or s >= self.threshold_of(r) for s, r in zip(self.similarity(texts, rows), rows)]
+
+    def _embed_keys(self, rows: set[int]) -> None:
+        todo = sorted(r for r in rows if r not in self._keys)
+        masked = {r: list(dict.fromkeys(m for m in (question_of(q, self.subjects[r]) for q in self.questions[r]) if m))
+                  for r in todo}
+        flat = [m for r in todo for m in masked[r]]
+        sizes = [len(masked[r]) for r in todo if masked[r]]
+        blocks = iter(self.encoder.encode(flat, progress=False).float().split(sizes)) if flat else iter(())
+        for r in todo:
+            self._keys[r] = next(blocks) if masked[r] else None
