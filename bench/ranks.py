@@ -7,7 +7,8 @@ counterfact-train.json, defaults, seed 0, SmolLM2), each arm from an empty work 
 Arms, one after the other: 1 rank on 1 thread, 1 rank on 2 threads, 2 ranks on 1 thread each
 (torchrun's own setting). The first and the last must give the same vectors to the bit (the same
 thread count per process); the speed-ups compare the last with the other two. Run it with nothing
-else on the machine: the load average before each arm is recorded. bench/update_readme.py shows it.
+else on the machine: the load average before each arm is recorded. bench/update_readme.py shows it
+(docs/results.md, table ranks).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def main() -> int:
     result = {"n": args.limit, "data": f"counterfact:{CF_EDIT.name}", "pool": f"counterfact:{CF_TRAIN.name}",
               "model": "smollm2", "seed": 0, "cpus": os.cpu_count(), "arms": arms,
               "same_vectors_as_one_rank_one_thread": bool((vectors[0] == vectors[2]).all()),
+              "same_metrics_as_one_rank_one_thread": one_thread["metrics"] == two_ranks["metrics"],
               "max_vector_difference_two_threads": float((vectors[1] - vectors[2]).abs().max()),
               "speedup_vs_one_thread": one_thread["seconds"] / two_ranks["seconds"],
               "speedup_vs_two_threads": two_threads["seconds"] / two_ranks["seconds"]}

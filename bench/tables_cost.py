@@ -178,6 +178,22 @@ def processes_table() -> str:
                    "eval speed-up", "fit success %", "RelAG", "GenAG", "largest vector difference"], rows)
 
 
+def ranks_table() -> str:
+    """bench/ranks.py: stage A and the fitted vectors' evaluation under torchrun, 1 rank against 2."""
+    rows = []
+    for r in _load("ranks-cf-*.json"):
+        for arm in r["arms"]:
+            two = arm["ranks"] == 2
+            rows.append([f"{r['n']:,}", f"{arm['ranks']} x {arm['threads_each']} thread(s)", f"{arm['load_before']:.1f}",
+                         f"{arm['seconds']:.0f}", f"{arm['stage_a_s']:.0f}", f"{arm['eval_s']:.0f}",
+                         f"{arm['metrics']['reliability']['ag']:.1f}", f"{arm['metrics']['generality']['ag']:.1f}",
+                         f"{r['speedup_vs_one_thread']:.2f}x / {r['speedup_vs_two_threads']:.2f}x" if two else "—",
+                         ("yes" if r["same_vectors_as_one_rank_one_thread"] else "no") if two else "—",
+                         ("yes" if r.get("same_metrics_as_one_rank_one_thread") else "no") if two else "—"])
+    return _table(["N", "ranks x threads", "load average before", "wall s", "stage A s", "eval s", "RelAG", "GenAG",
+                   "speed-up against 1 x 1 / 1 x 2", "vectors as 1 x 1", "scores as 1 x 1"], rows)
+
+
 def encoder_speed_table() -> str:
     """bench/encoder_speed.py: the sentence encoder's training and encoding at two revisions, side by side."""
     rows = []

@@ -20,8 +20,8 @@ from result_schema import read  # noqa: E402
 from tables_common import (METRICS, ROOT, RESULTS, load as _load, load_one, load_records,  # noqa: E402
                            metric as _metric, revisions, table as _table)
 from tables_cost import (encoder_speed_table, eval_cost_table, fit_scale_table, fit_speed_table,  # noqa: E402
-                         meg_cost_table, meg_throughput_table, pipeline_table, processes_table, stage_a_cost_table,
-                         stage_a_quiet_table, stage_a_restart_table, stage_a_warm_table)
+                         meg_cost_table, meg_throughput_table, pipeline_table, processes_table, ranks_table,
+                         stage_a_cost_table, stage_a_quiet_table, stage_a_restart_table, stage_a_warm_table)
 from tables_summary import in_short_table  # noqa: E402
 from tables_real_use import (levers_answers_table, levers_calibration_table, levers_costs_table,  # noqa: E402
                              levers_gate_table, levers_margin_table, levers_misses_table, levers_neighbours_table,
@@ -480,6 +480,7 @@ TABLES = {"headline": headline_table, "real-use": real_use_table, "subject-probe
           "levers-neighbours": levers_neighbours_table, "levers-unknown": levers_unknown_table,
           "levers-plain": levers_plain_table,
           "levers-gate": levers_gate_table,
+          "ranks": ranks_table,
           "levers-wordings": levers_wordings_table, "own-facts": own_facts_table, "levers-costs": levers_costs_table,
           "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table,
           "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table,
