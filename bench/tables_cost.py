@@ -178,18 +178,26 @@ def processes_table() -> str:
                    "eval speed-up", "fit success %", "RelAG", "GenAG", "largest vector difference"], rows)
 
 
+SPEEDUPS = ("speedup_vs_one_thread", "speedup_vs_two_threads")
+SAME = ("same_vectors_as_one_rank_one_thread", "same_metrics_as_one_rank_one_thread")
+
+
+def _yes_no(value: bool | None) -> str:
+    return "—" if value is None else "yes" if value else "no"
+
+
 def ranks_table() -> str:
     """bench/ranks.py: stage A and the fitted vectors' evaluation under torchrun, 1 rank against 2."""
     rows = []
     for r in _load("ranks-cf-*.json"):
         for arm in r["arms"]:
             two = arm["ranks"] == 2
-            rows.append([f"{r['n']:,}", f"{arm['ranks']} x {arm['threads_each']} thread(s)", f"{arm['load_before']:.1f}",
+            rows.append([f"{r['n']:,}", f"{arm['ranks']} x {arm['threads_each']} thread(s)",
+                         f"{arm['load_before']:.1f}",
                          f"{arm['seconds']:.0f}", f"{arm['stage_a_s']:.0f}", f"{arm['eval_s']:.0f}",
                          f"{arm['metrics']['reliability']['ag']:.1f}", f"{arm['metrics']['generality']['ag']:.1f}",
-                         f"{r['speedup_vs_one_thread']:.2f}x / {r['speedup_vs_two_threads']:.2f}x" if two else "—",
-                         ("yes" if r["same_vectors_as_one_rank_one_thread"] else "no") if two else "—",
-                         ("yes" if r.get("same_metrics_as_one_rank_one_thread") else "no") if two else "—"])
+                         " / ".join(f"{r[k]:.2f}x" if k in r else "—" for k in SPEEDUPS) if two else "—",
+                         *(_yes_no(r.get(k)) if two else "—" for k in SAME)])
     return _table(["N", "ranks x threads", "load average before", "wall s", "stage A s", "eval s", "RelAG", "GenAG",
                    "speed-up against 1 x 1 / 1 x 2", "vectors as 1 x 1", "scores as 1 x 1"], rows)
 

@@ -52,7 +52,8 @@ def test_the_gate_passes_the_edits_own_question_and_holds_back_another_about_its
 
 def test_an_edit_with_its_prompt_alone_gets_the_lone_threshold_and_prefixed_prompts_add_nothing():
     gate = QuestionGate(WordsEncoder(), ["Rome", "Paris"], ["Rome lies in", "Paris is the capital of"],
-                        [("Some words first. Rome lies in",), ("Paris is a city in",)], threshold=0.9, lone_threshold=0.1)
+                        [("Some words first. Rome lies in",), ("Paris is a city in",)], threshold=0.9,
+                        lone_threshold=0.1)
     assert gate.questions == [("Rome lies in",), ("Paris is the capital of", "Paris is a city in")]
     texts = ["Rome was built in the year", "Paris was built in the year"]
     assert gate.passes(texts, [0, 1]) == [True, False]
@@ -102,4 +103,4 @@ def test_a_fitted_pack_gates_by_its_router_setting(setup, load, threshold):  # n
 
     gate = _question_gate(edited.encoder, edited.router, edited.edits)
     assert (gate is None) == (threshold is None)
-    assert gate is None or gate.threshold == threshold and gate.lone_threshold == 0.2 and gate.subjects[0] == "Kp7"
+    assert gate is None or (gate.threshold, gate.lone_threshold, gate.subjects[0]) == (threshold, 0.2, "Kp7")
