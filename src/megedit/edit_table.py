@@ -4,10 +4,10 @@ pack without refitting it (docs/living-edits.md).
 Row i is the edit whose prompt is row i of the nearest router's bank, so the router's nearest
 index names an edit. Per edit: its case id, prompt and target, the other wordings stage A fitted
 with the prompt, its fitted neuron vector and whether the fit passed, its subject (what the question
-gate masks; None: not known); and, where known, the
-condition embeddings of its prompt and wordings (the pack's encoder's, stored as float16), so that
-adding edits to a pack encodes only the new edits' wordings, not the whole pack's again. The
-generator's training pairs are built from these, each wording mapped to its edit's vector.
+gate masks; None where not known); and, where known, the condition embeddings of its prompt and
+wordings (the pack's encoder's, stored as float16), so that adding edits to a pack encodes only the
+new edits' wordings, not the whole pack's again. The generator's training pairs are built from
+these, each wording mapped to its edit's vector.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ class EditTable:
         return len(self.case_ids)
 
     def requests(self, rows: Sequence[int] | None = None) -> list[EditRequest]:
-        """The edits (of `rows`, default all) as requests: prompt and target; their test queries are not kept."""
+        """The edits (of `rows`, default all) as requests: prompt, target and subject; their test queries are
+        not kept."""
         rows = range(len(self)) if rows is None else rows
         return [EditRequest(self.case_ids[i], self.prompts[i], self.targets[i], subject=self.subjects[i])
                 for i in rows]

@@ -197,7 +197,8 @@ class MeGEditor:
         "encoder_record", "router", "record"}, its cache key, its timing record)."""
         config = self.config.routing
         settings = dataclasses.asdict(config)
-        gate = {k: settings["router"].pop(k) for k in ("question_gate", "question_gate_lone")}  # after stage C
+        # the question gate acts on queries after stage C: not part of its key, set on the router it gives
+        gate = {k: settings["router"].pop(k) for k in ("question_gate", "question_gate_lone")}
         key = _digest({"encoder": self.config.encoder, "routing": settings,
                        "edits": [r.prompt for r in requests], "pool": _records(pool),
                        **({"wordings": [list(v) for v in variants]} if any(variants) else {})})
