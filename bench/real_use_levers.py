@@ -370,7 +370,7 @@ def gate_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
 
     from megedit import MeGEditor
     from megedit.data.specificity import PLAIN_SUBJECT_PROMPTS, relation_wordings
-    from megedit.stages.question_gate import QuestionGate, question_of
+    from megedit.stages.question_gate import QuestionGate
 
     rows = []
     for name in sets:
@@ -383,26 +383,25 @@ def gate_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
             "questions": [(q.format(r.subject), k) for q, w in QUESTIONS if w is not None
                           for k, r in enumerate(edits) if r.subject and not asks_it(w, wordings)(r)],
             "free_form": [(q.format(s), k) for q in FREE_FORM for k, s in about]}
-        routed = {}
+        routed = {}  # per kind: which queries fire, whether their nearest edit is their own, and which fire (rows)
         for kind, (emb, owners) in embed_queries(encoder, queries).items():
-            near = router.nearest_edit(emb)
-            routed[kind] = (router.familiar(emb), torch.tensor([n == int(o) for n, o in zip(near, owners)]), near)
+            near, fired = router.nearest_edit(emb), router.familiar(emb)
+            routed[kind] = (fired, torch.tensor([n == int(o) for n, o in zip(near, owners)]), near,
+                            fired.nonzero().flatten().tolist())
         for blind in (False, True):
             gate = QuestionGate(encoder, [r.subject for r in edits], [r.prompt for r in edits],
                                 [() if blind else v for v in variants], 0.0)
-            similarity = {kind: gate.similarity([queries[kind][i][0] for i in fired.nonzero().flatten().tolist()],
-                                                [near[i] for i in fired.nonzero().flatten().tolist()])
-                          for kind, (fired, _, near) in routed.items()}
-            lone_edits = sum(len({question_of(q, r.subject) for q in gate.questions[k]} - {None}) == 1
-                             for k, r in enumerate(edits))
+            similarity = {kind: gate.similarity([queries[kind][i][0] for i in at], [near[i] for i in at])
+                          for kind, (_, _, near, at) in routed.items()}
+            lone_edits = sum(len(gate.masked(k)) == 1 for k in range(len(edits)))
             for threshold, lone in GATE_SETTINGS:
                 gate.threshold, gate.lone_threshold = threshold, lone
                 row = {"edits": name, "n_edits": len(edits), "blind": blind, "question_gate": threshold,
                        "question_gate_lone": lone, "epsilon": router.epsilon,
                        "lone_edits": lone_edits}
-                for kind, (fired, own, near) in routed.items():
+                for kind, (fired, own, near, at) in routed.items():
                     kept = fired.clone()
-                    for i, sim in zip(fired.nonzero().flatten().tolist(), similarity[kind]):
+                    for i, sim in zip(at, similarity[kind]):
                         kept[i] = threshold is None or sim is None or sim >= gate.threshold_of(near[i])
                     row[kind] = {"n": len(kept), "fires": 100.0 * float(kept.float().mean()),
                                  "fires_own_edit": 100.0 * float((kept & own).float().mean())}

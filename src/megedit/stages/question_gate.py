@@ -18,13 +18,13 @@ query fires it, then kept.
 
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 import torch
 
+from ..data.wordings import sentence_start
+
 PLACEHOLDER = "it"  # reads as a question about something; an "X" keeps more of the entity's weight
-_SENTENCE_END = re.compile(r"[.!?]\s|\n")
 
 
 def question_of(text: str, subject: str | None) -> str | None:
@@ -35,9 +35,7 @@ def question_of(text: str, subject: str | None) -> str | None:
     at = text.lower().rfind(subject.lower())
     if at < 0:
         return None
-    ends = [m.end() for m in _SENTENCE_END.finditer(text, 0, at)]
-    start = ends[-1] if ends else 0
-    return f"{text[start:at]}{PLACEHOLDER}{text[at + len(subject):]}".strip()
+    return f"{text[sentence_start(text, at):at]}{PLACEHOLDER}{text[at + len(subject):]}".strip()
 
 
 class QuestionGate:
@@ -50,12 +48,19 @@ class QuestionGate:
         self.encoder, self.subjects, self.threshold = encoder, subjects, threshold
         self.questions = [(p, *(w for w in ws if not w.endswith(" " + p))) for p, ws in zip(prompts, wordings)]
         self.lone_threshold = threshold if lone_threshold is None else lone_threshold
-        self._keys: dict[int, torch.Tensor | None] = {}
+        self._masked: dict[int, list[str]] = {}  # per edit row, its distinct questions, subject masked
+        self._keys: dict[int, torch.Tensor | None] = {}  # their embeddings (None: no question names the subject)
 
     def threshold_of(self, row: int) -> float:
-        """The threshold for edit row `row` (its questions embedded): `lone_threshold` for one question."""
-        keys = self._keys.get(row)
-        return self.lone_threshold if keys is not None and len(keys) == 1 else self.threshold
+        """The threshold for edit row `row`: `lone_threshold` when it has one question of its own."""
+        return self.lone_threshold if len(self.masked(row)) == 1 else self.threshold
+
+    def masked(self, row: int) -> list[str]:
+        """Edit row `row`'s distinct own questions, its subject masked (those that name it)."""
+        if row not in self._masked:
+            found = (question_of(q, self.subjects[row]) for q in self.questions[row])
+            self._masked[row] = list(dict.fromkeys(m for m in found if m))
+        return self._masked[row]
 
     def similarity(self, texts: Sequence[str], rows: Sequence[int]) -> list[float | None]:
         """Per query, its question's best cosine to its edit row's own questions; None where the gate
@@ -76,10 +81,8 @@ class QuestionGate:
 
     def _embed_keys(self, rows: set[int]) -> None:
         todo = sorted(r for r in rows if r not in self._keys)
-        masked = {r: list(dict.fromkeys(m for m in (question_of(q, self.subjects[r]) for q in self.questions[r]) if m))
-                  for r in todo}
-        flat = [m for r in todo for m in masked[r]]
-        sizes = [len(masked[r]) for r in todo if masked[r]]
+        flat = [m for r in todo for m in self.masked(r)]
+        sizes = [len(self.masked(r)) for r in todo if self.masked(r)]
         blocks = iter(self.encoder.encode(flat, progress=False).float().split(sizes)) if flat else iter(())
         for r in todo:
-            self._keys[r] = next(blocks) if masked[r] else None
+            self._keys[r] = next(blocks) if self.masked(r) else None

@@ -17,7 +17,6 @@ Records without a subject, or whose wording no pool record shares, get prefixes 
 from __future__ import annotations
 
 import hashlib
-import re
 from collections import Counter, defaultdict
 from typing import Sequence
 
@@ -25,14 +24,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.requests import EditRequest
-from ..data.wordings import relation_template
+from ..data.wordings import relation_template, sentence_start
 from ..errors import ConfigError
 from ..lm import left_pad, model_device
 
 # starts for the context prefixes: plain, topic-free openings
 PREFIX_STARTS = ("The", "In", "It", "When", "This", "After", "Many", "Our", "She", "We", "There", "A")
 EXCLUDE_MODES = ("none", "own", "all")
-_SENTENCE_END = re.compile(r"[.!?]\s+|\n+")
 
 
 def rephrase_template(rephrase: str, subject: str | None) -> str | None:
@@ -40,9 +38,7 @@ def rephrase_template(rephrase: str, subject: str | None) -> str | None:
     context sentence) dropped, subject replaced by `{}`."""
     if not subject or subject not in rephrase:
         return None
-    at = rephrase.index(subject)
-    starts = [m.end() for m in _SENTENCE_END.finditer(rephrase, 0, at)]
-    return relation_template(rephrase[starts[-1] if starts else 0 :].strip(), subject)
+    return relation_template(rephrase[sentence_start(rephrase, rephrase.index(subject)):].strip(), subject)
 
 
 def paraphrase_templates(pool: Sequence[EditRequest], min_count: int = 2) -> dict[str, list[str]]:
