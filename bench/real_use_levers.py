@@ -138,6 +138,21 @@ def probe_queries(edits) -> dict[str, list[tuple[str, int]]]:
             "locality": [(r.locality[0].prompt, k) for k, r in enumerate(edits)]}
 
 
+def subject_queries(edits, wordings) -> dict[str, list[tuple[str, int]]]:
+    """`probe_queries` and, per edit with a subject, every plain prompt about it, bench/subject_probes.py's
+    questions (edits of the asked relation left out) and its free-form questions."""
+    from subject_probes import FREE_FORM, QUESTIONS, asks_it
+
+    from megedit.data.specificity import PLAIN_SUBJECT_PROMPTS
+
+    about = [(k, r.subject) for k, r in enumerate(edits) if r.subject]
+    return probe_queries(edits) | {
+        "plain": [(p.format(s), k) for p in PLAIN_SUBJECT_PROMPTS for k, s in about],
+        "questions": [(q.format(r.subject), k) for q, w in QUESTIONS if w is not None
+                      for k, r in enumerate(edits) if r.subject and not asks_it(w, wordings)(r)],
+        "free_form": [(q.format(s), k) for q in FREE_FORM for k, s in about]}
+
+
 def fire_rates(encoder, router, queries: dict) -> dict:
     """Per kind: how many queries fire an edit, and fire their own edit (percent)."""
     return embedded_fire_rates(router, embed_queries(encoder, queries))
@@ -366,10 +381,8 @@ def gate_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
     kind, the share that fires an edit and its own edit once the gate has held back what it rejects. Each set
     twice: the edits' own questions as a fit builds them, and blind (the prompt alone for every edit, as for an
     edit whose relation the pool does not know)."""
-    from subject_probes import FREE_FORM, QUESTIONS, asks_it
-
     from megedit import MeGEditor
-    from megedit.data.specificity import PLAIN_SUBJECT_PROMPTS, relation_wordings
+    from megedit.data.specificity import relation_wordings
     from megedit.stages.question_gate import QuestionGate
 
     rows = []
@@ -377,12 +390,7 @@ def gate_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
         config, edits, routing, pool = meg_set_stage_c(model, tokenizer, name)
         router, encoder, wordings = routing["router"], routing["encoder"], relation_wordings(pool)
         variants = MeGEditor(model, tokenizer, config, progress=False).variants(edits, pool)[0]
-        about = [(k, r.subject) for k, r in enumerate(edits) if r.subject]
-        queries = probe_queries(edits) | {
-            "plain": [(p.format(s), k) for p in PLAIN_SUBJECT_PROMPTS for k, s in about],
-            "questions": [(q.format(r.subject), k) for q, w in QUESTIONS if w is not None
-                          for k, r in enumerate(edits) if r.subject and not asks_it(w, wordings)(r)],
-            "free_form": [(q.format(s), k) for q in FREE_FORM for k, s in about]}
+        queries = subject_queries(edits, wordings)
         routed = {}  # per kind: which queries fire, whether their nearest edit is their own, and which fire (rows)
         for kind, (emb, owners) in embed_queries(encoder, queries).items():
             near, fired = router.nearest_edit(emb), router.familiar(emb)

@@ -136,6 +136,23 @@ def levers_gate_table() -> str:
         order=lambda r: (SETS.index(r["edits"]), r["blind"]), keep=shown)
 
 
+def levers_gated_margins_table() -> str:
+    """bench/gated_margins.py: the negatives' extra margins with the question gate behind them."""
+    record = load_one("gated-margins.json")
+    if record is None:
+        return "(not run yet: bench/gated_margins.py)"
+    rows = []
+    for r in sorted(record["rows"], key=lambda r: SETS.index(r["edits"])):
+        gate = "off" if r["question_gate"] is None else f"{r['question_gate']:g}, lone {r['question_gate_lone']:g}"
+        rows.append([r["edits"], f"{r['n_edits']:,}", "hidden" if r["blind"] else "as known",
+                     f"{r['unknown_relation_margin']:g}", f"{r['plain_margin']:g}", gate,
+                     f"{r['rephrase']['fires_own_edit']:.1f}",
+                     *(f"{r[k]['fires']:.1f}" for k in ("specificity", "locality", "plain", "questions", "free_form"))])
+    return _table(["edits", "N", "relations", "unknown-relation margin", "plain margin", "question gate"]
+                  + FIRE_HEADER + ["plain prompts about the subject fire %", "subject questions fire %",
+                                   "free-form questions fire %"], rows)
+
+
 def levers_wordings_table() -> str:
     """bench/real_use_levers.py, wordings: an edit's other-relation negatives, and the mean firing of
     bench/subject_probes.py's questions about its subject, grouped by where the question stands."""

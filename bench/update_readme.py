@@ -24,9 +24,9 @@ from tables_cost import (encoder_speed_table, eval_cost_table, fit_scale_table, 
                          stage_a_cost_table, stage_a_quiet_table, stage_a_restart_table, stage_a_warm_table)
 from tables_summary import in_short_table  # noqa: E402
 from tables_real_use import (levers_answers_table, levers_calibration_table, levers_costs_table,  # noqa: E402
-                             levers_gate_table, levers_margin_table, levers_misses_table, levers_neighbours_table,
-                             levers_plain_table, levers_routing_table, levers_unknown_table, levers_wordings_table,
-                             own_facts_table, real_use_table, subject_probes_table)
+                             levers_gate_table, levers_gated_margins_table, levers_margin_table, levers_misses_table,
+                             levers_neighbours_table, levers_plain_table, levers_routing_table, levers_unknown_table,
+                             levers_wordings_table, own_facts_table, real_use_table, subject_probes_table)
 
 
 def _where(edit: dict) -> str:
@@ -479,7 +479,7 @@ TABLES = {"headline": headline_table, "real-use": real_use_table, "subject-probe
           "levers-margin": levers_margin_table, "levers-calibration": levers_calibration_table,
           "levers-neighbours": levers_neighbours_table, "levers-unknown": levers_unknown_table,
           "levers-plain": levers_plain_table,
-          "levers-gate": levers_gate_table,
+          "levers-gate": levers_gate_table, "levers-gated-margins": levers_gated_margins_table,
           "ranks": ranks_table,
           "levers-wordings": levers_wordings_table, "own-facts": own_facts_table, "levers-costs": levers_costs_table,
           "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table,

@@ -28,8 +28,9 @@ class WordsEncoder:
 
 
 def test_the_question_is_the_sentence_naming_the_subject_with_the_subject_masked():
-    assert question_of("The Eiffel Tower was built in the year", "Eiffel Tower") == "The it was built in the year"
-    assert question_of("Noise first. Then: where is the eiffel tower?", "Eiffel Tower") == "Then: where is the it?"
+    assert question_of("The Eiffel Tower was built in the year", "Eiffel Tower") == "it was built in the year"
+    assert question_of("Noise first. Then: where is the eiffel tower?", "Eiffel Tower") == "Then: where is it?"
+    assert question_of("Theme of Paris", "Paris") == "Theme of it"  # an article only as a word of its own
     assert question_of("A line\nParis is the capital of", "Paris") == "it is the capital of"
     assert question_of("Where is Rome?", "Paris") is None
     assert question_of("Where is Rome?", None) is None and question_of("Where is Rome?", "") is None
@@ -38,12 +39,12 @@ def test_the_question_is_the_sentence_naming_the_subject_with_the_subject_masked
 def test_the_gate_passes_the_edits_own_question_and_holds_back_another_about_its_subject():
     words = WordsEncoder()
     gate = QuestionGate(words, ["Eiffel Tower", None], ["The Eiffel Tower is located in the city of", "Kp7:"],
-                        [("The Eiffel Tower stands in the city of",), ()], threshold=0.75)
+                        [("The Eiffel Tower stands in the city of",), ()], threshold=0.7)
     texts = ["The Eiffel Tower can be found in the city of", "The Eiffel Tower was built in the year",
              "The tower by the Seine was built in the year", "Kp7: was built in the year"]
     rows = [0, 0, 0, 1]
     similarity = gate.similarity(texts, rows)
-    assert similarity[0] > 0.75 > similarity[1] and similarity[2:] == [None, None]  # not named; subject unknown
+    assert similarity[0] > 0.7 > similarity[1] and similarity[2:] == [None, None]  # not named; subject unknown
     assert gate.passes(texts, rows) == [True, False, True, True]
     calls = words.calls
     gate.passes(texts[:2], rows[:2])

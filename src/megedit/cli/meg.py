@@ -178,18 +178,18 @@ def _router_lines(edited, prompts: list[str]) -> list[str]:
     query that does not fire, whether the question gate or a negative held it back."""
     emb, distance, familiar = edited.route(prompts)
     near = (distance < edited.router.epsilon).tolist()
-    gate = [None] * len(prompts)
+    gate: list[tuple[float | None, float]] = [(None, 0.0)] * len(prompts)  # (question cosine, its threshold)
     if edited.gate is not None and any(near):
         rows = edited.router.nearest_edit(emb)
         asked = [i for i, n in enumerate(near) if n and rows[i] is not None]
         for i, s in zip(asked, edited.gate.similarity([prompts[i] for i in asked], [rows[i] for i in asked])):
-            gate[i] = s
+            gate[i] = (s, edited.gate.threshold_of(rows[i]))
     lines = []
-    for d, f, n, s in zip(distance.tolist(), familiar.tolist(), near, gate):
+    for d, f, n, (s, threshold) in zip(distance.tolist(), familiar.tolist(), near, gate):
         why = f"distance {max(d, 0.0):.3f}, epsilon {edited.router.epsilon:.3f}"
         if not f and n:
-            held = (f"another question about its subject (question cosine {s:.2f} < {edited.gate.threshold:.2f})"
-                    if s is not None and s < edited.gate.threshold else "held back by a negative")
+            held = (f"another question about its subject (question cosine {s:.2f} < {threshold:.2f})"
+                    if s is not None and s < threshold else "held back by a negative")
             why = f"{why}; {held}"
         lines.append(f"{'edit' if f else 'off'} ({why})")
     return lines

@@ -20,22 +20,27 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import re
+
 import torch
 
 from ..data.wordings import sentence_start
 
 PLACEHOLDER = "it"  # reads as a question about something; an "X" keeps more of the entity's weight
+# an article right before the subject goes with it: "The it was painted by" leans on "The it" in every question
+_ARTICLE = re.compile(r"(?:^|(?<=\s))(?:the|a|an)\s+$", re.IGNORECASE)
 
 
 def question_of(text: str, subject: str | None) -> str | None:
-    """The sentence of `text` that names `subject` last, the subject replaced by the placeholder; None
-    when the subject is unknown or not named (case-insensitive)."""
+    """The sentence of `text` that names `subject` last, the subject (with an article right before it)
+    replaced by the placeholder; None when the subject is unknown or not named (case-insensitive)."""
     if not subject:
         return None
     at = text.lower().rfind(subject.lower())
     if at < 0:
         return None
-    return f"{text[sentence_start(text, at):at]}{PLACEHOLDER}{text[at + len(subject):]}".strip()
+    before = _ARTICLE.sub("", text[sentence_start(text, at):at])
+    return f"{before}{PLACEHOLDER}{text[at + len(subject):]}".strip()
 
 
 class QuestionGate:

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from ..data.requests import EditRequest, pool_apart_from
-from ..data.specificity import negative_groups, relation_wordings
+from ..data.specificity import RelationWordings, negative_groups, relation_wordings
 from ..errors import ConfigError
 from ..models import SentenceEncoder
 from ..settings import check_settings, setting
@@ -131,13 +131,14 @@ def _mirror_wordings(tuned: SentenceEncoder, embedded, owners: list[int], n_edit
     return torch.cat(parts), [*(owners if embedded is not None else []), *(n_edits + r for r in rows)]
 
 
-def edit_negatives(edits: Sequence[EditRequest], pool: Sequence[EditRequest],
-                   config: RoutingConfig) -> tuple[list[str], torch.Tensor]:
+def edit_negatives(edits: Sequence[EditRequest], pool: Sequence[EditRequest], config: RoutingConfig,
+                   wordings: RelationWordings | None = None) -> tuple[list[str], torch.Tensor]:
     """Every edit's negatives (data/specificity.py) as one list of distinct prompts, and each one's own
     margin: `other_relation_margin` for a prompt of another relation, `plain_margin` for a plain one,
     plus `unknown_relation_margin` where the edit asks a relation the pool does not know (its "other
-    relations" may hold the edit's own in other words); a prompt drawn for several edits keeps the smallest."""
-    router, wordings = config.router, relation_wordings(pool)
+    relations" may hold the edit's own in other words); a prompt drawn for several edits keeps the smallest.
+    `wordings`: the pool's relation wordings, when the caller has them (or another view of them)."""
+    router, wordings = config.router, wordings or relation_wordings(pool)
     groups = negative_groups(edits, pool, router.negatives, router.plain_negatives, config.seed,
                              router.same_relation_negatives, wordings, router.negative_wordings)
     margins: dict[str, float] = {}
