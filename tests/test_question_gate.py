@@ -105,3 +105,21 @@ def test_a_fitted_pack_gates_by_its_router_setting(setup, load, threshold):  # n
     gate = _question_gate(edited.encoder, edited.router, edited.edits)
     assert (gate is None) == (threshold is None)
     assert gate is None or (gate.threshold, gate.lone_threshold, gate.subjects[0]) == (threshold, 0.2, "Kp7")
+
+
+def test_generate_names_the_threshold_that_held_a_query_back(setup, load):  # noqa: F811
+    import dataclasses
+
+    from megedit.cli.meg import _router_lines
+
+    edited = load(setup[3])
+    edited.router = dataclasses.replace(edited.router, epsilon=2.0)  # every query near: the gate decides
+    prompt = EDITS[0].prompt
+    edited.edits.subjects[0] = prompt[:3]
+    edited.gate = QuestionGate(WordsEncoder(), edited.edits.subjects, edited.edits.prompts,
+                               [() for _ in edited.edits.prompts], threshold=0.99, lone_threshold=0.95)
+    asked_else = f"{prompt[:3]} is a word of"
+    if edited.router.nearest_edit(edited.encoder.encode([asked_else]))[0] != 0:
+        pytest.skip("the tiny encoder puts the query nearest another edit")
+    line = _router_lines(edited, [asked_else])[0]
+    assert line.startswith("off") and "< 0.95)" in line  # the edit has its prompt alone: the lone threshold
