@@ -67,6 +67,9 @@ LEVERS = [
                                                        "wording_schedule": "prompt-first"}),
     ("margin 2, 4 paraphrases, lr 0.3, prompt first", {"margin": 2.0, "paraphrases": 4, "lr": 0.3,
                                                        "wording_schedule": "prompt-first"}),
+    # an edit the pool has no paraphrase for (a relation it does not know): today's defaults otherwise
+    ("prompt alone, defaults", {"paraphrases": 0}),
+    ("prompt alone + 2 prefixes, defaults", {"paraphrases": 0, "prefixes": 2}),
 ]
 
 

@@ -48,6 +48,12 @@ def test_wordings_come_from_pool_records_of_the_same_relation_wording_minus_cont
     assert variants[0] == ("Zo Yu is a native speaker of", "Zo Yu spoke the language",
                            "Once upon a time. The mother tongue of Zo Yu is")
     assert variants[1] == ("Once upon a time. Who wrote Hamlet?",)  # prefixes only
+    # lone prefixes go to an edit with no paraphrase alone, and never lower `prefixes`
+    prefixes = ["Once upon a time.", "It was late."]
+    lone = build_variants([edit, no_subject], POOL_CF, prefixes, 5, 0, n_lone_prefixes=2)
+    assert lone[0] == ("Zo Yu is a native speaker of", "Zo Yu spoke the language")
+    assert sorted(lone[1]) == sorted(f"{p} Who wrote Hamlet?" for p in prefixes)
+    assert len(build_variants([no_subject], POOL_CF, prefixes, 5, 2, n_lone_prefixes=1)[0]) == 2
 
 
 def test_the_benchmark_switch_leaves_out_the_evaluated_rephrases_wordings():

@@ -133,10 +133,11 @@ class MeGEditor:
         """Each edit's other wordings (stages/variants.py) from the pool and the model's own
         context prefixes, and a record of what was built."""
         fit = self.config.fit
-        prefixes = context_prefixes(self.model, self.tokenizer, fit.prefix_pool if fit.prefixes else 0,
+        wanted = fit.prefixes or fit.lone_prefixes
+        prefixes = context_prefixes(self.model, self.tokenizer, fit.prefix_pool if wanted else 0,
                                     fit.prefix_tokens, self.config.seed, progress=self.progress)
         variants = build_variants(requests, pool_apart_from(pool, requests), prefixes, fit.paraphrases, fit.prefixes,
-                                  fit.exclude_eval_templates, self.config.seed)
+                                  fit.exclude_eval_templates, self.config.seed, fit.lone_prefixes)
         with_paraphrases = sum(any(not v.endswith(" " + r.prompt) for v in vs) for r, vs in zip(requests, variants))
         return variants, {"paraphrases": fit.paraphrases, "prefixes": fit.prefixes, "context_prefixes": prefixes,
                           "exclude_eval_templates": fit.exclude_eval_templates,

@@ -78,9 +78,11 @@ def _pick(options: Sequence[str], k: int, case_id: str, seed: int, salt: str) ->
 
 
 def build_variants(requests: Sequence[EditRequest], pool: Sequence[EditRequest], prefixes: Sequence[str],
-                   n_paraphrases: int, n_prefixes: int, exclude: str = "none", seed: int = 0) -> list[tuple[str, ...]]:
+                   n_paraphrases: int, n_prefixes: int, exclude: str = "none", seed: int = 0,
+                   n_lone_prefixes: int = 0) -> list[tuple[str, ...]]:
     """Per edit, its other wordings (the prompt itself not included): up to `n_paraphrases` pool
-    paraphrases, then the prompt behind `n_prefixes` of the context `prefixes`."""
+    paraphrases, then the prompt behind `n_prefixes` of the context `prefixes` (at least
+    `n_lone_prefixes` for an edit that gets no paraphrase: its prompt is all it would learn from)."""
     ids = {r.case_id for r in requests}
     templates = paraphrase_templates([r for r in pool if r.case_id not in ids])
     excluded = excluded_templates(requests, exclude)
@@ -89,7 +91,8 @@ def build_variants(requests: Sequence[EditRequest], pool: Sequence[EditRequest],
         key = relation_template(request.prompt, request.subject)
         wordings = [w for w in templates.get(key, []) if w not in skip] if key else []
         texts = [w.format(request.subject) for w in _pick(wordings, n_paraphrases, request.case_id, seed, "paraphrase")]
-        texts += [f"{p} {request.prompt}" for p in _pick(list(prefixes), n_prefixes, request.case_id, seed, "prefix")]
+        n = n_prefixes if any(t != request.prompt for t in texts) else max(n_prefixes, n_lone_prefixes)
+        texts += [f"{p} {request.prompt}" for p in _pick(list(prefixes), n, request.case_id, seed, "prefix")]
         variants.append(tuple(dict.fromkeys(t for t in texts if t != request.prompt)))
     return variants
 
