@@ -117,8 +117,8 @@ def margin_rows(model, tokenizer, name: str) -> list[dict]:
     for unknown, plain, gated in MARGIN_SETTINGS:
         routing_config = dataclasses.replace(up.config.routing, router=dataclasses.replace(
             rc, unknown_relation_margin=unknown, plain_margin=plain))
-        rows.append(up.row(base.with_negatives(negatives, margins=up.negatives(routing_config)[1]), gated, unknown_relation_margin=unknown,
-                           plain_margin=plain, n_negatives=len(texts)))
+        router = base.with_negatives(negatives, margins=up.negatives(routing_config)[1])
+        rows.append(up.row(router, gated, unknown_relation_margin=unknown, plain_margin=plain, n_negatives=len(texts)))
     return rows
 
 

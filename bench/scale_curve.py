@@ -174,6 +174,8 @@ def _meg_label(r: dict) -> str:
         parts.append(f"width {generator['mlp']['hidden']}")
     if r.get("edits_applied", r["n"]) != r["n"]:
         parts.append(f"all {r['edits_applied']:,} applied, first {r['n']:,} scored")
+    if fit.get("lone_prefixes", 0) != MeGConfig().fit.lone_prefixes:
+        parts.append(f"{fit['lone_prefixes']} prefixes for an edit with its prompt alone")
     if fit.get("exclude_eval_templates", "none") != "none":
         parts.append(f"test wordings held out: {fit['exclude_eval_templates']}")
     ceiling = r["config"]["routing"]["router"].get("max_false_fire")

@@ -454,8 +454,8 @@ class _FitState:
 
 
 # FitConfig fields that only say how MeGEditor builds the wordings: a fit depends on the wordings' tokens
-_BUILDER_FIELDS = ("paraphrases", "prefixes", "lone_prefixes", "prefix_pool", "prefix_tokens", "exclude_eval_templates",
-                   "max_prompt_tokens", "chat_wording")  # the limit only refuses
+_BUILDER_FIELDS = ("paraphrases", "prefixes", "lone_prefixes", "prefix_pool", "prefix_tokens",
+                   "exclude_eval_templates", "max_prompt_tokens", "chat_wording")  # the limit only refuses
 
 
 def fitted_subject(model, tokenizer, result: FitResult):

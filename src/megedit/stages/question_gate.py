@@ -18,9 +18,8 @@ query fires it, then kept.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import re
+from typing import Sequence
 
 import torch
 
