@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 import torch
-from real_use_levers import MARGIN_SETS, embed_queries, meg_set_stage_c, subject_queries
+from real_use_levers import MARGIN_SETS, blind_view, embed_queries, meg_set_stage_c, subject_queries
 from result_schema import payload, write_result
 
 HERE = Path(__file__).resolve().parent
@@ -73,12 +73,8 @@ class SetUp:
 
 def set_up(model, tokenizer, name: str, blind: bool) -> SetUp:
     from megedit import MeGEditor
-    from megedit.data.specificity import RelationWordings, relation_wordings
+    from megedit.data.specificity import relation_wordings
     from megedit.stages.question_gate import QuestionGate
-
-    class Blind(RelationWordings):
-        def of(self, request):  # no edit's relation is known: its negatives may ask it
-            return set()
 
     config, edits, routing, pool = meg_set_stage_c(model, tokenizer, name)
     wordings = relation_wordings(pool)
@@ -88,7 +84,7 @@ def set_up(model, tokenizer, name: str, blind: bool) -> SetUp:
     gate = QuestionGate(routing["encoder"], [r.subject for r in edits], [r.prompt for r in edits], variants,
                         rc.question_gate, rc.question_gate_lone)
     queries = subject_queries(edits, wordings)
-    return SetUp(name, blind, config, edits, routing, pool, Blind(**vars(wordings)) if blind else wordings, gate,
+    return SetUp(name, blind, config, edits, routing, pool, blind_view(wordings) if blind else wordings, gate,
                  queries, embed_queries(routing["encoder"], queries))
 
 

@@ -138,6 +138,17 @@ def probe_queries(edits) -> dict[str, list[tuple[str, int]]]:
             "locality": [(r.locality[0].prompt, k) for k, r in enumerate(edits)]}
 
 
+def blind_view(wordings):
+    """The pool's relation wordings knowing no edit's relation: each edit's negatives may then ask its own."""
+    from megedit.data.specificity import RelationWordings
+
+    class Blind(RelationWordings):
+        def of(self, request):
+            return set()
+
+    return Blind(**vars(wordings))
+
+
 def subject_queries(edits, wordings) -> dict[str, list[tuple[str, int]]]:
     """`probe_queries` and, per edit with a subject, every plain prompt about it, bench/subject_probes.py's
     questions (edits of the asked relation left out) and its free-form questions."""
@@ -277,12 +288,8 @@ def unknown_relation_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
     from meg import SETTINGS
 
     from megedit import MeGConfig, load_requests
-    from megedit.data.specificity import RelationWordings, negative_prompts, relation_wordings
+    from megedit.data.specificity import negative_prompts, relation_wordings
     from megedit.stages.routing import edit_negatives
-
-    class Blind(RelationWordings):
-        def of(self, request):  # no edit's relation is known: its negatives may ask it
-            return set()
 
     rows = []
     for name in sets:
@@ -297,7 +304,7 @@ def unknown_relation_rates(model, tokenizer, sets: Sequence[str]) -> list[dict]:
         blind = not bool(unknown.any())
         if blind:
             per_edit = negative_prompts(edits, pool, router.negatives, router.plain_negatives, config.routing.seed,
-                                        0, Blind(**vars(relation_wordings(pool))))
+                                        0, blind_view(relation_wordings(pool)))
             texts = list(dict.fromkeys(p for prompts in per_edit for p in prompts))
             unknown = torch.ones(len(texts))
         embedded = encoder.encode(texts)
