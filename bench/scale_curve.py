@@ -174,8 +174,9 @@ def _meg_label(r: dict) -> str:
         parts.append(f"width {generator['mlp']['hidden']}")
     if r.get("edits_applied", r["n"]) != r["n"]:
         parts.append(f"all {r['edits_applied']:,} applied, first {r['n']:,} scored")
-    if fit.get("lone_prefixes", 0) != MeGConfig().fit.lone_prefixes:
-        parts.append(f"{fit['lone_prefixes']} prefixes for an edit with its prompt alone")
+    lone = fit.get("lone_prefixes", 0)  # runs from before the setting had none
+    if "negatives" in r["config"]["routing"]["router"] and lone != MeGConfig().fit.lone_prefixes:
+        parts.append(f"{lone or 'no'} prefixes for an edit with its prompt alone")
     if fit.get("exclude_eval_templates", "none") != "none":
         parts.append(f"test wordings held out: {fit['exclude_eval_templates']}")
     ceiling = r["config"]["routing"]["router"].get("max_false_fire")

@@ -137,8 +137,7 @@ def headline_table() -> str:
         if fitted(r["method"]) and (not current(method_label(r)) or "of before" in method_label(r)
                                      or r["n"] > 1024 and r["config"]["generator"]["kind"] != MeGConfig().generator.kind
                                      or r["edits_applied"] != r["n"]
-                                     or "held out" in method_label(r) or "gemma" in method_label(r)
-                                     or "prompt alone" in method_label(r)):
+                                     or "held out" in method_label(r) or "gemma" in method_label(r)):
             continue  # setups of before, other generators at scale, runs scoring part of their edits: docs/results.md
         cells = [_setting(r), f"{r['n']:,}", method_label(r)]
         cells += [f"{r['metrics'][k][s]:.1f}" for k, s in METRICS] + [f"**{r['score']:.1f}**"]

@@ -54,7 +54,7 @@ class FitConfig:
     paraphrases: int = setting(4, at_least=0, help="pool paraphrases per edit, fitted with the prompt")
     prefixes: int = setting(0, at_least=0, help=(
         "context prefixes per edit, drawn from prefix_pool sentences the model writes"))
-    lone_prefixes: int = setting(0, at_least=0, help=(
+    lone_prefixes: int = setting(2, at_least=0, help=(
         "context prefixes for an edit the pool has no paraphrase for (at least this many; prefixes when more)"))
     prefix_pool: int = setting(12, at_least=0, help="sentences the model writes for the context prefixes")
     prefix_tokens: int = setting(10, at_least=0, help="tokens per context prefix")
