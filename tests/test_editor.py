@@ -105,6 +105,16 @@ def test_stage_a_in_two_processes_gives_the_fit_of_one(fitted, tmp_path):
         MeGEditor(model, tok, _config(), encoder=tiny_encoder(), progress=False, processes=0)
 
 
+def test_routing_names_each_query_s_nearest_edit_from_the_same_search(fitted):
+    edited, _ = fitted
+    texts = ["q0:", "q1:", "zzzz"]
+    emb, distance, familiar, rows = edited.route_to_edits(texts)
+    assert rows == edited.router.nearest_edit(emb) and rows[:2] == [0, 1]  # an edit prompt is nearest to itself
+    assert torch.equal(distance, edited.route(texts)[1]) and torch.equal(familiar, edited.route(texts)[2])
+    routing = edited.routing(texts)
+    assert routing.edits == ["e0", "e1", None]
+
+
 def test_unfamiliar_queries_get_the_zero_vector_and_disabling_gives_the_exact_base_model(fitted):
     edited, _ = fitted
     _, distance, familiar = edited.route(["q0:", "zzzz"])

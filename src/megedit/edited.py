@@ -98,14 +98,18 @@ class EditedModel(NeuronSubject):
     def route(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(embeddings, router distance, familiar) for raw query texts; a query the question gate
         holds back (stages/question_gate.py) is not familiar."""
+        return self.route_to_edits(texts)[:3]
+
+    def route_to_edits(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                            list[int | None]]:
+        """`route`, with each query's nearest edit row (None for the entropy router), from one search."""
         emb = self.encoder.encode(list(texts))
-        distance, familiar = self.router.route(emb)
+        distance, familiar, nearest = self.router.route_to_edits(emb)
         if self.gate is not None and familiar.any():
             fired = familiar.nonzero().flatten().tolist()
-            nearest = self.router.nearest_edit(emb[fired])
-            for i, ok in zip(fired, self.gate.passes([texts[i] for i in fired], nearest)):
+            for i, ok in zip(fired, self.gate.passes([texts[i] for i in fired], [nearest[i] for i in fired])):
                 familiar[i] = ok
-        return emb, distance, familiar
+        return emb, distance, familiar, nearest
 
     @torch.no_grad()
     def vectors_for(self, texts: Sequence[str]) -> torch.Tensor:
@@ -117,7 +121,7 @@ class EditedModel(NeuronSubject):
         """The neuron vectors of raw queries (as `vectors_for`) with the routing behind them: the
         distances, which queries fire an edit and which edit (see `Routing`)."""
         start = time.perf_counter()
-        emb, distance, familiar = self.route(texts)
+        emb, distance, familiar, nearest = self.route_to_edits(texts)
         routed = time.perf_counter()
         out = torch.zeros(len(texts), self.spec.size)
         if familiar.any():
@@ -126,7 +130,6 @@ class EditedModel(NeuronSubject):
         self.stats["familiar"] += int(familiar.sum())
         self.stats["route_s"] += routed - start
         self.stats["generate_s"] += time.perf_counter() - routed
-        nearest = self.router.nearest_edit(emb)
         ids = self.edits.case_ids if self.edits is not None else None
         named = [None if i is None else ids[i] if ids is not None else str(i) for i in nearest]
         return Routing(out, distance, familiar, [e if f else None for e, f in zip(named, familiar.tolist())])

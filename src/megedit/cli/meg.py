@@ -176,11 +176,10 @@ def run_generate(args) -> int:
 def _router_lines(edited, prompts: list[str]) -> list[str]:
     """Per prompt, the router's decision and why: its distance against epsilon, and for a near
     query that does not fire, whether the question gate or a negative held it back."""
-    emb, distance, familiar = edited.route(prompts)
+    _, distance, familiar, rows = edited.route_to_edits(prompts)
     near = (distance < edited.router.epsilon).tolist()
     gate: list[tuple[float | None, float]] = [(None, 0.0)] * len(prompts)  # (question cosine, its threshold)
     if edited.gate is not None and any(near):
-        rows = edited.router.nearest_edit(emb)
         asked = [i for i, n in enumerate(near) if n and rows[i] is not None]
         for i, s in zip(asked, edited.gate.similarity([prompts[i] for i in asked], [rows[i] for i in asked])):
             gate[i] = (s, edited.gate.threshold_of(rows[i]))

@@ -300,12 +300,17 @@ class Router:
     def route(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(distance, familiar) per query, on the CPU: familiar = near an edit (distance below epsilon)
         and nearer to one of its wordings than to every negative."""
+        return self.route_to_edits(embeddings)[:2]
+
+    @torch.no_grad()
+    def route_to_edits(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int | None]]:
+        """`route` and `nearest_edit` together, from one search of the edit wordings."""
         if self.net is not None:
             distance = self.distance(embeddings).cpu()
-            return distance, distance < self.epsilon
-        nearest = self._nearest(embeddings)[0]
+            return distance, distance < self.epsilon, [None] * len(embeddings)
+        nearest, rows = self._nearest(embeddings)
         distance = (1.0 - nearest).cpu()
-        return distance, (distance < self.epsilon) & ~self._held_back(embeddings, nearest)
+        return distance, (distance < self.epsilon) & ~self._held_back(embeddings, nearest), rows.tolist()
 
     @torch.no_grad()
     def nearest_negative(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
