@@ -12,7 +12,10 @@ rephrase as chats. Reports stage A's success rate and seconds per edit beside th
     OMP_NUM_THREADS=2 .venv/bin/python bench/own_facts.py own
     OMP_NUM_THREADS=2 .venv/bin/python bench/own_facts.py sentences
 
-Result: bench/results/own-facts-<set>.json; stages cached in bench/results/cases/own-facts-<set>/.
+`--no-infer-subjects` fits the facts without the subjects megedit takes from their prompts (the
+evaluation's specificity probes still ask about those subjects), for the comparison.
+
+Result: bench/results/own-facts-<set>[-no-inferred-subjects].json; stages cached in bench/results/cases/own-facts-<set>/.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("set", choices=("own", "sentences"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-infer-subjects", action="store_true",
+                        help="fit without subjects taken from the prompts (the evaluation still asks about them)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("megedit").setLevel(logging.INFO)
@@ -49,7 +54,8 @@ def main() -> int:
     unrelated = [q.prompt for r in load_requests("jsonl", DEMO_POOL) for q in r.locality
                  if q.prompt not in {f.prompt for f in facts}]  # two of them are facts of the shipped set
     model, tokenizer = load_model("smollm2", device="cpu")
-    config = MeGConfig(seed=args.seed)
+    config = MeGConfig(seed=args.seed, infer_subjects=not args.no_infer_subjects)
+    suffix = "-no-inferred-subjects" if args.no_infer_subjects else ""
     work = HERE / "results" / "cases" / f"own-facts-{args.set}"
     start, load_before = time.perf_counter(), os.getloadavg()[0]  # another job on the machine shows here
     edited = MeGEditor(model, tokenizer, config).fit(facts, work)  # no pool: the fallback pool serves
@@ -59,7 +65,7 @@ def main() -> int:
     scored = with_specificity(scored, fallback_pool(), 3, args.seed)
     longest = max(len(tokenizer(" " + r.target)["input_ids"]) for r in facts)
     report = evaluate(edited, scored, data_name=f"jsonl:{path.name}", chat_edits=None,
-                      checkpoint=work / "eval.partial.json")  # the answer budget: 20 tokens or the longest target
+                      checkpoint=work / f"eval{suffix}.partial.json")  # the answer budget: 20 tokens or the longest target
     print(report.table())
     fit = edited.record["fit"]
     summary = {k: v for k, v in report.to_dict().items() if k != "cases"}
@@ -70,7 +76,7 @@ def main() -> int:
                 "longest_target_tokens": longest, "threads": torch.get_num_threads(),
                 "load_before": load_before, "load_after": os.getloadavg()[0],
                 "examples": [c for c in report.cases if c["kind"] == "chat"][:6]}
-    out = HERE / "results" / f"own-facts-{args.set}.json"
+    out = HERE / "results" / f"own-facts-{args.set}{suffix}.json"
     write_result(out, summary, model="smollm2", fingerprint=model_fingerprint(model), n=len(facts), seed=args.seed,
                  method="meg", config=summary["config"], data={"edits": path, "locality": DEMO_POOL})
     print(f"stage A success {fit['success_rate']:.1f}%, {summary['stage_a_s_per_edit']:.1f} s per edit; wrote {out}")

@@ -38,7 +38,8 @@ ADDED_SINCE = {("routing", "router", "negative_wordings"): 1, ("routing", "route
                ("fit", "quiet_chat_opening"): False, ("fit", "warm_start"): False,
                ("fit", "warm_lr"): 0.1,  # unused without warm_start
                ("routing", "router", "plain_margin"): 0.0, ("routing", "router", "question_gate"): None,
-               ("routing", "router", "question_gate_lone"): None, ("fit", "lone_prefixes"): 0}
+               ("routing", "router", "question_gate_lone"): None, ("fit", "lone_prefixes"): 0,
+               ("infer_subjects",): False}
 COMPARED = ("case_id", "kind", "query", "expected", "got", "ag", "tf")
 
 

@@ -30,7 +30,8 @@ def own_facts_table() -> str:
     rows = []
     for r in sorted(_load("own-facts-*.json"), key=lambda r: r["set"]):
         chat = [f"{r['chat']['edited'][k]:.1f}" for k in ("holds", "ends", "degenerate")]
-        rows.append([r["set"], str(r["n"]), str(r["longest_target_tokens"]), f"{r['fit_success']:.1f}",
+        subjects = "" if r["config"].get("infer_subjects", True) else " (fitted without inferred subjects)"
+        rows.append([r["set"] + subjects, str(r["n"]), str(r["longest_target_tokens"]), f"{r['fit_success']:.1f}",
                      f"{r['stage_a_s_per_edit']:.1f}", *(_metric(r, k, "ag") for k in
                                                       ("reliability", "generality", "locality", "specificity")),
                      *chat, threads(r)])
@@ -229,3 +230,14 @@ def subject_probes_table() -> str:
                    "asked (edits of other relations)",
                    "fires its subject's edit %", "fires any edit %",
                    "answers compared", "answer changed %"], rows)
+
+
+def subjects_table() -> str:
+    """bench/subjects.py: the subject taken from a prompt against the one the data gives, per file."""
+    r = load_one("subjects.json")
+    if r is None:
+        return "(not measured yet: `.venv/bin/python bench/subjects.py`)"
+    rows = [[name, f"{row['records']:,}", *(f"{row[k]:.1f}" for k in ("exact", "part", "other", "none"))]
+            for name, row in r["files"].items()]
+    return _table(["file", "records with a subject", "same subject %", "part of it %", "another span %",
+                   "none found %"], rows)

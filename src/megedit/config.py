@@ -44,6 +44,8 @@ class MeGConfig:
         "the layer whose MLP gets the neuron; null: the architecture's default (80% of the depth; 24 on SmolLM2)"))
     prompt_format: str = setting("raw", choices=PRESETS, help="how queries are shown to the LM: raw, qa or chat")
     encoder: str = setting("minilm", help="base sentence encoder: minilm (embedded), a folder or a hub id")
+    infer_subjects: bool = setting(True, help=(
+        "an edit without a subject takes its prompt's longest run of capitalised words as one (data/subjects.py)"))
     fit: FitConfig = setting(default_factory=FitConfig, help="stage A: fitting one neuron vector per edit")
     routing: RoutingConfig = setting(default_factory=RoutingConfig, help="stages B and C: the encoder and the router")
     generator: GeneratorConfig = setting(default_factory=GeneratorConfig, help="stage D: the weight generator")

@@ -84,6 +84,7 @@ def add_edits(edited: EditedModel, requests: Sequence[EditRequest], work_dir: st
         log.info("add: replacing %d edits the pack holds (same case id or prompt; the later fact wins): %s",
                  len(replaced), ", ".join(table.case_ids[i] for i in replaced))
     start, editor = time.perf_counter(), _editor(edited, progress, processes)
+    requests = editor.with_subjects(requests)
     with _handed_over(edited):
         new, fit_record = _fit_new(editor, edited, requests, pool, Path(work_dir))
         kept = sorted(set(range(len(table))) - set(replaced))

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .requests import EditRequest
+from .subjects import with_subjects
 from .wordings import relation_template
 
 HALVES = ("probe", "negative")
@@ -125,7 +126,9 @@ def _seeded_order(items: Sequence, salt: str) -> list:
 
 def with_specificity(requests: Sequence[EditRequest], pool: Sequence[EditRequest], per_edit: int = 3,
                      seed: int = 0) -> list[EditRequest]:
-    """The requests, those without `specificity` prompts given `per_edit` probes from the pool's wordings."""
+    """The requests, those without `specificity` prompts given `per_edit` probes from the pool's wordings
+    (about the subject a fit would take from the prompt, for an edit that names none)."""
+    requests = with_subjects(requests)
     probes = other_relation_prompts(requests, relation_wordings(pool), "probe", per_edit, seed)
     return [r if r.specificity else dataclasses.replace(r, specificity=p) for r, p in zip(requests, probes)]
 
