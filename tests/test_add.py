@@ -39,8 +39,9 @@ UNRELATED = "zzzz"
 
 def _config(encoder: str) -> MeGConfig:
     # no context prefixes: the ones a tiny random model writes are noise its edits cannot fit through
+    # the tiny edits name no subject: their capitalised character strings ("Kp7:") are no names to take one from
     config = MeGConfig(layer=0, encoder=encoder, fit=FitConfig(batch_size=4, max_steps=200, lr=0.05, margin=0.5,
-                                                               lone_prefixes=0))
+                                                               lone_prefixes=0), infer_subjects=False)
     config.routing.encoder.epochs, config.routing.encoder.batch_size = 1, 8
     config.generator.kind, config.generator.mlp = "mlp", {"hidden": 64, "depth": 2}  # a network: the fine-tune's budget
     config.generator.train_steps, config.generator.validate_every, config.generator.batch_size = 200, 100, 8
