@@ -121,5 +121,6 @@ def test_generate_names_the_threshold_that_held_a_query_back(setup, load):  # no
     asked_else = f"{prompt[:3]} is a word of"
     if edited.router.nearest_edit(edited.encoder.encode([asked_else]))[0] != 0:
         pytest.skip("the tiny encoder puts the query nearest another edit")
-    line = _router_lines(edited, [asked_else])[0]
+    line, asked = _router_lines(edited, [asked_else, prompt])
     assert line.startswith("off") and "< 0.95)" in line  # the edit has its prompt alone: the lone threshold
+    assert asked.startswith("edit") and asked.endswith("question cosine 1.00 >= 0.95)")  # its own question passes

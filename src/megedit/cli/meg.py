@@ -190,6 +190,8 @@ def _router_lines(edited, prompts: list[str]) -> list[str]:
             held = (f"another question about its subject (question cosine {s:.2f} < {threshold:.2f})"
                     if s is not None and s < threshold else "held back by a negative")
             why = f"{why}; {held}"
+        elif f and s is not None:  # the gate let it through: say by how much
+            why = f"{why}; question cosine {s:.2f} >= {threshold:.2f}"
         lines.append(f"{'edit' if f else 'off'} ({why})")
     return lines
 
