@@ -27,17 +27,23 @@ def files() -> list[tuple[str, Path]]:
             ("jsonl", DEMO_EDITS), ("jsonl", DEMO_POOL), ("jsonl", FALLBACK_POOL), ("jsonl", SENTENCE_FACTS)]
 
 
+def kind_of(given: str, inferred: str | None) -> str:
+    """How an inferred subject compares with the given one."""
+    if inferred is None:
+        return "none"
+    if inferred == given:
+        return "exact"
+    return "part" if inferred.lower() in given.lower() else "other"
+
+
 def score(requests) -> dict:
     from megedit.data.subjects import infer_subject
 
     given = [(r.prompt, r.subject, infer_subject(r.prompt)) for r in requests if r.subject]
-    exact = [g for g in given if g[2] == g[1]]
-    part = [g for g in given if g[2] and g[2] != g[1] and g[2].lower() in g[1].lower()]
-    none = [g for g in given if g[2] is None]
-    other = [g for g in given if g not in exact and g not in part and g not in none]
-    share = lambda rows: 100.0 * len(rows) / len(given)  # noqa: E731
-    return {"records": len(given), "exact": share(exact), "part": share(part), "other": share(other),
-            "none": share(none), "misses": [list(g) for g in (part + other + none)[:5]]}
+    kinds = [kind_of(g[1], g[2]) for g in given]
+    shares = {k: 100.0 * kinds.count(k) / len(given) for k in ("exact", "part", "other", "none")}
+    misses = [list(g) for k in ("part", "other", "none") for g, gk in zip(given, kinds) if gk == k][:5]
+    return {"records": len(given), **shares, "misses": misses}
 
 
 def main() -> int:

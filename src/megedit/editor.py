@@ -100,8 +100,7 @@ class MeGEditor:
         rephrases, megedit's own fallback pool serves (data/demo.py)."""
         if not requests:
             raise ConfigError("fit: no edit requests")
-        requests = self.with_subjects(requests)
-        pool, pool_name = usable_pool(requests, pool, pool_name)
+        requests, pool, pool_name = self._inputs(requests, pool, pool_name)
         work_dir = Path(work_dir)
         start, timing = time.perf_counter(), {}
         variants, variants_record = self.variants(requests, pool)
@@ -126,13 +125,18 @@ class MeGEditor:
         """Stage A alone, in every rank of a torch.distributed group: each fits its part of the edits
         into the shared work_dir and, after the barrier, collects them all (rank 0 writes the result
         where `fit` with the same arguments finds it, and then goes on to stages B-D in `fit`)."""
-        requests = self.with_subjects(requests)
-        pool, _ = usable_pool(requests, pool, pool_name)
+        requests, pool, _ = self._inputs(requests, pool, pool_name)
         return self.stage_a(requests, self.variants(requests, pool)[0], Path(work_dir))[0]
 
     def with_subjects(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
         """The requests, with a subject taken from the prompt where none is given (`infer_subjects`)."""
         return with_subjects(requests) if self.config.infer_subjects else list(requests)
+
+    def _inputs(self, requests: Sequence[EditRequest], pool: Sequence[EditRequest] | None,
+                pool_name: str | None) -> tuple[list[EditRequest], list[EditRequest], str]:
+        """The edits with their subjects and the pool to fit with: the same in `fit` and in every rank's `fit_part`."""
+        requests = self.with_subjects(requests)
+        return (requests, *usable_pool(requests, pool, pool_name))
 
     # -- stage A: one fitted neuron vector per edit, on its prompt and other wordings ----------
 

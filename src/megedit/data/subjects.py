@@ -39,7 +39,8 @@ def infer_subject(prompt: str) -> str | None:
         bare = word.rstrip(_TRIM)
         possessive = bare.endswith(("'s", "’s"))
         core = bare.removesuffix("'s").removesuffix("’s").strip(_TRIM)
-        span = (m.start() + word.index(core), m.start() + word.index(core) + len(core)) if core else None
+        at = m.start() + word.index(core)
+        span = (at, at + len(core)) if core else None
         run = runs[-1]
         if span and (core[0].isupper() or core[0].isdigit() and run) and not (
                 opening and core.lower() in _SENTENCE_OPENERS):
