@@ -40,7 +40,7 @@ from .stages.fit_neurons import fit_neurons
 from .stages.generator import Generator, train_generator
 from .stages.router import Router
 from .stages.routing import fit_router, split_for_edits
-from .stages.variants import build_variants, context_prefixes, relation_template
+from .stages.variants import behind_prefix, build_variants, context_prefixes, relation_template
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class MeGEditor:
                                     fit.prefix_tokens, self.config.seed, progress=self.progress)
         variants = build_variants(requests, pool_apart_from(pool, requests), prefixes, fit.paraphrases, fit.prefixes,
                                   fit.exclude_eval_templates, self.config.seed, fit.lone_prefixes)
-        with_paraphrases = sum(any(not v.endswith(" " + r.prompt) for v in vs) for r, vs in zip(requests, variants))
+        with_paraphrases = sum(any(not behind_prefix(v, r.prompt) for v in vs) for r, vs in zip(requests, variants))
         return variants, {"paraphrases": fit.paraphrases, "prefixes": fit.prefixes, "context_prefixes": prefixes,
                           "exclude_eval_templates": fit.exclude_eval_templates,
                           "edits_with_paraphrases": with_paraphrases,

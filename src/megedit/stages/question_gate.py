@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 
 from ..data.wordings import sentence_start
+from .variants import behind_prefix
 
 PLACEHOLDER = "it"  # reads as a question about something; an "X" keeps more of the entity's weight
 # an article right before the subject goes with it: "The it was painted by" leans on "The it" in every question
@@ -50,7 +51,7 @@ class QuestionGate:
     def __init__(self, encoder, subjects: Sequence[str | None], prompts: Sequence[str],
                  wordings: Sequence[Sequence[str]], threshold: float, lone_threshold: float | None = None) -> None:
         self.encoder, self.subjects, self.threshold = encoder, subjects, threshold
-        self.questions = [(p, *(w for w in ws if not w.endswith(" " + p))) for p, ws in zip(prompts, wordings)]
+        self.questions = [(p, *(w for w in ws if not behind_prefix(w, p))) for p, ws in zip(prompts, wordings)]
         self.lone_threshold = threshold if lone_threshold is None else lone_threshold
         self._masked: dict[int, list[str]] = {}  # per edit row, its distinct questions, subject masked
         self._keys: dict[int, torch.Tensor | None] = {}  # their embeddings (None: no question names the subject)
