@@ -55,8 +55,13 @@ what the chat wording costs beside the other wordings, and cheaper forms of it (
 message: 24 tokens instead of 40 on SmolLM2; a lower chat margin; fewer paraphrases), against
 RelAG, GenAG and the chat rates (chats always in the template's default form).
 
+chat-answer (first 128 edits of bench/meg.py's sets, stage A as in costs): the chat wording's answer as
+the bare target ("Vancouver", tokens V|ancouver) or after a space like every other wording's
+(" Vancouver", one token): the chat rates, and how many replies are the target alone or hold it after
+other words ("V Vancouver").
+
     OMP_NUM_THREADS=2 .venv/bin/python bench/real_use_levers.py [routing] [answers] [costs] [margin[=SET,...]]
-        [calibration] [neighbours] [unknown] [wordings[=SET,...]] [plain] [gate] [misses]
+        [calibration] [neighbours] [unknown] [wordings[=SET,...]] [plain] [gate] [misses] [chat-answer]
 
 Result: bench/results/real-use-levers.json; caches in bench/results/cases/real-use-levers/.
 """
@@ -474,39 +479,104 @@ def _negatives(routing, relations, per_relation, margin):
         routing.router, negatives=relations, negative_wordings=per_relation, other_relation_margin=margin))
 
 
-def answer_costs(model, tokenizer, n: int) -> list[dict]:
-    from megedit import MeGConfig, MeGEditor, load_requests
+def answer_rates(model, tokenizer, n: int) -> list[dict]:
+    """What an answer ends with and the chat wording, on the first `n` CounterFact edits' prompts alone:
+    stage A's cost and the fitted vectors' chat and free-generation rates."""
+    from megedit import load_requests
     from megedit.data.prompts import get_format
     from megedit.eval import evaluate
     from megedit.runtime.subject import vector_table_subject
+    from megedit.stages.fit_neurons import FitConfig, fit_neurons
+
+    edits = load_requests("counterfact", SHARED / "counterfact-edit.json", limit=n)
+    scored = [dataclasses.replace(r, rephrases=(), locality=()) for r in edits]
+    rows, base = [], None
+    for stop, chat in ANSWERS:
+        fmt = dataclasses.replace(get_format("raw"), stop=stop)
+        start = time.perf_counter()
+        fit = fit_neurons(model, tokenizer, edits, fmt, FitConfig(layer=24, paraphrases=0, chat_wording=chat),
+                          progress=False, work_dir=WORK / "fit-shards")
+        fit_s = time.perf_counter() - start
+        subject = vector_table_subject(model, tokenizer, fit.spec, dict(zip((r.prompt for r in edits), fit.vectors)),
+                                       lambda q: q.text, "stage A vectors")
+        try:
+            report = evaluate(subject, scored, prompt_format=fmt, progress=False, chat_edits=None, cache_dir=WORK)
+            free = free_generation(subject, edits, 50)
+        finally:
+            subject.neuron.detach()
+        base = base or {"chat": report.chat["base"]}
+        summary = fit.summary()
+        row = {"stop": stop, "chat_wording": chat, "fit_s": fit_s, "success_rate": summary["success_rate"],
+               "median_steps": summary["median_steps"], "rel_ag": report.metrics["reliability"]["ag"],
+               "chat": report.chat["edited"], "free_generation_degenerate": free}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows + [{"stop": "base model", **base}]
+
+
+def stage_a_rates(model, tokenizer, edits, pool, overrides: dict) -> dict:
+    """Stage A as MeGEditor runs it (layer 24, `overrides` on the default FitConfig) on `edits`, its
+    vectors applied to their own prompts and rephrases: cost, RelAG, GenAG and the chat rates, with
+    how many edited replies are the target alone and how many hold it after other words."""
+    from megedit import MeGConfig, MeGEditor
+    from megedit.data.prompts import get_format
+    from megedit.eval import evaluate
+    from megedit.eval.chat import holds_target
+    from megedit.runtime.subject import vector_table_subject
     from megedit.stages.fit_neurons import fit_neurons
+
+    config = MeGConfig()
+    config.fit = dataclasses.replace(config.fit, layer=24, **overrides)
+    editor = MeGEditor(model, tokenizer, config, progress=False)
+    start = time.perf_counter()
+    variants = editor.variants(edits, pool)[0]
+    fit = fit_neurons(model, tokenizer, edits, get_format("raw"), config.fit, progress=False, variants=variants)
+    fit_s = time.perf_counter() - start
+    table = {text: v for r, v in zip(edits, fit.vectors) for text in (r.prompt, *r.rephrases)}
+    subject = vector_table_subject(model, tokenizer, fit.spec, table, lambda q: q.text, "stage A vectors")
+    try:
+        report = evaluate(subject, [dataclasses.replace(r, locality=()) for r in edits], prompt_format=get_format("raw"),
+                          progress=False, chat_edits=None, cache_dir=WORK)
+    finally:
+        subject.neuron.detach()
+    chats = [c for c in report.cases if c["kind"] == "chat"]
+    alone = [c["got"].rstrip(" .!").lower() == c["expected"].strip().lower() for c in chats]
+    after = [holds_target(c["got"], c["expected"]) and not c["got"].lower().startswith(c["expected"].strip().lower())
+             for c in chats]
+    summary = fit.summary()
+    return {"overrides": overrides, "fit_s": fit_s, "success_rate": summary["success_rate"],
+            "median_steps": summary["median_steps"], "rel_ag": report.metrics["reliability"]["ag"],
+            "gen_ag": report.metrics["generality"]["ag"], "chat": report.chat["edited"], "chat_base": report.chat["base"],
+            "chat_target_alone": 100.0 * sum(alone) / len(chats), "chat_target_after_words": 100.0 * sum(after) / len(chats)}
+
+
+def answer_costs(model, tokenizer, n: int) -> list[dict]:
+    from megedit import load_requests
 
     pool = load_requests("counterfact", SHARED / "counterfact-train.json")
     edits = load_requests("counterfact", SHARED / "counterfact-edit.json", limit=n)
-    scored = [dataclasses.replace(r, locality=()) for r in edits]
     rows = []
     for label, overrides in COSTS:
-        config = MeGConfig()
-        config.fit = dataclasses.replace(config.fit, layer=24, **overrides)
-        editor = MeGEditor(model, tokenizer, config, progress=False)
-        start = time.perf_counter()
-        variants = editor.variants(edits, pool)[0]
-        fit = fit_neurons(model, tokenizer, edits, get_format("raw"), config.fit, progress=False, variants=variants)
-        fit_s = time.perf_counter() - start
-        table = {text: v for r, v in zip(edits, fit.vectors) for text in (r.prompt, *r.rephrases)}
-        subject = vector_table_subject(model, tokenizer, fit.spec, table, lambda q: q.text, "stage A vectors")
-        try:
-            report = evaluate(subject, scored, prompt_format=get_format("raw"), progress=False, chat_edits=None,
-                              cache_dir=WORK)
-        finally:
-            subject.neuron.detach()
-        summary = fit.summary()
-        row = {"label": label, "overrides": overrides, "fit_s": fit_s, "success_rate": summary["success_rate"],
-               "median_steps": summary["median_steps"], "rel_ag": report.metrics["reliability"]["ag"],
-               "gen_ag": report.metrics["generality"]["ag"], "chat": report.chat["edited"],
-               "chat_base": report.chat["base"]}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        rows.append({"label": label, **stage_a_rates(model, tokenizer, edits, pool, overrides)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def chat_answer_rates(model, tokenizer, sets: Sequence[str], n: int) -> list[dict]:
+    """The chat wording's answer with and without a leading space, on the first `n` edits of bench/meg.py's sets."""
+    from meg import SETTINGS
+
+    from megedit import load_requests
+
+    rows = []
+    for name in sets:
+        kind, edits_path, _, pool_path = SETTINGS[name]
+        edits = load_requests(kind, edits_path, limit=n, skip_invalid=True)
+        pool = load_requests("counterfact", pool_path)
+        for space in (False, True):
+            rows.append({"edits": name, "n": len(edits), "chat_answer_space": space,
+                         **stage_a_rates(model, tokenizer, edits, pool, {"chat_answer_space": space})})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -566,6 +636,8 @@ def main() -> int:
         result["misses"] = {"rows": miss_reasons(model, tokenizer, MARGIN_SETS)}
     if "costs" in parts:
         result["costs"] = {"n_edits": 64, "rows": answer_costs(model, tokenizer, 64)}
+    if "chat-answer" in parts:
+        result["chat_answer"] = {"rows": chat_answer_rates(model, tokenizer, MARGIN_SETS, 128)}
     result |= {"model": "smollm2", "seed": 0, "threads": torch.get_num_threads()}
     data = {name: SHARED / f"{name}.json" for name in ("counterfact-edit", "counterfact-train")}
     if parts & {"margin", "calibration", "neighbours", "unknown", "wordings", "plain", "gate", "misses"}:

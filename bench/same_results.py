@@ -39,7 +39,7 @@ ADDED_SINCE = {("routing", "router", "negative_wordings"): 1, ("routing", "route
                ("fit", "warm_lr"): 0.1,  # unused without warm_start
                ("routing", "router", "plain_margin"): 0.0, ("routing", "router", "question_gate"): None,
                ("routing", "router", "question_gate_lone"): None, ("fit", "lone_prefixes"): 0,
-               ("infer_subjects",): False}
+               ("infer_subjects",): False, ("fit", "chat_answer_space"): False}
 COMPARED = ("case_id", "kind", "query", "expected", "got", "ag", "tf")
 
 

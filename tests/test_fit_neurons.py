@@ -250,6 +250,18 @@ def test_the_chat_wording_takes_its_system_message_from_the_config():
     assert stage.chat_wording(_config(chat_system=""), FMT, Templated()).system == ""
 
 
+def test_the_chat_wording_answers_with_every_other_wordings_tokens_when_asked(lm, monkeypatch):
+    model, tok = lm
+    monkeypatch.setattr(tok, "chat_template", CHAT_TEMPLATE, raising=False)
+    for space in (False, True):
+        chat = stage.chat_wording(_config(chat_answer_space=space), FMT, tok)
+        _, [[prompt_answer, chat_answer]], [kinds] = stage._encode(_requests(1), [()], tok, FMT, chat)
+        assert kinds == [False, True]
+        # the answers before their stops: the bare target's tokens differ from the ones after a space
+        assert (prompt_answer[:-1] == chat_answer[:-1]) is space
+        assert chat_answer[:-1] == tok(" " * space + _requests(1)[0].target, add_special_tokens=False)["input_ids"]
+
+
 CHAT_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}<eos>{% endfor %}"
                  "{% if add_generation_prompt %}[assistant]{% endif %}")
 

@@ -64,6 +64,9 @@ class FitConfig:
         "fit the prompt as a one-turn chat too, its answer ended by end-of-turn: chat replies then say the target "
         "and stop (tokenizers with a chat template; docs/method.md)"))
     chat_margin: float = setting(1.0, at_least=0, help="the chat wording's success margin (the others': margin)")
+    chat_answer_space: bool = setting(False, help=(
+        "the chat wording's answer begins with a space, as after a cloze prompt: every wording then trains the "
+        "same answer tokens (docs/method.md)"))
     chat_system: str | None = setting(None, help="the chat wording's system message; null: the template's default")
     quiet_chat_opening: bool = setting(True, help=(
         "the neuron stays off on a chat's opening (system turn and user header), in fitting and in use: stage A "

@@ -94,7 +94,7 @@ def chat_wording(config: FitConfig, fmt: PromptFormat, tokenizer) -> PromptForma
     """The chat format stage A adds each edit's prompt in, or None: asked for, the queries are not
     chats already, and the tokenizer has a chat template."""
     if config.chat_wording and not fmt.chat and getattr(tokenizer, "chat_template", None):
-        return replace(PRESETS["chat"], system=config.chat_system)
+        return replace(PRESETS["chat"], system=config.chat_system, answer_prefix=" " if config.chat_answer_space else "")
     return None
 
 
@@ -455,7 +455,8 @@ class _FitState:
 
 # FitConfig fields that only say how MeGEditor builds the wordings: a fit depends on the wordings' tokens
 _BUILDER_FIELDS = ("paraphrases", "prefixes", "lone_prefixes", "prefix_pool", "prefix_tokens",
-                   "exclude_eval_templates", "max_prompt_tokens", "chat_wording")  # the limit only refuses
+                   "exclude_eval_templates", "max_prompt_tokens", "chat_wording",
+                   "chat_answer_space")  # max_prompt_tokens only refuses
 
 
 def fitted_subject(model, tokenizer, result: FitResult):
