@@ -76,6 +76,21 @@ def levers_costs_table() -> str:
                    "chat ends %", "chat degenerate %"], rows)
 
 
+def levers_chat_answer_table() -> str:
+    """bench/real_use_levers.py, chat-answer: the chat wording's answer bare or after a space."""
+    levers = load_one("real-use-levers.json")
+    if levers is None or "chat_answer" not in levers:
+        return "(not run yet: bench/real_use_levers.py chat-answer)"
+    rows = [[r["edits"], str(r["n"]), "after a space" if r["chat_answer_space"] else "bare", f"{r['fit_s']:.0f}",
+             f"{r['median_steps']:g}", f"{r['success_rate']:.1f}", f"{r['rel_ag']:.1f}", f"{r['gen_ag']:.1f}",
+             *(f"{r['chat'][k]:.1f}" for k in ("holds", "ends", "degenerate")),
+             f"{r['chat_target_alone']:.1f}", f"{r['chat_target_after_words']:.1f}"]
+            for r in levers["chat_answer"]["rows"]]
+    return _table(["edits", "N", "chat wording's answer", "stage A s", "median steps", "fitted %", "RelAG", "GenAG",
+                   "chat holds target %", "chat ends %", "chat degenerate %", "reply is the target alone %",
+                   "reply holds the target after other words %"], rows)
+
+
 def levers_margin_table() -> str:
     """bench/real_use_levers.py, margin: the router's negative margin on bench/meg.py's edit sets."""
     return _levers_fire_table("margin", ["edits", "N", "negative margin"], lambda r: [

@@ -23,11 +23,11 @@ from tables_cost import (encoder_speed_table, eval_cost_table, fit_scale_table, 
                          meg_cost_table, meg_throughput_table, pipeline_table, processes_table, ranks_table,
                          stage_a_cost_table, stage_a_quiet_table, stage_a_restart_table, stage_a_warm_table)
 from tables_summary import in_short_table  # noqa: E402
-from tables_real_use import (levers_answers_table, levers_calibration_table, levers_costs_table,  # noqa: E402
-                             levers_gate_table, levers_gated_margins_table, levers_margin_table, levers_misses_table,
-                             levers_neighbours_table, levers_plain_table, levers_routing_table, levers_unknown_table,
-                             levers_wordings_table, own_facts_table, real_use_table, subject_probes_table,
-                             subjects_table)
+from tables_real_use import (levers_answers_table, levers_calibration_table, levers_chat_answer_table,  # noqa: E402
+                             levers_costs_table, levers_gate_table, levers_gated_margins_table, levers_margin_table,
+                             levers_misses_table, levers_neighbours_table, levers_plain_table, levers_routing_table,
+                             levers_unknown_table, levers_wordings_table, own_facts_table, real_use_table,
+                             subject_probes_table, subjects_table)
 
 
 def _where(edit: dict) -> str:
@@ -483,6 +483,7 @@ TABLES = {"headline": headline_table, "real-use": real_use_table, "subject-probe
           "levers-gate": levers_gate_table, "levers-gated-margins": levers_gated_margins_table,
           "ranks": ranks_table,
           "levers-wordings": levers_wordings_table, "own-facts": own_facts_table, "levers-costs": levers_costs_table,
+          "levers-chat-answer": levers_chat_answer_table,
           "subjects": subjects_table,
           "generality-levers": generality_levers_table, "stage-a-cost": stage_a_cost_table,
           "scale-curve": scale_curve_table, "baseline-sweep": baseline_sweep_table,
