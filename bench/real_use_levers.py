@@ -640,7 +640,7 @@ def main() -> int:
         result["chat_answer"] = {"rows": chat_answer_rates(model, tokenizer, MARGIN_SETS, 128)}
     result |= {"model": "smollm2", "seed": 0, "threads": torch.get_num_threads()}
     data = {name: SHARED / f"{name}.json" for name in ("counterfact-edit", "counterfact-train")}
-    if parts & {"margin", "calibration", "neighbours", "unknown", "wordings", "plain", "gate", "misses"}:
+    if parts & {"margin", "calibration", "neighbours", "unknown", "wordings", "plain", "gate", "misses", "chat-answer"}:
         data["zsre"] = SHARED.parent / "zsre/zsre_mend_train-1k.json"
     write_result(OUT, result, model="smollm2", fingerprint=model_fingerprint(model), n=None, seed=0, method="meg",
                  config=None, data=data, unknown={"n": "each part's own (its n_edits or rows)",

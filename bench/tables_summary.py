@@ -13,6 +13,12 @@ def _score(name: str) -> str:
     return "—" if result is None else f"{result['score']:.1f}"
 
 
+def _spec(name: str) -> str:
+    result = load_one(name)
+    return "—" if result is None or "specificity" not in result["metrics"] else \
+        f"{result['metrics']['specificity']['ag']:.1f}"
+
+
 def _baselines(n: int) -> str:
     return ", ".join(f"{_score(f'baseline-cf-{n}-{method}.json')} ({label})" for method, label in BASELINES)
 
@@ -37,7 +43,9 @@ def in_short_table() -> str:
          f"Score {_score('meg-cf.json')} with the defaults ({_score('meg-cf-no-negatives-no-chat.json')} without "
          f"negatives and chat wording) against {_baselines(1024)}", "[runs](#meg-and-baseline-runs)"],
         ["the same at 10,000 edits",
-         f"{_score('meg-cf-10000.json')} (without negatives and chat wording) against {_baselines(10000)}",
+         f"Score {_score('meg-cf-10000.json')}, SpecAG {_spec('meg-cf-10000.json')} with the defaults "
+         f"({_score('meg-cf-10000-no-negatives-no-chat.json')} "
+         f"without negatives and chat wording) against {_baselines(10000)}",
          "[scale curve](#scale-curve)"],
         ["ZsRE, 998 edits", f"{_score('meg-zs.json')} with the defaults, {_score('meg-zs-no-negatives-no-chat.json')} "
          "without negatives and chat wording", "[runs](#meg-and-baseline-runs)"],
@@ -47,7 +55,7 @@ def in_short_table() -> str:
         ["other questions about an edited subject, and chat", _real_use(),
          "[real use](#real-use-specificity-and-chat)"],
         ["the learned generator against a lookup",
-         f"the lookup is at least as good everywhere; {_score('meg-cf-10000.json')} against "
+         f"the lookup is at least as good everywhere; {_score('meg-cf-10000-no-negatives-no-chat.json')} against "
          f"{_score('meg-cf-10000-mlp.json')} at 10,000", "[generator](#what-the-learned-generator-adds)"],
         ["the whole job at 10,000 edits", _whole_job(), "[whole job](#the-whole-job-as-a-user-runs-it)"],
     ]
