@@ -1,8 +1,8 @@
 """The whole job a user runs, timed: `megedit fit` then `megedit eval` of the first 1,024
 CounterFact edits (pool counterfact-train.json, defaults, seed 0, SmolLM2) from an empty work
-dir, each command in a process of its own, as a user types them. Run it with nothing else on the
-machine: the machine's load average before and after is recorded beside the thread count so a
-contended run shows as one.
+dir and an empty cache (the converted base model aside, a set-up step), each command in a process
+of its own, as a user types them. Run it with nothing else on the machine: the machine's load
+average before and after is recorded beside the thread count so a contended run shows as one.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/pipeline.py          # -> bench/results/pipeline-cf-1024.json
     .venv/bin/python bench/pipeline.py --limit 128                  # a quick look (-> pipeline-cf-128.json)
@@ -37,11 +37,23 @@ CF_EDIT, CF_TRAIN = SHARED / "counterfact-edit.json", SHARED / "counterfact-trai
 MEGEDIT = Path(sys.executable).with_name("megedit")
 
 
-def timed(args: list[str]) -> float:
-    """Wall seconds of one megedit command (its output shown; a failure stops the bench)."""
+def timed(args: list[str], cache: Path) -> float:
+    """Wall seconds of one megedit command with its cache at `cache` (its output shown; a failure stops the bench)."""
     start = time.perf_counter()
-    subprocess.run([str(MEGEDIT), *args, "--quiet"], check=True)
+    subprocess.run([str(MEGEDIT), *args, "--quiet"], check=True, env={**os.environ, "MEGEDIT_CACHE": str(cache)})
     return time.perf_counter() - start
+
+
+def fresh_cache(work: Path) -> Path:
+    """An empty megedit cache in `work`, holding only the converted base models (set-up work, not the job's): the
+    eval then computes the unedited model's reference answers as on a fresh machine."""
+    from megedit.models import cache_root
+
+    cache = work / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    if (cache_root() / "models").exists() and not (cache / "models").exists():
+        (cache / "models").symlink_to(cache_root() / "models")
+    return cache
 
 
 def main() -> int:
@@ -60,11 +72,12 @@ def main() -> int:
     if work.exists() and not args.resume:  # from an empty work dir: nothing cached
         shutil.rmtree(work)
     data = ["--data", f"counterfact:{edits}", "--limit", str(args.limit)]
+    cache = fresh_cache(work)
     load_before = os.getloadavg()
     fit_s = timed(["fit", *data, "--pseudo", f"counterfact:{pool}", "--out", str(work / "pack"),
-                   "--work-dir", str(work / "work"), "--processes", str(args.processes)])
+                   "--work-dir", str(work / "work"), "--processes", str(args.processes)], cache)
     eval_s = timed(["eval", str(work / "pack"), *data, "--json", str(work / "eval.json"),
-                    "--processes", str(args.processes)])
+                    "--processes", str(args.processes)], cache)
     report = json.loads((work / "eval.json").read_text())
     references = {k.removesuffix("_reference_s"): v for k, v in report["timing"].items() if k.endswith("_reference_s")}
     manifest = json.loads((work / "pack" / "pack.json").read_text())
@@ -72,8 +85,8 @@ def main() -> int:
                          f"megedit eval PACK {' '.join(data)} --processes {args.processes}",
               "n": args.limit, "data": f"counterfact:{edits.name}", "pool": f"counterfact:{pool.name}",
               "model": "smollm2", "seed": 0, "resumed": args.resume,
-              # the unedited model's answers the eval compares with, computed once per model and queries, then read
-              # from the cache (MEGEDIT_CACHE): their share of eval_s
+              # the unedited model's answers the eval compares with, computed once per model and queries (the run's
+              # cache starts empty), then read from the cache: their share of eval_s
               "references_s": references, "reference_s": sum(references.values()),
               "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)), "processes": args.processes,
               "load_before": load_before[0], "load_after": os.getloadavg()[0], "cpus": os.cpu_count(),
