@@ -25,6 +25,7 @@ from .data.demo import fallback_pool
 from .data.prompts import get_format
 from .data.requests import EditRequest, pool_apart_from
 from .data.subjects import with_subjects
+from .data.wordings import behind_prefix
 from .edit_table import EditTable
 from .edited import EditedModel
 from .errors import ConfigError
@@ -40,7 +41,7 @@ from .stages.fit_neurons import fit_neurons
 from .stages.generator import Generator, train_generator
 from .stages.router import Router
 from .stages.routing import fit_router, split_for_edits
-from .stages.variants import behind_prefix, build_variants, context_prefixes, relation_template
+from .stages.variants import build_variants, context_prefixes, relation_template
 
 log = logging.getLogger(__name__)
 

@@ -19,3 +19,9 @@ def relation_template(text: str, subject: str | None) -> str | None:
     if not subject or subject not in text:
         return None
     return text.replace("{", "{{").replace("}", "}}").replace(subject.replace("{", "{{").replace("}", "}}"), "{}", 1)
+
+
+def behind_prefix(wording: str, prompt: str) -> bool:
+    """Whether `wording` is `prompt` behind a context prefix (as build_variants writes it): it asks
+    no question of its own."""
+    return wording.endswith(" " + prompt)

@@ -23,8 +23,7 @@ from typing import Sequence
 
 import torch
 
-from ..data.wordings import sentence_start
-from .variants import behind_prefix
+from ..data.wordings import behind_prefix, sentence_start
 
 PLACEHOLDER = "it"  # reads as a question about something; an "X" keeps more of the entity's weight
 # an article right before the subject goes with it: "The it was painted by" leans on "The it" in every question

@@ -77,12 +77,6 @@ def _pick(options: Sequence[str], k: int, case_id: str, seed: int, salt: str) ->
     return [options[i] for i in sorted(order[:k].tolist())]
 
 
-def behind_prefix(wording: str, prompt: str) -> bool:
-    """Whether `wording` is `prompt` behind a context prefix (as build_variants writes it): it asks
-    no question of its own."""
-    return wording.endswith(" " + prompt)
-
-
 def build_variants(requests: Sequence[EditRequest], pool: Sequence[EditRequest], prefixes: Sequence[str],
                    n_paraphrases: int, n_prefixes: int, exclude: str = "none", seed: int = 0,
                    n_lone_prefixes: int = 0) -> list[tuple[str, ...]]:
