@@ -535,8 +535,9 @@ def stage_a_rates(model, tokenizer, edits, pool, overrides: dict) -> dict:
     table = {text: v for r, v in zip(edits, fit.vectors) for text in (r.prompt, *r.rephrases)}
     subject = vector_table_subject(model, tokenizer, fit.spec, table, lambda q: q.text, "stage A vectors")
     try:
-        report = evaluate(subject, [dataclasses.replace(r, locality=()) for r in edits], prompt_format=get_format("raw"),
-                          progress=False, chat_edits=None, cache_dir=WORK)
+        scored = [dataclasses.replace(r, locality=()) for r in edits]
+        report = evaluate(subject, scored, prompt_format=get_format("raw"), progress=False, chat_edits=None,
+                          cache_dir=WORK)
     finally:
         subject.neuron.detach()
     chats = [c for c in report.cases if c["kind"] == "chat"]
@@ -546,8 +547,9 @@ def stage_a_rates(model, tokenizer, edits, pool, overrides: dict) -> dict:
     summary = fit.summary()
     return {"overrides": overrides, "fit_s": fit_s, "success_rate": summary["success_rate"],
             "median_steps": summary["median_steps"], "rel_ag": report.metrics["reliability"]["ag"],
-            "gen_ag": report.metrics["generality"]["ag"], "chat": report.chat["edited"], "chat_base": report.chat["base"],
-            "chat_target_alone": 100.0 * sum(alone) / len(chats), "chat_target_after_words": 100.0 * sum(after) / len(chats)}
+            "gen_ag": report.metrics["generality"]["ag"], "chat": report.chat["edited"],
+            "chat_base": report.chat["base"], "chat_target_alone": 100.0 * sum(alone) / len(chats),
+            "chat_target_after_words": 100.0 * sum(after) / len(chats)}
 
 
 def answer_costs(model, tokenizer, n: int) -> list[dict]:

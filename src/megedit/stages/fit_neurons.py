@@ -94,7 +94,8 @@ def chat_wording(config: FitConfig, fmt: PromptFormat, tokenizer) -> PromptForma
     """The chat format stage A adds each edit's prompt in, or None: asked for, the queries are not
     chats already, and the tokenizer has a chat template."""
     if config.chat_wording and not fmt.chat and getattr(tokenizer, "chat_template", None):
-        return replace(PRESETS["chat"], system=config.chat_system, answer_prefix=" " if config.chat_answer_space else "")
+        answer_prefix = " " if config.chat_answer_space else ""
+        return replace(PRESETS["chat"], system=config.chat_system, answer_prefix=answer_prefix)
     return None
 
 
