@@ -63,7 +63,8 @@ other words ("V Vancouver").
     OMP_NUM_THREADS=2 .venv/bin/python bench/real_use_levers.py [routing] [answers] [costs] [margin[=SET,...]]
         [calibration] [neighbours] [unknown] [wordings[=SET,...]] [plain] [gate] [misses] [chat-answer]
 
-Result: bench/results/real-use-levers.json; caches in bench/results/cases/real-use-levers/.
+Result: bench/results/real-use-levers.json; caches in bench/results/cases/real-use-levers/. The stage A
+parts (answers, costs, chat-answer) are in bench/answer_levers.py.
 """
 
 from __future__ import annotations
@@ -72,7 +73,6 @@ import dataclasses
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -88,7 +88,6 @@ ROUTING = [("before: no negatives", 0, 0, 0, False), ("router negatives, plain e
            ("+ hard-negative encoder", 2, 16, 2, False), ("+ other wordings (defaults)", 2, 16, 2, True),
            ("defaults, 4 negatives", 2, 4, 2, True), ("defaults, 8 negatives", 2, 8, 2, True),
            ("defaults, 32 negatives", 2, 32, 2, True), ("defaults, no plain negatives", 2, 16, 0, True)]
-ANSWERS = [("newline", False), ("newline", True), ("eos", False), ("eos", True)]
 # the router's negative margin, on the edit sets of bench/meg.py (their stages B and C, cached there)
 MARGINS = (0.0, 0.02, 0.05, 0.1)
 MARGIN_SETS = ("counterfact", "counterfact-swap", "zsre")
@@ -106,11 +105,6 @@ PLAIN_MARGINS = (0.0, 0.02, 0.035, 0.05)
 # (question_gate, question_gate_lone)
 GATE_SETTINGS = ((None, None), (0.3, 0.3), (0.35, 0.35), (0.4, 0.4), (0.5, 0.5), (0.4, 0.3), (0.4, 0.25), (0.4, 0.2))
 NEGATIVE_KINDS = {"other": "other-relation", "plain": "plain", "same": "same-relation"}  # negative_groups' kinds
-# (label, FitConfig overrides): what the chat wording costs in stage A with its other wordings, and cheaper forms
-COSTS = [("no chat wording", {"chat_wording": False}), ("defaults", {}),
-         ("chat wording with an empty system message", {"chat_system": ""}),
-         ("chat margin 0.5", {"chat_margin": 0.5}), ("2 paraphrases", {"paraphrases": 2}),
-         ("2 paraphrases, empty system message", {"paraphrases": 2, "chat_system": ""})]
 
 
 def routing_rates(model, tokenizer, n: int) -> list[dict]:
@@ -479,130 +473,9 @@ def _negatives(routing, relations, per_relation, margin):
         routing.router, negatives=relations, negative_wordings=per_relation, other_relation_margin=margin))
 
 
-def answer_rates(model, tokenizer, n: int) -> list[dict]:
-    """What an answer ends with and the chat wording, on the first `n` CounterFact edits' prompts alone:
-    stage A's cost and the fitted vectors' chat and free-generation rates."""
-    from megedit import load_requests
-    from megedit.data.prompts import get_format
-    from megedit.eval import evaluate
-    from megedit.runtime.subject import vector_table_subject
-    from megedit.stages.fit_neurons import FitConfig, fit_neurons
-
-    edits = load_requests("counterfact", SHARED / "counterfact-edit.json", limit=n)
-    scored = [dataclasses.replace(r, rephrases=(), locality=()) for r in edits]
-    rows, base = [], None
-    for stop, chat in ANSWERS:
-        fmt = dataclasses.replace(get_format("raw"), stop=stop)
-        start = time.perf_counter()
-        fit = fit_neurons(model, tokenizer, edits, fmt, FitConfig(layer=24, paraphrases=0, chat_wording=chat),
-                          progress=False, work_dir=WORK / "fit-shards")
-        fit_s = time.perf_counter() - start
-        subject = vector_table_subject(model, tokenizer, fit.spec, dict(zip((r.prompt for r in edits), fit.vectors)),
-                                       lambda q: q.text, "stage A vectors")
-        try:
-            report = evaluate(subject, scored, prompt_format=fmt, progress=False, chat_edits=None, cache_dir=WORK)
-            free = free_generation(subject, edits, 50)
-        finally:
-            subject.neuron.detach()
-        base = base or {"chat": report.chat["base"]}
-        summary = fit.summary()
-        row = {"stop": stop, "chat_wording": chat, "fit_s": fit_s, "success_rate": summary["success_rate"],
-               "median_steps": summary["median_steps"], "rel_ag": report.metrics["reliability"]["ag"],
-               "chat": report.chat["edited"], "free_generation_degenerate": free}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows + [{"stop": "base model", **base}]
-
-
-def stage_a_rates(model, tokenizer, edits, pool, overrides: dict) -> dict:
-    """Stage A as MeGEditor runs it (layer 24, `overrides` on the default FitConfig) on `edits`, its
-    vectors applied to their own prompts and rephrases: cost, RelAG, GenAG and the chat rates, with
-    how many edited replies are the target alone and how many hold it after other words."""
-    from megedit import MeGConfig, MeGEditor
-    from megedit.data.prompts import get_format
-    from megedit.eval import evaluate
-    from megedit.eval.chat import holds_target
-    from megedit.runtime.subject import vector_table_subject
-    from megedit.stages.fit_neurons import fit_neurons
-
-    config = MeGConfig()
-    config.fit = dataclasses.replace(config.fit, layer=24, **overrides)
-    editor = MeGEditor(model, tokenizer, config, progress=False)
-    start = time.perf_counter()
-    variants = editor.variants(edits, pool)[0]
-    fit = fit_neurons(model, tokenizer, edits, get_format("raw"), config.fit, progress=False, variants=variants)
-    fit_s = time.perf_counter() - start
-    table = {text: v for r, v in zip(edits, fit.vectors) for text in (r.prompt, *r.rephrases)}
-    subject = vector_table_subject(model, tokenizer, fit.spec, table, lambda q: q.text, "stage A vectors")
-    try:
-        scored = [dataclasses.replace(r, locality=()) for r in edits]
-        report = evaluate(subject, scored, prompt_format=get_format("raw"), progress=False, chat_edits=None,
-                          cache_dir=WORK)
-    finally:
-        subject.neuron.detach()
-    chats = [c for c in report.cases if c["kind"] == "chat"]
-    alone = [c["got"].rstrip(" .!").lower() == c["expected"].strip().lower() for c in chats]
-    after = [holds_target(c["got"], c["expected"]) and not c["got"].lower().startswith(c["expected"].strip().lower())
-             for c in chats]
-    summary = fit.summary()
-    return {"overrides": overrides, "fit_s": fit_s, "success_rate": summary["success_rate"],
-            "median_steps": summary["median_steps"], "rel_ag": report.metrics["reliability"]["ag"],
-            "gen_ag": report.metrics["generality"]["ag"], "chat": report.chat["edited"],
-            "chat_base": report.chat["base"], "chat_target_alone": 100.0 * sum(alone) / len(chats),
-            "chat_target_after_words": 100.0 * sum(after) / len(chats)}
-
-
-def answer_costs(model, tokenizer, n: int) -> list[dict]:
-    from megedit import load_requests
-
-    pool = load_requests("counterfact", SHARED / "counterfact-train.json")
-    edits = load_requests("counterfact", SHARED / "counterfact-edit.json", limit=n)
-    rows = []
-    for label, overrides in COSTS:
-        rows.append({"label": label, **stage_a_rates(model, tokenizer, edits, pool, overrides)})
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
-
-
-def chat_answer_rates(model, tokenizer, sets: Sequence[str], n: int) -> list[dict]:
-    """The chat wording's answer with and without a leading space, on the first `n` edits of bench/meg.py's sets."""
-    from meg import SETTINGS
-
-    from megedit import load_requests
-
-    rows = []
-    for name in sets:
-        kind, edits_path, _, pool_path = SETTINGS[name]
-        edits = load_requests(kind, edits_path, limit=n, skip_invalid=True)
-        pool = load_requests("counterfact", pool_path)
-        for space in (False, True):
-            rows.append({"edits": name, "n": len(edits), "chat_answer_space": space,
-                         **stage_a_rates(model, tokenizer, edits, pool, {"chat_answer_space": space})})
-            print(json.dumps(rows[-1]), flush=True)
-    return rows
-
-
-def free_generation(subject, edits, tokens: int) -> float:
-    """Percent of degenerate 50-token greedy continuations of the raw prompts (end-of-turn stops them)."""
-    from megedit.eval.chat import is_degenerate
-    from megedit.runtime.subject import Query
-    from megedit.lm import end_of_turn_ids
-
-    tok, model = subject.tokenizer, subject.model
-    ends, loops = end_of_turn_ids(model, tok), []
-    for start in range(0, len(edits), 16):
-        batch = edits[start : start + 16]
-        inputs = tok([r.prompt for r in batch], return_tensors="pt", padding=True)
-        with subject.batch_context([Query(r.case_id, "free", r.prompt, r.target) for r in batch]):
-            out = model.generate(**inputs, max_new_tokens=tokens, do_sample=False, eos_token_id=ends,
-                                 pad_token_id=tok.pad_token_id)
-        for row in out[:, inputs.input_ids.shape[1]:].tolist():
-            cut = next((j for j, t in enumerate(row) if t in ends), len(row))
-            loops.append(is_degenerate(tok.decode(row[:cut], skip_special_tokens=True)))
-    return 100.0 * sum(loops) / len(loops)
-
-
 def main() -> int:
+    from answer_levers import answer_costs, answer_rates, chat_answer_rates
+
     parts = {arg.split("=")[0] for arg in sys.argv[1:]} or {"routing", "answers", "costs", "margin", "calibration"}
     # margin=SET,SET: only these edit sets (their rows replace those of an earlier run)
     sets = next((arg.split("=")[1].split(",") for arg in sys.argv[1:] if arg.startswith("margin=")), MARGIN_SETS)

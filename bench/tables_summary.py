@@ -15,8 +15,9 @@ def _score(name: str) -> str:
 
 def _spec(name: str) -> str:
     result = load_one(name)
-    return "—" if result is None or "specificity" not in result["metrics"] else \
-        f"{result['metrics']['specificity']['ag']:.1f}"
+    if result is None or "specificity" not in result["metrics"]:
+        return "—"
+    return f"{result['metrics']['specificity']['ag']:.1f}"
 
 
 def _baselines(n: int) -> str:
