@@ -8,7 +8,7 @@ import torch
 from tiny import char_tokenizer, tiny_model
 
 from megedit.data import EditRequest, LocalityQuery
-from megedit.data.prompts import PromptFormat
+from megedit.data.prompts import PromptFormat, get_format
 from megedit.eval import PlainSubject, WeightEditSubject, case_scores, evaluate
 from megedit.eval.report import EvalReport
 from megedit.lm import decode
@@ -264,3 +264,42 @@ def test_locality_queries_a_subject_leaves_unchanged_get_the_reference_without_d
     assert len(decoded) == 6 and full.protocol["counts"]["locality_unchanged"] == 0
     assert fast.cases == full.cases and fast.metrics == full.metrics
     assert [c["ag"] for c in full.cases if c["kind"] == "locality"] == [False] + [True] * 5  # the changed one moved
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_a_prefix_every_prompt_shares_runs_once_and_decodes_as_whole_prompts_do(model_type, monkeypatch):
+    """A chat opening common to a batch's prompts is run once (its keys and values shared by every row): the same
+    tokens as running every prompt whole, for the plain model and for a neuron quiet on that opening (per-row
+    vectors acting on the tokens after it); a neuron that acts on every token shares nothing."""
+    from megedit.runtime import decoding
+    from megedit.runtime.subject import NeuronSubject, Query
+
+    model, tok = tiny_model(model_type), char_tokenizer()
+    g = torch.Generator().manual_seed(3)
+    opening = torch.randint(6, 40, (10,), generator=g).tolist()
+    prompts = [opening + torch.randint(6, 40, (n,), generator=g).tolist() for n in (3, 6, 4, 5, 2)]
+    queries = [Query(str(i), "chat", f"q{i}", None) for i in range(len(prompts))]
+    settings = decoding.DecodeSettings(get_format("raw"), max_new_tokens=8, batch_size=8, stops=(5,))
+    neuron = attach_neuron(model, 1, quiet_opening=True)
+    vectors = torch.randn(len(prompts), neuron.spec.size, generator=g) * 3
+    routed = NeuronSubject(model, tok, neuron, lambda qs: vectors[[int(q.case_id) for q in qs]], "routed")
+    plain = PlainSubject(model, tok)
+
+    def run(subject):
+        return decoding.run_queries(subject, queries, prompts, [[] for _ in prompts], settings, False, "chat").generated
+
+    shared, real = [], decoding._shared_prefix
+    monkeypatch.setattr(decoding, "_shared_prefix", lambda s, p: shared.append(real(s, p)) or shared[-1])
+    with neuron.applied(None):
+        plain_out = run(plain)
+    acting = run(routed)  # the neuron acts on the opening too: nothing may be shared
+    neuron.quiet_on(opening)
+    quiet_out = run(routed)
+    assert [prefix and prefix[1] for prefix in shared] == [10, None, 10]
+    monkeypatch.setattr(decoding, "_shared_prefix", lambda s, p: None)  # every prompt run whole
+    neuron.quiet_on(())
+    assert run(routed) == acting
+    with neuron.applied(None):
+        assert run(plain) == plain_out
+    neuron.quiet_on(opening)
+    assert run(routed) == quiet_out != plain_out

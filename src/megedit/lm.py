@@ -81,6 +81,7 @@ def decode(
     pad_id: int,
     select_rows: Callable[[torch.Tensor], None] | None = None,
     give_up: Callable[[int, list[int]], bool] | None = None,
+    prefix: tuple[Any, int] | None = None,
 ) -> Decoded:
     """Teacher forcing and greedy decoding of one batch, sharing one forward pass.
 
@@ -92,12 +93,17 @@ def decode(
     drop out of the batch as they finish; `select_rows(index)` is told which rows remain, so
     per-row state outside the model (a per-query neuron) can follow. `give_up(row, tokens)` may
     end a row early once its outcome is decided (e.g. it can no longer equal the target).
+    `prefix`: (its cache, n) when every prompt begins with the same n tokens, run once into that cache
+    (one row, `plain_cache`); `prompts` then hold each prompt's tokens after them.
     """
     start = time.perf_counter()
     drafts = [list(d)[:max_new_tokens] for d in drafts]
     batch, width = _prompt_and_draft_batch(prompts, drafts, pad_id, model_device(model))
+    skip = prefix[1] if prefix else 0
+    inputs = after_prefix(model, batch, *prefix) if prefix else batch.model_inputs | {"use_cache": True}
+    mask = inputs["attention_mask"]  # the prefix's columns first
     span = max(len(d) for d in drafts) + 1
-    out = model(**batch.model_inputs, use_cache=True, logits_to_keep=span)
+    out = model(**inputs, logits_to_keep=span)
     predicted = out.logits.argmax(-1).tolist()  # column j predicts draft token j
     forced = [row[: len(d)] for row, d in zip(predicted, drafts)]
 
@@ -113,14 +119,14 @@ def decode(
                 j += 1
                 continue
             # disagreement (or end of draft): forget the rest of the draft and decode from here
-            batch.mask[r, width + j :] = 0
+            mask[r, skip + width + j :] = 0
             pending.append(r)
             next_tokens.append(token)
-            next_positions.append(len(prompts[r]) + j)
+            next_positions.append(skip + len(prompts[r]) + j)
             break
     forward_s = time.perf_counter() - start
     if pending:
-        _continue_greedy(model, output_cache(out), batch.mask, pending, next_tokens, next_positions,
+        _continue_greedy(model, output_cache(out), mask, pending, next_tokens, next_positions,
                          generated, max_new_tokens, stop_ids, select_rows, give_up)
     return Decoded(forced, generated, forward_s, time.perf_counter() - start - forward_s)
 
@@ -191,6 +197,15 @@ def shared_cache(cache, rows: int):
         view.keys, view.values = layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)
         shared.layers.append(view)
     return shared
+
+
+def after_prefix(model: nn.Module, batch: Batch, cache, skip: int) -> dict:
+    """Forward arguments for `batch`'s rows going on after a prefix of `skip` tokens that every row shares,
+    whose keys and values `cache` holds once (one row, `plain_cache`): the prefix's columns in the mask,
+    positions after it, and the cache shared by every row (the prefix is not run again)."""
+    rows = batch.ids.shape[0]
+    return {"input_ids": batch.ids, "attention_mask": torch.cat([batch.mask.new_ones(rows, skip), batch.mask], dim=1),
+            "position_ids": batch.positions + skip, "use_cache": True, **cache_kwargs(model, shared_cache(cache, rows))}
 
 
 def output_cache(out):
@@ -292,7 +307,7 @@ def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
 
 def layer_input(model: nn.Module, layer: int, batch: Batch | dict[str, torch.Tensor]) -> torch.Tensor:
     """The hidden state entering transformer layer `layer` (B, T, d); layers above it are not run.
-    `batch`: an LM batch, or the keyword inputs of any transformer (a sentence encoder's)."""
+    `batch`: an LM batch, or the keyword inputs of any transformer (a sentence encoder's; `after_prefix`'s)."""
     captured: list[torch.Tensor] = []
 
     def hook(module, args, kwargs):
@@ -302,7 +317,7 @@ def layer_input(model: nn.Module, layer: int, batch: Batch | dict[str, torch.Ten
     handle = model.get_submodule(layer_stack_path(model))[layer].register_forward_pre_hook(hook, with_kwargs=True)
     inputs = batch.model_inputs if isinstance(batch, Batch) else batch
     try:
-        model(**inputs, use_cache=False)
+        model(**{"use_cache": False, **inputs})
     except _Captured:
         pass
     finally:

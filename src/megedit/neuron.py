@@ -150,6 +150,7 @@ class DynamicNeuron:
         self.spec = neuron_spec(model, layer, variant, quiet_opening)
         self._stack = model.get_submodule(arch.layers_path.rsplit(".", 1)[0]) if "." in arch.layers_path else model
         self._hook = None
+        self.opening: tuple[int, ...] = ()  # the token ids it is quiet on (quiet_on)
         self._parent = model.get_submodule(f"{arch.layers_path}.{layer}")
         self._attr = arch.mlp_attr
         original = getattr(self._parent, self._attr)
@@ -205,6 +206,7 @@ class DynamicNeuron:
             self._hook.remove()
             self._hook = None
         self.module.quiet = None
+        self.opening = tuple(opening)
         if not opening:
             return
         tokens = torch.tensor(list(opening), dtype=torch.long)

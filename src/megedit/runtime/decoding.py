@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..data.prompts import PromptFormat, stop_tokens
 from ..errors import ConfigError
-from ..lm import Decoded, decode, length_batches
+from ..lm import Decoded, decode, length_batches, model_device, output_cache, plain_cache
 from ..parallel import barrier, ranks, run_parts
 from .checkpoint import Checkpoint
 from .subject import Query, Subject
@@ -73,15 +73,33 @@ def _decode_batches(subject: Subject, queries, prompt_ids, drafts, s: DecodeSett
         if give_up is not None:
             def row_gives_up(r, tokens, idx=idx):  # batch row r is query idx[r]
                 return give_up(idx[r], tokens)
+        prompts = [prompt_ids[i] for i in idx]
         with subject.batch_context([queries[i] for i in idx]) as select_rows:
-            out = decode(subject.model, [prompt_ids[i] for i in idx], [drafts[i] for i in idx],
-                         s.max_new_tokens, stops, pad, select_rows, row_gives_up)
+            prefix = _shared_prefix(subject, prompts)
+            out = decode(subject.model, [p[prefix[1]:] for p in prompts] if prefix else prompts,
+                         [drafts[i] for i in idx], s.max_new_tokens, stops, pad, select_rows, row_gives_up, prefix)
         for k, i in enumerate(idx):
             result.forced[i], result.generated[i] = out.forced[k], out.generated[k]
         result.forward_s += out.forward_s
         result.steps_s += out.steps_s
         if resume:
             resume.add(desc, idx, out, time.perf_counter() - start)
+
+
+MIN_SHARED_PREFIX = 8  # tokens; a shorter common prefix is not worth a forward pass of its own
+
+
+def _shared_prefix(subject: Subject, prompts: list[list[int]]) -> tuple | None:
+    """(its cache, its length) of the leading tokens every prompt of a batch shares and the subject runs
+    alike for every row (a chat template's opening), run once instead of once per row; None if there
+    is none worth it."""
+    n = subject.shared_prefix(prompts) if len(prompts) > 1 and hasattr(subject, "shared_prefix") else 0
+    if n < MIN_SHARED_PREFIX:
+        return None
+    with subject.prefix_context(), torch.inference_mode():
+        ids = torch.tensor([prompts[0][:n]], device=model_device(subject.model))
+        cache = output_cache(subject.model(input_ids=ids, use_cache=True))
+    return (cache, n) if plain_cache(cache) else None
 
 
 def _decode_in_parts(subject: Subject, queries, prompt_ids, drafts, s: DecodeSettings, progress: bool, desc: str,

@@ -70,6 +70,15 @@ class PlainSubject:
         subject that cannot show it (a weight edit changes every query) has all of them decoded."""
         return [False] * len(queries)
 
+    def shared_prefix(self, prompt_ids: Sequence[Sequence[int]]) -> int:
+        """How many leading tokens of these prompts every row shares and this subject runs alike for
+        every row, so that the decoder may run them once (under `prefix_context`): here the prompts'
+        common prefix, when the subject adds no per-row state (its batch_context is the plain one)."""
+        return common_prefix(prompt_ids) if type(self).batch_context is PlainSubject.batch_context else 0
+
+    def prefix_context(self) -> ContextManager:
+        return nullcontext()
+
     def describe(self) -> dict:
         return {}
 
@@ -131,6 +140,17 @@ class WeightEditSubject(PlainSubject):
         return cls(model, tokenizer, meta["method"], originals, meta["settings"])
 
 
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """The length of the prefix every sequence shares, short of the shortest sequence's last token."""
+    if not seqs:
+        return 0
+    n = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    for s in seqs[1:]:
+        n = next((k for k in range(n) if s[k] != first[k]), n)
+    return max(n, 0)
+
+
 def as_subject(obj) -> Subject:
     """A Subject from a Subject, or from a plain `(model, tokenizer)` pair."""
     if isinstance(obj, Subject):
@@ -166,6 +186,16 @@ class NeuronSubject(PlainSubject):
     def unchanged(self, queries: Sequence[Query]) -> list[bool]:
         """The queries whose neuron vector is zero: the neuron adds exactly 0.0 to them."""
         return (self.vectors(queries) == 0).all(dim=1).tolist()
+
+    def shared_prefix(self, prompt_ids: Sequence[Sequence[int]]) -> int:
+        """The chat opening the neuron is quiet on, when every prompt begins with it (the base model's
+        states there, whatever the rows' vectors); else none: the neuron acts on every other token."""
+        opening = self.neuron.opening
+        return len(opening) if opening and common_prefix(prompt_ids) >= len(opening) and \
+            tuple(prompt_ids[0][: len(opening)]) == opening else 0
+
+    def prefix_context(self) -> ContextManager:
+        return self.unedited()
 
     def describe(self) -> dict:
         return dict(self.settings)

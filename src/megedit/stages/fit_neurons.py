@@ -34,8 +34,8 @@ from ..data.prompts import PRESETS, PromptFormat
 from ..data.requests import EditRequest
 from ..errors import ConfigError, MeGError
 from ..eval import evaluate
-from ..lm import (Batch, cache_kwargs, check_prompt_lengths, context_length, model_device, output_cache, plain_cache,
-                  shared_cache, starting_at_layer)
+from ..lm import (after_prefix, check_prompt_lengths, context_length, model_device, output_cache, plain_cache,
+                  starting_at_layer)
 from ..models import model_fingerprint
 from ..neuron import attach_neuron
 from ..parallel import check_forkable, ranks, run_parts
@@ -238,11 +238,15 @@ class _FitState:
         wording that begins with the chat opening keeps the states after it."""
         start = time.perf_counter()
         flat = [(i, j) for i in edits for j in range(len(self.seqs[i]))]
-        states = cache_hidden(self.model, self.config.layer, [self.seqs[i][j] for i, j in flat], self.pad_id,
-                               self.config.batch_size)
+        states: dict[tuple[int, int], torch.Tensor] = {}
+        for skip in sorted({self.skips[i][j] for i, j in flat}):  # rows after the opening: it runs once, not per row
+            part = [(i, j) for i, j in flat if self.skips[i][j] == skip]
+            states |= zip(part, cache_hidden(self.model, self.config.layer, [self.seqs[i][j][skip:] for i, j in part],
+                                             self.pad_id, self.config.batch_size,
+                                             (self.opening_cache, skip) if skip else None))
         self.timing["cached_rows"] += len(flat)
-        for (i, j), h in zip(flat, states):
-            self.hidden.setdefault(i, []).append(h[self.skips[i][j]:])
+        for i, j in flat:
+            self.hidden.setdefault(i, []).append(states[i, j])
         self.timing["hidden_cache_s"] += time.perf_counter() - start
 
     @torch.no_grad()
@@ -426,23 +430,15 @@ class _FitState:
         """Per-row answer loss and success test of `rows` with vectors `row_w`."""
         batch, h, labels = rows_batch([row[:3] for row in rows], self.pad_id, device)
         margins = torch.tensor([row[3] for row in rows], device=device)
-        inputs = batch.model_inputs | self._after_opening(batch, rows[0][4])
+        skip = rows[0][4]  # rows after the shared chat opening: its cache, its columns in the mask, positions after it
+        inputs = after_prefix(self.model, batch, self.opening_cache, skip) if skip else \
+            batch.model_inputs | {"use_cache": False}
         neuron.set_weights(row_w)
         with starting_at_layer(self.model, self.config.layer, h):
             # the LM head (49K x 576 on SmolLM2) costs as much as the layers: run it only where an answer is predicted
             keep = torch.arange(batch.ids.shape[1] - labels.shape[1] - 1, batch.ids.shape[1] - 1, device=device)
             logits = self.model(**inputs, logits_to_keep=keep).logits
         return row_loss_and_success(logits, labels, margins)
-
-    def _after_opening(self, batch: Batch, skip: int) -> dict:
-        """Forward arguments for rows that go on after the shared chat opening (`skip` tokens): its cache,
-        its columns in the mask, and positions after it; for whole rows, no cache."""
-        if not skip:
-            return {"use_cache": False}
-        rows = batch.ids.shape[0]
-        return {"attention_mask": torch.cat([batch.mask.new_ones(rows, skip), batch.mask], dim=1),
-                "position_ids": batch.positions + skip, "use_cache": True,
-                **cache_kwargs(self.model, shared_cache(self.opening_cache, rows))}
 
     def result(self) -> FitResult:
         mine = torch.tensor(self.mine, dtype=torch.long)

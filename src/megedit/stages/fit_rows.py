@@ -7,16 +7,18 @@ from typing import Sequence
 
 import torch
 
-from ..lm import Batch, layer_input, left_pad, length_batches, model_device
+from ..lm import Batch, after_prefix, layer_input, left_pad, length_batches, model_device
 
 
 @torch.no_grad()
-def cache_hidden(model, layer, seqs, pad_id, batch_size) -> list[torch.Tensor]:
-    """The hidden state entering `layer` for each sequence (its real tokens only)."""
+def cache_hidden(model, layer, seqs, pad_id, batch_size, opening: tuple | None = None) -> list[torch.Tensor]:
+    """The hidden state entering `layer` for each sequence (its real tokens only). `opening`: (its cache,
+    its length) when the sequences go on after a shared opening (their tokens after it given): it is not
+    run again."""
     hidden: list = [None] * len(seqs)
     for idx in length_batches([len(s) for s in seqs], batch_size):
         batch = left_pad([seqs[i] for i in idx], pad_id, model_device(model))
-        h = layer_input(model, layer, batch)
+        h = layer_input(model, layer, batch if opening is None else after_prefix(model, batch, *opening))
         for row, i in enumerate(idx):
             hidden[i] = h[row, h.shape[1] - len(seqs[i]) :].clone()
     return hidden
