@@ -56,6 +56,28 @@ def fresh_cache(work: Path) -> Path:
     return cache
 
 
+def machine_speed(threads: int) -> dict:
+    """This machine's CPU and how fast it runs SmolLM2 before the job: one forward of 16 x 32 tokens (the median of
+    5, after a warm-up) at the job's thread count. The machines this project runs on differ in CPU from session to
+    session: runs on different ones are compared through this figure."""
+    import torch
+
+    from megedit import load_model
+
+    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("model name")), None)
+    torch.set_num_threads(threads)
+    model, _ = load_model("smollm2")
+    ids = torch.randint(100, 10000, (16, 32), generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.inference_mode():
+        for _ in range(6):
+            start = time.perf_counter()
+            model(input_ids=ids)
+            times.append(time.perf_counter() - start)
+    return {"cpu": name, "avx512": " avx512f" in cpu, "forward_16x32_s": round(sorted(times[1:])[2], 3)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=1024)
@@ -73,6 +95,8 @@ def main() -> int:
         shutil.rmtree(work)
     data = ["--data", f"counterfact:{edits}", "--limit", str(args.limit)]
     cache = fresh_cache(work)
+    threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
+    machine = machine_speed(threads)
     load_before = os.getloadavg()
     fit_s = timed(["fit", *data, "--pseudo", f"counterfact:{pool}", "--out", str(work / "pack"),
                    "--work-dir", str(work / "work"), "--processes", str(args.processes)], cache)
@@ -88,12 +112,12 @@ def main() -> int:
               # the unedited model's answers the eval compares with, computed once per model and queries (the run's
               # cache starts empty), then read from the cache: their share of eval_s
               "references_s": references, "reference_s": sum(references.values()),
-              "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)), "processes": args.processes,
+              "threads": threads, "processes": args.processes, "machine": machine,
               "load_before": load_before[0], "load_after": os.getloadavg()[0], "cpus": os.cpu_count(),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "generator": manifest["config"]["generator"]["kind"],
               "fit_s": fit_s, "eval_s": eval_s, "total_s": fit_s + eval_s, "stages": _stages(manifest),
-              "metrics": report["metrics"], "score": report["score"]}
+              "metrics": report["metrics"], "score": report["score"], "parts": parts(manifest, report)}
     path = write_result(HERE / "results" / f"pipeline-cf-{name}.json", result, model="smollm2",
                         fingerprint=manifest["base_model"]["fingerprint"], n=args.limit, seed=0, method="meg",
                         config=manifest["config"], threads=result["threads"], data={"edits": edits, "pool": pool},
@@ -101,6 +125,16 @@ def main() -> int:
     print(f"fit {fit_s:.0f} s + eval {eval_s:.0f} s = {(fit_s + eval_s) / 60:.1f} min "
           f"({result['threads']} threads, {args.processes} process(es) for stage A and eval; load {load_before[0]:.1f} before); Score {report['score']:.1f}; wrote {path}")
     return 0
+
+
+def parts(manifest: dict, report: dict) -> dict:
+    """Finer times of the job (seconds) and stage A's work, from the pack's fit record and the eval report."""
+    record, timing = manifest["record"], report["timing"]
+    fit = record["fit"]["timing"]
+    return {"hidden_cache_s": fit["hidden_cache_s"], "steps_s": fit["fit_s"], "trained_rows": fit["trained_rows"],
+            "trained_tokens": fit["trained_tokens"], "encoder_s": record["timing"]["BC"]["encoder"]["seconds"],
+            "router_s": record["timing"]["BC"]["router_s"], "chat_reference_s": timing.get("chat_reference_s"),
+            "chat_s": timing.get("chat_s")}
 
 
 def _stages(manifest: dict) -> dict:

@@ -148,19 +148,41 @@ def stage_a_warm_table() -> str:
 
 
 def pipeline_table() -> str:
-    """`megedit fit` + `megedit eval` as a user runs them, timed (bench/pipeline.py)."""
+    """`megedit fit` + `megedit eval` as a user runs them, timed (bench/pipeline.py), with the code's revision and
+    the machine's CPU and speed (one SmolLM2 forward of 16 x 32 tokens; not recorded by earlier runs)."""
     rows = []
-    for r in _load("pipeline-cf-*.json"):
-        st = r["stages"]
+    for record in load_records("pipeline-cf-*.json"):
+        r, st = record["result"], record["result"]["stages"]
         edits = r["data"].split(":")[1] + (" (resumed run)" if r["resumed"] else "")
         reference = f"{r['reference_s']:.0f}" if "reference_s" in r else "—"
-        rows.append([f"{r['n']:,}", edits, r["generator"], str(r["threads"]), str(r["processes"]),
-                     f"{r['load_before']:.1f}", f"{st['A']:.0f}", f"{st['BC']:.0f}", f"{st['D']:.0f}",
-                     f"{r['fit_s']:.0f}", f"{r['eval_s']:.0f}", reference,
+        machine = r.get("machine")
+        cpu = f"{machine['cpu']}{' (AVX-512)' * machine['avx512']}, {machine['forward_16x32_s']:.2f} s" if machine \
+            else "—"
+        code = f"`{record['git']['revision'][:7]}`" if record["git"]["revision"] else "—"
+        rows.append([f"{r['n']:,}", edits, r["generator"], code, cpu,
+                     str(r["threads"]), str(r["processes"]), f"{r['load_before']:.1f}", f"{st['A']:.0f}",
+                     f"{st['BC']:.0f}", f"{st['D']:.0f}", f"{r['fit_s']:.0f}", f"{r['eval_s']:.0f}", reference,
                      f"**{r['total_s'] / 60:.1f}**", f"{r['score']:.1f}", r["date"][:10]])
-    return _table(["N", "edits", "generator", "threads", "processes (A, eval)", "load average before", "A s", "B+C s",
-                   "D s", "fit s (process)", "eval s (process)", "of which pre-edit reference s", "total min", "Score",
-                   "date"], rows)
+    return _table(["N", "edits", "generator", "code", "CPU, forward 16 x 32 s", "threads", "processes (A, eval)",
+                   "load average before", "A s", "B+C s", "D s", "fit s (process)", "eval s (process)",
+                   "of which pre-edit reference s", "total min", "Score", "date"], rows)
+
+
+def pipeline_parts_table() -> str:
+    """The finer times of the bench/pipeline.py runs that record them (stage A's hidden-state cache and fitting
+    steps, with the rows and tokens those steps ran; the encoder; the chat replies of the eval)."""
+    rows = []
+    for record in load_records("pipeline-cf-*.json"):
+        r = record["result"]
+        if "parts" in r:
+            part = r["parts"]
+            rows.append([f"{r['n']:,}", f"`{record['git']['revision'][:7]}`", f"{part['hidden_cache_s']:.0f}",
+                         f"{part['steps_s']:.0f}", f"{part['trained_rows']:,}", f"{part['trained_tokens']:,}",
+                         f"{part['encoder_s']:.0f}", f"{part['router_s']:.0f}", f"{part['chat_reference_s']:.0f}",
+                         f"{part['chat_s']:.0f}", f"{r['eval_s']:.0f}", f"{r['total_s'] / 60:.1f}"])
+    return _table(["N", "code", "A: hidden-state cache s", "A: fitting steps s", "rows trained", "tokens trained",
+                   "B: encoder s", "C: router s", "eval: unedited chat replies s", "eval: edited chat replies s",
+                   "eval s", "total min"], rows)
 
 
 def processes_table() -> str:

@@ -20,7 +20,8 @@ from result_schema import read  # noqa: E402
 from tables_common import (METRICS, ROOT, RESULTS, load as _load, load_one, load_records,  # noqa: E402
                            metric as _metric, revisions, table as _table)
 from tables_cost import (encoder_speed_table, eval_cost_table, fit_scale_table, fit_speed_table,  # noqa: E402
-                         meg_cost_table, meg_throughput_table, pipeline_table, processes_table, ranks_table,
+                         meg_cost_table, meg_throughput_table, pipeline_parts_table, pipeline_table, processes_table,
+                         ranks_table,
                          stage_a_cost_table, stage_a_quiet_table, stage_a_restart_table, stage_a_warm_table)
 from tables_summary import in_short_table  # noqa: E402
 from tables_real_use import (levers_answers_table, levers_calibration_table, levers_chat_answer_table,  # noqa: E402
@@ -496,6 +497,7 @@ TABLES = {"headline": headline_table, "real-use": real_use_table, "subject-probe
           "denoising": denoising_table, "living-add": living_add_table, "living-successive": living_successive_table,
           "living-lifelong": living_lifelong_table, "living-lifelong-cost": living_lifelong_cost_table,
           "serve-load": serve_load_table, "serve-load-mixed": serve_load_mixed_table, "pipeline": pipeline_table,
+          "pipeline-parts": pipeline_parts_table,
           "processes": processes_table, "living-headline": living_headline_table,
           "same-results": same_results_table, "encoder-speed": encoder_speed_table,
           "levers-misses": levers_misses_table, "stage-a-restart": stage_a_restart_table,

@@ -6,7 +6,9 @@ same code; a subject only says what to switch on for a batch of queries
 rows leaving the batch, e.g. MeG's per-query neuron) and how to get the unedited model back
 (`unedited`, for the pre-edit locality references), and which queries it leaves exactly as the
 unedited model (`unchanged`: the harness gives those locality queries the pre-edit answers,
-which is what decoding them gives, instead of decoding them again).
+which is what decoding them gives, instead of decoding them again). A subject may also say how
+many leading tokens of a batch's prompts it runs alike for every row (`shared_prefix`, e.g. a
+chat opening), which the decoder then runs once for the whole batch.
 """
 
 from __future__ import annotations
