@@ -147,6 +147,11 @@ def stage_a_warm_table() -> str:
                                lambda row: "a same-answer edit's vector" if row["warm_start"] else "the initial vector")
 
 
+def _code(record: dict) -> str:
+    """The commit a result's code ran at (a dash where it was not recorded)."""
+    return f"`{record['git']['revision'][:7]}`" if record["git"]["revision"] else "—"
+
+
 def pipeline_table() -> str:
     """`megedit fit` + `megedit eval` as a user runs them, timed (bench/pipeline.py), with the code's revision and
     the machine's CPU and speed (one SmolLM2 forward of 16 x 32 tokens; not recorded by earlier runs)."""
@@ -158,8 +163,7 @@ def pipeline_table() -> str:
         machine = r.get("machine")
         cpu = f"{machine['cpu']}{' (AVX-512)' * machine['avx512']}, {machine['forward_16x32_s']:.2f} s" if machine \
             else "—"
-        code = f"`{record['git']['revision'][:7]}`" if record["git"]["revision"] else "—"
-        rows.append([f"{r['n']:,}", edits, r["generator"], code, cpu,
+        rows.append([f"{r['n']:,}", edits, r["generator"], _code(record), cpu,
                      str(r["threads"]), str(r["processes"]), f"{r['load_before']:.1f}", f"{st['A']:.0f}",
                      f"{st['BC']:.0f}", f"{st['D']:.0f}", f"{r['fit_s']:.0f}", f"{r['eval_s']:.0f}", reference,
                      f"**{r['total_s'] / 60:.1f}**", f"{r['score']:.1f}", r["date"][:10]])
@@ -176,7 +180,7 @@ def pipeline_parts_table() -> str:
         r = record["result"]
         if "parts" in r:
             part = r["parts"]
-            rows.append([f"{r['n']:,}", f"`{record['git']['revision'][:7]}`", f"{part['hidden_cache_s']:.0f}",
+            rows.append([f"{r['n']:,}", _code(record), f"{part['hidden_cache_s']:.0f}",
                          f"{part['steps_s']:.0f}", f"{part['trained_rows']:,}", f"{part['trained_tokens']:,}",
                          f"{part['encoder_s']:.0f}", f"{part['router_s']:.0f}", f"{part['chat_reference_s']:.0f}",
                          f"{part['chat_s']:.0f}", f"{r['eval_s']:.0f}", f"{r['total_s'] / 60:.1f}"])

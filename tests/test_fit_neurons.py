@@ -273,7 +273,7 @@ def test_chat_rows_after_a_shared_opening_fit_as_whole_rows_do_and_decode_to_the
     opening = stage.quiet_opening(config, chat, tok)
     assert tok.decode(opening) == "[user]"
     shared = fit_neurons(model, tok, _requests(), chat, config, progress=False)
-    monkeypatch.setattr(stage, "plain_cache", lambda cache: False)  # every row whole, the hook keeps the opening quiet
+    monkeypatch.setattr(stage, "prefix_cache", lambda model, ids: None)  # every row whole, the hook keeps the opening quiet
     whole = fit_neurons(model, tok, _requests(), chat, config, progress=False)
     assert shared.success.any()
     assert torch.equal(shared.success, whole.success) and torch.equal(shared.steps, whole.steps)

@@ -199,6 +199,14 @@ def shared_cache(cache, rows: int):
     return shared
 
 
+@torch.no_grad()
+def prefix_cache(model: nn.Module, ids: Sequence[int]):
+    """The keys and values of `ids` run once (one row), for rows that go on after them (`after_prefix`);
+    None where the model's cache is not a plain one (`plain_cache`): such rows run whole."""
+    cache = output_cache(model(input_ids=torch.tensor([list(ids)], device=model_device(model)), use_cache=True))
+    return cache if plain_cache(cache) else None
+
+
 def after_prefix(model: nn.Module, batch: Batch, cache, skip: int) -> dict:
     """Forward arguments for `batch`'s rows going on after a prefix of `skip` tokens that every row shares,
     whose keys and values `cache` holds once (one row, `plain_cache`): the prefix's columns in the mask,

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..data.prompts import PromptFormat, stop_tokens
 from ..errors import ConfigError
-from ..lm import Decoded, decode, length_batches, model_device, output_cache, plain_cache
+from ..lm import Decoded, decode, length_batches, prefix_cache
 from ..parallel import barrier, ranks, run_parts
 from .checkpoint import Checkpoint
 from .subject import Query, Subject
@@ -97,9 +97,8 @@ def _shared_prefix(subject: Subject, prompts: list[list[int]]) -> tuple | None:
     if n < MIN_SHARED_PREFIX:
         return None
     with subject.prefix_context(), torch.inference_mode():
-        ids = torch.tensor([prompts[0][:n]], device=model_device(subject.model))
-        cache = output_cache(subject.model(input_ids=ids, use_cache=True))
-    return (cache, n) if plain_cache(cache) else None
+        cache = prefix_cache(subject.model, prompts[0][:n])
+    return None if cache is None else (cache, n)
 
 
 def _decode_in_parts(subject: Subject, queries, prompt_ids, drafts, s: DecodeSettings, progress: bool, desc: str,

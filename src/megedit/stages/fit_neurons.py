@@ -34,7 +34,7 @@ from ..data.prompts import PRESETS, PromptFormat
 from ..data.requests import EditRequest
 from ..errors import ConfigError, MeGError
 from ..eval import evaluate
-from ..lm import (after_prefix, check_prompt_lengths, context_length, model_device, output_cache, plain_cache,
+from ..lm import (after_prefix, check_prompt_lengths, context_length, model_device, prefix_cache,
                   starting_at_layer)
 from ..models import model_fingerprint
 from ..neuron import attach_neuron
@@ -256,9 +256,8 @@ class _FitState:
         if not self.opening or self.opening_cache is not None:
             return
         with neuron.applied(None):
-            ids = torch.tensor([self.opening], device=model_device(self.model))
-            cache = output_cache(self.model(input_ids=ids, use_cache=True))
-        if not plain_cache(cache):  # sliding-window layers: every row runs whole, the hook keeps the neuron quiet
+            cache = prefix_cache(self.model, self.opening)
+        if cache is None:  # sliding-window layers: every row runs whole, the hook keeps the neuron quiet
             return
         self.opening_cache = cache
         n = len(self.opening)
