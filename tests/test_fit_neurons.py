@@ -81,6 +81,25 @@ def test_an_edit_whose_answer_an_earlier_edit_of_its_block_has_starts_from_that_
     assert warm.success[followers].sum() >= cold.success[followers].sum()
 
 
+def test_edits_of_one_answer_share_a_block_behind_its_first_edit(lm, monkeypatch):
+    model, tok = lm
+    monkeypatch.setattr(stage, "BLOCK_BATCHES", 1)  # blocks of 4 edits
+    # answers a and b alternate, prompt lengths mixed: sorted by prompt length they would share both blocks
+    requests = [EditRequest(str(i), f"q{i}" + "x" * (i % 3) + ":", "ab"[i % 2]) for i in range(8)]
+    neuron = attach_neuron(model, 1)
+    try:
+        warm, cold = (stage._FitState(model, tok, requests, [()] * 8, FMT, _config(warm_start=on), neuron.spec, None)
+                      for on in (True, False))
+    finally:
+        neuron.detach()
+    assert [{requests[i].target for i in block} for block in warm.blocks] == [{"a"}, {"b"}]
+    for block in warm.blocks:  # the first edit leads the three others, which start from its vector
+        assert set(warm._leaders(block)) == set(block[1:])
+    lengths = [[len(warm.seqs[i][0]) for i in block[1:]] for block in warm.blocks]
+    assert all(ls == sorted(ls) for ls in lengths)  # the followers keep the fitting order
+    assert cold.blocks == [sorted(b, key=lambda i: (len(cold.seqs[i][0]), cold.digests[i], i)) for b in warm.blocks]
+
+
 def test_an_edit_whose_target_an_earlier_fit_gave_starts_from_that_vector(lm):
     model, tok = lm
     neuron = attach_neuron(model, 1)

@@ -264,14 +264,23 @@ class _FitState:
         self.skips = [[n if len(seq) > n and seq[:n] == self.opening else 0 for seq in seqs] for seqs in self.seqs]
 
     def _blocks(self) -> list[list[int]]:
-        """Every edit in fitting order (similar answer lengths side by side, as the LM head runs on the longest
-        answer's span, then prompt lengths; the digest breaks ties), cut into blocks of BLOCK_BATCHES batches.
-        A block is fitted on its own from an empty batch: an edit's fit is the same float for float
+        """Every edit in fitting order, cut into blocks of BLOCK_BATCHES batches. The order: similar answer
+        lengths side by side (the LM head runs on the longest answer's span), then equal answers side by side
+        (so that a warm-started edit finds its leader in its own block), then prompt lengths; the digest breaks
+        ties. Within a block, with warm_start, the first edit of each answer comes first: the others wait for
+        it. A block is fitted on its own from an empty batch: an edit's fit is the same float for float
         whichever process fits its block."""
-        order = sorted(range(len(self.seqs)),
-                       key=lambda i: (len(self.answers[i][0]), len(self.seqs[i][0]), self.digests[i], i))
+        order = sorted(range(len(self.seqs)), key=lambda i: (len(self.answers[i][0]), self.answers[i][0],
+                                                             len(self.seqs[i][0]), self.digests[i], i))
         size = BLOCK_BATCHES * self.config.batch_size
-        return [order[k : k + size] for k in range(0, len(order), size)]
+        blocks = [order[k : k + size] for k in range(0, len(order), size)]
+        if not self.config.warm_start:
+            return blocks
+        return [sorted(block, key=lambda i, lead=self._first_of_answer(block): i not in lead) for block in blocks]
+
+    def _first_of_answer(self, block: list[int]) -> set[int]:
+        """The edits of `block` that no earlier edit of it shares an answer with."""
+        return set({tuple(self.answers[i][0]): i for i in reversed(block)}.values())
 
     def run(self, neuron, progress: bool) -> None:
         todo = [[i for i in block if not self.done[i]] for block in self.blocks]
