@@ -152,11 +152,16 @@ def _code(record: dict) -> str:
     return f"`{record['git']['revision'][:7]}`" if record["git"]["revision"] else "—"
 
 
+def _pipeline_records() -> list[dict]:
+    """The bench/pipeline.py results, by edit count, then in the order they ran."""
+    return sorted(load_records("pipeline-cf-*.json"), key=lambda record: (record["result"]["n"], record["result"]["date"]))
+
+
 def pipeline_table() -> str:
     """`megedit fit` + `megedit eval` as a user runs them, timed (bench/pipeline.py), with the code's revision and
     the machine's CPU and speed (one SmolLM2 forward of 16 x 32 tokens; not recorded by earlier runs)."""
     rows = []
-    for record in load_records("pipeline-cf-*.json"):
+    for record in _pipeline_records():
         r, st = record["result"], record["result"]["stages"]
         edits = r["data"].split(":")[1] + (" (resumed run)" if r["resumed"] else "")
         reference = f"{r['reference_s']:.0f}" if "reference_s" in r else "—"
@@ -176,7 +181,7 @@ def pipeline_parts_table() -> str:
     """The finer times of the bench/pipeline.py runs that record them (stage A's hidden-state cache and fitting
     steps, with the rows and tokens those steps ran; the encoder; the chat replies of the eval)."""
     rows = []
-    for record in load_records("pipeline-cf-*.json"):
+    for record in _pipeline_records():
         r = record["result"]
         if "parts" in r:
             part = r["parts"]
