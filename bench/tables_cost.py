@@ -185,11 +185,11 @@ def pipeline_parts_table() -> str:
         r = record["result"]
         if "parts" in r:
             part = r["parts"]
-            rows.append([f"{r['n']:,}", _code(record), f"{part['hidden_cache_s']:.0f}",
+            rows.append([f"{r['n']:,}", r["data"].split(":")[1], _code(record), f"{part['hidden_cache_s']:.0f}",
                          f"{part['steps_s']:.0f}", f"{part['trained_rows']:,}", f"{part['trained_tokens']:,}",
                          f"{part['encoder_s']:.0f}", f"{part['router_s']:.0f}", f"{part['chat_reference_s']:.0f}",
                          f"{part['chat_s']:.0f}", f"{r['eval_s']:.0f}", f"{r['total_s'] / 60:.1f}"])
-    return _table(["N", "code", "A: hidden-state cache s", "A: fitting steps s", "rows trained", "tokens trained",
+    return _table(["N", "edits", "code", "A: hidden-state cache s", "A: fitting steps s", "rows trained", "tokens trained",
                    "B: encoder s", "C: router s", "eval: unedited chat replies s", "eval: edited chat replies s",
                    "eval s", "total min"], rows)
 
