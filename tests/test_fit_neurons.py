@@ -66,8 +66,10 @@ def test_every_edit_starts_from_the_same_seeded_vector(lm):
 def test_an_edit_whose_answer_an_earlier_edit_of_its_block_has_starts_from_that_edits_vector(lm, monkeypatch):
     model, tok = lm
     found = []
-    leaders_of = stage._FitState._leaders
-    monkeypatch.setattr(stage._FitState, "_leaders", lambda self, block: found.append(leaders_of(self, block)) or found[-1])
+    fit_block = stage._FitState._fit_block  # the leaders each block is fitted with
+    monkeypatch.setattr(stage._FitState, "_fit_block",
+                        lambda self, neuron, queue, leaders, bar: found.append(leaders) or fit_block(self, neuron, queue,
+                                                                                                    leaders, bar))
     requests = _requests(12)  # answers a and b, six edits each
     warm = fit_neurons(model, tok, requests, FMT, _config(), progress=False)
     cold = fit_neurons(model, tok, requests, FMT, _config(warm_start=False), progress=False)

@@ -274,13 +274,7 @@ class _FitState:
                                                              len(self.seqs[i][0]), self.digests[i], i))
         size = BLOCK_BATCHES * self.config.batch_size
         blocks = [order[k : k + size] for k in range(0, len(order), size)]
-        if not self.config.warm_start:
-            return blocks
-        return [sorted(block, key=lambda i, lead=self._first_of_answer(block): i not in lead) for block in blocks]
-
-    def _first_of_answer(self, block: list[int]) -> set[int]:
-        """The edits of `block` that no earlier edit of it shares an answer with."""
-        return set({tuple(self.answers[i][0]): i for i in reversed(block)}.values())
+        return [sorted(block, key=lambda i, followers=self._leaders(block): i in followers) for block in blocks]
 
     def run(self, neuron, progress: bool) -> None:
         todo = [[i for i in block if not self.done[i]] for block in self.blocks]
