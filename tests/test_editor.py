@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,8 +61,13 @@ def test_fit_runs_the_four_stages_and_reports_them(fitted):
     assert edited.describe()["generator"] == "mlp" and edited.describe()["spec"]["layer"] == 1
 
 
-def test_a_rerun_reuses_every_stage_and_a_changed_setting_reruns_only_what_depends_on_it(fitted, caplog):
-    edited, work = fitted
+def _own_copy(work: Path, tmp_path: Path) -> Path:
+    """The fixture's work dir copied, for a test that adds to it: the others see it as the fixture left it, in any order."""
+    return Path(shutil.copytree(work, tmp_path / "work"))
+
+
+def test_a_rerun_reuses_every_stage_and_a_changed_setting_reruns_only_what_depends_on_it(fitted, caplog, tmp_path):
+    edited, work = fitted[0], _own_copy(fitted[1], tmp_path)
     model, tok = _lm()
     with caplog.at_level(logging.INFO, logger="megedit"):
         again = MeGEditor(model, tok, _config(), encoder=tiny_encoder(), progress=False).fit(EDITS, work, POOL)
@@ -80,8 +86,8 @@ def test_a_rerun_reuses_every_stage_and_a_changed_setting_reruns_only_what_depen
     assert [len(list((work / s).iterdir())) for s in ("fit-neurons", "routing", "generator")] == [1, 1, 2]
 
 
-def test_another_edit_set_in_the_same_work_dir_reuses_fitted_edits_and_the_encoder(fitted, caplog):
-    edited, work = fitted
+def test_another_edit_set_in_the_same_work_dir_reuses_fitted_edits_and_the_encoder(fitted, caplog, tmp_path):
+    edited, work = fitted[0], _own_copy(fitted[1], tmp_path)
     model, tok = _lm()
     with caplog.at_level(logging.INFO, logger="megedit"):
         more = MeGEditor(model, tok, _config(), encoder=tiny_encoder(), progress=False).fit(EDITS[:3], work, POOL)

@@ -234,9 +234,9 @@ def test_the_default_budget_is_20_tokens_or_the_longest_target(lm, tmp_path):
     assert longest > 20 and f"at most {longest} new tokens" in evaluate(lm, long, progress=False, cache_dir=tmp_path).protocol["ag"]
 
 
-def test_locality_queries_a_subject_leaves_unchanged_get_the_reference_without_decoding(lm, tmp_path):
-    """A neuron subject with zero vectors on the locality queries: they are not decoded, and the
-    report is the one decoding them all gives."""
+def test_locality_queries_a_subject_leaves_unchanged_get_full_credit_without_decoding(lm, tmp_path):
+    """A neuron subject with zero vectors on the locality queries: neither they nor the unedited model on them
+    are decoded, and the report's credits are the ones decoding them all gives."""
     from megedit.runtime.subject import NeuronSubject
 
     model, tok = lm
@@ -251,19 +251,25 @@ def test_locality_queries_a_subject_leaves_unchanged_get_the_reference_without_d
 
     class Counting(NeuronSubject):
         def batch_context(self, queries):
-            if self.neuron.enabled:  # not the pre-edit reference
-                decoded.extend(q.text for q in queries if q.kind == "locality")
+            who = "edited" if self.neuron.enabled else "unedited"
+            decoded.extend((who, q.text) for q in queries if q.kind == "locality")
             return super().batch_context(queries)
 
     subject = Counting(model, tok, neuron, vectors, "routed")
     settings = {"batch_size": 4, "max_new_tokens": 6, "progress": False, "cache_dir": tmp_path}
     fast = evaluate(subject, reqs, **settings)
-    assert decoded == [reqs[0].locality[0].prompt] and fast.protocol["counts"]["locality_unchanged"] == 5
+    changed_locality = reqs[0].locality[0].prompt
+    assert decoded == [("unedited", changed_locality), ("edited", changed_locality)]
+    assert fast.protocol["counts"]["locality_unchanged"] == 5
     decoded.clear()
     full = evaluate(subject, reqs, decode_unchanged=True, **settings)
-    assert len(decoded) == 6 and full.protocol["counts"]["locality_unchanged"] == 0
-    assert fast.cases == full.cases and fast.metrics == full.metrics
-    assert [c["ag"] for c in full.cases if c["kind"] == "locality"] == [False] + [True] * 5  # the changed one moved
+    assert len(decoded) == 12 and full.protocol["counts"]["locality_unchanged"] == 0
+    assert fast.metrics == full.metrics
+    locality = [(f, c) for f, c in zip(fast.cases, full.cases) if c["kind"] == "locality"]
+    assert [c["ag"] for _, c in locality] == [False] + [True] * 5  # the changed one moved
+    assert [f for f, c in zip(fast.cases, full.cases) if f != c] == [f for f, _ in locality[1:]]
+    for f, c in locality[1:]:  # an unchanged query: the same credits, its texts not decoded
+        assert f == {**c, "expected": None, "got": None} and c["got"] == c["expected"]
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])

@@ -48,8 +48,9 @@ def add_eval(sub) -> None:
                    help="at most this many new tokens per answer (AG; default 20, or the longest target's tokens)")
     add_processes_arg(p, "decode the evaluation's batches")
     p.add_argument("--decode-unchanged", action="store_true",
-                   help="decode the locality queries a pack's router turns away too (by default they get the "
-                        "pre-edit answers, which is what decoding them gives; this checks it, ~3x slower locality)")
+                   help="decode the locality and specificity queries a pack's router turns away too, and the "
+                        "unedited model on them (by default they get full credit, which is what decoding both gives, "
+                        "and their texts are null in the report's cases; this checks it and fills them in, slower)")
     p.add_argument("--specificity", type=non_negative_int, default=3, metavar="K",
                    help="per edit, K prompts about its subject that ask something else, scored against the unedited "
                         "model's answers (0: none; records' own 'specificity' prompts are kept)")

@@ -5,8 +5,9 @@ locality prompt (Locality) and its specificity prompts (Specificity: the same su
 question). Each is scored by greedy generation (AG) and by teacher forcing (TF). Locality and
 Specificity are scored against the PRE-edit model's own output, computed once per (model,
 queries, format, settings) and cached on disk. Such a query the subject leaves exactly as the
-unedited model (MeG: the router turns it away, so the neuron adds 0.0) gets that output without
-being decoded again: decoding it gives the same tokens (checked on 10,000 edits). Chat replies
+unedited model (MeG: the router turns it away, so the neuron adds 0.0) outputs that reference
+whatever it is: it gets full credit and neither it nor its reference is decoded (decoding both
+gives the same tokens: checked on 10,000 edits; `decode_unchanged` does it). Chat replies
 (eval/chat.py) are scored apart, beside the base model's.
 """
 
@@ -125,8 +126,7 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
     chats = chat_queries(requests, chat_edits) if chat_edits != 0 and has_chat_template(tok) else []
     prompts = {k: [fmt.prompt_ids(q.text, tok) for q in qs] for k, qs in queries.items()}
     timing: dict[str, float] = {}
-    refs = {kind: _reference(subject, kind, queries[kind], prompts[kind], s, progress, cache_dir, timing)
-            for kind in UNEDITED_KINDS}
+    same, refs = _unedited_references(subject, queries, prompts, s, progress, cache_dir, timing)
     resume = None
     if checkpoint is not None:
         key = _checkpoint_key(subject, queries, prompts, refs, chats, s, progress)
@@ -135,7 +135,7 @@ def evaluate(subject, requests: Sequence[EditRequest], *, prompt_format: str | P
         raise ConfigError("evaluate in a torch.distributed group needs a checkpoint path every rank shares "
                           "(megedit eval: --json); the ranks write their parts beside it")
 
-    cases, credits, unchanged = _run_kinds(subject, queries, prompts, refs, s, progress, resume, timing)
+    cases, credits, unchanged = _run_kinds(subject, queries, prompts, refs, same, s, progress, resume, timing)
     chat = {}
     if chats:
         rows, chat = _run_chat(subject, chats, s, progress, cache_dir, resume, timing)
@@ -172,13 +172,14 @@ def _report(subject, data: str, n: int, protocol: dict, credits: dict, chat: dic
     )
 
 
-def _run_kinds(subject, queries: dict, prompts: dict, refs: dict, s: DecodeSettings, progress: bool,
+def _run_kinds(subject, queries: dict, prompts: dict, refs: dict, same: dict, s: DecodeSettings, progress: bool,
                resume: "Checkpoint | None", timing: dict) -> tuple[list[dict], dict, int]:
     """Every query kind's scored rows, its AG / TF credits, and how many locality queries were unchanged."""
     cases, credits, unchanged = [], {}, 0
     for kind, qs in queries.items():
         if qs:
-            rows, kept = _run_kind(subject, kind, qs, prompts[kind], refs.get(kind), s, progress, resume, timing)
+            rows, kept = _run_kind(subject, kind, qs, prompts[kind], refs.get(kind), same.get(kind, [False] * len(qs)),
+                                   s, progress, resume, timing)
             unchanged += kept if kind == "locality" else 0
             credits[kind] = _credits(rows)
             cases.extend(rows)
@@ -215,6 +216,24 @@ def _reference(subject: Subject, kind: str, qs: Sequence[Query], prompts: list, 
     return tokens
 
 
+def _unedited_references(subject: Subject, queries: dict, prompts: dict, s: DecodeSettings, progress: bool,
+                         cache_dir: Path | None, timing: dict) -> tuple[dict, dict]:
+    """Per unedited kind: which queries the subject leaves unchanged, and the pre-edit outputs of the
+    others (None for an unchanged one: its credit is full whatever the reference, so it is not decoded)."""
+    same, refs = {}, {}
+    for kind in UNEDITED_KINDS:
+        start = time.perf_counter()
+        same[kind] = _unchanged(subject, queries[kind], s)
+        timing[f"{kind}_s"] = time.perf_counter() - start  # the kind's time: routing, then decoding (_run_kind)
+        todo = [i for i, u in enumerate(same[kind]) if not u]
+        tokens = _reference(subject, kind, [queries[kind][i] for i in todo], [prompts[kind][i] for i in todo], s,
+                            progress, cache_dir, timing)
+        refs[kind] = [None] * len(same[kind])
+        for k, i in enumerate(todo):
+            refs[kind][i] = tokens[k]
+    return same, refs
+
+
 def _run_chat(subject: Subject, queries: Sequence[Query], s: DecodeSettings, progress: bool, cache_dir: Path | None,
               resume: "Checkpoint | None", timing: dict) -> tuple[list[dict], dict]:
     """The chat replies of the edited and the unedited model (the latter cached on disk), scored."""
@@ -235,27 +254,30 @@ def _run_chat(subject: Subject, queries: Sequence[Query], s: DecodeSettings, pro
     return rows, {"n": len(queries), "budget": s.max_new_tokens, "unchanged": len(queries) - len(todo), **rates}
 
 
-def _run_kind(subject, kind: str, qs: Sequence[Query], prompts: list, ref_tokens, s: DecodeSettings, progress: bool,
-              resume: "Checkpoint | None", timing: dict) -> tuple[list[dict], int]:
-    """The scored rows of one query kind and how many of them the subject left unchanged (given the
-    reference, not decoded); its times added to `timing` (a killed run's batches included)."""
-    expected, drafts, goals = _answers_sought(kind, qs, ref_tokens, s.prompt_format, subject.tokenizer)
+def _run_kind(subject, kind: str, qs: Sequence[Query], prompts: list, ref_tokens, same: list[bool],
+              s: DecodeSettings, progress: bool, resume: "Checkpoint | None", timing: dict) -> tuple[list[dict], int]:
+    """The scored rows of one query kind and how many of them the subject left unchanged (`same`: full
+    credit, not decoded); its times added to `timing` (a killed run's batches included)."""
+    todo = [i for i, u in enumerate(same) if not u]
+    expected, drafts, goals = _answers_sought(kind, [qs[i] for i in todo], [ref_tokens[i] for i in todo]
+                                              if ref_tokens is not None else None, s.prompt_format, subject.tokenizer)
     start = time.perf_counter()
     earlier = resume.seconds(kind) if resume else {}  # batches a killed run finished
-    same = _unchanged(subject, qs, s) if kind in UNEDITED_KINDS else [False] * len(qs)
-    todo = [i for i, u in enumerate(same) if not u]
-    part = run_queries(subject, [qs[i] for i in todo], [prompts[i] for i in todo], [drafts[i] for i in todo], s,
-                       progress, kind, _give_up_on([goals[i] for i in todo], subject.tokenizer), resume)
-    # an unchanged query's greedy output is the reference, and so is its teacher-forced argmax
-    out = Decoded(list(expected), list(expected), part.forward_s, part.steps_s)
-    for k, i in enumerate(todo):  # the decoded rows replace theirs
-        out.forced[i], out.generated[i] = part.forced[k], part.generated[k]
-    timing[f"{kind}_s"] = time.perf_counter() - start + earlier.get("seconds", 0.0)
+    out = run_queries(subject, [qs[i] for i in todo], [prompts[i] for i in todo], drafts, s, progress, kind,
+                      _give_up_on(goals, subject.tokenizer), resume)
+    timing[f"{kind}_s"] = timing.get(f"{kind}_s", 0.0) + time.perf_counter() - start + earlier.get("seconds", 0.0)
     timing["forward_pass_s"] = timing.get("forward_pass_s", 0.0) + out.forward_s + earlier.get("forward_s", 0.0)
     timing["decoding_steps_s"] = timing.get("decoding_steps_s", 0.0) + out.steps_s + earlier.get("steps_s", 0.0)
     if resume:
         resume.save()
-    return _score(kind, qs, out, expected, subject.tokenizer), len(qs) - len(todo)
+    rows = iter(_score(kind, [qs[i] for i in todo], out, expected, subject.tokenizer))
+    return [next(rows) if not u else _unchanged_row(q) for q, u in zip(qs, same)], len(qs) - len(todo)
+
+
+def _unchanged_row(q: Query) -> dict:
+    """The row of a query the subject leaves exactly as the unedited model: its output is the reference, so
+    both credits are full; neither text was decoded."""
+    return {"case_id": q.case_id, "kind": q.kind, "query": q.text, "expected": None, "got": None, "ag": True, "tf": 1.0}
 
 
 def _unchanged(subject: Subject, qs: Sequence[Query], s: DecodeSettings) -> list[bool]:
@@ -308,9 +330,10 @@ def _protocol(fmt: PromptFormat, s: DecodeSettings, queries: dict, credits: dict
               "model's greedy output tokens (its end-of-answer token included when it produced one)",
         "queries": "first rephrase and first locality prompt of each edit, every specificity prompt",
         "unchanged": "all queries decoded" if s.decode_unchanged else
-                     "a locality, specificity or chat query the subject leaves exactly as the unedited model (MeG: "
-                     "router off, the neuron adds 0.0; weight edits: none) is given the pre-edit output, the tokens "
-                     "decoding it gives; counts.locality_unchanged of the locality queries",
+                     "a locality or specificity query the subject leaves exactly as the unedited model (MeG: router "
+                     "off, the neuron adds 0.0; weight edits: none) outputs the pre-edit output: full AG and TF credit, "
+                     "neither decoded (texts null in the cases); counts.locality_unchanged of the locality queries; an "
+                     "unchanged chat query is given the pre-edit reply",
         "early_stop": "a query's decoding stops once its output can no longer match (same AG credit); "
                       "'got' in the cases shows the output up to that point",
         "score": "harmonic mean of the six Rel/Gen/Loc numbers (the paper's)",

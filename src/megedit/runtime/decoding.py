@@ -32,7 +32,7 @@ class DecodeSettings:
     max_new_tokens: int = 20
     batch_size: int = 32
     processes: int = 1  # forked CPU processes sharing the batches (megedit.parallel); not in any cache key
-    decode_unchanged: bool = False  # decode the locality queries the subject leaves unchanged too (a check)
+    decode_unchanged: bool = False  # decode the queries the subject leaves unchanged too, and their references
     stops: tuple[int, ...] | None = None  # tokens that end an answer; None: a newline or EOS
 
 
