@@ -152,6 +152,11 @@ def _code(record: dict) -> str:
     return f"`{record['git']['revision'][:7]}`" if record["git"]["revision"] else "—"
 
 
+def _edit_file(result: dict) -> str:
+    """The file a pipeline run took its edits from (its "data" is KIND:FILE)."""
+    return result["data"].split(":")[1]
+
+
 def _pipeline_records() -> list[dict]:
     """The bench/pipeline.py results, by edit count, then in the order they ran."""
     return sorted(load_records("pipeline-cf-*.json"), key=lambda record: (record["result"]["n"], record["result"]["date"]))
@@ -163,7 +168,7 @@ def pipeline_table() -> str:
     rows = []
     for record in _pipeline_records():
         r, st = record["result"], record["result"]["stages"]
-        edits = r["data"].split(":")[1] + (" (resumed run)" if r["resumed"] else "")
+        edits = _edit_file(r) + (" (resumed run)" if r["resumed"] else "")
         reference = f"{r['reference_s']:.0f}" if "reference_s" in r else "—"
         machine = r.get("machine")
         cpu = f"{machine['cpu']}{' (AVX-512)' * machine['avx512']}, {machine['forward_16x32_s']:.2f} s" if machine \
@@ -185,7 +190,7 @@ def pipeline_parts_table() -> str:
         r = record["result"]
         if "parts" in r:
             part = r["parts"]
-            rows.append([f"{r['n']:,}", r["data"].split(":")[1], _code(record), f"{part['hidden_cache_s']:.0f}",
+            rows.append([f"{r['n']:,}", _edit_file(r), _code(record), f"{part['hidden_cache_s']:.0f}",
                          f"{part['steps_s']:.0f}", f"{part['trained_rows']:,}", f"{part['trained_tokens']:,}",
                          f"{part['encoder_s']:.0f}", f"{part['router_s']:.0f}", f"{part['chat_reference_s']:.0f}",
                          f"{part['chat_s']:.0f}", f"{r['eval_s']:.0f}", f"{r['total_s'] / 60:.1f}"])
