@@ -31,6 +31,8 @@ from pathlib import Path
 
 from result_schema import write_result
 
+from megedit.io import atomic_write_json
+
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parents[1] / "shared/data/counterfact"
 CF_EDIT, CF_TRAIN = SHARED / "counterfact-edit.json", SHARED / "counterfact-train.json"
@@ -84,8 +86,9 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=1, help="megedit fit / eval --processes")
     parser.add_argument("--swap", action="store_true", help="edits from counterfact-train.json, pool counterfact-edit.json")
     parser.add_argument("--resume", action="store_true",
-                        help="keep a killed run's work dir and go on (the result is marked resumed: its times then "
-                             "leave out the killed run's work)")
+                        help="keep a killed run's work dir and go on: a command it finished is not run again and keeps "
+                             "its time (work/times.json); the result is marked resumed, since a command killed half way "
+                             "counts only its resumed part")
     args = parser.parse_args()
 
     edits, pool = (CF_TRAIN, CF_EDIT) if args.swap else (CF_EDIT, CF_TRAIN)
@@ -98,10 +101,12 @@ def main() -> int:
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     machine = machine_speed(threads)
     load_before = os.getloadavg()
-    fit_s = timed(["fit", *data, "--pseudo", f"counterfact:{pool}", "--out", str(work / "pack"),
-                   "--work-dir", str(work / "work"), "--processes", str(args.processes)], cache)
-    eval_s = timed(["eval", str(work / "pack"), *data, "--json", str(work / "eval.json"),
-                    "--processes", str(args.processes)], cache)
+    fit = job_step("fit", ["fit", *data, "--pseudo", f"counterfact:{pool}", "--out", str(work / "pack"),
+                           "--work-dir", str(work / "work"), "--processes", str(args.processes)], cache, work)
+    probes = specificity_pool(edits, args.limit, pool)
+    evaluation = job_step("eval", ["eval", str(work / "pack"), *data, "--json", str(work / "eval.json"),
+                                   "--processes", str(args.processes), *probes], cache, work)
+    fit_s, eval_s = fit["seconds"], evaluation["seconds"]
     report = json.loads((work / "eval.json").read_text())
     references = {k.removesuffix("_reference_s"): v for k, v in report["timing"].items() if k.endswith("_reference_s")}
     manifest = json.loads((work / "pack" / "pack.json").read_text())
@@ -109,6 +114,8 @@ def main() -> int:
                          f"megedit eval PACK {' '.join(data)} --processes {args.processes}",
               "n": args.limit, "data": f"counterfact:{edits.name}", "pool": f"counterfact:{pool.name}",
               "model": "smollm2", "seed": 0, "resumed": args.resume,
+              "times_from": {"fit": fit["source"], "eval": evaluation["source"]},
+              "specificity_pool": probes[1] if probes else "the records of the edit file after the edited ones",
               # the unedited model's answers the eval compares with, computed once per model and queries (the run's
               # cache starts empty), then read from the cache: their share of eval_s
               "references_s": references, "reference_s": sum(references.values()),
@@ -127,12 +134,40 @@ def main() -> int:
     return 0
 
 
+def job_step(step: str, args: list[str], cache: Path, work: Path) -> dict:
+    """{"seconds", "source"} of one command of the job, run and timed; its time is kept in the work dir's times.json
+    as soon as it finishes, so that a resumed job does not run it again. A fit whose pack was written by a run
+    that kept no times takes the pack's own record of the fit."""
+    path = work / "times.json"
+    times = json.loads(path.read_text()) if path.exists() else {}
+    pack = work / "pack" / "pack.json"
+    if step == "fit" and step not in times and pack.exists():
+        times[step] = {"seconds": json.loads(pack.read_text())["record"]["timing"]["total_s"],
+                       "source": "the pack's record: stages A-D and their preparation, without the process's start-up "
+                                 "(loading the model) and the pack's writing"}
+    elif step not in times:
+        times[step] = {"seconds": timed(args, cache), "source": "the command's wall time"}
+    atomic_write_json(path, times)
+    return times[step]
+
+
+def specificity_pool(edits: Path, limit: int, pool: Path) -> list[str]:
+    """The eval's specificity probes come from the records of the edit file after the edited ones (megedit eval's
+    default); when none follow, from the fit's pool file, as bench/meg.py takes them."""
+    from megedit.data import count_records
+
+    return [] if count_records("counterfact", edits) > limit else ["--specificity-pool", f"counterfact:{pool}"]
+
+
 def parts(manifest: dict, report: dict) -> dict:
     """Finer times of the job (seconds) and stage A's work, from the pack's fit record and the eval report."""
     record, timing = manifest["record"], report["timing"]
     fit = record["fit"]["timing"]
-    return {"hidden_cache_s": fit["hidden_cache_s"], "steps_s": fit["fit_s"], "trained_rows": fit["trained_rows"],
-            "trained_tokens": fit["trained_tokens"], "encoder_s": record["timing"]["BC"]["encoder"]["seconds"],
+    forked = fit.get("forked_edits", 0) > 0  # stage A's counters stay in the forked processes: not known here
+    return {"hidden_cache_s": None if forked else fit["hidden_cache_s"], "steps_s": None if forked else fit["fit_s"],
+            "trained_rows": None if forked else fit["trained_rows"],
+            "trained_tokens": None if forked else fit["trained_tokens"],
+            "encoder_s": record["timing"]["BC"]["encoder"]["seconds"],
             "router_s": record["timing"]["BC"]["router_s"], "chat_reference_s": timing.get("chat_reference_s"),
             "chat_s": timing.get("chat_s")}
 

@@ -190,13 +190,19 @@ def pipeline_parts_table() -> str:
         r = record["result"]
         if "parts" in r:
             part = r["parts"]
-            rows.append([f"{r['n']:,}", _edit_file(r), _code(record), f"{part['hidden_cache_s']:.0f}",
-                         f"{part['steps_s']:.0f}", f"{part['trained_rows']:,}", f"{part['trained_tokens']:,}",
+            rows.append([f"{r['n']:,}", _edit_file(r), _code(record), _known(part["hidden_cache_s"], ".0f"),
+                         _known(part["steps_s"], ".0f"), _known(part["trained_rows"], ","),
+                         _known(part["trained_tokens"], ","),
                          f"{part['encoder_s']:.0f}", f"{part['router_s']:.0f}", f"{part['chat_reference_s']:.0f}",
                          f"{part['chat_s']:.0f}", f"{r['eval_s']:.0f}", f"{r['total_s'] / 60:.1f}"])
     return _table(["N", "edits", "code", "A: hidden-state cache s", "A: fitting steps s", "rows trained", "tokens trained",
                    "B: encoder s", "C: router s", "eval: unedited chat replies s", "eval: edited chat replies s",
                    "eval s", "total min"], rows)
+
+
+def _known(value, spec: str) -> str:
+    """A figure, or a dash where the run could not know it (stage A's counters of forked processes)."""
+    return "—" if value is None else format(value, spec)
 
 
 def processes_table() -> str:

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from megedit.data import EditRequest, LocalityQuery, load_requests, parse_data_arg
+from megedit.data import EditRequest, LocalityQuery, count_records, load_requests, parse_data_arg
 from megedit.data.loaders import clean_nq_question
 from megedit.data.prompts import PRESETS, get_format
 from megedit.errors import ConfigError, DataError
@@ -63,6 +63,23 @@ def test_limit_and_offset_select_a_slice(tmp_path):
     path = _write(tmp_path, records)
     assert [r.case_id for r in load_requests("counterfact", path, limit=2, offset=1)] == ["1", "2"]
     assert len(load_requests("counterfact", path, limit=50)) == 5
+    assert count_records("counterfact", path) == 5
+
+
+def test_the_pool_after_the_edits_is_none_when_they_take_the_whole_file(tmp_path):
+    """A CLI pool defaults to the records after the edited ones; edits that reach the file's end leave none,
+    and the library's fallback pool serves (it used to stop with 'no usable records in range 5..5')."""
+    from types import SimpleNamespace
+
+    from megedit.cli.common import load_pool
+
+    path = _write(tmp_path, [dict(CF, case_id=i) for i in range(5)])
+    args = SimpleNamespace(pseudo=None, specificity_pool=None, skip_invalid=False, offset=0, limit=3)
+    name, pool = load_pool(args, "counterfact", path, option="specificity_pool")
+    assert name == "counterfact:data.json records 3.." and [r.case_id for r in pool] == ["3", "4"]
+    for offset, limit in ((0, 5), (2, 3), (0, 50)):
+        assert load_pool(SimpleNamespace(**{**vars(args), "offset": offset, "limit": limit}), "counterfact", path) \
+            == ("none", [])
 
 
 @pytest.mark.parametrize("records, kind, message", [

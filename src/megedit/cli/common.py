@@ -111,12 +111,12 @@ def load_data(args):
 def load_pool(args, kind: str, path: Path, option: str = "pseudo"):
     """A pool of other records: the file of --pseudo (or `option`), else the records of --data after
     the edited ones, else none (("none", []): the library's fallback pool then serves)."""
-    from ..data import load_requests, parse_data_arg
+    from ..data import count_records, load_requests, parse_data_arg
 
     if getattr(args, option, None):
         pool_kind, pool_path = parse_data_arg(getattr(args, option))
         return f"{pool_kind}:{pool_path.name}", load_requests(pool_kind, pool_path, skip_invalid=args.skip_invalid)
-    if args.limit is None:
+    if args.limit is None or args.offset + args.limit >= count_records(kind, path):  # no record follows the edits
         return "none", []
     start = args.offset + args.limit
     return f"{kind}:{path.name} records {start}..", load_requests(kind, path, offset=start, skip_invalid=args.skip_invalid)

@@ -238,6 +238,13 @@ def load_requests(kind: str, path: str | Path, limit: int | None = None, offset:
     return requests
 
 
+def count_records(kind: str, path: str | Path) -> int:
+    """How many records the file holds, valid or not (what `offset` and `limit` of load_requests count)."""
+    if kind not in KINDS:
+        raise DataError(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS)}")
+    return len(_read_records(Path(path), kind))
+
+
 def parse_data_arg(value: str) -> tuple[str, Path]:
     """'KIND:PATH' (the CLI's --data) -> (kind, path)."""
     kind, sep, path = value.partition(":")
