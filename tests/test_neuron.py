@@ -4,6 +4,7 @@ from tiny import CONFIGS, VOCAB, tiny_model
 
 from megedit.arch import ARCHITECTURES, mlp_path
 from megedit.errors import ConfigError, UnsupportedArchitectureError
+from megedit.lm import cache_kwargs, output_cache
 from megedit.neuron import VARIANTS, NeuronMLP, attach_neuron, neuron_spec
 
 ARCHS = sorted(ARCHITECTURES)
@@ -200,7 +201,7 @@ def test_a_quiet_neuron_runs_a_rows_opening_as_the_base_model_does(model_type):
     def run(**kwargs):  # the prompts' logits, then one more step from their cache
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
-            return out.logits, model(**nxt, past_key_values=out.past_key_values).logits
+            return out.logits, model(**nxt, **cache_kwargs(model, output_cache(out))).logits
 
     neuron = attach_neuron(model, 1, quiet_opening=True)
     neuron.quiet_on(opening)
