@@ -163,10 +163,10 @@ def parts(manifest: dict, report: dict) -> dict:
     """Finer times of the job (seconds) and stage A's work, from the pack's fit record and the eval report."""
     record, timing = manifest["record"], report["timing"]
     fit = record["fit"]["timing"]
-    forked = fit.get("forked_edits", 0) > 0  # stage A's counters stay in the forked processes: not known here
-    return {"hidden_cache_s": None if forked else fit["hidden_cache_s"], "steps_s": None if forked else fit["fit_s"],
-            "trained_rows": None if forked else fit["trained_rows"],
-            "trained_tokens": None if forked else fit["trained_tokens"],
+    known = fit.get("forked_edits", 0) == 0  # stage A's counters stay in forked processes: not known here
+    stage_a = {"hidden_cache_s": "hidden_cache_s", "steps_s": "fit_s", "trained_rows": "trained_rows",
+               "trained_tokens": "trained_tokens"}
+    return {**{name: fit[key] if known else None for name, key in stage_a.items()},
             "encoder_s": record["timing"]["BC"]["encoder"]["seconds"],
             "router_s": record["timing"]["BC"]["router_s"], "chat_reference_s": timing.get("chat_reference_s"),
             "chat_s": timing.get("chat_s")}

@@ -210,8 +210,7 @@ def load_requests(kind: str, path: str | Path, limit: int | None = None, offset:
     own: one `EditRequest.to_dict()` object per line). A malformed record stops the load with a
     DataError, unless `skip_invalid` (then it is left out, with a warning naming it).
     """
-    if kind not in KINDS:
-        raise DataError(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS)}")
+    _check_kind(kind)
     if limit is not None and limit < 1 or offset < 0:
         raise DataError(f"limit must be at least 1 and offset at least 0, found limit={limit} offset={offset}")
     path = Path(path)
@@ -240,9 +239,13 @@ def load_requests(kind: str, path: str | Path, limit: int | None = None, offset:
 
 def count_records(kind: str, path: str | Path) -> int:
     """How many records the file holds, valid or not (what `offset` and `limit` of load_requests count)."""
+    _check_kind(kind)
+    return len(_read_records(Path(path), kind))
+
+
+def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise DataError(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS)}")
-    return len(_read_records(Path(path), kind))
 
 
 def parse_data_arg(value: str) -> tuple[str, Path]:
